@@ -1,0 +1,147 @@
+"""Manifest CSV files: one row per image with its path, label, patient, view and source.
+
+Required columns are ``path,label,patient_id,view,source``; any other column (licence, original name, a
+split's ``split``/``fold``) is kept in order. Relative paths are resolved against the manifest's folder;
+in memory every ``path`` is absolute, and :func:`write_manifest` writes it relative to the new file's
+folder when the image lies under it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from patchflannel.classes import CLASSES
+from patchflannel.errors import ManifestError
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "view", "source")
+SPLIT_VALUES: tuple[str, ...] = ("train", "test")
+
+Row = dict[str, str]
+
+
+@dataclass
+class Manifest:
+    """A parsed manifest: the file it came from, its columns in order and its rows (absolute paths)."""
+
+    path: Path
+    columns: list[str]
+    rows: list[Row]
+
+
+def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest CSV; raises ManifestError listing every problem found."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            records = [(reader.line_num, record) for record in reader if record]
+    except FileNotFoundError:
+        raise ManifestError(path, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
+    if header is None:
+        raise ManifestError(path, ["empty file: no header row"])
+
+    columns = [name.strip() for name in header]
+    problems: list[str] = []
+    rows: list[Row] = []
+    for line, record in records:
+        if len(record) != len(columns):
+            problems.append(f"line {line}: expected {len(columns)} fields, found {len(record)}")
+        row = {name: (record[i].strip() if i < len(record) else "") for i, name in enumerate(columns)}
+        if row.get("path"):
+            row["path"] = str((path.parent / row["path"]).resolve())
+        rows.append(row)
+
+    problems.extend(_problems(rows, columns, [line for line, _ in records], check_files=check_files))
+    if problems:
+        raise ManifestError(path, problems)
+    return Manifest(path=path, columns=columns, rows=rows)
+
+
+def validate_manifest(manifest: Manifest, *, check_files: bool = True) -> None:
+    """Raise ManifestError naming the manifest and every bad row in it (row i reported as line i + 2)."""
+    lines = [index + 2 for index in range(len(manifest.rows))]
+    problems = _problems(manifest.rows, manifest.columns, lines, check_files=check_files)
+    if problems:
+        raise ManifestError(manifest.path, problems)
+
+
+def _problems(rows: list[Row], columns: list[str], lines: list[int], *, check_files: bool) -> list[str]:
+    """Every problem in ``rows``: missing columns, empty fields, unknown labels, missing or duplicate files.
+
+    ``lines[i]`` is the CSV line number reported for ``rows[i]``. A ``split`` column,
+    when present, must hold ``train`` or ``test``, and a ``fold`` column a non-negative integer for
+    training rows and nothing for test rows.
+    """
+    problems = [f"missing required column '{name}'" for name in REQUIRED_COLUMNS if name not in columns]
+    present = [name for name in REQUIRED_COLUMNS if name in columns]
+    first_line: dict[str, int] = {}
+    duplicates: dict[str, list[int]] = defaultdict(list)
+    for line, row in zip(lines, rows):
+        bad = [f"empty '{name}'" for name in present if not row.get(name)]
+        label = row.get("label", "")
+        if label and label not in CLASSES:
+            bad.append(f"unknown label '{label}' (expected one of {', '.join(CLASSES)})")
+        file = row.get("path", "")
+        if file:
+            if file in first_line:
+                duplicates[file].append(line)
+            else:
+                first_line[file] = line
+            if check_files and not Path(file).is_file():
+                bad.append(f"image file not found: {file}")
+        bad.extend(_split_problems(row, columns))
+        problems.extend(f"line {line}: {reason}" for reason in bad)
+    for file, lines in duplicates.items():
+        problems.append(
+            f"duplicate path {file} on lines {', '.join(str(n) for n in [first_line[file], *lines])}"
+        )
+    return problems
+
+
+def _split_problems(row: Row, columns: list[str]) -> list[str]:
+    """Problems with the optional ``split``/``fold`` columns of one row."""
+    if "split" not in columns:
+        return []
+    split = row.get("split", "")
+    fold = row.get("fold", "")
+    if split not in SPLIT_VALUES:
+        return [f"split '{split}' is not one of {', '.join(SPLIT_VALUES)}"]
+    if split == "test" and fold:
+        return [f"test row has fold '{fold}' (test rows have none)"]
+    if split == "train" and not fold.isdigit():
+        return [f"train row has fold '{fold}' (expected a non-negative integer)"]
+    return []
+
+
+def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Path:
+    """Write ``rows`` as a manifest CSV with ``columns`` in order; returns the path written.
+
+    Image paths under the manifest's folder are written relative to it, others absolute.
+    """
+    path = Path(path)
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise ManifestError(path, [f"missing required column '{name}'" for name in missing])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = path.parent.resolve()
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "path": _relative_if_under(Path(row["path"]), folder)})
+    return path
+
+
+def _relative_if_under(file: Path, folder: Path) -> str:
+    """``file`` relative to ``folder`` (POSIX separators) when it lies under it, else absolute."""
+    file = file.resolve()
+    if file.is_relative_to(folder):
+        return file.relative_to(folder).as_posix()
+    return os.fspath(file)

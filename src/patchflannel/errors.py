@@ -1,0 +1,39 @@
+"""One small exception hierarchy. In bulk work these become values on a result, never a crash."""
+
+from __future__ import annotations
+
+
+class PatchflannelError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ImageReadError(PatchflannelError):
+    """An input could not be read as an image; the message names the input and the reason."""
+
+    def __init__(self, source: object, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class ManifestError(PatchflannelError):
+    """A manifest or splits file is malformed; ``problems`` lists every bad row found."""
+
+    def __init__(self, path: object, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:50])
+        more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
+        super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n  {shown}{more}")
+
+
+class BundleError(PatchflannelError):
+    """A model bundle is missing, incomplete, tampered with or of an unknown schema."""
+
+
+class ConfigError(PatchflannelError):
+    """A configuration file or option is invalid."""
+
+
+class BackendUnavailableError(PatchflannelError):
+    """An optional backend (TensorRT, CuPy, DALI, ONNX Runtime, ...) is not installed or has no device."""

@@ -1,0 +1,299 @@
+"""The model bundle: a folder with ``bundle.json`` and the model files, the single source of truth.
+
+Everything an inference needs (classes, preprocessing, learner order, model files with hashes) lives in
+bundle.json. :func:`load_bundle` verifies the schema version, that every file is present, its sha256 and
+its format before anything is used, and refuses a mismatch with a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from patchflannel.classes import CLASSES
+from patchflannel.errors import BundleError
+
+SCHEMA_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+FORMATS = ("torch", "onnx", "tensorrt", "torch_export")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_preprocessing() -> dict[str, Any]:
+    """The SPEC.md preprocessing, as recorded in bundle.json."""
+    return {
+        "segmentation": {"size": 256, "equalize": True, "gamma": 0.5, "threshold": 0.5},
+        "image_size": 1024,
+        "patch_size": 224,
+        "k": 100,
+        "min_lung_fraction": 0.01,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "global": {"resize": 336, "crop": 224},
+    }
+
+
+@dataclass
+class ModelFile:
+    """One serialised form of a model: ``format`` in FORMATS, ``path`` relative to the bundle."""
+
+    format: str
+    path: str
+    sha256: str
+    precision: str = "fp32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelEntry:
+    """A network of the bundle: its registered architecture, options, files and tensor signature."""
+
+    name: str
+    arch: str
+    arch_config: dict[str, Any]
+    files: list[ModelFile]
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    mode: str | None = None
+
+    def file(self, fmt: str, precision: str | None = None) -> ModelFile:
+        """The file of format ``fmt`` (and ``precision``, when given); BundleError if the bundle lacks it."""
+        for f in self.files:
+            if f.format == fmt and (precision is None or f.precision == precision):
+                return f
+        have = ", ".join(f"{f.format}/{f.precision}" for f in self.files) or "none"
+        raise BundleError(f"model {self.name!r} has no {fmt} file{'' if precision is None else ' in ' + precision} (has: {have})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelEntry:
+        files = [ModelFile(**f) for f in d.get("files", [])]
+        return cls(**{**d, "files": files})
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle."""
+
+    root: Path
+    classes: list[str]
+    preprocessing: dict[str, Any]
+    segmentation: ModelEntry
+    learners: list[ModelEntry]
+    ensemble: ModelEntry | None
+    name: str = "bundle"
+    training: dict[str, Any] | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    bundle_id: str = ""
+
+    def path_of(self, f: ModelFile) -> Path:
+        """Absolute path of one of the bundle's files."""
+        return self.root / f.path
+
+    def models(self) -> list[ModelEntry]:
+        """Every network, segmentation first, then the learners in ensemble order, then the ensemble."""
+        return [self.segmentation, *self.learners, *([self.ensemble] if self.ensemble else [])]
+
+    def to_json(self) -> dict[str, Any]:
+        """The bundle.json content."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing,
+            "segmentation": asdict(self.segmentation),
+            "learners": [asdict(m) for m in self.learners],
+            "ensemble": asdict(self.ensemble) if self.ensemble else None,
+            "training": self.training,
+            "versions": self.versions,
+        }
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a bundle's files."""
+    import numpy
+    import torchvision
+
+    from patchflannel import __version__
+
+    out = {"patchflannel": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "numpy": numpy.__version__, "python": platform.python_version()}
+    for mod in ("onnx", "onnxruntime", "tensorrt"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def _check_format(path: Path, fmt: str) -> None:
+    head = path.read_bytes()[:8] if path.stat().st_size else b""
+    if not head:
+        raise BundleError(f"{path.name}: file is empty")
+    if fmt in ("torch", "torch_export") and not head.startswith(b"PK\x03\x04"):
+        raise BundleError(f"{path.name}: declared {fmt} but is not a torch zip archive")
+    if fmt == "onnx":
+        try:
+            import onnx
+        except ImportError:
+            if head[0] != 0x08:
+                raise BundleError(f"{path.name}: declared onnx but is not an ONNX protobuf") from None
+            return
+        try:
+            onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise BundleError(f"{path.name}: declared onnx but cannot be parsed as ONNX ({exc})") from exc
+
+
+def _entry(data: dict[str, Any], key: str) -> ModelEntry:
+    try:
+        return ModelEntry.from_dict(data)
+    except TypeError as exc:
+        raise BundleError(f"bundle.json: malformed model entry {key!r}: {exc}") from exc
+
+
+def default_bundle_path() -> Path:
+    """The bundle shipped inside the package."""
+    return Path(str(resources.files("patchflannel") / "assets" / "default"))
+
+
+def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundle:
+    """Load and verify a bundle folder (or its bundle.json); ``None`` loads the package's default bundle."""
+    root = Path(path) if path is not None else default_bundle_path()
+    if root.name == BUNDLE_FILE:
+        root = root.parent
+    spec_file = root / BUNDLE_FILE
+    if not spec_file.is_file():
+        raise BundleError(f"{root}: no {BUNDLE_FILE} found (not a patchflannel bundle)")
+    try:
+        data = json.loads(spec_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{spec_file}: not valid JSON ({exc})") from exc
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{spec_file}: schema version {version!r} is not supported (this patchflannel reads {SCHEMA_VERSION})")
+    missing = [k for k in ("classes", "preprocessing", "segmentation", "learners") if k not in data]
+    if missing:
+        raise BundleError(f"{spec_file}: missing key(s) {', '.join(missing)}")
+    if list(data["classes"]) != list(CLASSES):
+        raise BundleError(f"{spec_file}: classes {data['classes']} differ from this package's {list(CLASSES)}")
+    bundle = Bundle(
+        root=root,
+        name=data.get("name", root.name),
+        classes=list(data["classes"]),
+        preprocessing=data["preprocessing"],
+        segmentation=_entry(data["segmentation"], "segmentation"),
+        learners=[_entry(m, f"learners[{i}]") for i, m in enumerate(data["learners"])],
+        ensemble=_entry(data["ensemble"], "ensemble") if data.get("ensemble") else None,
+        training=data.get("training"),
+        versions=data.get("versions", {}),
+        bundle_id=hashlib.sha256(spec_file.read_bytes()).hexdigest()[:16],
+    )
+    if verify:
+        verify_bundle(bundle)
+    return bundle
+
+
+def verify_bundle(bundle: Bundle) -> None:
+    """Check every file: known format, present, sha256 as recorded, content of the declared format."""
+    problems: list[str] = []
+    for model in bundle.models():
+        if not model.files:
+            problems.append(f"model {model.name!r} lists no file")
+        for f in model.files:
+            p = bundle.path_of(f)
+            if f.format not in FORMATS:
+                problems.append(f"{f.path}: unknown format {f.format!r} (known: {', '.join(FORMATS)})")
+            elif not p.is_file():
+                problems.append(f"{f.path}: file missing")
+            elif sha256_file(p) != f.sha256:
+                problems.append(f"{f.path}: sha256 mismatch (file changed or corrupted)")
+            else:
+                try:
+                    _check_format(p, f.format)
+                except BundleError as exc:
+                    problems.append(str(exc))
+    if problems:
+        raise BundleError(f"bundle {bundle.root} refused:\n  " + "\n  ".join(problems))
+
+
+def write_bundle(bundle: Bundle) -> Path:
+    """Write bundle.json for ``bundle`` (its files must already be in ``bundle.root``), then verify it."""
+    bundle.root.mkdir(parents=True, exist_ok=True)
+    if not bundle.versions:
+        bundle.versions = library_versions()
+    spec_file = bundle.root / BUNDLE_FILE
+    spec_file.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
+    verify_bundle(bundle)
+    return spec_file
+
+
+def add_file(root: Path, model_path: Path | str, fmt: str, precision: str = "fp32", **extra: Any) -> ModelFile:
+    """Describe a file already written under ``root`` (hash computed now)."""
+    p = Path(root) / model_path
+    return ModelFile(format=fmt, path=str(Path(model_path).as_posix()), sha256=sha256_file(p), precision=precision, extra=extra)
+
+
+def save_torch(module: nn.Module, root: Path, rel_path: str) -> ModelFile:
+    """Save a module's state_dict under ``root`` and describe it."""
+    p = Path(root) / rel_path
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, p)
+    return add_file(root, rel_path, "torch")
+
+
+def load_torch_model(bundle: Bundle, entry: ModelEntry) -> nn.Module:
+    """Build ``entry``'s architecture and load its torch weights (``weights_only=True``), in eval mode."""
+    from patchflannel.models import get_model
+
+    f = entry.file("torch")
+    model = get_model(entry.arch, **entry.arch_config)
+    state = torch.load(bundle.path_of(f), map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{f.path}: weights do not fit architecture {entry.arch!r}: {exc}") from exc
+    return model.eval()
+
+
+def entry_from_module(name: str, arch: str, module: nn.Module, root: Path, rel_path: str, *,
+                      arch_config: dict[str, Any] | None = None, mode: str | None = None,
+                      inputs: list[dict[str, Any]] | None = None,
+                      outputs: list[dict[str, Any]] | None = None) -> ModelEntry:
+    """Save ``module``'s weights under ``root`` and describe it as a bundle model entry."""
+    return ModelEntry(name=name, arch=arch, arch_config=dict(arch_config or {}),
+                      files=[save_torch(module, root, rel_path)], inputs=inputs or [], outputs=outputs or [], mode=mode)
+
+
+def random_bundle(root: str | Path, *, segmentation: str = "fcdensenet56", learners: tuple[str, ...] = ("shufflenet_v2_x0_5",),
+                  mode: str = "patch", seed: int = 0, name: str = "random") -> Bundle:
+    """A bundle of randomly initialised networks (timing and tests need no trained weights)."""
+    from patchflannel.models import get_model
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    seg = entry_from_module("segmentation", segmentation, get_model(segmentation), root, "segmentation.pt")
+    ls = [entry_from_module(f"{arch}_{mode}", arch, get_model(arch), root, f"learners/{i}_{arch}.pt", mode=mode)
+          for i, arch in enumerate(learners)]
+    ens = entry_from_module("ensemble", "flannel", get_model("flannel", n_learners=len(ls)), root, "ensemble.pt",
+                            arch_config={"n_learners": len(ls)})
+    bundle = Bundle(root=root, name=name, classes=list(CLASSES), preprocessing=default_preprocessing(),
+                    segmentation=seg, learners=ls, ensemble=ens, training={"note": "random weights, untrained"})
+    write_bundle(bundle)
+    return load_bundle(root)

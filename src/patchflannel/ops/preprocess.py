@@ -1,0 +1,77 @@
+"""Image preprocessing of SPEC.md: segmentation input, resizing, mask upsampling and masking."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEG_SIZE = 256
+IMAGE_SIZE = 1024
+GAMMA = 0.5
+LEVELS = 256
+
+
+def as_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """A grey image in [0, 1] as a float32 (H, W) tensor on ``device``."""
+    t = torch.as_tensor(image)
+    if t.ndim != 2:
+        raise ValueError(f"expected a 2-D grey image, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.float32)
+
+
+def equalize_hist(images: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation over 256 grey levels of each (..., H, W) image in [0, 1]; result in [0, 1].
+
+    The classic CDF mapping ``(cdf(v) - cdf_min) / (N - cdf_min)``; a constant image maps to 0.
+    """
+    shape = images.shape
+    flat = images.reshape(-1, shape[-2] * shape[-1])
+    levels = (flat.clamp(0, 1) * (LEVELS - 1)).round().long()
+    hist = torch.zeros(flat.shape[0], LEVELS, device=flat.device, dtype=torch.float64)
+    hist.scatter_add_(1, levels, torch.ones_like(levels, dtype=torch.float64))
+    cdf = hist.cumsum(1)
+    cdf_min = cdf.gather(1, levels.min(dim=1, keepdim=True).values)
+    total = cdf[:, -1:]
+    denom = (total - cdf_min).clamp(min=1)
+    out = (cdf.gather(1, levels) - cdf_min) / denom
+    return out.to(torch.float32).reshape(shape)
+
+
+def gamma_correct(images: torch.Tensor, gamma: float = GAMMA) -> torch.Tensor:
+    """Gamma correction ``255 * (x / 255) ** gamma`` expressed on [0, 1] images."""
+    return images.clamp(0, 1).pow(gamma)
+
+
+def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear, antialiased resize of (H, W), (B, H, W) or (B, C, H, W) images."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    x = images
+    squeeze = 4 - x.ndim
+    for _ in range(squeeze):
+        x = x.unsqueeze(0)
+    out = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    for _ in range(squeeze):
+        out = out.squeeze(0)
+    return out
+
+
+def segmentation_input(image: torch.Tensor, size: int = SEG_SIZE, gamma: float = GAMMA) -> torch.Tensor:
+    """SPEC stage 1 input of one (H, W) image: equalise, gamma-correct, resize; returns (1, size, size)."""
+    return resize(gamma_correct(equalize_hist(image), gamma), size).unsqueeze(0)
+
+
+def resize_mask(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of boolean (H, W) or (B, H, W) masks; returns bool."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    x = masks.to(torch.float32)
+    batched = x.ndim == 3
+    x = x.unsqueeze(1) if batched else x[None, None]
+    out = F.interpolate(x, size=size, mode="nearest-exact")
+    out = out[:, 0] if batched else out[0, 0]
+    return out > 0.5
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """SPEC stage 2: the image resized to ``size`` x ``size`` times the mask upsampled to that size (nearest)."""
+    return resize(image, size) * resize_mask(mask, size).to(image.dtype)

@@ -1,0 +1,32 @@
+"""Shared fixtures: the real data in ../shared/data, skipped with a clear message when absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PATCHFLANNEL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set PATCHFLANNEL_SHARED_DATA to ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cxr4_dir() -> Path:
+    """The 4-class CXR set (manifest.csv + images/)."""
+    return _need(SHARED_DATA / "cxr4")
+
+
+@pytest.fixture(scope="session")
+def lungseg_dir() -> Path:
+    """The JSRT/SCR lung segmentation pairs (manifest.csv + images/ + masks/)."""
+    return _need(SHARED_DATA / "lungseg")
