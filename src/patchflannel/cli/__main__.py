@@ -1,0 +1,5 @@
+"""``python -m patchflannel.cli``."""
+
+from patchflannel.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""``patchflannel data``: build, validate, count and split manifests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from patchflannel.data.builders import Build, build_covid_collection, build_kermany
+from patchflannel.data.manifest import Row, read_manifest, write_manifest
+from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
+from patchflannel.data.stats import counts_table, crosstab, dataset_stats
+from patchflannel.errors import PatchflannelError
+
+console = Console()
+errors = Console(stderr=True)
+
+ManifestArg = Annotated[Path, typer.Argument(help="Manifest CSV (path,label,patient_id,view,source,...).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Manifest CSV to write.")]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Also save the build report as JSON.")]
+
+
+@contextmanager
+def _fail_cleanly() -> Iterator[None]:
+    """Turn a PatchflannelError into its message on stderr and exit status 1 (no traceback)."""
+    try:
+        yield
+    except PatchflannelError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _partition(row: Row) -> str:
+    """``test`` or ``fold k``: the partition a split row belongs to."""
+    return "test" if row["split"] == "test" else f"fold {row['fold']}"
+
+
+def stats(manifest: ManifestArg) -> None:
+    """Image counts by source x class and view x class, with totals."""
+    with _fail_cleanly():
+        rows = read_manifest(manifest, check_files=False).rows
+    tables = dataset_stats(rows)
+    console.print(counts_table(tables["source"], title=f"{manifest}: source x class", group_name="source"))
+    console.print(counts_table(tables["view"], title=f"{manifest}: view x class", group_name="view"))
+
+
+def validate(
+    manifest: ManifestArg,
+    check_files: Annotated[bool, typer.Option(help="Also check that every image file exists.")] = True,
+) -> None:
+    """Check a manifest and list every bad row (exit status 1 when there is any)."""
+    with _fail_cleanly():
+        rows = read_manifest(manifest, check_files=check_files).rows
+    console.print(f"{manifest}: OK, {len(rows)} rows", markup=False, highlight=False, soft_wrap=True)
+
+
+def split(
+    manifest: ManifestArg,
+    out: Annotated[Path, typer.Option("--out", help="Splits CSV to write (manifest + split, fold).")],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    test_frac: Annotated[float, typer.Option(help="Fraction of patients held out as the test set.")] = 0.2,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds of the rest.")] = 5,
+) -> None:
+    """Patient-grouped, label-stratified test set and cross-validation folds."""
+    with _fail_cleanly():
+        loaded = read_manifest(manifest)
+        rows = make_splits(loaded.rows, seed=seed, test_frac=test_frac, folds=folds)
+        columns = [name for name in loaded.columns if name not in SPLIT_COLUMNS] + list(SPLIT_COLUMNS)
+        write_manifest(rows, out, columns)
+    mix = crosstab(sorted(rows, key=_partition), _partition)
+    console.print(counts_table(mix, title=f"{out}: class mix by partition", group_name="partition", percent=True))
+
+
+def build_collection(
+    metadata_csv: Annotated[Path, typer.Argument(help="The collection's metadata.csv.")],
+    images_dir: Annotated[Path, typer.Argument(help="The collection's images folder.")],
+    out: OutOpt,
+    report: ReportOpt = None,
+) -> None:
+    """Manifest from the COVID-19 image data collection (metadata.csv + images folder)."""
+    with _fail_cleanly():
+        _write_build(build_covid_collection(metadata_csv, images_dir), out, report)
+
+
+def build_kermany_set(
+    root: Annotated[Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/ (possibly under train/, test/).")],
+    out: OutOpt,
+    report: ReportOpt = None,
+) -> None:
+    """Manifest from the Kermany pediatric set."""
+    with _fail_cleanly():
+        _write_build(build_kermany(root), out, report)
+
+
+def _write_build(build: Build, out: Path, report: Path | None) -> None:
+    """Write a build's manifest (and report), then show the report."""
+    write_manifest(build.rows, out, build.columns)
+    if report is not None:
+        build.report.write_json(report)
+    console.print(build.report.table())
+    console.print(f"wrote {len(build.rows)} rows to {out}", markup=False, highlight=False, soft_wrap=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``data`` command group (and its ``build`` subgroup) to ``app``."""
+    data = typer.Typer(help="Build, validate, count and split manifests.", no_args_is_help=True)
+    data.command()(stats)
+    data.command()(validate)
+    data.command()(split)
+    build = typer.Typer(help="Build a manifest from a public source layout.", no_args_is_help=True)
+    build.command("covid-collection")(build_collection)
+    build.command("kermany")(build_kermany_set)
+    data.add_typer(build, name="build")
+    app.add_typer(data, name="data")

@@ -1,0 +1,53 @@
+"""Patient-grouped, label-stratified train/test split and cross-validation folds (SPEC.md, "Data").
+
+No patient appears in two partitions or two folds, whatever labels their images carry. Both cuts use
+scikit-learn's StratifiedGroupKFold (shuffled, seeded): the first fold of ``round(1 / test_frac)`` is
+the test set, and the rest is cut into ``folds`` folds (fold k is validation in run k).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from patchflannel.data.manifest import Row
+from patchflannel.errors import ConfigError
+
+SPLIT_COLUMNS: tuple[str, ...] = ("split", "fold")
+
+
+def make_splits(rows: list[Row], *, seed: int = 0, test_frac: float = 0.2, folds: int = 5) -> list[Row]:
+    """Copies of ``rows`` with ``split`` (``train``/``test``) and ``fold`` (``"0"``..``"folds-1"`` for
+    training rows, ``""`` for test rows). Deterministic for a given seed and row order.
+    """
+    if not 0.0 < test_frac <= 0.5:
+        raise ConfigError(f"test_frac must be in (0, 0.5], got {test_frac}")
+    if folds < 2:
+        raise ConfigError(f"folds must be at least 2, got {folds}")
+    test_cuts = round(1.0 / test_frac)
+    labels = np.array([row["label"] for row in rows])
+    groups = np.array([row["patient_id"] for row in rows])
+    _need_patients(groups, test_cuts + folds - 1, f"a test set of 1/{test_cuts} and {folds} folds")
+
+    outer = StratifiedGroupKFold(n_splits=test_cuts, shuffle=True, random_state=seed)
+    train_index, test_index = next(outer.split(labels, labels, groups))
+    _need_patients(groups[train_index], folds, f"{folds} folds of the training set")
+
+    fold = np.full(len(rows), -1)
+    inner = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held_out) in enumerate(inner.split(train_index, labels[train_index], groups[train_index])):
+        fold[train_index[held_out]] = k
+
+    test = np.zeros(len(rows), dtype=bool)
+    test[test_index] = True
+    return [
+        {**row, "split": "test" if test[i] else "train", "fold": "" if test[i] else str(fold[i])}
+        for i, row in enumerate(rows)
+    ]
+
+
+def _need_patients(groups: np.ndarray, needed: int, purpose: str) -> None:
+    """ConfigError when there are fewer distinct patients than ``needed``."""
+    found = len(np.unique(groups))
+    if found < needed:
+        raise ConfigError(f"{purpose} needs at least {needed} patients; the manifest has {found}")

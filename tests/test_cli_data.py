@@ -1,0 +1,177 @@
+"""``patchflannel data`` commands, and the counts behind ``data stats``, on real and fake data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import typer
+from PIL import Image
+from click.testing import Result
+from typer.testing import CliRunner
+
+from patchflannel.classes import CLASSES
+from patchflannel.cli.data import register
+from patchflannel.data.manifest import read_manifest
+from patchflannel.data.stats import TOTAL, counts_table, crosstab, dataset_stats
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _raw(manifest: Path) -> list[dict[str, str]]:
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _assert_clean_failure(result: Result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output
+
+
+def test_dataset_stats_match_an_independent_count(cxr4_dir: Path) -> None:
+    raw = _raw(cxr4_dir / "manifest.csv")
+    stats = dataset_stats(read_manifest(cxr4_dir / "manifest.csv", check_files=False).rows)
+    for key in ("source", "view"):
+        counts = Counter((record[key], record["label"]) for record in raw)
+        table = stats[key]
+        assert list(table)[-1] == TOTAL
+        assert set(table) - {TOTAL} == {record[key] for record in raw}
+        for group, cell in table.items():
+            if group == TOTAL:
+                continue
+            assert cell == {**{c: counts[group, c] for c in CLASSES}, TOTAL: sum(counts[group, c] for c in CLASSES)}
+        assert table[TOTAL] == {**Counter(record["label"] for record in raw), TOTAL: len(raw)}
+
+
+def test_crosstab_by_function_and_percent_table() -> None:
+    rows = [{"label": label, "x": x} for label, x in [("covid", "a"), ("normal", "b"), ("normal", "b"), ("viral", "a")]]
+    counts = crosstab(rows, lambda row: row["x"].upper())
+    assert counts == {
+        "A": {"covid": 1, "viral": 1, "bacterial": 0, "normal": 0, TOTAL: 2},
+        "B": {"covid": 0, "viral": 0, "bacterial": 0, "normal": 2, TOTAL: 2},
+        TOTAL: {"covid": 1, "viral": 1, "bacterial": 0, "normal": 2, TOTAL: 4},
+    }
+    table = counts_table(counts, title="t", group_name="x", percent=True)
+    assert table.row_count == 3
+    assert list(table.columns[4].cells) == ["0 (0.0%)", "2 (100.0%)", "2 (50.0%)"]
+    assert crosstab([], "x") == {TOTAL: dict.fromkeys((*CLASSES, TOTAL), 0)}
+
+
+def test_stats_command(app: typer.Typer, cxr4_dir: Path) -> None:
+    result = runner.invoke(app, ["data", "stats", str(cxr4_dir / "manifest.csv")])
+    assert result.exit_code == 0, result.output
+    assert "source x class" in result.output and "view x class" in result.output
+    sources = {record["source"] for record in _raw(cxr4_dir / "manifest.csv")}
+    assert all(source in result.output for source in sources)
+    assert str(len(_raw(cxr4_dir / "manifest.csv"))) in result.output
+
+
+def test_validate_command_ok_and_bad(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "validate", str(cxr4_dir / "manifest.csv")])
+    assert result.exit_code == 0, result.output
+    assert f"OK, {len(_raw(cxr4_dir / 'manifest.csv'))} rows" in result.output
+
+    records = _raw(cxr4_dir / "manifest.csv")[:4]
+    for record in records:
+        record["path"] = str(cxr4_dir / record["path"])
+    records[1]["label"] = "pneumonia"
+    records[2]["path"] = str(tmp_path / "missing.jpg")
+    bad = tmp_path / "bad.csv"
+    with bad.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    result = runner.invoke(app, ["data", "validate", str(bad)])
+    _assert_clean_failure(result, str(bad), "2 problem(s)", "line 3: unknown label 'pneumonia'", "line 4:")
+    result = runner.invoke(app, ["data", "validate", "--no-check-files", str(bad)])
+    _assert_clean_failure(result, "1 problem(s)")
+
+
+def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:
+    args = ["data", "split", str(cxr4_dir / "manifest.csv"), "--seed", "4", "--folds", "4"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a" / "splits.csv")])
+    assert result.exit_code == 0, result.output
+    assert all(name in result.output for name in ("test", "fold 0", "fold 3", "%"))
+    assert "fold 4" not in result.output
+    splits = read_manifest(tmp_path / "a" / "splits.csv")
+    assert splits.columns == [*read_manifest(cxr4_dir / "manifest.csv").columns, "split", "fold"]
+    assert {row["fold"] for row in splits.rows} == {"", "0", "1", "2", "3"}
+
+    again = runner.invoke(app, [*args, "--out", str(tmp_path / "b" / "splits.csv")])
+    assert again.exit_code == 0, again.output
+    assert read_manifest(tmp_path / "b" / "splits.csv").rows == splits.rows
+
+    # A splits file is itself a manifest: splitting it again replaces its split columns.
+    resplit = runner.invoke(
+        app, ["data", "split", str(tmp_path / "a" / "splits.csv"), "--out", str(tmp_path / "c.csv")]
+    )
+    assert resplit.exit_code == 0, resplit.output
+    assert read_manifest(tmp_path / "c.csv").columns == splits.columns
+
+
+def test_split_command_bad_option_fails_cleanly(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.csv"
+    manifest = str(cxr4_dir / "manifest.csv")
+    result = runner.invoke(app, ["data", "split", manifest, "--out", str(out), "--test-frac", "0.9"])
+    _assert_clean_failure(result, "test_frac must be in (0, 0.5]")
+    assert not out.exists()
+    result = runner.invoke(app, ["data", "split", str(tmp_path / "none.csv"), "--out", str(out)])
+    _assert_clean_failure(result, "none.csv", "file not found")
+
+
+def _image(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (10, 10), color=90).save(path)
+
+
+def test_build_covid_collection_command(app: typer.Typer, tmp_path: Path) -> None:
+    images = tmp_path / "collection" / "images"
+    for name in ("a.jpg", "b.png", "c.jpg"):
+        _image(images / name)
+    metadata = tmp_path / "collection" / "metadata.csv"
+    metadata.write_text(
+        "view,finding,patientid,filename,modality\n"
+        "PA,Pneumonia/Viral/COVID-19,7,a.jpg,X-ray\n"
+        "AP,No Finding,8,b.png,X-ray\n"
+        "PA,Pneumonia/Fungal/Pneumocystis,9,c.jpg,X-ray\n",
+        encoding="utf-8",
+    )
+    out, report = tmp_path / "collection" / "manifest.csv", tmp_path / "report.json"
+    command = ["data", "build", "covid-collection", str(metadata), str(images)]
+    result = runner.invoke(app, [*command, "--out", str(out), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 rows" in result.output and "fungal" in result.output
+    rows = read_manifest(out).rows
+    assert [(row["label"], row["patient_id"]) for row in rows] == [("covid", "ieee8023:7"), ("normal", "ieee8023:8")]
+    assert [record["path"] for record in _raw(out)] == ["images/a.jpg", "images/b.png"]
+    assert json.loads(report.read_text())["left_out"] == {"finding: fungal": 1}
+
+
+def test_build_kermany_command_and_errors(app: typer.Typer, tmp_path: Path) -> None:
+    for name in ("train/NORMAL/IM-0007-0001.jpeg", "train/PNEUMONIA/person5_virus_11.jpeg"):
+        _image(tmp_path / "kermany" / name)
+    out = tmp_path / "out" / "kermany.csv"
+    result = runner.invoke(app, ["data", "build", "kermany", str(tmp_path / "kermany"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = read_manifest(out).rows
+    got = [(row["label"], row["patient_id"]) for row in rows]
+    assert got == [("normal", "kermany:IM-0007"), ("viral", "kermany:person5")]
+
+    result = runner.invoke(app, ["data", "build", "kermany", str(tmp_path / "out"), "--out", str(tmp_path / "x.csv")])
+    _assert_clean_failure(result, "no images found")
+    result = runner.invoke(
+        app, ["data", "build", "covid-collection", str(tmp_path / "meta.csv"), str(tmp_path), "--out", str(out)]
+    )
+    _assert_clean_failure(result, "meta.csv", "file not found")
