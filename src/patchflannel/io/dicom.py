@@ -1,0 +1,117 @@
+"""DICOM to grey float32 in [0, 1]: modality LUT, VOI LUT or window, MONOCHROME1 inverted, colour to luma.
+
+pydicom (the ``patchflannel[dicom]`` extra) is imported only when a DICOM input is read; compressed transfer
+syntaxes decode through its pixel-data plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from patchflannel.errors import ImageReadError
+from patchflannel.io.readers import check_size, luma
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import UID
+
+META_KEYWORDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "PhotometricInterpretation",
+    "Modality",
+    "ViewPosition",
+)
+"""DICOM attributes copied into the meta when present, under their keywords."""
+
+
+def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode one single-frame DICOM image from ``data``; ``label`` names it in errors.
+
+    ``has_preamble=False`` accepts a bare data set (no 128-byte preamble, possibly no file meta).
+    """
+    try:
+        import pydicom
+        from pydicom.pixels import get_decoder
+    except ImportError:
+        raise ImageReadError(label, "reading DICOM needs pydicom: install the patchflannel[dicom] extra") from None
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        if "PixelData" not in ds:
+            raise ImageReadError(label, "DICOM has no PixelData (not an image)")
+        frames = int(ds.get("NumberOfFrames") or 1)
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        if not rows or not columns:
+            raise ImageReadError(label, "DICOM has no Rows/Columns")
+    except ImageReadError:
+        raise
+    except Exception as exc:  # any parser failure on untrusted bytes is a bad input
+        raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
+    if frames > 1:
+        raise ImageReadError(label, f"multi-frame DICOM ({frames} frames) is not supported")
+    check_size(label, rows, columns)
+
+    tsyntax = _transfer_syntax(ds, label)
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise ImageReadError(label, f"unsupported DICOM transfer syntax {tsyntax.name} ({tsyntax})") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): {missing}")
+    try:
+        grey = _to_grey(ds.pixel_array, ds)
+    except Exception as exc:  # truncated or corrupt pixel data surfaces here
+        raise ImageReadError(label, f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}") from None
+
+    meta: dict[str, Any] = {
+        "format": "dicom",
+        "shape": (rows, columns),
+        "channels": int(ds.get("SamplesPerPixel") or 1),
+        "bit_depth": int(ds.get("BitsStored") or ds.BitsAllocated),
+        "TransferSyntaxUID": str(tsyntax),
+    }
+    meta.update({key: str(ds.get(key)) for key in META_KEYWORDS if ds.get(key) not in (None, "")})
+    return grey, meta
+
+
+def _transfer_syntax(ds: Dataset, label: str) -> UID:
+    """The data set's transfer syntax; for a bare data set without file meta, the encoding it was read with."""
+    from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in ds.file_meta:
+        return UID(ds.file_meta.TransferSyntaxUID)
+    by_encoding = {
+        (True, True): ImplicitVRLittleEndian,
+        (False, True): ExplicitVRLittleEndian,
+        (False, False): ExplicitVRBigEndian,
+    }
+    tsyntax = by_encoding.get(tuple(ds.original_encoding))
+    if tsyntax is None:
+        raise ImageReadError(label, "DICOM has no transfer syntax and its encoding is unknown")
+    ds.file_meta.TransferSyntaxUID = tsyntax
+    return tsyntax
+
+
+def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Grey float32 in [0, 1] from decoded pixels (colour arrives as RGB: pydicom converts YBR)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.PhotometricInterpretation)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(pixels, ds)
+        return np.ascontiguousarray(luma(rgb) / np.float32(np.iinfo(rgb.dtype).max))
+    if pixels.ndim == 3:
+        full_scale = np.float32(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
+        return np.ascontiguousarray(np.clip(luma(pixels) / full_scale, 0.0, 1.0))
+    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return scaled.astype(np.float32)

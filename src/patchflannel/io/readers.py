@@ -1,0 +1,156 @@
+"""Read PNG, JPEG, TIFF and DICOM inputs into one grey float32 image in [0, 1].
+
+The format is detected from the content (magic bytes), never from the file name. Every failure raises
+:class:`~patchflannel.errors.ImageReadError` naming the input and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from patchflannel.errors import ImageReadError
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview
+"""A path to an image file, or the file's bytes."""
+
+MIN_SIDE = 32
+"""Images with a side shorter than this many pixels are refused."""
+
+MAX_PIXELS = 100_000_000
+"""Images with more pixels than this are refused (a guard against decompression bombs)."""
+
+LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+"""ITU-R BT.601 luma weights for R, G, B."""
+
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "tiff": "TIFF"}
+
+
+def read_image(source: Source, *, name: str | None = None) -> np.ndarray:
+    """Read ``source`` (a path or the file's bytes) into a 2-D float32 array in [0, 1].
+
+    ``name`` labels raw bytes in error messages.
+    """
+    return read_image_with_meta(source, name=name)[0]
+
+
+def read_image_with_meta(source: Source, *, name: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read ``source`` like :func:`read_image` and also return what the file says about itself.
+
+    The meta always holds ``format`` ('png' | 'jpeg' | 'tiff' | 'dicom'), ``shape`` (rows, columns of the
+    original), ``channels`` and ``bit_depth``; DICOM adds its identifying attributes under their keywords.
+    """
+    data, label = _load_bytes(source, name)
+    if not data:
+        raise ImageReadError(label, "empty file (0 bytes)")
+    fmt = detect_format(data)
+    if fmt == "dicom" or (fmt is None and _looks_like_bare_dicom(data)):
+        from patchflannel.io.dicom import read_dicom  # dicom.py uses this module's helpers
+
+        return read_dicom(data, label, has_preamble=fmt == "dicom")
+    if fmt is None:
+        raise ImageReadError(label, "not a recognised image format (expected PNG, JPEG, TIFF or DICOM)")
+    return _read_pil(data, label, fmt)
+
+
+def content_hash(source: Source) -> str:
+    """SHA-256 hex digest of the file's bytes (the same for a path and for its bytes)."""
+    data, _ = _load_bytes(source, None)
+    return hashlib.sha256(data).hexdigest()
+
+
+def detect_format(data: bytes) -> str | None:
+    """The format named by the magic bytes of ``data``, or None when none matches.
+
+    DICOM is tested first: its 128-byte preamble may itself hold a TIFF header (dual-format files).
+    """
+    if data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8"):
+        return "jpeg"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    return None
+
+
+def check_size(label: str, rows: int, columns: int) -> None:
+    """Refuse an image smaller than :data:`MIN_SIDE` on a side or larger than :data:`MAX_PIXELS`."""
+    if min(rows, columns) < MIN_SIDE:
+        raise ImageReadError(label, f"image too small: {columns}x{rows} pixels, each side must be >= {MIN_SIDE}")
+    if rows * columns > MAX_PIXELS:
+        raise ImageReadError(label, f"image too large: {columns}x{rows} pixels exceeds the limit of {MAX_PIXELS}")
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Grey from the first three channels of an (..., C>=3) array by ITU-R BT.601 luma (alpha ignored)."""
+    return rgb[..., :3].astype(np.float32) @ LUMA_601
+
+
+def _load_bytes(source: Source, name: str | None) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), name or "<bytes>"
+    label = os.fspath(source)
+    try:
+        with open(label, "rb") as fh:
+            return fh.read(), label
+    except FileNotFoundError:
+        raise ImageReadError(label, "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(label, f"cannot read file: {exc.strerror or exc}") from None
+
+
+def _looks_like_bare_dicom(data: bytes) -> bool:
+    """A DICOM stream without the 128-byte preamble starts with a group 0002 or 0008 tag."""
+    return data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08") and len(data) >= 8
+
+
+def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, Any]]:
+    try:
+        with warnings.catch_warnings():
+            # Our own MAX_PIXELS check below gives the clear refusal; PIL's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(label, f"image too large: {exc}") from None
+    except Exception as exc:  # any parser failure on untrusted bytes is a bad input
+        raise ImageReadError(label, f"cannot decode {fmt.upper()}: {exc}") from None
+    with img:
+        columns, rows = img.size
+        check_size(label, rows, columns)
+        if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
+            raise ImageReadError(label, f"multi-page TIFF ({img.n_frames} pages) is not supported")
+        try:
+            img.load()
+            grey, bit_depth = _pil_grey(img, label)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # truncated or corrupt data surfaces here
+            raise ImageReadError(label, f"cannot decode {fmt.upper()}: {exc}") from None
+        meta = {"format": fmt, "shape": (rows, columns), "channels": len(img.getbands()), "bit_depth": bit_depth}
+    return grey, meta
+
+
+def _pil_grey(img: Image.Image, label: str) -> tuple[np.ndarray, int]:
+    """Grey float32 in [0, 1] and the sample bit depth of a loaded PIL image."""
+    if Image.getmodebase(img.mode) in ("RGB", "P"):  # RGB(A), palette, CMYK, YCbCr
+        return np.ascontiguousarray(luma(np.asarray(img.convert("RGB"))) / np.float32(255.0)), 8
+    arr = np.asarray(img.getchannel(0) if len(img.getbands()) > 1 else img)  # grey + alpha: alpha ignored
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32), 1
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0), 8
+    if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:
+        return arr.astype(np.float32) / np.float32(65535.0), 16
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise ImageReadError(label, "floating-point image contains NaN or infinite values")
+        return np.clip(arr, 0.0, 1.0).astype(np.float32), arr.dtype.itemsize * 8
+    raise ImageReadError(label, f"unsupported pixel type {img.mode} ({arr.dtype})")
