@@ -12,14 +12,33 @@ from patchflannel.errors import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Engine": "patchflannel.engine.engine",
+    "Prediction": "patchflannel.engine.results",
+    "load_bundle": "patchflannel.export.bundle",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the heavy entry points (torch and the engine) only when first used."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'patchflannel' has no attribute {name!r}")
+
+
 __all__ = [
     "CLASSES",
     "NUM_CLASSES",
     "BackendUnavailableError",
     "BundleError",
     "ConfigError",
+    "Engine",
     "ImageReadError",
     "ManifestError",
     "PatchflannelError",
+    "Prediction",
     "__version__",
+    "load_bundle",
 ]

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# GPU check for the engine (issue 5): GPU/CuPy tests, then the bench sweep (preset flannel5, random weights,
+# synthetic phantom JPEGs, nvJPEG loader), eager fp16 and torch.compile, and a targets summary.
+# Every section has its own time limit and writes its log (and any error) under $OUT; a failing section
+# never stops the next. On a machine without CUDA it runs CPU-sized versions quickly (a dry run).
+# Usage: OUT=/tmp/x bash scripts/gpu_check.sh
+set -u
+OUT="${OUT:-/tmp/gpu_check}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python}"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+START=$(date +%s)
+
+section() {  # section NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name (limit ${limit}s)" | tee -a "$SUMMARY"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc after $(( $(date +%s) - t0 ))s (total $(( $(date +%s) - START ))s)" | tee -a "$SUMMARY"
+  [ $rc -ne 0 ] && tail -n 30 "$OUT/$name.log" > "$OUT/$name.error.txt"
+  return 0
+}
+
+GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+echo "cuda available: $GPU" | tee -a "$SUMMARY"
+
+section env 60 $PY - <<'PYEOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory // 2**20, "MiB")
+for mod in ("torchvision", "numpy", "scipy", "PIL", "cupy", "onnxruntime", "onnx", "tensorrt", "nvidia.dali",
+            "matplotlib", "pytest", "typer", "rich", "pydicom"):
+    try:
+        m = importlib.import_module(mod)
+        print(mod, getattr(m, "__version__", "?"))
+    except Exception as exc:
+        print(mod, "MISSING", type(exc).__name__, exc)
+PYEOF
+
+if $PY -c "import pytest" 2>/dev/null; then
+  section tests 90 $PY -m pytest -p no:cacheprovider -q -rs \
+    -m gpu tests/test_sampler.py tests/test_backends.py tests/test_loaders.py tests/test_engine_gpu.py
+else
+  echo "   pytest missing: tests skipped" | tee -a "$SUMMARY"
+fi
+
+if [ "$GPU" = "1" ]; then
+  PRESET=flannel5; KS="100, 50, 16"; N=24; LOOP_N=2; REPEATS=3; EAGER_LIMIT=220; COMPILE_LIMIT=160; CN=16
+else
+  PRESET=tiny; KS="4,"; N=2; LOOP_N=1; REPEATS=1; EAGER_LIMIT=120; COMPILE_LIMIT=5; CN=2
+fi
+
+bench() {  # bench NAME LIMIT PYTHON_CONFIG_KWARGS
+  local name=$1 limit=$2 kwargs=$3
+  section "$name" "$limit" $PY - <<PYEOF
+import json, traceback
+from pathlib import Path
+from patchflannel.bench.harness import BenchConfig, run_bench
+out = Path("$OUT") / "$name"
+try:
+    report = run_bench(BenchConfig(out=out, preset="$PRESET", synthetic=True, label="$name", $kwargs))
+    print(open(out / "bench.md").read())
+    print(json.dumps(report["engine"], indent=1))
+except Exception:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "error.txt").write_text(traceback.format_exc())
+    raise
+PYEOF
+}
+
+bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, loop_n=$LOOP_N, repeats=$REPEATS, precision='fp16' if $GPU else 'fp32', modes=('loop', 'batched', 'packed', 'global')"
+if [ "$GPU" = "1" ]; then
+  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, repeats=2, precision='fp16', modes=('packed',), compile=True"
+else
+  echo "== compiled_fp16: skipped (no CUDA; torch.compile is timed on the GPU only)" | tee -a "$SUMMARY"
+fi
+
+section targets 30 $PY - <<PYEOF
+import json
+from pathlib import Path
+out = Path("$OUT")
+rows = []
+for name in ("eager_fp16", "compiled_fp16"):
+    f = out / name / "bench.json"
+    if f.is_file():
+        rows += [dict(r, section=name) for r in json.loads(f.read_text())["runs"]]
+kmax = max((r["k"] for r in rows), default=None)
+at = [r for r in rows if r["k"] == kmax]
+loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
+best = min((r for r in at if r["mode"] in ("batched", "packed")), key=lambda r: r["seconds_per_image_median"], default=None)
+summary = {"k": kmax, "best": best and {k: best[k] for k in ("section", "mode", "images_per_second", "preprocess_fraction",
+                                                            "preprocess_fraction_without_segment")}}
+if best:
+    summary["targets"] = {
+        "images_per_second>=25": best["images_per_second"] >= 25,
+        "x_loop>=100": bool(loop) and loop[0] / best["seconds_per_image_median"] >= 100,
+        "preprocess<10%": best["preprocess_fraction"] < 0.10,
+    }
+    summary["x_loop"] = loop[0] / best["seconds_per_image_median"] if loop else None
+(out / "targets.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary, indent=1))
+PYEOF
+echo "done in $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"

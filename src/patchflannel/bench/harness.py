@@ -1,0 +1,305 @@
+"""``bench``: time the engine's ways of classifying N images with K patches each (SPEC.md "N versus kN").
+
+Modes (one engine, different call structure):
+  ``loop``     one patch a call (K*N calls a learner: the reference code's way);
+  ``batched``  one call of K patches per image per learner;
+  ``packed``   the patches of ``pack`` images in one call per learner;
+  ``auto``     the engine's own choice for the device (on a CPU: micro-batches of a few patches);
+  ``global``   the FLANNEL baseline: one whole-image call per image batch per learner (no patches).
+Every run is end to end from encoded bytes; per-stage times (decode, segment, mask, sample, gather, infer,
+ensemble) come from CUDA events on a GPU and ``perf_counter`` on a CPU. Medians and p95 over repeats, after
+a warm-up run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import platform
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from patchflannel.engine.engine import STAGES, Engine
+from patchflannel.errors import ConfigError
+from patchflannel.export.bundle import default_preprocessing
+
+MODES = ("loop", "batched", "packed", "auto", "global")
+PRESETS: dict[str, tuple[str, tuple[str, ...], int]] = {
+    # name: (segmentation network, learners, segmentation input size)
+    "flannel5": ("fcdensenet103", ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn"), 256),
+    "cpu5": ("fcdensenet56", ("mobilenet_v3_small", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_1", "resnet18"), 256),
+    "tiny": ("fcdensenet56", ("shufflenet_v2_x0_5", "mobilenet_v3_small"), 128),  # smoke runs: seconds on 2 cores
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
+
+
+@dataclass
+class BenchConfig:
+    """What to time. ``bundle`` is used when ``preset`` is None (None there: the default bundle)."""
+
+    out: Path
+    preset: str | None = None
+    bundle: Path | None = None
+    images: Path | None = None
+    synthetic: bool = False
+    n: int = 8
+    loop_n: int = 2
+    ks: tuple[int, ...] = (16, 50, 100)
+    modes: tuple[str, ...] = MODES
+    pack: int = 4
+    precision: str = "auto"
+    backend: str = "auto"
+    loader: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    label: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------- timers
+class PerfTimer:
+    """Wall-clock stage timer (thread-safe: the decode stage runs in the engine's worker thread)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[name] += time.perf_counter() - start
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per stage."""
+        return dict(self.seconds)
+
+
+class CudaTimer:
+    """Stage timer from CUDA events recorded on the current stream; read after the run (one sync)."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            with self._lock:
+                self._events.append((name, start, end))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per stage."""
+        torch.cuda.synchronize()
+        out: dict[str, float] = defaultdict(float)
+        for name, start, end in self._events:
+            out[name] += start.elapsed_time(end) / 1000.0
+        return dict(out)
+
+
+# -------------------------------------------------------------------------------------------- inputs
+def phantom_jpegs(n: int, size: int = 1024, seed: int = 0, quality: int = 90) -> list[tuple[str, bytes]]:
+    """``n`` deterministic synthetic phantoms (:mod:`patchflannel.phantoms`) as grey JPEG bytes.
+
+    For machines without data: the same ``seed`` gives the same bytes. Not radiographs.
+    """
+    from PIL import Image
+
+    from patchflannel.phantoms import make_phantom
+
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(make_phantom(seed + i, size)).save(buf, "JPEG", quality=quality)
+        out.append((f"synthetic_phantom_{seed + i:04d}.jpg", buf.getvalue()))
+    return out
+
+
+def default_images() -> Path | None:
+    """The shared cxr4 set when present (PATCHFLANNEL_SHARED_DATA or ../shared/data next to the repo)."""
+    root = os.environ.get("PATCHFLANNEL_SHARED_DATA")
+    candidates = [Path(root) / "cxr4"] if root else []
+    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cxr4")
+    return next((c for c in candidates if (c / "manifest.csv").is_file()), None)
+
+
+def image_files(source: Path) -> list[Path]:
+    """Image paths of a folder (recursive, sorted) or of a manifest CSV (its ``path`` column)."""
+    source = Path(source)
+    if source.is_dir() and (source / "manifest.csv").is_file():
+        source = source / "manifest.csv"
+    if source.is_file():
+        with open(source, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None or "path" not in reader.fieldnames:
+                raise ConfigError(f"{source}: a manifest needs a 'path' column")
+            return [source.parent / row["path"] for row in reader]
+    if source.is_dir():
+        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    raise ConfigError(f"{source}: not a folder or manifest file")
+
+
+def load_inputs(images: Path | None, n: int, seed: int = 0, synthetic: bool = False) -> tuple[list[tuple[str, bytes]], str]:
+    """``n`` encoded images and a description of where they came from (real files or phantoms)."""
+    source = None if synthetic else (images if images is not None else default_images())
+    if source is None:
+        return phantom_jpegs(n, seed=seed), f"{n} synthetic phantom JPEGs (1024x1024, seed {seed})"
+    files = image_files(source)[:n]
+    if len(files) < n:
+        raise ConfigError(f"{source}: {len(files)} images found, {n} requested")
+    return [(str(p), p.read_bytes()) for p in files], f"{n} images from {source}"
+
+
+# -------------------------------------------------------------------------------------------- engines
+def build_engine(config: BenchConfig) -> Engine:
+    """The engine under test: a preset's random-weight networks, or a bundle."""
+    kw = dict(device=config.device, loader=config.loader, precision=config.precision, seed=config.seed,
+              compile=config.compile)
+    if config.preset is None:
+        return Engine.from_bundle(config.bundle, backend=config.backend, **kw)
+    if config.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {config.preset!r}; expected one of {', '.join(PRESETS)}")
+    if config.backend not in ("auto", "torch"):
+        raise ConfigError("presets hold in-memory torch modules: use --backend torch or a --bundle with exported files")
+    from patchflannel.models import get_model
+
+    seg_name, learner_names, seg_size = PRESETS[config.preset]
+    torch.manual_seed(config.seed)
+    learners = {name: get_model(name) for name in learner_names}
+    ensemble = get_model("flannel", n_learners=len(learners))
+    pre = default_preprocessing()
+    pre["segmentation"]["size"] = seg_size
+    return Engine.from_modules(get_model(seg_name), learners, ensemble, preprocessing=pre,
+                               name=f"preset:{config.preset}", **kw)
+
+
+def mode_engine(engine: Engine, mode: str, k: int, pack: int) -> Engine:
+    """``engine`` with the call structure of ``mode`` at K = ``k``."""
+    if mode == "loop":
+        return engine.configured(k=k, images_per_call=1, patch_batch=1, learner_mode="patch")
+    if mode == "batched":
+        return engine.configured(k=k, images_per_call=1, patch_batch=k, learner_mode="patch")
+    if mode == "packed":
+        return engine.configured(k=k, images_per_call=pack, patch_batch=pack * k, learner_mode="patch")
+    if mode == "auto":
+        return engine.configured(k=k, learner_mode="patch")
+    if mode == "global":
+        return engine.configured(k=k, images_per_call=pack, patch_batch=pack, learner_mode="global")
+    raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+# -------------------------------------------------------------------------------------------- timing
+def _p95(values: list[float]) -> float:
+    return float(np.percentile(values, 95))
+
+
+def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warmup: int,
+             warmup_engine: Engine | None = None) -> dict[str, Any]:
+    """Median/p95 seconds an image (end to end) and per-stage seconds an image over ``repeats`` runs."""
+    cuda = engine.device.type == "cuda"
+    for _ in range(warmup):
+        list((warmup_engine or engine).stream(inputs[: max(1, engine.images_per_call)]))
+    if cuda:
+        torch.cuda.synchronize()
+    walls, stages = [], defaultdict(list)
+    statuses: dict[str, int] = defaultdict(int)
+    for _ in range(repeats):
+        timer = CudaTimer() if cuda else PerfTimer()
+        start = time.perf_counter()
+        preds = list(engine.stream(inputs, timer=timer))
+        if cuda:
+            torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) / len(inputs))
+        for name, sec in timer.totals().items():
+            stages[name].append(sec / len(inputs))
+        for p in preds:
+            statuses[p.status] += 1
+    stage_median = {s: statistics.median(stages[s]) for s in STAGES if s in stages}
+    total_stage = sum(stage_median.values()) or float("nan")
+    pre = sum(stage_median.get(s, 0.0) for s in ("decode", "segment", "mask", "sample", "gather"))
+    return {
+        "n_images": len(inputs), "repeats": repeats,
+        "seconds_per_image_median": statistics.median(walls), "seconds_per_image_p95": _p95(walls),
+        "images_per_second": 1.0 / statistics.median(walls),
+        "stage_seconds_per_image": stage_median,
+        "preprocess_fraction": pre / total_stage,
+        "preprocess_fraction_without_segment": (pre - stage_median.get("segment", 0.0)) / total_stage,
+        "statuses": dict(statuses),
+    }
+
+
+def device_info(engine: Engine) -> dict[str, Any]:
+    """Device name and library versions for the report."""
+    import torchvision
+
+    from patchflannel import __version__
+
+    info: dict[str, Any] = {
+        "device": engine.describe()["device_name"], "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "patchflannel": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "numpy": np.__version__, "cuda": torch.version.cuda,
+    }
+    for mod in ("onnxruntime", "tensorrt", "cupy", "nvidia.dali"):
+        try:
+            info[mod] = __import__(mod, fromlist=["__version__"]).__version__
+        except ImportError:
+            pass
+    return info
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Time every mode at every K; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``config.out``."""
+    from patchflannel.bench.report import write_report
+
+    if not config.ks or not config.modes or min(config.ks) < 1:
+        raise ConfigError("bench needs at least one K (each >= 1) and one mode")
+    for mode in config.modes:
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    engine = build_engine(config)
+    if engine.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
+    runs = []
+    for k in config.ks:
+        for mode in config.modes:
+            eng = mode_engine(engine, mode, k, config.pack)
+            subset = inputs[: config.loop_n] if mode == "loop" else inputs[: config.n]
+            # The loop's call shapes do not depend on K: warm it up cheaply.
+            warm = eng.configured(k=min(k, 2), images_per_call=1, patch_batch=1) if mode == "loop" else None
+            started = time.perf_counter()
+            result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
+            runs.append({"mode": mode, "k": k, "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
+                         "wall_seconds": time.perf_counter() - started, **result})
+            report = {
+                "label": config.label, "config": {**asdict(config), "out": str(config.out)},
+                "engine": engine.describe(), "inputs": source, "environment": device_info(engine),
+                "compile_errors": {lr.name: lr.backend.compile_error for lr in engine.learners
+                                   if getattr(lr.backend, "compile_error", None)},
+                "runs": runs,
+            }
+            write_report(report, Path(config.out))  # after every run: a run cut short still leaves its figures
+    return report

@@ -1,0 +1,63 @@
+"""``patchflannel bench``: time loop vs batched vs packed vs the global baseline (see bench.harness)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def bench(
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.md, bench.png."),
+    preset: Optional[str] = typer.Option(None, help="Random-weight networks: flannel5 (paper), cpu5, tiny."),
+    bundle: Optional[Path] = typer.Option(None, help="Bundle folder (default: the package's bundle) when no preset."),
+    images: Optional[Path] = typer.Option(None, help="Image folder or manifest (default: shared cxr4 if present, else phantoms)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Use deterministic synthetic phantom JPEGs."),
+    n: int = typer.Option(8, help="Images a run."),
+    loop_n: int = typer.Option(2, help="Images a run in loop mode (it is slow)."),
+    k: str = typer.Option("16,50,100", help="Comma-separated K values."),
+    modes: str = typer.Option("loop,batched,packed,auto,global", help="Comma-separated modes."),
+    pack: int = typer.Option(4, help="Images a call in packed and global modes."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
+    backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt."),
+    loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile with frozen weights (falls back to eager)."),
+    repeats: int = typer.Option(3, help="Timed repeats a run."),
+    warmup: int = typer.Option(1, help="Warm-up runs before timing."),
+    label: str = typer.Option("", help="A title for the report."),
+    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run: preset tiny, N=2, K=4, one repeat, no auto mode."),
+) -> None:
+    """Time the engine's ways of classifying N images with K patches each and write a report."""
+    from patchflannel.bench.harness import BenchConfig, run_bench
+    from patchflannel.bench.report import markdown
+    from patchflannel.errors import PatchflannelError
+
+    config = BenchConfig(out=out, preset=preset, bundle=bundle, images=images, synthetic=synthetic, n=n, loop_n=loop_n, ks=_ints(k),
+                         modes=tuple(m.strip() for m in modes.split(",") if m.strip()), pack=pack, precision=precision,
+                         backend=backend, loader=loader, device=device, compile=compile, repeats=repeats,
+                         warmup=warmup, label=label)
+    if smoke:
+        config.preset = config.preset or "tiny"
+        config.n, config.loop_n, config.ks, config.repeats, config.warmup, config.pack = 2, 1, (4,), 1, 0, 2
+        config.modes = ("loop", "batched", "packed", "global")
+    try:
+        report = run_bench(config)
+    except PatchflannelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(markdown(report))
+    typer.echo(f"wrote {out}/bench.json, bench.md and bench.png")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``bench`` to the app."""
+    app.command("bench")(bench)

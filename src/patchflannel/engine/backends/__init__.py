@@ -1,0 +1,82 @@
+"""Inference backends: one network each, ``run(batch) -> output`` on the engine's device.
+
+``torch`` (eager, fp32/fp16/bf16, channels_last, optionally ``torch.compile`` with frozen weights),
+``onnxruntime`` (the bundle's ONNX files) and ``tensorrt`` (the bundle's serialised engines). The choice is
+made here, in :func:`make_backend` / :func:`resolve_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import torch
+
+from patchflannel.errors import BundleError, ConfigError
+from patchflannel.export.bundle import Bundle, ModelEntry
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class Backend(Protocol):
+    """One network ready to run: a float32 (N, ...) batch on the device in, float32 outputs out."""
+
+    name: str
+    precision: str
+
+    def run(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is fp16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; expected auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _has_file(entry: ModelEntry, fmt: str) -> bool:
+    return any(f.format == fmt for f in entry.files)
+
+
+def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
+    """'auto' picks TensorRT on CUDA when installed and every learner has an engine file, else torch."""
+    if name == "auto":
+        if (device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None
+                and all(_has_file(m, "tensorrt") for m in [bundle.segmentation, *bundle.learners])):
+            return "tensorrt"
+        return "torch"
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; expected auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.device, precision: str,
+                 compile: bool = False) -> Backend:
+    """The backend ``name`` for the bundle's network ``entry``."""
+    if name == "torch":
+        from patchflannel.engine.backends.torch_backend import TorchBackend
+        from patchflannel.export.bundle import load_torch_model
+
+        return TorchBackend(load_torch_model(bundle, entry), device, precision, compile=compile)
+    if name == "onnxruntime":
+        from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(bundle.path_of(_pick(entry, "onnx", precision)), device, precision)
+    if name == "tensorrt":
+        from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend, _tensorrt
+
+        _tensorrt()  # a missing runtime is the first thing to say
+        return TensorRTBackend(bundle.path_of(_pick(entry, "tensorrt", precision)), device, precision)
+    raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _pick(entry: ModelEntry, fmt: str, precision: str):  # noqa: ANN202 - ModelFile
+    """The file of ``fmt`` in ``precision``, else the fp32 one (the runtime casts at the boundary)."""
+    try:
+        return entry.file(fmt, precision)
+    except BundleError:
+        return entry.file(fmt)

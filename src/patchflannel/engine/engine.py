@@ -1,0 +1,407 @@
+"""The engine: encoded images (or arrays) in, Patched FLANNEL predictions out, batched on the device.
+
+Data flow of one call (SPEC.md "The engine"): decode (loader) -> grey float on the device -> segmentation
+input (equalised, gamma, 256) -> segmenter in one batched call -> lung mask at 256 -> image at 1024 and
+mask upsampled (nearest) -> K centres from per-image seeds (content hash + run seed) -> one gather of the
+K patches -> normalised, 3 channels -> one call per learner per group of images (``images_per_call``
+images; ``patch_batch`` patches a call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
+over patches; the only device -> host copies are the small mask post-processing and the final results.
+
+Thread safety: an engine may be shared by threads. Decoding is serialised by one lock and device work by
+another, so a thread's decoding overlaps another's inference; for parallel device work use one engine per
+thread (or per device). ``stream`` overlaps decoding of the next group with inference of the current one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from patchflannel.classes import CLASSES
+from patchflannel.engine.backends import Backend, make_backend, resolve_backend, resolve_precision
+from patchflannel.engine.backends.torch_backend import TorchBackend
+from patchflannel.engine.loaders import Loader, make_loader
+from patchflannel.engine.results import Prediction
+from patchflannel.engine.samplers import Sampler, make_sampler
+from patchflannel.errors import BundleError, ConfigError, ImageReadError
+from patchflannel.export.bundle import default_preprocessing, load_bundle, load_torch_model
+from patchflannel.io.readers import MIN_SIDE
+from patchflannel.ops.mask import lung_masks, postprocess_mask
+from patchflannel.ops.preprocess import resize, resize_mask, segmentation_input
+from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
+from patchflannel.ops.seeding import image_seed
+from patchflannel.ops.votes import mean_softmax, vote_fractions
+
+STAGES = ("decode", "segment", "mask", "sample", "gather", "infer", "ensemble")
+CPU_PATCH_BATCH = 8
+"""Patches a call on a CPU: SPEC.md measured micro-batches of 4 to 8 patches fastest on 2 cores."""
+GPU_IMAGES_PER_CALL = 4
+"""Images whose patches are packed into one learner call on a GPU (SPEC.md: 4 x 100 patches)."""
+
+
+class StageTimer(Protocol):
+    """Times named stages (see :data:`STAGES`); bench passes one, the engine's default does nothing."""
+
+    def stage(self, name: str) -> ContextManager[Any]: ...
+
+
+class _NoTimer:
+    def stage(self, name: str) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Learner:
+    """A base learner: its name (a column of the results), ``mode`` 'patch' or 'global', and its backend."""
+
+    name: str
+    mode: str
+    backend: Backend
+
+
+@dataclass
+class _Item:
+    item_id: str
+    content_hash: str | None = None
+    data: bytes | None = None
+    image: torch.Tensor | None = None
+    meta: dict[str, Any] | None = None
+    error: str | None = None
+    result: Prediction | None = None
+
+
+def _device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return d
+
+
+def array_hash(image: torch.Tensor) -> str:
+    """Content hash of an array input: sha256 of its float32 bytes and its shape."""
+    arr = image.detach().to("cpu", torch.float32).contiguous().numpy()
+    h = hashlib.sha256(arr.tobytes())
+    h.update(repr(tuple(arr.shape)).encode())
+    return h.hexdigest()
+
+
+def _array_image(x: Any, label: str) -> torch.Tensor:
+    """A 2-D grey array (numpy, torch, or anything with ``__dlpack__`` such as CuPy) as float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else (
+        x if isinstance(x, torch.Tensor) else torch.from_dlpack(x))
+    if t.ndim != 2:
+        raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}")
+    if min(t.shape) < MIN_SIDE:
+        raise ImageReadError(label, f"image too small: {t.shape[1]}x{t.shape[0]} pixels, each side must be >= {MIN_SIDE}")
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32) / 255.0
+    if t.dtype == torch.uint16:
+        return t.to(torch.float32) / 65535.0
+    if not t.is_floating_point():
+        raise ImageReadError(label, f"unsupported array dtype {t.dtype} (expected uint8, uint16 or float in [0, 1])")
+    t = t.to(torch.float32)
+    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:
+        raise ImageReadError(label, "float image must be finite and within [0, 1]")
+    return t
+
+
+def _prepare(x: Any, item_id: str | None) -> _Item:
+    """Turn one input into bytes or a tensor, with its content hash; a bad input becomes an error item."""
+    if isinstance(x, (str, os.PathLike)):
+        label = item_id or os.fspath(x)
+        try:
+            data = Path(x).read_bytes()
+        except FileNotFoundError:
+            return _Item(label, error=str(ImageReadError(os.fspath(x), "file not found")))
+        except OSError as exc:
+            return _Item(label, error=str(ImageReadError(os.fspath(x), f"cannot read file: {exc.strerror or exc}")))
+        return _Item(label, hashlib.sha256(data).hexdigest(), data=data)
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        data = bytes(x)
+        return _Item(item_id or "<bytes>", hashlib.sha256(data).hexdigest(), data=data)
+    label = item_id or f"<{type(x).__name__}>"
+    if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
+        try:
+            image = _array_image(x, label)
+        except ImageReadError as exc:
+            return _Item(label, error=str(exc))
+        return _Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})
+    return _Item(label, error=str(ImageReadError(label, f"unsupported input type {type(x).__name__} "
+                                                        "(expected a path, bytes, or a 2-D array/tensor)")))
+
+
+def _split_pair(x: Any) -> tuple[str | None, Any]:
+    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
+        return x[0], x[1]
+    return None, x
+
+
+class Engine:
+    """Patched FLANNEL inference over a bundle's networks; see the module docstring for the data flow."""
+
+    def __init__(self, *, segmenter: Backend, learners: list[Learner], ensemble: nn.Module | None,
+                 preprocessing: Mapping[str, Any], device: torch.device, loader: Loader, sampler: Sampler,
+                 precision: str, seed: int = 0, k: int | None = None, return_centres: bool = False,
+                 images_per_call: int | str = "auto", patch_batch: int | str = "auto",
+                 bundle_id: str = "", bundle_name: str = "", backend: str = "torch") -> None:
+        if not learners:
+            raise BundleError("the bundle has no base learners: it can segment but not classify")
+        self.segmenter = segmenter
+        self.learners = learners
+        self.ensemble = ensemble.eval().to(device) if ensemble is not None else None
+        self.pre = dict(preprocessing)
+        self.device = device
+        self.loader = loader
+        self.sampler = sampler
+        self.precision = precision
+        self.seed = int(seed)
+        self.k = int(k if k is not None else self.pre["k"])
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k}")
+        self.return_centres = return_centres
+        cuda = device.type == "cuda"
+        self.images_per_call = GPU_IMAGES_PER_CALL if images_per_call == "auto" and cuda else (
+            1 if images_per_call == "auto" else int(images_per_call))
+        self.patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else int(patch_batch)
+        if self.images_per_call < 1 or self.patch_batch < 1:
+            raise ConfigError("images_per_call and patch_batch must be >= 1")
+        self.bundle_id = bundle_id
+        self.bundle_name = bundle_name
+        self.backend = backend
+        norm = self.pre["normalization"]
+        self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._compute_lock = threading.Lock()
+        self._decode_lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_bundle(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", backend: str = "auto",
+                    loader: str = "auto", sampler: str = "auto", precision: str = "auto", seed: int = 0,
+                    k: int | None = None, return_centres: bool = False, images_per_call: int | str = "auto",
+                    patch_batch: int | str = "auto", compile: bool = False) -> Engine:
+        """An engine over the bundle at ``path`` (None: the package's default bundle).
+
+        ``compile`` applies ``torch.compile`` (frozen weights) to the learners, where most of the time goes.
+        """
+        bundle = load_bundle(path)
+        dev = _device(device)
+        prec = resolve_precision(precision, dev)
+        name = resolve_backend(backend, bundle, dev)
+        seg = make_backend(name, bundle, bundle.segmentation, dev, prec)
+        learners = [Learner(e.name, e.mode or "patch", make_backend(name, bundle, e, dev, prec, compile=compile))
+                    for e in bundle.learners]
+        ens = load_torch_model(bundle, bundle.ensemble) if bundle.ensemble is not None else None
+        return cls(segmenter=seg, learners=learners, ensemble=ens, preprocessing=bundle.preprocessing, device=dev,
+                   loader=make_loader(loader, dev), sampler=make_sampler(sampler, dev), precision=prec, seed=seed,
+                   k=k, return_centres=return_centres, images_per_call=images_per_call, patch_batch=patch_batch,
+                   bundle_id=bundle.bundle_id, bundle_name=bundle.name, backend=name)
+
+    @classmethod
+    def from_modules(cls, segmentation: nn.Module, learners: Mapping[str, nn.Module], ensemble: nn.Module | None, *,
+                     mode: str = "patch", preprocessing: Mapping[str, Any] | None = None,
+                     device: str | torch.device = "auto", loader: str = "auto", sampler: str = "auto",
+                     precision: str = "auto", seed: int = 0, k: int | None = None, return_centres: bool = False,
+                     images_per_call: int | str = "auto", patch_batch: int | str = "auto",
+                     compile: bool = False, name: str = "modules") -> Engine:
+        """An engine over in-memory modules (torch backend), e.g. random weights for timing."""
+        dev = _device(device)
+        prec = resolve_precision(precision, dev)
+        seg = TorchBackend(segmentation, dev, prec)
+        ls = [Learner(n, mode, TorchBackend(m, dev, prec, compile=compile)) for n, m in learners.items()]
+        return cls(segmenter=seg, learners=ls, ensemble=ensemble, preprocessing=preprocessing or default_preprocessing(),
+                   device=dev, loader=make_loader(loader, dev), sampler=make_sampler(sampler, dev), precision=prec,
+                   seed=seed, k=k, return_centres=return_centres, images_per_call=images_per_call,
+                   patch_batch=patch_batch, bundle_name=name, backend="torch")
+
+    def configured(self, *, k: int | None = None, images_per_call: int | str | None = None,
+                   patch_batch: int | str | None = None, learner_mode: str | None = None,
+                   return_centres: bool | None = None) -> Engine:
+        """A new engine sharing this one's networks, loader and sampler, with other batching settings.
+
+        ``learner_mode`` ('patch' or 'global') overrides every learner's mode (bench's global baseline).
+        """
+        learners = [Learner(lr.name, learner_mode or lr.mode, lr.backend) for lr in self.learners]
+        return type(self)(segmenter=self.segmenter, learners=learners, ensemble=self.ensemble, preprocessing=self.pre,
+                          device=self.device, loader=self.loader, sampler=self.sampler, precision=self.precision,
+                          seed=self.seed, k=k if k is not None else self.k,
+                          return_centres=self.return_centres if return_centres is None else return_centres,
+                          images_per_call=images_per_call if images_per_call is not None else "auto",
+                          patch_batch=patch_batch if patch_batch is not None else "auto",
+                          bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
+
+    def describe(self) -> dict[str, Any]:
+        """What this engine runs: device, loader, backend, sampler, precision, batching, bundle, learners."""
+        dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        compiled = [getattr(b, "compiled", False) for b in [self.segmenter, *(lr.backend for lr in self.learners)]]
+        return {
+            "device": str(self.device), "device_name": dev_name, "loader": self.loader.name,
+            "backend": self.backend, "sampler": self.sampler.name, "precision": self.precision,
+            "compiled": any(compiled), "k": self.k, "seed": self.seed, "images_per_call": self.images_per_call,
+            "patch_batch": self.patch_batch, "bundle": self.bundle_name, "bundle_id": self.bundle_id,
+            "learners": [{"name": lr.name, "mode": lr.mode} for lr in self.learners],
+            "ensemble": self.ensemble is not None,
+        }
+
+    # ------------------------------------------------------------------------------------------ public
+    def predict(self, x: Any, item_id: str | None = None) -> Prediction:
+        """One input: a path, bytes, a 2-D numpy array, torch tensor or CuPy array."""
+        return self.predict_many([(item_id, x) if item_id is not None else x])[0]
+
+    def predict_many(self, xs: Iterable[Any]) -> list[Prediction]:
+        """Every input in order; items may be ``(item_id, x)`` pairs. Bad inputs become error results."""
+        return list(self.stream(xs, prefetch=0))
+
+    def stream(self, xs: Iterable[Any], *, prefetch: int = 2, timer: StageTimer | None = None) -> Iterator[Prediction]:
+        """Yield results group by group, in input order, while the next groups decode in a worker thread.
+
+        ``prefetch`` is how many groups may be decoded ahead (0: no worker thread).
+        """
+        timer = timer or _NoTimer()
+        groups = self._groups(xs)
+        if prefetch <= 0:
+            for group in groups:
+                yield from self._infer(self._decode(group, timer), timer)
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-decode") as pool:
+            pending: list[concurrent.futures.Future[list[_Item]]] = []
+            for group in groups:
+                pending.append(pool.submit(self._decode, group, timer))
+                if len(pending) > prefetch:
+                    yield from self._infer(pending.pop(0).result(), timer)
+            for fut in pending:
+                yield from self._infer(fut.result(), timer)
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str | None, Any]]]:
+        group: list[tuple[str | None, Any]] = []
+        for x in xs:
+            group.append(_split_pair(x))
+            if len(group) == self.images_per_call:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _decode(self, group: list[tuple[str | None, Any]], timer: StageTimer) -> list[_Item]:
+        items = [_prepare(x, item_id) for item_id, x in group]
+        with self._decode_lock, timer.stage("decode"):
+            todo = [it for it in items if it.data is not None]
+            for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
+                if isinstance(res, ImageReadError):
+                    it.error = str(res)
+                else:
+                    it.image, it.meta = res
+                it.data = None
+            for it in items:
+                if it.image is not None:
+                    it.image = it.image.to(self.device, non_blocking=True)
+        return items
+
+    def _normalise(self, grey: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
+        return (grey.expand(-1, 3, -1, -1) - self._mean) / self._std
+
+    def _segment(self, images: list[torch.Tensor], timer: StageTimer) -> torch.Tensor:
+        seg = self.pre["segmentation"]
+        with timer.stage("segment"):
+            inputs = torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
+            logits = self.segmenter.run(inputs)
+        with timer.stage("mask"):
+            masks = lung_masks(logits, seg["threshold"]).cpu().numpy()
+            masks = np.stack([postprocess_mask(m) for m in masks])
+            return torch.from_numpy(masks).to(self.device)
+
+    def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
+        """Logits of (N, 1, P, P) grey patches in calls of ``patch_batch``."""
+        outs = [learner.backend.run(self._normalise(batch[i:i + self.patch_batch]))
+                for i in range(0, batch.shape[0], self.patch_batch)]
+        return torch.cat(outs)
+
+    def _infer(self, items: list[_Item], timer: StageTimer) -> list[Prediction]:
+        good = [it for it in items if it.error is None]
+        if good:
+            with self._compute_lock:
+                self._compute(good, timer)
+        return [it.result if it.result is not None else self._error(it) for it in items]
+
+    def _error(self, it: _Item) -> Prediction:
+        return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
+                          k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend)
+
+    def _compute(self, items: list[_Item], timer: StageTimer) -> None:
+        pre = self.pre
+        size, patch = pre["image_size"], pre["patch_size"]
+        images = [it.image for it in items]
+        masks = self._segment(images, timer)
+        with timer.stage("sample"):
+            big = torch.stack([resize(im, size) for im in images])
+            masks_big, fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
+            seeds = [image_seed(it.content_hash, self.seed) for it in items]
+            centres = self.sampler.centres(masks_big, patch_uniforms(seeds, self.k))
+            origins = window_origins(centres, size, size, patch)
+        with timer.stage("gather"):
+            patches = gather_patches(big * masks_big.to(big.dtype), origins, patch)
+            flat = patches.reshape(-1, 1, patch, patch)
+        confidences, softmaxes = [], []
+        with timer.stage("infer"):
+            for learner in self.learners:
+                if learner.mode == "global":
+                    probs = self._run_learner(learner, self._global_view(big)).softmax(-1)
+                    confidences.append(probs)
+                    softmaxes.append(probs)
+                else:
+                    logits = self._run_learner(learner, flat).reshape(len(items), self.k, -1)
+                    confidences.append(vote_fractions(logits))
+                    softmaxes.append(mean_softmax(logits))
+        with timer.stage("ensemble"):
+            conf = torch.stack(confidences, 1)
+            if self.ensemble is not None:
+                with torch.inference_mode():
+                    probs = self.ensemble(conf).softmax(-1)
+            else:
+                probs = conf.mean(1)
+            host = {"probs": probs.cpu().numpy(), "conf": conf.cpu().numpy(),
+                    "soft": torch.stack(softmaxes, 1).cpu().numpy(), "fallback": fallback.cpu().numpy()}
+            if self.return_centres:
+                host["centres"] = centres.cpu().numpy()
+        for i, it in enumerate(items):
+            it.result = self._prediction(it, i, host)
+
+    def _global_view(self, big: torch.Tensor) -> torch.Tensor:
+        """FLANNEL's global input: the whole image resized, centre-cropped; (B, 1, crop, crop)."""
+        g = self.pre["global"]
+        small = resize(big.unsqueeze(1), g["resize"])
+        top = (g["resize"] - g["crop"]) // 2
+        return small[:, :, top:top + g["crop"], top:top + g["crop"]]
+
+    def _prediction(self, it: _Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
+        flags = []
+        if bool(host["fallback"][i]):
+            flags.append("mask_fallback")
+        if min(it.image.shape) < self.pre["patch_size"]:
+            flags.append("small_image")
+        p = host["probs"][i]
+        return Prediction(
+            item_id=it.item_id, status="flagged" if flags else "ok", label=CLASSES[int(np.argmax(p))],
+            probabilities={c: float(v) for c, v in zip(CLASSES, p)},
+            learner_confidences={lr.name: {c: float(v) for c, v in zip(CLASSES, host["conf"][i, j])}
+                                 for j, lr in enumerate(self.learners)},
+            learner_mean_softmax={lr.name: {c: float(v) for c, v in zip(CLASSES, host["soft"][i, j])}
+                                  for j, lr in enumerate(self.learners)},
+            k=self.k, seed=self.seed, content_hash=it.content_hash, flags=flags,
+            centres=host["centres"][i] if "centres" in host else None, meta=it.meta or {},
+            bundle_id=self.bundle_id, backend=self.backend)

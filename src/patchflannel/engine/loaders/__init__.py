@@ -1,0 +1,82 @@
+"""Image loaders: encoded bytes -> grey float32 (H, W) tensors in [0, 1] on the engine's device.
+
+A loader has a ``name``, a ``device`` and ``decode(items)``, where ``items`` is a sequence of
+``(label, data)`` pairs; it returns, in order, ``(image, meta)`` or the :class:`ImageReadError` of that
+input (a bad input never fails the batch). ``cpu`` reads every format (PIL, pydicom); ``dali`` and
+``nvjpeg`` decode 8-bit JPEG (and for DALI PNG/TIFF) on the GPU (DALI also on CPU) and hand anything else,
+DICOM and 16-bit included, to the ``cpu`` loader. The choice among them is made here, in :func:`make_loader`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Protocol, Sequence, Union
+
+import torch
+
+from patchflannel.errors import ConfigError, ImageReadError
+
+Decoded = tuple[torch.Tensor, dict[str, Any]]
+DecodeResult = Union[Decoded, ImageReadError]
+LOADERS = ("cpu", "dali", "nvjpeg")
+
+
+class Loader(Protocol):
+    """Decodes a batch of encoded images."""
+
+    name: str
+    device: torch.device
+
+    def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]: ...
+
+
+def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
+    """True when ``data`` is an 8-bit grey or RGB image of one of ``formats`` whose size the readers accept.
+
+    Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
+    every format and gives the precise error for a bad input.
+    """
+    import io
+
+    from PIL import Image
+
+    from patchflannel.io.readers import MAX_PIXELS, MIN_SIDE, detect_format
+
+    if detect_format(data) not in formats:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            return img.mode in ("L", "RGB") and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
+    except Exception:  # noqa: BLE001 - unreadable header: the cpu loader reports why
+        return False
+
+
+def available_loaders(device: torch.device) -> list[str]:
+    """Loaders that can run on ``device`` here, best first."""
+    out = []
+    if device.type == "cuda":
+        if importlib.util.find_spec("nvidia.dali") is not None:
+            out.append("dali")
+        out.append("nvjpeg")
+    out.append("cpu")
+    return out
+
+
+def make_loader(name: str, device: torch.device) -> Loader:
+    """The loader ``name`` ('auto' = best available) for ``device``."""
+    if name == "auto":
+        name = available_loaders(device)[0]
+    if name == "cpu":
+        from patchflannel.engine.loaders.cpu import CpuLoader
+
+        return CpuLoader(device)
+    if name == "dali":
+        from patchflannel.engine.loaders.dali import DaliLoader
+
+        return DaliLoader(device)
+    if name == "nvjpeg":
+        from patchflannel.engine.loaders.nvjpeg import NvjpegLoader
+
+        return NvjpegLoader(device)
+    raise ConfigError(f"unknown loader {name!r}; expected one of auto, {', '.join(LOADERS)}")

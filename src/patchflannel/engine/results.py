@@ -1,0 +1,69 @@
+"""The typed result of one engine input: :class:`Prediction`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from patchflannel.classes import CLASSES
+
+STATUSES = ("ok", "flagged", "error")
+
+
+@dataclass
+class Prediction:
+    """What the engine says about one input.
+
+    ``status`` is 'ok', 'flagged' (a result that needs a look: see ``flags``) or 'error' (no result:
+    see ``error``). ``probabilities`` maps class name to probability; ``learner_confidences`` maps each
+    learner to its per-class vote fractions and ``learner_mean_softmax`` to its mean softmax over the K
+    patches. ``centres`` is the (K, 2) array of patch centres (row, col at the image size) when requested.
+    """
+
+    item_id: str
+    status: str
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    learner_confidences: dict[str, dict[str, float]] = field(default_factory=dict)
+    learner_mean_softmax: dict[str, dict[str, float]] = field(default_factory=dict)
+    k: int | None = None
+    seed: int | None = None
+    content_hash: str | None = None
+    flags: list[str] = field(default_factory=list)
+    error: str | None = None
+    centres: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    bundle_id: str = ""
+    backend: str = ""
+
+    @property
+    def probability_array(self) -> np.ndarray | None:
+        """The probabilities as a float64 array in class index order (None for an error)."""
+        if self.probabilities is None:
+            return None
+        return np.array([self.probabilities[c] for c in CLASSES], dtype=np.float64)
+
+    @property
+    def ok(self) -> bool:
+        """True when the input produced a result (status 'ok' or 'flagged')."""
+        return self.status != "error"
+
+    def to_row(self) -> dict[str, Any]:
+        """A flat dict for tabular output: one column per class and per learner confidence."""
+        row: dict[str, Any] = {
+            "path": self.item_id,
+            "content_hash": self.content_hash,
+            "status": self.status,
+            "error": self.error,
+            "flags": ";".join(self.flags),
+            "label": self.label,
+        }
+        for c in CLASSES:
+            row[f"p_{c}"] = None if self.probabilities is None else self.probabilities[c]
+        for learner, conf in self.learner_confidences.items():
+            for c in CLASSES:
+                row[f"{learner}_{c}"] = conf[c]
+        row.update({"k": self.k, "seed": self.seed, "bundle_id": self.bundle_id, "backend": self.backend})
+        return row

@@ -1,0 +1,98 @@
+"""Backends: torch precisions, ONNX Runtime against torch, TensorRT where it exists."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchflannel.engine.backends import make_backend, resolve_backend, resolve_precision
+from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from patchflannel.engine.backends.torch_backend import TorchBackend
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
+from patchflannel.export.bundle import random_bundle
+from patchflannel.models import get_model
+
+needs_trt_gpu = pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+    reason="the tensorrt backend needs TensorRT (extra 'tensorrt') and a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return get_model("shufflenet_v2_x0_5").eval()
+
+
+@pytest.fixture(scope="module")
+def batch() -> torch.Tensor:
+    return torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+def test_torch_backend_fp32_is_the_module_and_bf16_is_close(net, batch):
+    with torch.inference_mode():
+        want = net(batch)
+    got = TorchBackend(net, torch.device("cpu"), "fp32").run(batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    twin = get_model("shufflenet_v2_x0_5").eval()
+    twin.load_state_dict(net.state_dict())
+    low = TorchBackend(twin, torch.device("cpu"), "bf16").run(batch)
+    assert low.dtype == torch.float32
+    assert (low.argmax(1) == want.argmax(1)).float().mean() >= 2 / 3
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="unknown precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_onnxruntime_backend_matches_torch(net, batch, tmp_path):
+    from patchflannel.export.onnx import export_module
+
+    path = tmp_path / "net.onnx"
+    export_module(net, batch[:1], path, "patches", "logits")
+    backend = OnnxRuntimeBackend(path, torch.device("cpu"))
+    with torch.inference_mode():
+        want = net(batch)
+    torch.testing.assert_close(backend.run(batch), want, rtol=1e-4, atol=1e-4)
+    assert backend.providers[0] == "CPUExecutionProvider"
+
+
+def test_backend_choice_and_missing_files(tmp_path):
+    bundle = random_bundle(tmp_path, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",))
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", bundle, cpu) == "torch"
+    with pytest.raises(ConfigError, match="unknown backend"):
+        resolve_backend("tvm", bundle, cpu)
+    with pytest.raises(BundleError, match="has no onnx file"):
+        make_backend("onnxruntime", bundle, bundle.learners[0], cpu, "fp32")
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(BackendUnavailableError, match="tensorrt"):
+            make_backend("tensorrt", bundle, bundle.learners[0], cpu, "fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_backend_fp16_on_gpu_is_close_to_fp32(net, batch):
+    ref = TorchBackend(get_model("shufflenet_v2_x0_5").eval(), torch.device("cuda"), "fp32")
+    ref.module.load_state_dict(net.state_dict())
+    half = TorchBackend(get_model("shufflenet_v2_x0_5").eval(), torch.device("cuda"), "fp16")
+    half.module.load_state_dict(net.state_dict())
+    want, got = ref.run(batch.cuda()), half.run(batch.cuda())
+    assert got.dtype == torch.float32 and got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@needs_trt_gpu
+def test_tensorrt_backend_matches_torch(net, batch, tmp_path: Path):
+    from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend
+    from patchflannel.export.onnx import export_module
+    from patchflannel.export.tensorrt import build_engine
+
+    export_module(net, batch[:1], tmp_path / "net.onnx", "patches", "logits")
+    build_engine(tmp_path / "net.onnx", tmp_path / "net.plan", "patches", (3, 224, 224), (1, 3, 8), fp16=False)
+    backend = TensorRTBackend(tmp_path / "net.plan", torch.device("cuda"), "fp32")
+    with torch.inference_mode():
+        want = net(batch)
+    torch.testing.assert_close(backend.run(batch.cuda()).cpu(), want, rtol=1e-2, atol=1e-2)

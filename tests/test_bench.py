@@ -1,0 +1,68 @@
+"""bench: the CLI smoke run end to end, its report files, and its inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from patchflannel.bench.harness import BenchConfig, image_files, load_inputs, phantom_jpegs, run_bench
+from patchflannel.bench.report import speedups
+from patchflannel.cli.bench import register
+from patchflannel.errors import ConfigError
+
+
+@pytest.fixture
+def app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def main() -> None:
+        """Test app."""
+
+    return app
+
+
+def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "--smoke", "--synthetic", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "bench.json").read_text())
+    runs = {r["mode"]: r for r in report["runs"]}
+    assert set(runs) == {"loop", "batched", "packed", "global"}
+    assert (runs["loop"]["patch_batch"], runs["batched"]["patch_batch"], runs["packed"]["patch_batch"]) == (1, 4, 8)
+    assert runs["loop"]["n_images"] == 1 and runs["packed"]["n_images"] == 2
+    for r in report["runs"]:
+        assert r["seconds_per_image_median"] > 0 and sum(r["statuses"].values()) == r["n_images"]
+        assert r["statuses"].get("error", 0) == 0
+        assert {"decode", "segment", "mask", "infer", "ensemble"} <= set(r["stage_seconds_per_image"])
+    assert report["engine"]["bundle"] == "preset:tiny" and "synthetic phantom" in report["inputs"]
+    assert report["environment"]["torch"]
+    md = (out / "bench.md").read_text()
+    assert "| loop | 4 | 1 | 1 | 1 |" in md and "| packed | 4 | 2 | 8 | 2 |" in md
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ("loop", 4) in speedups(report["runs"])
+
+
+def test_phantoms_are_deterministic_jpegs():
+    a, b = phantom_jpegs(2, size=128, seed=5), phantom_jpegs(2, size=128, seed=5)
+    assert a == b and a[0][1][:2] == b"\xff\xd8" and a[0][1] != a[1][1]
+
+
+def test_inputs_from_manifest_and_folder(cxr4_dir):
+    from_manifest = image_files(cxr4_dir)
+    assert len(from_manifest) == 1178 and all(p.is_file() for p in from_manifest[:5])
+    items, desc = load_inputs(cxr4_dir / "images", 3)
+    assert len(items) == 3 and str(cxr4_dir) in desc and items[0][1][:2] == b"\xff\xd8"
+
+
+def test_bad_bench_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown mode"):
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", modes=("warp",), synthetic=True))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        run_bench(BenchConfig(out=tmp_path, preset="huge", synthetic=True))
+    with pytest.raises(ConfigError, match="not a folder"):
+        image_files(tmp_path / "nothing")

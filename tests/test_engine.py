@@ -1,0 +1,253 @@
+"""The engine against a reference composition of the ops, on real cxr4 images and hand-made edge cases."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchflannel.classes import CLASSES
+from patchflannel.engine.engine import Engine
+from patchflannel.errors import BackendUnavailableError, BundleError
+from patchflannel.export.bundle import load_bundle, load_torch_model, random_bundle, write_bundle
+from patchflannel.io import read_image
+from patchflannel.ops.mask import lung_masks, postprocess_mask
+from patchflannel.ops.preprocess import resize, resize_mask, segmentation_input
+from patchflannel.ops.sampler import draw_patches
+from patchflannel.ops.seeding import image_seed
+from patchflannel.ops.votes import mean_softmax, vote_fractions
+
+K = 8
+SEG_SIZE = 64  # a smaller segmentation input (recorded in the bundle) keeps these tests fast on 2 cores
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundle")
+    b = random_bundle(root, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5", "mobilenet_v3_small"))
+    b.preprocessing["segmentation"]["size"] = SEG_SIZE
+    write_bundle(b)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(bundle_dir: Path) -> Engine:
+    return Engine.from_bundle(bundle_dir, device="cpu", k=K, return_centres=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def jpegs(cxr4_dir: Path) -> list[Path]:
+    return sorted((cxr4_dir / "images").rglob("*.jpg"))[:3]
+
+
+@pytest.fixture(scope="module")
+def baseline(engine: Engine, jpegs: list[Path]) -> list:
+    """The engine's own default packing (1 image a call, 8 patches a call on CPU)."""
+    return engine.predict_many(jpegs)
+
+
+@pytest.fixture(scope="module")
+def ref(bundle_dir: Path, jpegs: list[Path]) -> list[dict[str, np.ndarray]]:
+    return reference(bundle_dir, jpegs, seed=3)
+
+
+def reference(bundle_dir: Path, paths: list[Path], seed: int) -> list[dict[str, np.ndarray]]:
+    """SPEC.md composed from the ops one image at a time, no engine code involved."""
+    import hashlib
+
+    b = load_bundle(bundle_dir)
+    pre = b.preprocessing
+    seg = load_torch_model(b, b.segmentation)
+    learners = [load_torch_model(b, e) for e in b.learners]
+    ens = load_torch_model(b, b.ensemble)
+    mean = torch.tensor(pre["normalization"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pre["normalization"]["std"]).view(1, 3, 1, 1)
+    out = []
+    with torch.inference_mode():
+        for p in paths:
+            image = torch.from_numpy(read_image(p))
+            logits = seg(segmentation_input(image, pre["segmentation"]["size"], pre["segmentation"]["gamma"])[None])
+            mask = torch.from_numpy(postprocess_mask(lung_masks(logits, pre["segmentation"]["threshold"])[0].numpy()))
+            big = resize(image, 1024)[None]
+            seed_i = image_seed(hashlib.sha256(p.read_bytes()).hexdigest(), seed)
+            drawn = draw_patches(big, resize_mask(mask, 1024)[None], [seed_i], K)
+            x = (drawn["patches"].reshape(K, 1, 224, 224).expand(-1, 3, -1, -1) - mean) / std
+            patch_logits = [m(x)[None] for m in learners]
+            conf = torch.stack([vote_fractions(lg) for lg in patch_logits], 1)
+            out.append({"centres": drawn["centres"][0].numpy(), "probs": ens(conf).softmax(-1)[0].numpy(),
+                        "conf": conf[0].numpy(), "soft": torch.stack([mean_softmax(lg) for lg in patch_logits], 1)[0].numpy()})
+    return out
+
+
+@pytest.mark.parametrize("images_per_call,patch_batch", [(1, 8), (3, 24), (2, 5)])
+def test_engine_matches_reference_composition_whatever_the_packing(engine, jpegs, baseline, ref, images_per_call, patch_batch):
+    if (images_per_call, patch_batch) == (engine.images_per_call, engine.patch_batch):
+        preds = baseline
+    else:
+        preds = engine.configured(images_per_call=images_per_call, patch_batch=patch_batch).predict_many(jpegs)
+    for p, r in zip(preds, ref):
+        assert p.ok, p.error
+        np.testing.assert_array_equal(p.centres, r["centres"])
+        np.testing.assert_allclose(p.probability_array, r["probs"], atol=1e-5)
+        got_conf = np.array([[p.learner_confidences[n][c] for c in CLASSES] for n in p.learner_confidences])
+        got_soft = np.array([[p.learner_mean_softmax[n][c] for c in CLASSES] for n in p.learner_mean_softmax])
+        np.testing.assert_allclose(got_conf, r["conf"], atol=1e-6)
+        np.testing.assert_allclose(got_soft, r["soft"], atol=1e-5)
+        assert p.label == CLASSES[int(np.argmax(r["probs"]))]
+
+
+def test_results_do_not_depend_on_order_or_grouping(engine, jpegs, baseline):
+    forward = baseline
+    backward = engine.configured(images_per_call=2).predict_many(list(reversed(jpegs)))[::-1]
+    alone = engine.predict(jpegs[1])
+    for a, b in zip(forward, backward):
+        assert a.item_id == b.item_id
+        np.testing.assert_array_equal(a.centres, b.centres)
+        np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
+    np.testing.assert_array_equal(alone.centres, forward[1].centres)
+    assert forward[0].seed == 3 and forward[0].k == K
+
+
+def test_different_run_seeds_draw_different_centres(bundle_dir, jpegs):
+    a = Engine.from_bundle(bundle_dir, device="cpu", k=K, return_centres=True, seed=0).predict(jpegs[0])
+    b = Engine.from_bundle(bundle_dir, device="cpu", k=K, return_centres=True, seed=1).predict(jpegs[0])
+    assert not np.array_equal(a.centres, b.centres)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    inputs = [
+        ("black", _png(np.zeros((512, 512), np.uint8))),
+        ("tiny", np.random.default_rng(0).random((40, 40), dtype=np.float32)),
+        ("grey", np.full((300, 300), 0.5, np.float32)),
+        ("junk", b"definitely not an image"),
+        ("missing", tmp_path / "nope.jpg"),
+        ("empty", tmp_path / "empty.png"),
+        ("too_small", np.zeros((10, 10), np.float32)),
+        ("rgb_array", np.zeros((64, 64, 3), np.float32)),
+        ("out_of_range", np.full((64, 64), 2.0, np.float32)),
+        ("a_dict", {"not": "an image"}),
+    ]
+    preds = {p.item_id: p for p in engine.predict_many(inputs)}
+    assert list(preds) == [name for name, _ in inputs]
+    for name in ("black", "tiny", "grey"):
+        p = preds[name]
+        assert p.status in ("ok", "flagged") and abs(sum(p.probabilities.values()) - 1) < 1e-5
+    assert "small_image" in preds["tiny"].flags and preds["tiny"].status == "flagged"
+    assert "nope.jpg: file not found" in preds["missing"].error
+    assert "not a recognised image format" in preds["junk"].error
+    assert "empty file" in preds["empty"].error
+    assert "too small" in preds["too_small"].error
+    assert "2-D" in preds["rgb_array"].error
+    assert "[0, 1]" in preds["out_of_range"].error
+    assert "unsupported input type dict" in preds["a_dict"].error
+    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "a_dict"):
+        assert preds[name].status == "error" and preds[name].probabilities is None and preds[name].label is None
+
+
+def test_empty_mask_falls_back_and_is_flagged(bundle_dir):
+    """A segmenter that finds no lung: patches come from the whole image and the result says so."""
+    engine = Engine.from_bundle(bundle_dir, device="cpu", k=K, return_centres=True)
+    seg = engine.segmenter.module
+    with torch.no_grad():
+        final = [m for m in seg.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        final.weight.zero_()
+        final.bias.fill_(-10.0)  # sigmoid ~ 0 everywhere: an empty lung mask
+    p = engine.predict(np.full((256, 256), 0.3, np.float32))
+    assert p.status == "flagged" and "mask_fallback" in p.flags
+    assert p.centres.min() >= 0 and p.centres.max() < 1024
+
+
+def test_array_inputs_hash_their_float_content(engine, jpegs):
+    arr = (read_image(jpegs[0]) * 255).round().astype(np.uint8)
+    a = engine.predict(arr, item_id="u8")
+    b = engine.predict(torch.from_numpy(arr.astype(np.float32) / 255), item_id="f32")
+    assert a.content_hash == b.content_hash and a.item_id == "u8"
+    np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
+
+
+def test_real_image_end_to_end_and_row(jpegs, baseline):
+    p = baseline[0]
+    assert p.status == "ok" and p.label in CLASSES and p.centres.shape == (K, 2)
+    row = p.to_row()
+    assert row["path"] == str(jpegs[0]) and row["k"] == K and row["backend"] == "torch"
+    assert abs(sum(row[f"p_{c}"] for c in CLASSES) - 1) < 1e-5
+    assert {f"shufflenet_v2_x0_5_patch_{c}" for c in CLASSES} <= set(row)
+    assert p.meta["format"] == "jpeg"
+
+
+def test_stream_pairs_and_prefetch(engine, jpegs, baseline):
+    pairs = [(f"id{i}", p) for i, p in enumerate(jpegs)] + [("bad", b"xx")]
+    streamed = list(engine.configured(images_per_call=1).stream(pairs, prefetch=2))
+    assert [p.item_id for p in streamed] == ["id0", "id1", "id2", "bad"]
+    for s, d in zip(streamed, baseline):
+        np.testing.assert_allclose(s.probability_array, d.probability_array, atol=1e-6)
+
+
+def test_one_engine_shared_by_threads(engine, jpegs, baseline):
+    serial = [p.probability_array for p in baseline]
+    results: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        results[i] = [p.probability_array for p in engine.predict_many((jpegs[i % 3:] + jpegs[: i % 3])[:2])]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, got in results.items():
+        rotated = serial[i % 3:] + serial[: i % 3]
+        for a, b in zip(got, rotated):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert len(results) == 2
+
+
+def test_describe_and_choices(engine, bundle_dir):
+    d = engine.describe()
+    assert (d["device"], d["loader"], d["backend"], d["sampler"], d["precision"]) == ("cpu", "cpu", "torch", "torch", "fp32")
+    assert d["patch_batch"] == 8 and d["images_per_call"] == 1 and len(d["learners"]) == 2
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        Engine.from_bundle(bundle_dir, device="cpu", backend="tensorrt")
+    with pytest.raises(BackendUnavailableError, match="cupy"):
+        Engine.from_bundle(bundle_dir, device="cpu", sampler="cupy")
+
+
+def test_bundle_without_learners_is_refused(tmp_path):
+    b = random_bundle(tmp_path, segmentation="fcdensenet56", learners=())
+    b.ensemble = None
+    write_bundle(b)
+    with pytest.raises(BundleError, match="no base learners"):
+        Engine.from_bundle(tmp_path, device="cpu")
+
+
+def test_global_mode_is_one_call_per_image(engine, jpegs):
+    calls = []
+    learner = engine.learners[0]
+    g = engine.configured(learner_mode="global", images_per_call=3, patch_batch=3)
+    original = learner.backend.run
+
+    def counting(x):
+        calls.append(tuple(x.shape))
+        return original(x)
+
+    learner.backend.run = counting
+    try:
+        preds = g.predict_many(jpegs)
+    finally:
+        del learner.backend.run
+    assert calls == [(3, 3, 224, 224)]
+    for p in preds:
+        conf = np.array([p.learner_confidences[learner.name][c] for c in CLASSES])
+        assert abs(conf.sum() - 1) < 1e-5 and (conf > 0).all()  # a softmax, not vote fractions

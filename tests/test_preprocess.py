@@ -1,0 +1,40 @@
+"""Preprocessing ops against naive numpy references and on a real cxr4 image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from patchflannel.io import read_image
+from patchflannel.ops.preprocess import equalize_hist, gamma_correct, masked_image, resize, resize_mask, segmentation_input
+
+
+def naive_equalize(image: np.ndarray) -> np.ndarray:
+    levels = np.round(np.clip(image, 0, 1) * 255).astype(int)
+    cdf = np.cumsum(np.bincount(levels.ravel(), minlength=256)).astype(np.float64)
+    cdf_min = cdf[levels.min()]
+    return ((cdf[levels] - cdf_min) / max(cdf[-1] - cdf_min, 1)).astype(np.float32)
+
+
+def test_equalize_matches_naive_cdf_mapping_and_constant_maps_to_zero():
+    img = np.random.default_rng(0).beta(2, 5, size=(37, 53)).astype(np.float32)
+    np.testing.assert_allclose(equalize_hist(torch.from_numpy(img)).numpy(), naive_equalize(img), atol=1e-6)
+    assert equalize_hist(torch.full((8, 8), 0.4)).abs().max() == 0
+
+
+def test_gamma_resize_and_mask_upsampling():
+    x = torch.tensor([[0.0, 0.25], [1.0, 0.81]])
+    torch.testing.assert_close(gamma_correct(x), torch.tensor([[0.0, 0.5], [1.0, 0.9]]))
+    assert resize(torch.rand(30, 40), 64).shape == (64, 64)
+    mask = torch.tensor([[True, False], [False, True]])
+    up = resize_mask(mask, 4)
+    assert up.dtype == torch.bool and torch.equal(up, mask.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert masked_image(torch.ones(8, 8), mask, 4).sum() == 8
+
+
+def test_segmentation_input_of_a_real_image(cxr4_dir):
+    path = sorted((cxr4_dir / "images").rglob("*.jpg"))[0]
+    image = torch.from_numpy(read_image(path))
+    seg = segmentation_input(image)
+    assert seg.shape == (1, 256, 256) and seg.dtype == torch.float32
+    assert 0 <= float(seg.min()) and float(seg.max()) <= 1 and float(seg.std()) > 0.1

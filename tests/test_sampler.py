@@ -1,0 +1,105 @@
+"""Patch sampling: the ops against a naive numpy reference, their properties, and the CuPy twin on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from patchflannel.engine.samplers import TorchSampler, make_sampler
+from patchflannel.ops.sampler import (centres_from_uniforms, draw_patches, effective_masks, gather_patches,
+                                      patch_uniforms, window_origins)
+
+
+def naive_centres(masks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """The floor(u * n)-th lung pixel in row-major order, one image and one patch at a time."""
+    out = np.zeros(uniforms.shape + (2,), np.int64)
+    for b in range(masks.shape[0]):
+        lung = np.flatnonzero(masks[b])
+        for j, u in enumerate(uniforms[b]):
+            idx = min(int(np.floor(u * len(lung))), len(lung) - 1)
+            out[b, j] = divmod(lung[idx], masks.shape[2])
+    return out
+
+
+def random_masks(b: int, h: int, w: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(b, h, w, generator=g) < 0.3
+    masks[:, 0, 0] = True  # never empty
+    return masks
+
+
+def test_centres_match_naive_reference_and_lie_in_the_lung():
+    masks = random_masks(3, 50, 70, seed=1)
+    u = patch_uniforms([11, 12, 13], 40)
+    got = centres_from_uniforms(masks, u).numpy()
+    np.testing.assert_array_equal(got, naive_centres(masks.numpy(), u.numpy()))
+    b = np.arange(3)[:, None]
+    assert masks.numpy()[b, got[..., 0], got[..., 1]].all()
+
+
+def test_uniforms_depend_only_on_the_image_seed():
+    a = patch_uniforms([5, 6], 10)
+    b = patch_uniforms([6, 5], 10)
+    torch.testing.assert_close(a[0], b[1], rtol=0, atol=0)
+    assert not torch.equal(a[0], a[1])
+    assert ((a >= 0) & (a < 1)).all()
+
+
+def test_windows_stay_inside_and_gather_equals_slicing():
+    h, w, p = 300, 260, 64
+    images = torch.rand(2, h, w)
+    centres = torch.tensor([[[0, 0], [299, 259], [150, 130]], [[10, 250], [290, 5], [100, 100]]])
+    origins = window_origins(centres, h, w, p)
+    assert (origins >= 0).all() and (origins[..., 0] <= h - p).all() and (origins[..., 1] <= w - p).all()
+    patches = gather_patches(images, origins, p)
+    for b in range(2):
+        for j in range(3):
+            r, c = origins[b, j].tolist()
+            torch.testing.assert_close(patches[b, j], images[b, r:r + p, c:c + p], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        window_origins(centres, 32, 32, p)
+
+
+def test_tiny_masks_fall_back_to_the_whole_image_and_are_flagged():
+    masks = torch.zeros(2, 100, 100, dtype=torch.bool)
+    masks[0, 40:60, 40:60] = True  # 4 %: kept
+    masks[1, 0, 0] = True  # 0.01 %: replaced
+    eff, fallback = effective_masks(masks, 0.01)
+    assert fallback.tolist() == [False, True]
+    assert torch.equal(eff[0], masks[0]) and eff[1].all()
+    out = draw_patches(torch.rand(2, 100, 100), masks, [1, 2], k=5, patch=32)
+    assert out["fallback"].tolist() == [False, True] and out["patches"].shape == (2, 5, 32, 32)
+
+
+def test_engine_torch_sampler_is_the_op():
+    masks = random_masks(2, 40, 40, seed=3)
+    u = patch_uniforms([1, 2], 16)
+    assert torch.equal(TorchSampler().centres(masks, u), centres_from_uniforms(masks, u))
+    assert make_sampler("auto", torch.device("cpu")).name == "torch"
+
+
+needs_cupy_gpu = pytest.mark.skipif(
+    importlib.util.find_spec("cupy") is None or not torch.cuda.is_available(),
+    reason="the CuPy sampler needs CuPy and a CUDA device (neither is required elsewhere)")
+
+
+@pytest.mark.gpu
+@needs_cupy_gpu
+def test_cupy_sampler_agrees_with_torch_on_gpu():
+    import cupy
+
+    from patchflannel.ops.sampler_cupy import centres_from_uniforms_cupy
+
+    masks = random_masks(4, 1024, 1024, seed=7).cuda()
+    masks[2] = False
+    masks[2, 500:520, 10:30] = True  # a small lung
+    u = patch_uniforms([1, 2, 3, 4], 100)
+    ref = centres_from_uniforms(masks, u.cuda())
+    direct = torch.from_dlpack(centres_from_uniforms_cupy(cupy.from_dlpack(masks), cupy.from_dlpack(u.cuda())))
+    via_engine = make_sampler("auto", torch.device("cuda")).centres(masks, u)
+    assert make_sampler("auto", torch.device("cuda")).name == "cupy"
+    assert torch.equal(direct, ref) and torch.equal(via_engine, ref)
+    np.testing.assert_array_equal(ref.cpu().numpy(), naive_centres(masks.cpu().numpy(), u.numpy()))
