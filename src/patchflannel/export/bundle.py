@@ -8,6 +8,7 @@ its format before anything is used, and refuses a mismatch with a message saying
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 import json
 import platform
 from dataclasses import asdict, dataclass, field
@@ -116,6 +117,35 @@ class Bundle:
         }
 
 
+def io_signature(role: str, preprocessing: dict[str, Any], n_learners: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """``{"inputs": [...], "outputs": [...]}`` of a network: tensor name, shape (``batch`` the dynamic axis), dtype.
+
+    ``role`` is ``segmentation``, ``patch`` or ``global`` (a base learner) or ``ensemble``.
+    """
+    n_classes = len(CLASSES)
+    if role == "segmentation":
+        size = preprocessing["segmentation"]["size"]
+        inp, out = ("image", [1, size, size]), ("logits", [1, size, size])
+    elif role in ("patch", "global"):
+        size = preprocessing["patch_size"] if role == "patch" else preprocessing["global"]["crop"]
+        inp, out = ("patches", [3, size, size]), ("logits", [n_classes])
+    elif role == "ensemble":
+        inp, out = ("confidences", [n_learners, n_classes]), ("logits", [n_classes])
+    else:
+        raise ValueError(f"unknown network role {role!r}")
+    return {"inputs": [{"name": inp[0], "shape": ["batch", *inp[1]], "dtype": "float32"}],
+            "outputs": [{"name": out[0], "shape": ["batch", *out[1]], "dtype": "float32"}]}
+
+
+def role_of(bundle: Bundle, entry: ModelEntry) -> str:
+    """The role (see :func:`io_signature`) ``entry`` plays in ``bundle``."""
+    if entry is bundle.segmentation:
+        return "segmentation"
+    if entry is bundle.ensemble:
+        return "ensemble"
+    return entry.mode or "patch"
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -156,12 +186,16 @@ def _check_format(path: Path, fmt: str) -> None:
                 raise BundleError(f"{path.name}: declared onnx but is not an ONNX protobuf") from None
             return
         try:
-            onnx.load(str(path), load_external_data=False)
+            model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:
             raise BundleError(f"{path.name}: declared onnx but cannot be parsed as ONNX ({exc})") from exc
+        if not model.graph.node:
+            raise BundleError(f"{path.name}: declared onnx but holds no graph")
 
 
-def _entry(data: dict[str, Any], key: str) -> ModelEntry:
+def _entry(data: Any, key: str) -> ModelEntry:
+    if not isinstance(data, dict) or not all(isinstance(f, dict) for f in data.get("files", [])):
+        raise BundleError(f"bundle.json: malformed model entry {key!r}: expected an object with a list of file objects")
     try:
         return ModelEntry.from_dict(data)
     except TypeError as exc:
@@ -185,12 +219,16 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         data = json.loads(spec_file.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{spec_file}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{spec_file}: expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{spec_file}: schema version {version!r} is not supported (this patchflannel reads {SCHEMA_VERSION})")
     missing = [k for k in ("classes", "preprocessing", "segmentation", "learners") if k not in data]
     if missing:
         raise BundleError(f"{spec_file}: missing key(s) {', '.join(missing)}")
+    if not isinstance(data["learners"], list) or not isinstance(data["preprocessing"], dict):
+        raise BundleError(f"{spec_file}: 'learners' must be a list and 'preprocessing' an object")
     if list(data["classes"]) != list(CLASSES):
         raise BundleError(f"{spec_file}: classes {data['classes']} differ from this package's {list(CLASSES)}")
     bundle = Bundle(
@@ -254,7 +292,10 @@ def save_torch(module: nn.Module, root: Path, rel_path: str) -> ModelFile:
     """Save a module's state_dict under ``root`` and describe it."""
     p = Path(root) / rel_path
     p.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, p)
+    state = module.state_dict()
+    cpu_state = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+    cpu_state._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # layer versions (mnasnet)
+    torch.save(cpu_state, p)
     return add_file(root, rel_path, "torch")
 
 
@@ -287,13 +328,17 @@ def random_bundle(root: str | Path, *, segmentation: str = "fcdensenet56", learn
     from patchflannel.models import get_model
 
     root = Path(root)
+    pre = default_preprocessing()
     torch.manual_seed(seed)
-    seg = entry_from_module("segmentation", segmentation, get_model(segmentation), root, "segmentation.pt")
-    ls = [entry_from_module(f"{arch}_{mode}", arch, get_model(arch), root, f"learners/{i}_{arch}.pt", mode=mode)
+    seg = entry_from_module("segmentation", segmentation, get_model(segmentation), root, "segmentation.pt",
+                            **io_signature("segmentation", pre))
+    names = [f"{arch}_{mode}" if learners.count(arch) == 1 else f"{arch}_{mode}_{i}" for i, arch in enumerate(learners)]
+    ls = [entry_from_module(names[i], arch, get_model(arch), root, f"learners/{i}_{arch}.pt", mode=mode,
+                            **io_signature(mode, pre))
           for i, arch in enumerate(learners)]
     ens = entry_from_module("ensemble", "flannel", get_model("flannel", n_learners=len(ls)), root, "ensemble.pt",
-                            arch_config={"n_learners": len(ls)})
-    bundle = Bundle(root=root, name=name, classes=list(CLASSES), preprocessing=default_preprocessing(),
+                            arch_config={"n_learners": len(ls)}, **io_signature("ensemble", pre, len(ls)))
+    bundle = Bundle(root=root, name=name, classes=list(CLASSES), preprocessing=pre,
                     segmentation=seg, learners=ls, ensemble=ens, training={"note": "random weights, untrained"})
     write_bundle(bundle)
     return load_bundle(root)

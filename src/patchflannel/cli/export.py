@@ -1,0 +1,148 @@
+"""``patchflannel export``: bundle, onnx, tensorrt, compiled, triton, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchflannel.errors import PatchflannelError
+
+export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
+console = Console()
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
+    table = Table(title=f"bundle {bundle.name} at {bundle.root}")
+    for col in ("model", "arch", "format", "precision", "file", "parity"):
+        table.add_column(col)
+    for m in bundle.models():
+        for f in m.files:
+            parity = f.extra.get("parity")
+            shown = "" if not parity else (f"{'ok' if parity['passed'] else 'FAILED'} diff {parity['max_abs_diff']:.2g}"
+                                           f" <= {parity['tolerance']:.2g}, labels {parity['label_agreement']:.3f}")
+            table.add_row(m.name, m.arch, f.format, f.precision, f.path, shown)
+    console.print(table)
+
+
+@export_app.command("bundle")
+def bundle_cmd(
+    segmentation: Path = typer.Option(..., help="Segmentation training run folder."),
+    learner: list[Path] = typer.Option([], help="Learner run folder, in ensemble order (repeat)."),
+    ensemble: Optional[Path] = typer.Option(None, help="Ensemble training run folder."),
+    out: Path = typer.Option(..., help="New bundle folder."),
+    name: str = typer.Option("patchflannel", help="Bundle name."),
+) -> None:
+    """Assemble a torch bundle from training runs (best.pt + run.json)."""
+    from patchflannel.export.build import make_bundle
+
+    try:
+        _summary(make_bundle(out, segmentation_run=segmentation, learner_runs=learner, ensemble_run=ensemble, name=name))
+    except PatchflannelError as exc:
+        _fail(exc)
+
+
+@export_app.command("onnx")
+def onnx_cmd(
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle)."),
+    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
+    model: list[str] = typer.Option([], help="Export only these model names (repeat)."),
+    preset: Optional[str] = typer.Option(None, help="'flannel5': random-weight FC-DenseNet103 + the five FLANNEL learners."),
+    random: list[str] = typer.Option([], help="Random-weight learner architecture (repeat) instead of a bundle."),
+    opset: int = typer.Option(17, help="ONNX opset."),
+    precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 inputs/outputs) for TensorRT 11."),
+    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA or ../shared/data)."),
+) -> None:
+    """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
+    from patchflannel.export.bundle import random_bundle
+    from patchflannel.export.onnx import export_onnx
+    from patchflannel.models.classifiers import FLANNEL_LEARNERS
+
+    try:
+        if preset is not None or random:
+            if preset not in (None, "flannel5") or bundle is not None or out is None:
+                raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
+            learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
+            bundle = random_bundle(out, segmentation="fcdensenet103" if preset else "fcdensenet56", learners=learners,
+                                   name=preset or "random").root
+            out = None
+        _summary(export_onnx(bundle, out, models=model or None, opset=opset, data_dir=data, precision=precision))
+    except PatchflannelError as exc:
+        _fail(exc)
+
+
+@export_app.command("tensorrt")
+def tensorrt_cmd(
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder with ONNX files (default: the package's bundle)."),
+    k_max: Optional[int] = typer.Option(None, help="Largest learner batch (default 4 K)."),
+    k_opt: Optional[int] = typer.Option(None, help="Learner batch the engine is tuned for (default K)."),
+    fp16: bool = typer.Option(True, help="FP16 engines."),
+    model: list[str] = typer.Option([], help="Build only these model names (repeat)."),
+) -> None:
+    """Build TensorRT engines (needs TensorRT and an NVIDIA GPU) and record them in the bundle."""
+    from patchflannel.export.tensorrt import build_engines
+
+    try:
+        _summary(build_engines(bundle, k_max=k_max, k_opt=k_opt, fp16=fp16, models=model or None))
+    except PatchflannelError as exc:
+        _fail(exc)
+
+
+@export_app.command("compiled")
+def compiled_cmd(
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle)."),
+    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", help="fp32 or fp16."),
+    model: list[str] = typer.Option([], help="Compile only these model names (repeat)."),
+    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check."),
+) -> None:
+    """Compile AOTInductor packages (torch.export, dynamic batch), checked against eager torch."""
+    from patchflannel.export.compiled import export_compiled
+
+    try:
+        _summary(export_compiled(bundle, out, models=model or None, device=device, precision=precision, data_dir=data))
+    except PatchflannelError as exc:
+        _fail(exc)
+
+
+@export_app.command("triton")
+def triton_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle folder with ONNX (or TensorRT) files."),
+    out: Path = typer.Argument(..., help="New model repository folder."),
+    learner_format: str = typer.Option("onnx", help="onnx or tensorrt."),
+    k_max: Optional[int] = typer.Option(None, help="Learners' max_batch_size (default 4 K)."),
+) -> None:
+    """Write a Triton model repository (ensemble of preprocess, segmentation, sampler, learners, votes, flannel)."""
+    from patchflannel.export.triton import export_triton, validate_repository
+
+    try:
+        repo = export_triton(bundle, out, learner_format=learner_format, k_max=k_max)
+        console.print(f"wrote {repo}: {', '.join(sorted(validate_repository(repo)))} (configs parsed, tensor chain checked)")
+    except PatchflannelError as exc:
+        _fail(exc)
+
+
+@export_app.command("verify")
+def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
+    """Check a bundle (schema, files, hashes, formats) and list its files."""
+    from patchflannel.export.bundle import load_bundle
+
+    try:
+        _summary(load_bundle(bundle))
+    except PatchflannelError as exc:
+        _fail(exc)
+    console.print("[green]bundle verified[/green]")
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the ``export`` command group."""
+    app.add_typer(export_app, name="export")

@@ -1,0 +1,141 @@
+"""Build a torch-format bundle from training run folders (each with ``best.pt`` and ``run.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from patchflannel.classes import CLASSES
+from patchflannel.errors import BundleError, ConfigError
+from patchflannel.export.bundle import (
+    Bundle,
+    ModelEntry,
+    add_file,
+    default_preprocessing,
+    io_signature,
+    load_bundle,
+    load_torch_model,
+    write_bundle,
+)
+from patchflannel.models import list_models, model_family
+
+MODES = ("patch", "global")
+RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val")
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """A finished training run's ``run.json``; ConfigError when the folder is not one."""
+    run_dir = Path(run_dir)
+    info_file, best = run_dir / "run.json", run_dir / "best.pt"
+    for p in (info_file, best):
+        if not p.is_file():
+            raise ConfigError(f"{run_dir}: not a finished training run ({p.name} missing)")
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{info_file}: not valid JSON ({exc})") from exc
+    if not isinstance(info, dict) or "arch" not in info:
+        raise ConfigError(f"{info_file}: no 'arch' recorded")
+    return info
+
+
+def _learner_mode(run_dir: Path, info: dict[str, Any]) -> str:
+    """'patch' or 'global': run.json's ``mode``, else its training config's (``mode`` may hold the monitor mode)."""
+    for mode in (info.get("mode"), (info.get("config") or {}).get("mode")):
+        if mode in MODES:
+            return mode
+    raise ConfigError(f"{run_dir}/run.json: learner mode ('patch' or 'global') not recorded")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], source: str, seen: dict[str, str], prefix: str = "") -> None:
+    """Merge ``extra`` into ``base``; a value that differs from another run's is a ConfigError."""
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, source, seen, path + ".")
+            continue
+        if path in seen and base.get(key) != value:
+            raise ConfigError(f"preprocessing '{path}' differs: {base.get(key)!r} in {seen[path]} but {value!r} in {source}")
+        base[key], seen[path] = value, source
+
+
+def _summary(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    return {"run": str(run_dir), **{k: info[k] for k in RUN_KEYS if k in info}}
+
+
+def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: Sequence[str | Path] = (),
+                ensemble_run: str | Path | None = None, name: str = "patchflannel") -> Bundle:
+    """Assemble a bundle at ``out`` from run folders: segmentation, learners in ensemble order, ensemble.
+
+    Each run's ``best.pt`` is copied in and loaded into its architecture before anything is published; the
+    bundle appears at ``out`` only when complete (built beside it, then renamed). The runs' preprocessing
+    must agree; their training summaries go into bundle.json's ``training``.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out}: exists and is not empty")
+    runs = {"segmentation": Path(segmentation_run), **{f"learner {i}": Path(r) for i, r in enumerate(learner_runs)}}
+    if ensemble_run is not None:
+        runs["ensemble"] = Path(ensemble_run)
+    infos = {key: read_run(r) for key, r in runs.items()}
+    families = {"segmentation": "segmentation", "ensemble": "ensemble"}
+    for key, info in infos.items():
+        want = families.get(key, "classifier")
+        try:
+            family = model_family(info["arch"])
+        except KeyError as exc:
+            raise ConfigError(f"{runs[key]}: unknown architecture {info['arch']!r}") from exc
+        if family != want:
+            raise ConfigError(f"{runs[key]}: {info['arch']!r} is a {family} model, given as {key}")
+
+    pre = default_preprocessing()
+    seen: dict[str, str] = {}
+    for key, info in infos.items():
+        if isinstance(info.get("preprocessing"), dict):
+            _merge(pre, info["preprocessing"], str(runs[key]), seen)
+    learner_archs = [infos[f"learner {i}"]["arch"] for i in range(len(learner_runs))]
+    if "ensemble" in infos:
+        n = int((infos["ensemble"].get("arch_config") or {}).get("n_learners", -1))
+        if n != len(learner_runs):
+            raise ConfigError(f"{runs['ensemble']}: ensemble over {n} learners, but {len(learner_runs)} learner runs given")
+        recorded = list(infos["ensemble"].get("learners") or [])
+        if recorded and set(recorded) <= set(list_models("classifier")) and recorded != learner_archs:
+            raise ConfigError(f"{runs['ensemble']}: trained on learners {recorded}, given {learner_archs} (order matters)")
+
+    tmp = out.with_name(f".{out.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        entries: dict[str, ModelEntry] = {}
+        for i, (key, info) in enumerate(infos.items()):
+            role = "segmentation" if key == "segmentation" else "ensemble" if key == "ensemble" else _learner_mode(runs[key], info)
+            arch = info["arch"]
+            rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(runs[key] / "best.pt", tmp / rel)
+            entries[key] = ModelEntry(
+                name=key if key in families else f"{arch}_{role}", arch=arch, arch_config=dict(info.get("arch_config") or {}),
+                files=[add_file(tmp, rel, "torch")], mode=role if role in MODES else None,
+                **io_signature(role, pre, len(learner_runs)))
+        learners = [entries[f"learner {i}"] for i in range(len(learner_runs))]
+        if len({m.name for m in learners}) != len(learners):
+            for i, m in enumerate(learners):
+                m.name = f"{i}_{m.name}"
+        training = {key: _summary(runs[key], info) for key, info in infos.items() if key in families}
+        training["learners"] = [_summary(runs[f"learner {i}"], infos[f"learner {i}"]) for i in range(len(learner_runs))]
+        bundle = Bundle(root=tmp, name=name, classes=list(CLASSES), preprocessing=pre, segmentation=entries["segmentation"],
+                        learners=learners, ensemble=entries.get("ensemble"), training=training)
+        write_bundle(bundle)
+        for entry in bundle.models():
+            load_torch_model(bundle, entry)  # refuses weights that do not fit the architecture
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_bundle(out)

@@ -1,0 +1,289 @@
+"""ONNX export of a bundle's networks, each checked with ``onnx.checker`` and against torch with ONNX Runtime.
+
+Every network gets a dynamic batch axis (one call carries the K patches of an image, or of several). The
+parity check runs torch and ONNX Runtime on reference inputs made the way the engine makes them, from real
+images when the shared data is present (segmentation inputs from the lung-segmentation set, patches cut from
+the 4-class set with this package's preprocessing and sampler), else from synthetic ones (recorded as such).
+The result (max abs difference, the tolerance it was held to, label agreement) goes into bundle.json under
+the file's ``extra.parity``; the inputs and torch outputs are saved beside the model as ``.npz`` so that other
+runtimes (TensorRT through Polygraphy, for one) can be checked against them later.
+
+The legacy TorchScript exporter (``dynamo=False``) is used: with torch 2.14 it exports every architecture of
+the registry with the same numerics as the dynamo exporter and several times faster.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
+from patchflannel.export.bundle import (
+    Bundle,
+    ModelEntry,
+    add_file,
+    io_signature,
+    library_versions,
+    load_bundle,
+    load_torch_model,
+    role_of,
+    write_bundle,
+)
+
+OPSET = 17
+"""Default opset: run by ONNX Runtime >= 1.14 and parsed by TensorRT 8.6, 10 and 11."""
+RTOL = 1e-3
+ATOL = 1e-4
+TOLERANCES = {"fp32": (RTOL, ATOL), "fp16": (2e-2, 1e-3)}
+"""(rtol, atol) of the parity check by precision of the exported network."""
+DATA_ENV = "PATCHFLANNEL_SHARED_DATA"
+
+
+def shared_data_dir(path: str | Path | None = None) -> Path | None:
+    """The real-data folder: ``path`` if given, else $PATCHFLANNEL_SHARED_DATA, else ``../shared/data``; None if absent."""
+    candidates = [path] if path is not None else [os.environ.get(DATA_ENV), Path.cwd().parent / "shared" / "data"]
+    found = [Path(c) for c in candidates if c and Path(c).is_dir()]
+    return found[0] if found else None
+
+
+def _manifest_paths(folder: Path, column: str, n: int, by: str | None = None) -> list[Path]:
+    """The first ``n`` paths of ``column`` in folder/manifest.csv, one per distinct ``by`` value first."""
+    with open(folder / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if by is not None:
+        firsts: dict[str, dict[str, str]] = {}
+        for r in rows:
+            firsts.setdefault(r[by], r)
+        rows = list(firsts.values()) + rows
+    seen: list[Path] = []
+    for r in rows:
+        p = folder / r[column]
+        if p not in seen:
+            seen.append(p)
+        if len(seen) == n:
+            break
+    return seen
+
+
+def _read(paths: list[Path]) -> list[torch.Tensor]:
+    from patchflannel.io import read_image
+
+    return [torch.from_numpy(read_image(p)) for p in paths]
+
+
+def _normalise(grey: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """(N, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
+    norm = preprocessing["normalization"]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(norm["std"], dtype=torch.float32)[None, :, None, None]
+    return (grey[:, None].expand(-1, 3, -1, -1) - mean) / std
+
+
+def _seg_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> torch.Tensor:
+    from patchflannel.ops.preprocess import segmentation_input
+
+    seg = preprocessing["segmentation"]
+    return torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
+
+
+def _patch_inputs(bundle: Bundle, images: list[torch.Tensor], k: int) -> torch.Tensor:
+    """K patches of each image, cut the engine's way: segment, mask at full size, sample, normalise."""
+    from patchflannel.ops.preprocess import masked_image, resize_mask
+    from patchflannel.ops.sampler import draw_patches
+
+    pre = bundle.preprocessing
+    size = pre["image_size"]
+    with torch.no_grad():
+        logits = load_torch_model(bundle, bundle.segmentation)(_seg_inputs(images, pre))
+    masks = torch.sigmoid(logits[:, 0]) > pre["segmentation"]["threshold"]
+    full = torch.stack([masked_image(im, m, size) for im, m in zip(images, masks)])
+    drawn = draw_patches(full, resize_mask(masks, size), seeds=list(range(len(images))), k=k,
+                         patch=pre["patch_size"], min_fraction=pre["min_lung_fraction"])
+    return _normalise(drawn["patches"].flatten(0, 1), pre)
+
+
+def _global_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> torch.Tensor:
+    from patchflannel.ops.preprocess import resize
+
+    g = preprocessing["global"]
+    lo = (g["resize"] - g["crop"]) // 2
+    crops = torch.stack([resize(im, g["resize"])[lo:lo + g["crop"], lo:lo + g["crop"]] for im in images])
+    return _normalise(crops, preprocessing)
+
+
+def _vote_fractions(n: int, n_learners: int, n_classes: int, k: int, seed: int = 0) -> torch.Tensor:
+    """(n, n_learners, n_classes) vote fractions: K votes drawn from a random class distribution each."""
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.distributions.Dirichlet(torch.full((n_classes,), 0.5)).sample((n * n_learners,))
+    votes = torch.multinomial(probs, k, replacement=True, generator=g)
+    counts = torch.nn.functional.one_hot(votes, n_classes).sum(1).float()
+    return (counts / k).reshape(n, n_learners, n_classes)
+
+
+def reference_inputs(bundle: Bundle, entry: ModelEntry, data_dir: Path | None, *, n_images: int = 3,
+                     k: int = 2) -> tuple[torch.Tensor, str]:
+    """Inputs for ``entry``'s parity check and a note saying where they came from.
+
+    Real images when ``data_dir`` holds ``lungseg/`` and ``cxr4/``: ``n_images`` segmentation inputs, or ``k``
+    patches of each of ``n_images`` images (one image per class first), or their global crops; the ensemble
+    gets vote fractions. Synthetic inputs of the same shapes otherwise.
+    """
+    role = role_of(bundle, entry)
+    pre = bundle.preprocessing
+    torch.manual_seed(0)
+    if role == "ensemble":
+        n_learners = int(entry.arch_config.get("n_learners", len(bundle.learners)))
+        return _vote_fractions(4 * n_images, n_learners, len(bundle.classes), pre["k"]), "vote fractions of K draws"
+    real = data_dir is not None and (data_dir / "lungseg").is_dir() and (data_dir / "cxr4").is_dir()
+    if role == "segmentation":
+        if real:
+            paths = _manifest_paths(data_dir / "lungseg", "image", n_images)
+            return _seg_inputs(_read(paths), pre), "real: " + ", ".join(p.name for p in paths)
+        size = pre["segmentation"]["size"]
+        return torch.rand(n_images, 1, size, size), "synthetic (no real data found)"
+    if real:
+        paths = _manifest_paths(data_dir / "cxr4", "path", n_images, by="label")
+        images = _read(paths)
+        x = _patch_inputs(bundle, images, k) if role == "patch" else _global_inputs(images, pre)
+        return x, "real: " + ", ".join(p.name for p in paths)
+    size = pre["patch_size"] if role == "patch" else pre["global"]["crop"]
+    n = n_images * k if role == "patch" else n_images
+    return _normalise(torch.rand(n, size, size), pre), "synthetic (no real data found)"
+
+
+def labels_of(output: np.ndarray, role: str) -> np.ndarray:
+    """What a network decides: the class argmax, or the lung pixels for segmentation logits."""
+    return output > 0 if role == "segmentation" else output.argmax(-1)
+
+
+def parity_report(reference: np.ndarray, output: np.ndarray, role: str, rtol: float = RTOL, atol: float = ATOL) -> dict[str, Any]:
+    """Compare another runtime's ``output`` with torch's ``reference``; ``passed`` when within tolerance.
+
+    The tolerance is ``atol + rtol * max|reference|`` on the max abs difference (randomly initialised networks
+    reach logits of 1e10, so the bound scales with the outputs); label agreement is recorded beside it.
+    """
+    diff = float(np.abs(output.astype(np.float64) - reference.astype(np.float64)).max())
+    scale = float(np.abs(reference).max())
+    tolerance = atol + rtol * scale
+    agreement = float((labels_of(output, role) == labels_of(reference, role)).mean())
+    return {"max_abs_diff": diff, "tolerance": tolerance, "rtol": rtol, "atol": atol, "output_scale": scale,
+            "label_agreement": agreement, "passed": bool(diff <= tolerance)}
+
+
+class HalfIO(nn.Module):
+    """``module`` in fp16 behind fp32 inputs and outputs: the strongly typed fp16 graph TensorRT 11 builds."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.half()).float()
+
+
+def _onnx_path(entry: ModelEntry, precision: str) -> str:
+    stem = Path(entry.file("torch").path).with_suffix("")
+    return f"{stem}.onnx" if precision == "fp32" else f"{stem}.{precision}.onnx"
+
+
+def export_module(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                  opset: int = OPSET) -> None:
+    """Export ``module`` (eval mode) to ONNX at ``path`` with a dynamic batch axis, then run onnx.checker."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # TorchScript tracer warnings about shape-dependent branches
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def onnx_session(path: Path) -> Any:
+    """An ONNX Runtime CPU session for ``path`` using torch's thread count."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailableError("onnxruntime is not installed (pip install 'patchflannel[onnx]')") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _as_bundle(bundle: Bundle | str | Path | None, out: str | Path | None) -> Bundle:
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if out is None or Path(out).resolve() == b.root.resolve():
+        return b
+    out = Path(out)
+    if (out / "bundle.json").exists():
+        raise BundleError(f"{out}: already holds a bundle; choose an empty folder or export in place")
+    shutil.copytree(b.root, out, dirs_exist_ok=True)
+    return load_bundle(out)
+
+
+def _select(bundle: Bundle, models: Sequence[str] | None) -> list[ModelEntry]:
+    entries = bundle.models()
+    if not models:
+        return entries
+    names = {m.name for m in entries}
+    unknown = [m for m in models if m not in names]
+    if unknown:
+        raise BundleError(f"bundle {bundle.root} has no model(s) {', '.join(unknown)} (has: {', '.join(sorted(names))})")
+    return [m for m in entries if m.name in models]
+
+
+def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | None = None, *,
+                models: Sequence[str] | None = None, opset: int = OPSET, data_dir: str | Path | None = None,
+                precision: str = "fp32", rtol: float | None = None, atol: float | None = None) -> Bundle:
+    """Add an ONNX file for each network of ``bundle`` (None: the package default), parity-checked.
+
+    Writes into ``out`` (a copy of the bundle) when given, else into the bundle itself; ``models`` limits the
+    export to those entry names. ``precision="fp16"`` exports the network in half precision with fp32 inputs
+    and outputs (for TensorRT 11). Raises BundleError when ONNX Runtime disagrees with the fp32 torch model
+    beyond tolerance (default :data:`TOLERANCES`; bundle.json is left unchanged then). Returns the reloaded,
+    verified bundle.
+    """
+    if precision not in TOLERANCES:
+        raise ConfigError(f"precision must be one of {', '.join(TOLERANCES)}, got {precision!r}")
+    rtol = TOLERANCES[precision][0] if rtol is None else rtol
+    atol = TOLERANCES[precision][1] if atol is None else atol
+    b = _as_bundle(bundle, out)
+    data = shared_data_dir(data_dir)
+    failures = []
+    for entry in _select(b, models):
+        role = role_of(b, entry)
+        sig = io_signature(role, b.preprocessing, int(entry.arch_config.get("n_learners", len(b.learners))))
+        in_name, out_name = sig["inputs"][0]["name"], sig["outputs"][0]["name"]
+        module = load_torch_model(b, entry)
+        x, source = reference_inputs(b, entry, data)
+        rel = _onnx_path(entry, precision)
+        with torch.no_grad():
+            ref = module(x).numpy()
+        export_module(HalfIO(module) if precision == "fp16" else module, x[:2], b.root / rel, in_name, out_name, opset)
+        got = onnx_session(b.root / rel).run([out_name], {in_name: x.numpy()})[0]
+        report = {**parity_report(ref, got, role, rtol, atol), "inputs": source, "batch": int(x.shape[0]),
+                  "runtime": "onnxruntime CPUExecutionProvider"}
+        if not report["passed"]:
+            failures.append(f"{rel}: max abs diff {report['max_abs_diff']:.3g} > tolerance {report['tolerance']:.3g}")
+        ref_rel = str(Path(_onnx_path(entry, "fp32")).with_suffix(".parity.npz"))
+        np.savez_compressed(b.root / ref_rel, **{in_name: x.numpy(), out_name: ref})
+        new = add_file(b.root, rel, "onnx", precision, opset=opset, exporter="torch.onnx (TorchScript, dynamo=False)",
+                       parity=report, reference=ref_rel)
+        entry.files = [f for f in entry.files if not (f.format == "onnx" and f.precision == precision)] + [new]
+        entry.inputs, entry.outputs = sig["inputs"], sig["outputs"]
+    if failures:
+        raise BundleError("ONNX Runtime does not reproduce torch:\n  " + "\n  ".join(failures))
+    b.versions.update(library_versions())
+    write_bundle(b)
+    return load_bundle(b.root)

@@ -1,0 +1,142 @@
+"""TensorRT engines from a bundle's ONNX files (not exercised in the CPU-only development environment).
+
+Written against NVIDIA's documented Python API (see docs/export.md for the pages): ``trt.Builder``,
+``create_network``, ``trt.OnnxParser.parse_from_file``, one optimisation profile whose batch range is
+1..max (opt = K for the learners), ``build_serialized_network``. FP16: on TensorRT 10 the builder flag
+``BuilderFlag.FP16`` on the fp32 ONNX; on TensorRT 11, which removed the precision flags (every network is
+strongly typed), the fp16 ONNX that :func:`patchflannel.export.onnx.export_onnx` writes with
+``precision="fp16"`` (fp16 inside, fp32 inputs and outputs), parsed into a network created with
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchflannel.errors import BackendUnavailableError, BundleError
+from patchflannel.export.bundle import Bundle, ModelEntry, add_file, library_versions, load_bundle, role_of, write_bundle
+
+WORKSPACE_BYTES = 4 << 30
+
+
+def _tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com tensorrt; "
+            "it needs an NVIDIA GPU and driver)") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("TensorRT engines need a CUDA device; none is visible")
+    return trt
+
+
+def trt_major(trt: Any) -> int:
+    """The TensorRT major version."""
+    return int(trt.__version__.split(".")[0])
+
+
+def _batch_range(bundle: Bundle, entry: ModelEntry, k_max: int, k_opt: int, max_images: int) -> tuple[int, int, int]:
+    if role_of(bundle, entry) == "patch":
+        return 1, k_opt, k_max
+    return 1, min(4, max_images), max_images
+
+
+def build_engine(onnx_path: Path, plan_path: Path, input_name: str, shape: Sequence[int], batch: tuple[int, int, int],
+                 fp16: bool, workspace: int = WORKSPACE_BYTES) -> None:
+    """Parse ``onnx_path`` and write a serialised engine with one profile over ``batch`` (min, opt, max)."""
+    trt = _tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = fp16 and trt_major(trt) >= 11
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BundleError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if fp16 and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, *[(b, *shape) for b in batch])
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BundleError(f"{onnx_path}: TensorRT failed to build an engine (see its log above)")
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_bytes(bytes(serialized))
+
+
+def run_engine(plan_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a serialised engine once on host arrays (torch CUDA tensors hold the buffers); returns its outputs."""
+    trt = _tensorrt()
+    import torch
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+    context = engine.create_execution_context()
+    buffers: dict[str, torch.Tensor] = {}
+    for name, array in inputs.items():
+        buffers[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
+        context.set_input_shape(name, tuple(array.shape))
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    for name in outputs:
+        dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
+        buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+    for name, tensor in buffers.items():
+        context.set_tensor_address(name, tensor.data_ptr())
+    stream = torch.cuda.Stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise BundleError(f"{plan_path}: engine execution failed")
+    stream.synchronize()
+    return {n: buffers[n].float().cpu().numpy() for n in outputs}
+
+
+def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = None, k_opt: int | None = None,
+                  max_images: int = 16, fp16: bool = True, models: Sequence[str] | None = None) -> Bundle:
+    """Build a TensorRT engine for each network of ``bundle`` from its ONNX files and record it in bundle.json.
+
+    Learners get the profile batch 1..``k_max`` (default 4 K), opt ``k_opt`` (default K); segmentation and
+    the ensemble 1..``max_images``. Each engine is checked against the ONNX export's saved reference outputs
+    and the result recorded (``extra.parity``). Raises BackendUnavailableError without TensorRT or a GPU.
+    """
+    trt = _tensorrt()
+    import torch
+
+    from patchflannel.export.onnx import parity_report
+
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    k = int(b.preprocessing["k"])
+    k_opt, k_max = k_opt or k, k_max or 4 * k
+    precision = "fp16" if fp16 else "fp32"
+    onnx_precision = "fp16" if fp16 and trt_major(trt) >= 11 else "fp32"
+    entries = [m for m in b.models() if not models or m.name in models]
+    for entry in entries:
+        src = entry.file("onnx", onnx_precision)
+        inp, out = entry.inputs[0], entry.outputs[0]
+        batch = _batch_range(b, entry, k_max, k_opt, max_images)
+        rel = str(Path(src.path).with_suffix("")).removesuffix(".fp16") + f".{precision}.plan"
+        build_engine(b.path_of(src), b.root / rel, inp["name"], inp["shape"][1:], batch, fp16)
+        ref = np.load(b.root / entry.file("onnx", "fp32").extra["reference"])
+        got = run_engine(b.root / rel, {inp["name"]: ref[inp["name"]]})[out["name"]]
+        tol = {"rtol": 5e-2, "atol": 1e-2} if fp16 else {}
+        report = {**parity_report(ref[out["name"]], got, role_of(b, entry), **tol), "runtime": f"TensorRT {trt.__version__}"}
+        if not report["passed"]:
+            raise BundleError(f"{rel}: TensorRT output differs from torch by {report['max_abs_diff']:.3g} "
+                              f"(tolerance {report['tolerance']:.3g}); bundle.json left unchanged")
+        new = add_file(b.root, rel, "tensorrt", precision=precision, trt_version=trt.__version__,
+                       device=torch.cuda.get_device_name(), onnx=src.path,
+                       profile={inp["name"]: {"min": batch[0], "opt": batch[1], "max": batch[2]}}, parity=report)
+        entry.files = [f for f in entry.files if not (f.format == "tensorrt" and f.precision == precision)] + [new]
+    b.versions.update(library_versions())
+    write_bundle(b)
+    return load_bundle(b.root)

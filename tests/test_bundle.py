@@ -1,0 +1,241 @@
+"""The bundle: round trip through load_torch_model, and every kind of damage refused with a clear message."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from patchflannel.classes import CLASSES
+from patchflannel.errors import BundleError
+from patchflannel.export.bundle import (
+    SCHEMA_VERSION,
+    Bundle,
+    add_file,
+    default_preprocessing,
+    entry_from_module,
+    load_bundle,
+    load_torch_model,
+    random_bundle,
+    write_bundle,
+)
+from patchflannel.models import get_model
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random bundle, written once; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("bundle")
+    random_bundle(root, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5", "squeezenet1_1"), seed=3)
+    return root
+
+
+@pytest.fixture
+def bundle_dir(pristine: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "b"
+    shutil.copytree(pristine, out)
+    return out
+
+
+def _spec(root: Path) -> dict:
+    return json.loads((root / "bundle.json").read_text())
+
+
+def _write_spec(root: Path, data: dict) -> None:
+    (root / "bundle.json").write_text(json.dumps(data))
+
+
+def _tiny_onnx(path: Path) -> None:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _refused(root: Path) -> str:
+    with pytest.raises(BundleError) as info:
+        load_bundle(root)
+    return str(info.value)
+
+
+def test_round_trip_outputs_equal_the_saved_modules(tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    seg, learner, ens = get_model("fcdensenet56").eval(), get_model("resnet18").eval(), get_model("flannel", n_learners=1).eval()
+    bundle = Bundle(
+        root=tmp_path, classes=list(CLASSES), preprocessing=default_preprocessing(),
+        segmentation=entry_from_module("segmentation", "fcdensenet56", seg, tmp_path, "seg.pt"),
+        learners=[entry_from_module("resnet18_patch", "resnet18", learner, tmp_path, "l/resnet18.pt", mode="patch")],
+        ensemble=entry_from_module("ensemble", "flannel", ens, tmp_path, "ens.pt", arch_config={"n_learners": 1}),
+    )
+    write_bundle(bundle)
+    loaded = load_bundle(tmp_path)
+    assert [m.name for m in loaded.models()] == ["segmentation", "resnet18_patch", "ensemble"]
+    assert loaded.learners[0].mode == "patch"
+    assert loaded.preprocessing == default_preprocessing()
+    x_seg, x_cls = torch.rand(2, 1, 64, 64), torch.randn(3, 3, 224, 224)
+    x_ens = torch.softmax(torch.randn(4, 1, 4), -1)
+    with torch.no_grad():
+        for original, entry, x in ((seg, loaded.segmentation, x_seg), (learner, loaded.learners[0], x_cls),
+                                   (ens, loaded.ensemble, x_ens)):
+            restored = load_torch_model(loaded, entry)
+            assert not restored.training
+            assert torch.equal(restored(x), original(x)), entry.name
+
+
+def test_random_bundle_is_loadable_and_segmentation_only_bundles_are_allowed(pristine: Path, tmp_path: Path) -> None:
+    b = load_bundle(pristine)
+    assert [m.arch for m in b.learners] == ["shufflenet_v2_x0_5", "squeezenet1_1"]
+    assert b.ensemble is not None and b.ensemble.arch_config == {"n_learners": 2}
+    assert b.versions["torch"] == torch.__version__
+    seg_only = Bundle(root=tmp_path, classes=list(CLASSES), preprocessing=default_preprocessing(),
+                      segmentation=entry_from_module("segmentation", "fcdensenet56", get_model("fcdensenet56"),
+                                                     tmp_path, "seg.pt"),
+                      learners=[], ensemble=None)
+    write_bundle(seg_only)
+    assert load_bundle(tmp_path / "bundle.json").learners == []
+
+
+def test_tampered_file_is_refused(bundle_dir: Path) -> None:
+    target = bundle_dir / "ensemble.pt"
+    data = bytearray(target.read_bytes())
+    data[-10] ^= 0xFF
+    target.write_bytes(bytes(data))
+    msg = _refused(bundle_dir)
+    assert "ensemble.pt: sha256 mismatch" in msg
+
+
+def test_missing_file_is_refused(bundle_dir: Path) -> None:
+    (bundle_dir / "learners" / "1_squeezenet1_1.pt").unlink()
+    assert "learners/1_squeezenet1_1.pt: file missing" in _refused(bundle_dir)
+
+
+def test_every_problem_is_reported_at_once(bundle_dir: Path) -> None:
+    (bundle_dir / "segmentation.pt").unlink()
+    (bundle_dir / "ensemble.pt").write_bytes(b"PK\x03\x04 changed")
+    msg = _refused(bundle_dir)
+    assert "segmentation.pt: file missing" in msg and "ensemble.pt: sha256 mismatch" in msg
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_wrong_schema_version_is_refused(bundle_dir: Path, version: object) -> None:
+    data = _spec(bundle_dir)
+    data["schema_version"] = version
+    _write_spec(bundle_dir, data)
+    msg = _refused(bundle_dir)
+    assert f"schema version {version!r} is not supported" in msg and f"reads {SCHEMA_VERSION}" in msg
+
+
+def test_onnx_file_declared_torch_is_refused(bundle_dir: Path) -> None:
+    _tiny_onnx(bundle_dir / "ensemble.pt")
+    data = _spec(bundle_dir)
+    data["ensemble"]["files"] = [vars(add_file(bundle_dir, "ensemble.pt", "torch"))]
+    _write_spec(bundle_dir, data)
+    assert "ensemble.pt: declared torch but is not a torch zip archive" in _refused(bundle_dir)
+
+
+@pytest.mark.parametrize("content", [b"garbage, not a model\n", b"\x08\x07", None])
+def test_non_onnx_file_declared_onnx_is_refused(bundle_dir: Path, content: bytes | None) -> None:
+    path = bundle_dir / "ensemble.onnx"
+    if content is None:
+        shutil.copy(bundle_dir / "ensemble.pt", path)  # a torch archive under an ONNX name
+    else:
+        path.write_bytes(content)
+    data = _spec(bundle_dir)
+    data["ensemble"]["files"].append(vars(add_file(bundle_dir, "ensemble.onnx", "onnx")))
+    _write_spec(bundle_dir, data)
+    msg = _refused(bundle_dir)
+    assert "ensemble.onnx: declared onnx but" in msg
+
+
+def test_a_real_onnx_file_declared_onnx_is_accepted(bundle_dir: Path) -> None:
+    _tiny_onnx(bundle_dir / "ensemble.onnx")
+    data = _spec(bundle_dir)
+    data["ensemble"]["files"].append(vars(add_file(bundle_dir, "ensemble.onnx", "onnx")))
+    _write_spec(bundle_dir, data)
+    assert load_bundle(bundle_dir).ensemble.file("onnx").path == "ensemble.onnx"
+
+
+def test_unknown_format_is_refused(bundle_dir: Path) -> None:
+    data = _spec(bundle_dir)
+    data["segmentation"]["files"][0]["format"] = "keras"
+    _write_spec(bundle_dir, data)
+    assert "segmentation.pt: unknown format 'keras'" in _refused(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: "{not json", "not valid JSON"),
+        (lambda d: "[1, 2]", "expected a JSON object, got list"),
+        (lambda d: {k: v for k, v in d.items() if k != "learners"}, "missing key(s) learners"),
+        (lambda d: {**d, "learners": {"a": 1}}, "'learners' must be a list"),
+        (lambda d: {**d, "classes": list(reversed(CLASSES))}, "differ from this package's"),
+        (lambda d: {**d, "segmentation": {k: v for k, v in d["segmentation"].items() if k != "arch"}},
+         "malformed model entry 'segmentation'"),
+        (lambda d: {**d, "learners": [d["learners"][0], "resnet18"]}, "malformed model entry 'learners[1]'"),
+        (lambda d: {**d, "ensemble": {**d["ensemble"], "files": [{"format": "torch"}]}},
+         "malformed model entry 'ensemble'"),
+    ],
+)
+def test_malformed_bundle_json_is_refused(bundle_dir: Path, edit, expected: str) -> None:
+    new = edit(_spec(bundle_dir))
+    (bundle_dir / "bundle.json").write_text(new if isinstance(new, str) else json.dumps(new))
+    assert expected in _refused(bundle_dir)
+
+
+def test_not_a_bundle_and_missing_format_are_named(tmp_path: Path, pristine: Path) -> None:
+    assert "no bundle.json found" in _refused(tmp_path)
+    with pytest.raises(BundleError, match="has no onnx file .*has: torch/fp32"):
+        load_bundle(pristine).segmentation.file("onnx")
+
+
+def test_weights_of_another_architecture_are_refused(bundle_dir: Path) -> None:
+    data = _spec(bundle_dir)
+    data["learners"][0]["arch"] = "resnet18"
+    _write_spec(bundle_dir, data)
+    b = load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="weights do not fit architecture 'resnet18'"):
+        load_torch_model(b, b.learners[0])
+
+
+def _run(root: Path, arch: str, module: torch.nn.Module, **info: object) -> Path:
+    root.mkdir(parents=True)
+    torch.save(module.state_dict(), root / "best.pt")
+    (root / "run.json").write_text(json.dumps({"arch": arch, "arch_config": {}, "best": {"val_macro_f1": 0.5},
+                                               "best_epoch": 3, **info}))
+    return root
+
+
+def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
+    from patchflannel.errors import ConfigError
+    from patchflannel.export.build import make_bundle
+
+    torch.manual_seed(5)
+    seg = _run(tmp_path / "seg", "fcdensenet56", get_model("fcdensenet56"), task="segmentation")
+    learner = get_model("squeezenet1_1").eval()
+    lrn = _run(tmp_path / "lrn", "squeezenet1_1", learner, mode="max", config={"mode": "global"})
+    ens = _run(tmp_path / "ens", "flannel", get_model("flannel", n_learners=1), arch_config={"n_learners": 1},
+               learners=["squeezenet1_1"])
+    b = make_bundle(tmp_path / "out", segmentation_run=seg, learner_runs=[lrn], ensemble_run=ens, name="t")
+    assert b.learners[0].mode == "global" and b.learners[0].inputs[0]["shape"] == ["batch", 3, 224, 224]
+    assert b.training["learners"][0]["best"] == {"val_macro_f1": 0.5} and b.training["ensemble"]["best_epoch"] == 3
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(load_torch_model(b, b.learners[0])(x), learner(x))
+    with pytest.raises(BundleError, match="exists and is not empty"):
+        make_bundle(tmp_path / "out", segmentation_run=seg)
+    with pytest.raises(ConfigError, match="ensemble over 1 learners, but 2 learner runs"):
+        make_bundle(tmp_path / "o2", segmentation_run=seg, learner_runs=[lrn, lrn], ensemble_run=ens)
+    with pytest.raises(ConfigError, match="is a classifier model, given as segmentation"):
+        make_bundle(tmp_path / "o3", segmentation_run=lrn)
+    wrong = _run(tmp_path / "wrong", "resnet18", get_model("squeezenet1_1"), mode="patch")
+    with pytest.raises(BundleError, match="weights do not fit architecture 'resnet18'"):
+        make_bundle(tmp_path / "o4", segmentation_run=seg, learner_runs=[wrong])
+    assert not (tmp_path / "o4").exists() and not list(tmp_path.glob(".o4*"))  # never half-written
+    with pytest.raises(ConfigError, match="not a finished training run"):
+        make_bundle(tmp_path / "o5", segmentation_run=tmp_path)

@@ -1,0 +1,145 @@
+"""ONNX export: checker-valid graphs with a dynamic batch axis that ONNX Runtime runs like torch on real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from patchflannel.cli.export import register
+from patchflannel.errors import BundleError, ConfigError
+from patchflannel.export.bundle import default_bundle_path, load_bundle, random_bundle
+from patchflannel.export.onnx import OPSET, export_onnx, onnx_session, parity_report
+from patchflannel.models.classifiers import FLANNEL_LEARNERS
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("torch_bundle")
+    random_bundle(root, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",), seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(source: Path, cxr4_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("onnx_bundle") / "b"
+    export_onnx(source, out, data_dir=cxr4_dir.parent)
+    return out
+
+
+def test_every_network_is_exported_and_checked_on_real_images(exported: Path, source: Path) -> None:
+    b = load_bundle(exported)
+    for entry in b.models():
+        f = entry.file("onnx")
+        parity = f.extra["parity"]
+        assert parity["passed"] and parity["max_abs_diff"] <= parity["tolerance"], entry.name
+        assert parity["label_agreement"] == 1.0, entry.name
+        assert f.extra["opset"] == OPSET
+        expected = "vote fractions" if entry.name == "ensemble" else "real: "
+        assert parity["inputs"].startswith(expected), parity["inputs"]
+        assert entry.inputs[0]["shape"][0] == "batch"
+    assert b.segmentation.file("onnx").extra["parity"]["inputs"].count("jsrt_") == 3
+    assert b.learners[0].file("onnx").extra["parity"]["batch"] == 6  # 3 images x 2 patches in one call
+    assert "onnx" in b.versions and "onnxruntime" in b.versions
+    assert all(f.format == "torch" for m in load_bundle(source).models() for f in m.files)  # source untouched
+
+
+def test_graphs_have_a_dynamic_batch_and_reproduce_the_saved_references(exported: Path) -> None:
+    b = load_bundle(exported)
+    for entry in b.models():
+        f = entry.file("onnx")
+        model = onnx.load(str(b.path_of(f)))
+        onnx.checker.check_model(model)
+        assert model.opset_import[0].version == OPSET
+        for t in (*model.graph.input, *model.graph.output):
+            assert t.type.tensor_type.shape.dim[0].dim_param == "batch"
+        assert [t.name for t in model.graph.input] == [entry.inputs[0]["name"]]
+        ref = np.load(b.root / f.extra["reference"])
+        x, y = ref[entry.inputs[0]["name"]], ref[entry.outputs[0]["name"]]
+        session = onnx_session(b.path_of(f))
+        for batch in (1, len(x)):
+            got = session.run(None, {entry.inputs[0]["name"]: x[:batch]})[0]
+            assert got.shape == y[:batch].shape
+            assert parity_report(y[:batch], got, "segmentation" if entry is b.segmentation else "classes")["passed"]
+
+
+def test_disagreement_beyond_tolerance_is_refused_and_leaves_the_bundle_unchanged(exported: Path) -> None:
+    before = (exported / "bundle.json").read_text()
+    with pytest.raises(BundleError, match=r"ensemble.onnx: max abs diff .* > tolerance 0"):
+        export_onnx(exported, models=["ensemble"], rtol=0.0, atol=0.0)
+    assert (exported / "bundle.json").read_text() == before
+    with pytest.raises(BundleError, match="no model.*nonexistent"):
+        export_onnx(exported, models=["nonexistent"])
+
+
+def test_fp16_export_keeps_fp32_io_and_tracks_torch(exported: Path, cxr4_dir: Path) -> None:
+    name = load_bundle(exported).learners[0].name
+    b = export_onnx(exported, models=[name], precision="fp16", data_dir=cxr4_dir.parent)
+    f = b.learners[0].file("onnx", "fp16")
+    assert f.path.endswith(".fp16.onnx") and f.extra["parity"]["passed"]
+    assert b.learners[0].file("onnx", "fp32").path != f.path  # both precisions kept
+    model = onnx.load(str(b.path_of(f)))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        export_onnx(exported, precision="int8")
+
+
+def test_without_real_data_inputs_are_synthetic_and_say_so(source: Path, tmp_path: Path) -> None:
+    b = export_onnx(source, tmp_path / "b", models=["shufflenet_v2_x0_5_patch"], data_dir=tmp_path / "nowhere")
+    assert b.learners[0].file("onnx").extra["parity"]["inputs"].startswith("synthetic")
+    assert b.segmentation.files[0].format == "torch" and len(b.segmentation.files) == 1
+
+
+def test_cli_exports_random_architectures_and_verifies(tmp_path: Path, cxr4_dir: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["export", "onnx", "--random", "squeezenet1_1", "--out", str(out), "--model", "ensemble",
+                                 "--model", "squeezenet1_1_patch", "--data", str(cxr4_dir.parent)])
+    assert result.exit_code == 0, result.output
+    b = load_bundle(out)
+    assert [m.arch for m in b.learners] == ["squeezenet1_1"] and b.learners[0].file("onnx").extra["parity"]["passed"]
+    verified = runner.invoke(app, ["export", "verify", str(out)])
+    assert verified.exit_code == 0 and "bundle verified" in verified.output
+    (out / "ensemble.onnx").write_bytes(b"tampered")
+    refused = runner.invoke(app, ["export", "verify", str(out)])
+    assert refused.exit_code == 1 and "ensemble.onnx: sha256 mismatch" in refused.output
+
+
+@pytest.mark.slow
+def test_inception_is_exported_without_its_auxiliary_head(tmp_path: Path, cxr4_dir: Path) -> None:
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("inception_v3",))
+    b = export_onnx(tmp_path, models=["inception_v3_patch"], data_dir=cxr4_dir.parent)
+    f = b.learners[0].file("onnx")
+    assert f.extra["parity"]["passed"]
+    model = onnx.load(str(b.path_of(f)), load_external_data=False)
+    names = [i.name for i in model.graph.initializer]
+    assert any("Mixed_7c" in n for n in names) and not any("AuxLogits" in n for n in names)
+    assert [o.type.tensor_type.shape.dim[1].dim_value for o in model.graph.output] == [4]
+
+
+@pytest.mark.slow
+def test_the_five_flannel_architectures_export_with_parity(tmp_path: Path, cxr4_dir: Path) -> None:
+    random_bundle(tmp_path, segmentation="fcdensenet103", learners=FLANNEL_LEARNERS)
+    b = export_onnx(tmp_path, data_dir=cxr4_dir.parent)
+    assert [m.arch for m in b.learners] == list(FLANNEL_LEARNERS)
+    for entry in b.models():
+        parity = entry.file("onnx").extra["parity"]
+        assert parity["passed"], (entry.name, parity)
+        assert parity["inputs"].startswith("real: ") or entry is b.ensemble
+    print(json.dumps({m.name: m.file("onnx").extra["parity"] for m in b.models()}, indent=1))
+
+
+@pytest.mark.slow
+def test_default_bundle_exports(tmp_path: Path, cxr4_dir: Path) -> None:
+    if not (default_bundle_path() / "bundle.json").is_file():
+        pytest.skip(f"no default bundle at {default_bundle_path()} yet")
+    b = export_onnx(None, tmp_path / "b", data_dir=cxr4_dir.parent)
+    assert all(m.file("onnx").extra["parity"]["passed"] for m in b.models())

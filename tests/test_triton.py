@@ -1,0 +1,97 @@
+"""Triton repository: every config parses with Triton's schema, tensor names chain, python stages use our ops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
+
+from patchflannel.errors import BundleError, ConfigError
+from patchflannel.export.bundle import load_bundle, random_bundle
+from patchflannel.export.onnx import _normalise, export_onnx
+from patchflannel.export.triton import (
+    ENSEMBLE,
+    MODEL_PY,
+    export_triton,
+    preprocess_stage,
+    sampler_stage,
+    validate_repository,
+    votes_stage,
+)
+from patchflannel.io import read_image
+from patchflannel.ops.sampler import draw_patches
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tb")
+    random_bundle(root, segmentation="fcdensenet56", learners=("squeezenet1_1", "squeezenet1_1"), seed=2)
+    export_onnx(root, data_dir=root / "no-data")
+    return root
+
+
+@pytest.fixture
+def repo(onnx_bundle: Path, tmp_path: Path) -> Path:
+    return export_triton(onnx_bundle, tmp_path / "repo")
+
+
+def test_repository_parses_and_chains(repo: Path, onnx_bundle: Path) -> None:
+    b = load_bundle(onnx_bundle)
+    configs = validate_repository(repo)
+    k = b.preprocessing["k"]
+    assert set(configs) == {ENSEMBLE, "preprocess", "segmentation", "sampler", "votes", "flannel",
+                            "learner_0_squeezenet1_1", "learner_1_squeezenet1_1"}
+    steps = [s.model_name for s in configs[ENSEMBLE].ensemble_scheduling.step]
+    assert steps[:3] == ["preprocess", "segmentation", "sampler"] and steps[-2:] == ["votes", "flannel"]
+    for i in range(2):
+        learner = configs[f"learner_{i}_squeezenet1_1"]
+        assert learner.platform == "onnxruntime_onnx" and learner.max_batch_size >= k
+        assert list(learner.input[0].dims) == [3, 224, 224]
+        assert (repo / learner.name / "1" / "model.onnx").read_bytes() == b.path_of(b.learners[i].file("onnx")).read_bytes()
+    assert (repo / "sampler" / "1" / "model.py").read_text() == MODEL_PY
+    compile(MODEL_PY, "model.py", "exec")
+    with pytest.raises(BundleError, match="exists and is not empty"):
+        export_triton(onnx_bundle, repo)
+    with pytest.raises(ConfigError, match="learner_format"):
+        export_triton(onnx_bundle, repo.parent / "x", learner_format="tflite")
+    with pytest.raises(BundleError, match="has no tensorrt file"):
+        export_triton(onnx_bundle, repo.parent / "y", learner_format="tensorrt")
+    assert not (repo.parent / "y").exists()
+
+
+def test_broken_chains_and_bad_configs_are_reported(repo: Path) -> None:
+    cfg = repo / ENSEMBLE / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('value: "patches"', 'value: "patchez"', 1))  # the sampler's output
+    (repo / "votes" / "config.pbtxt").write_text('name: "votes"\nbackend: "python"\nmax_batch_sise: 0\n')
+    (repo / "flannel" / "1" / "model.onnx").unlink()
+    with pytest.raises(BundleError) as info:
+        validate_repository(repo)
+    msg = str(info.value)
+    assert "step 3 (learner_0_squeezenet1_1): input 'patches' is produced by no earlier step" in msg
+    assert "step 5 (votes): no model 'votes'" in msg
+    assert "votes/config.pbtxt: not a valid Triton model config" in msg
+    assert "flannel: version 1 has no model.onnx" in msg
+
+
+def test_python_stages_compute_what_the_ops_compute(cxr4_dir: Path) -> None:
+    b_pre = {"segmentation": {"size": 256, "equalize": True, "gamma": 0.5, "threshold": 0.5}, "image_size": 1024,
+             "patch_size": 224, "k": 5, "min_lung_fraction": 0.01,
+             "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+             "global": {"resize": 336, "crop": 224}}
+    image = torch.from_numpy(read_image(next((cxr4_dir / "images" / "covid").iterdir())))
+    pre = preprocess_stage(image, b_pre)
+    assert pre["SEG_INPUT"].shape == (1, 1, 256, 256) and pre["IMAGE_FULL"].shape == (1024, 1024)
+    assert pre["GLOBAL"].shape == (1, 3, 224, 224)
+    logits = torch.full((1, 1, 256, 256), -5.0)
+    logits[..., 64:192, 32:128] = 5.0  # one lung-like box
+    out = sampler_stage(pre["IMAGE_FULL"], logits, seed=7, preprocessing=b_pre)
+    mask = torch.zeros(1, 1024, 1024, dtype=torch.bool)
+    mask[:, 256:768, 128:512] = True
+    direct = draw_patches(pre["IMAGE_FULL"][None], mask, [7], k=5)
+    assert torch.equal(out["PATCHES"], _normalise(direct["patches"][0], b_pre)) and not bool(out["FALLBACK"][0])
+    votes = votes_stage([torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0], [4.0, 0, 0, 0]]), torch.zeros(1, 4)],
+                        ["patch", "global"])["CONFIDENCES"]
+    assert torch.allclose(votes, torch.tensor([[[2 / 3, 1 / 3, 0, 0], [0.25, 0.25, 0.25, 0.25]]]))
