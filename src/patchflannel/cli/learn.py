@@ -1,0 +1,93 @@
+"""``patchflannel train learner|ensemble CONFIG``, ``patchflannel cv CONFIG`` and ``patchflannel eval``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from patchflannel.errors import PatchflannelError
+
+console = Console()
+errors = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see recipes/ and docs/training.md).")]
+RunOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, a copy of the config).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")]
+
+
+@contextmanager
+def _fail_cleanly() -> Iterator[None]:
+    """A PatchflannelError becomes its message on stderr and exit status 1 (no traceback)."""
+    try:
+        yield
+    except PatchflannelError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+
+
+def train_learner_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False) -> None:
+    """Train one base learner (config: arch, mode, splits, val_fold, learner options)."""
+    from patchflannel.training.learners import train_learner
+
+    with _fail_cleanly():
+        summary = train_learner(config, out, resume=resume)
+    console.print(f"best epoch {summary['best_epoch']}: {summary['best']}", markup=False, highlight=False)
+
+
+def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False) -> None:
+    """Train the FLANNEL ensemble on out-of-fold learner rows of a predictions.csv (config: predictions,
+    learners, val_fold, ensemble options)."""
+    from patchflannel.training.ensemble import train_ensemble_from_predictions
+
+    with _fail_cleanly():
+        summary = train_ensemble_from_predictions(config, out, resume=resume)
+    console.print(f"best epoch {summary['best_epoch']}: {summary['best']}", markup=False, highlight=False)
+
+
+def cv_cmd(config: ConfigArg,
+           out: Annotated[Path, typer.Option("--out", help="Output folder of the whole protocol.")] = Path("runs/cv"),
+           resume: Annotated[bool, typer.Option("--resume/--restart", help="Skip finished runs, resume the interrupted one.")] = True,
+           report: Annotated[bool, typer.Option("--report/--no-report", help="Write the evaluation report at the end.")] = True,
+           ) -> None:
+    """The cross-validation protocol: learners per fold, out-of-fold ensemble, test predictions, report."""
+    from patchflannel.training.cv import run_cv
+
+    with _fail_cleanly():
+        result = run_cv(config, out, resume=resume, report=report)
+    console.print(f"predictions: {result['predictions']}", markup=False, highlight=False)
+    if "report" in result:
+        console.print(f"report: {result['report']}/report.md", markup=False, highlight=False)
+
+
+def eval_cmd(predictions: Annotated[Path, typer.Argument(help="predictions.csv written by `patchflannel cv`.")],
+             out: Annotated[Path, typer.Option("--out", help="Report folder (report.json, report.md, PNGs).")],
+             bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for the 95% intervals.")] = 1000,
+             seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0) -> None:
+    """Evaluation report of a predictions file: per-class metrics, fold mean (std), confusion, AUC, bootstrap, per source."""
+    from patchflannel.training.report import evaluate_predictions
+
+    with _fail_cleanly():
+        report = evaluate_predictions(predictions, out, n_boot=bootstrap, seed=seed)
+    for g in report["groups"]:
+        if g["source"] == "all":
+            console.print(f"{g['split']:5s} {g['model']:32s} macro-F1 {g['pooled']['macro_f1']:.3f} "
+                          f"(folds {g['fold_mean']['macro_f1']:.3f} +- {g['fold_std']['macro_f1']:.3f})",
+                          markup=False, highlight=False)
+    console.print(f"report: {out / 'report.md'}", markup=False, highlight=False)
+
+
+def register_train(train_app: typer.Typer) -> None:
+    """Add ``learner`` and ``ensemble`` to the ``train`` sub-app."""
+    train_app.command("learner")(train_learner_cmd)
+    train_app.command("ensemble")(train_ensemble_cmd)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level ``cv`` and ``eval`` commands."""
+    app.command("cv")(cv_cmd)
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,146 @@
+"""``patchflannel cv CONFIG``: the cross-validation protocol from a splits file to predictions.csv.
+
+Protocol (docs/training.md):
+
+1. Learner runs: for each fold k and each learner, train on the other training folds (fold k is the
+   validation set for early stopping), then predict fold k (out-of-fold, ``split=val``) and the test set
+   (``split=test``, ``fold=k``).
+2. Ensemble runs: every training image now has one out-of-fold confidence vector per learner, from the
+   run that did not train on it. Ensemble fold k is trained on those vectors of folds other than k,
+   early-stopped and evaluated on fold k (``split=val``); on the test set it is applied to the test
+   confidences of learner run k (``split=test``, ``fold=k``). No test prediction enters any training.
+
+Every learner/ensemble run has its own directory with a ``done.json`` marker holding its predictions, so a
+rerun skips finished runs and resumes an interrupted one from its last.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+
+from patchflannel.classes import CLASSES
+from patchflannel.errors import ConfigError
+from patchflannel.training.datasets import read_splits
+from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
+from patchflannel.training.learners import load_config, load_learner, predict_items, prepare, resolve_device, train_learner
+from patchflannel.training.report import evaluate_predictions, write_predictions
+
+DONE_FILE = "done.json"
+_console = Console(stderr=True)
+
+
+def _write_done(run_dir: Path, payload: dict[str, Any]) -> None:
+    tmp = run_dir / (DONE_FILE + ".tmp")
+    tmp.write_text(json.dumps(payload) + "\n")
+    os.replace(tmp, run_dir / DONE_FILE)
+
+
+def _read_done(run_dir: Path) -> dict[str, Any] | None:
+    f = run_dir / DONE_FILE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _rows_out(rows: list[dict[str, str]], probs: np.ndarray, model: str, fold: str, split: str) -> list[dict[str, Any]]:
+    out = []
+    for r, p in zip(rows, probs):
+        out.append({"path": r["path"], "patient_id": r["patient_id"], "source": r["source"], "label": r["label"],
+                    "model": model, "fold": fold, "split": split, "pred": CLASSES[int(np.argmax(p))],
+                    **{f"p_{c}": float(p[i]) for i, c in enumerate(CLASSES)}})
+    return out
+
+
+def _learner_run(cfg: dict[str, Any], arch: str, fold: str, run_dir: Path, val_rows: list, test_rows: list,
+                 resume: bool) -> dict[str, Any]:
+    """Train (or resume) one learner on the folds other than ``fold`` and predict fold ``fold`` and the test set."""
+    done = _read_done(run_dir)
+    if done is not None and resume:
+        return done
+    train_learner({**cfg, "arch": arch, "val_fold": fold}, run_dir, resume=resume)
+    device = resolve_device(cfg["device"])
+    model, _ = load_learner(run_dir, device)
+    preds = {}
+    for split, rows in (("val", val_rows), ("test", test_rows)):
+        p = predict_items(model, prepare(cfg, rows, device), cfg, cfg["k"], device, f"{arch} fold {fold} {split}")
+        preds[split] = {"paths": [r["path"] for r in rows], "confidence": p["confidence"].tolist(),
+                        "mean_softmax": p["mean_softmax"].tolist()}
+    payload = {"arch": arch, "fold": fold, "mode": cfg["mode"], "k": cfg["k"], "predictions": preds}
+    _write_done(run_dir, payload)
+    return payload
+
+
+def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: bool = True,
+           report: bool = True) -> dict[str, Any]:
+    """Run the protocol of this module's docstring; writes ``out_dir/predictions.csv`` (and ``report/``).
+
+    Config keys: ``splits``, ``learners`` (architectures in ensemble order), ``mode`` and the rest of
+    training.learners.DEFAULTS. Returns ``{predictions, report, learners, folds}``.
+    """
+    cfg = load_config(config)
+    for key in ("splits", "learners"):
+        if not cfg.get(key):
+            raise ConfigError(f"a cv config needs '{key}'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rows = read_splits(cfg["splits"])
+    train_rows = [r for r in rows if r["split"] == "train"]
+    test_rows = [r for r in rows if r["split"] == "test"]
+    folds = sorted({r["fold"] for r in train_rows}, key=int)
+    if len(folds) < 2 or not test_rows:
+        raise ConfigError(f"{cfg['splits']}: needs at least 2 folds and a test set (found folds {folds}, "
+                          f"{len(test_rows)} test images)")
+    archs = list(cfg["learners"])
+    names = [f"{a}_{cfg['mode']}" for a in archs]
+    _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "
+                   f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
+    prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
+
+    predictions: list[dict[str, Any]] = []
+    conf: dict[tuple[str, str, str], np.ndarray] = {}  # (arch, fold, split) -> (N, 4)
+    for fold in folds:
+        val_rows = [r for r in train_rows if r["fold"] == fold]
+        for arch, name in zip(archs, names):
+            _console.print(f"learner {arch} fold {fold}", markup=False, highlight=False)
+            done = _learner_run(cfg, arch, fold, out / "learners" / arch / f"fold{fold}", val_rows, test_rows, resume)
+            for split, split_rows in (("val", val_rows), ("test", test_rows)):
+                if done["predictions"][split]["paths"] != [r["path"] for r in split_rows]:
+                    raise ConfigError(f"{out}/learners/{arch}/fold{fold}: its predictions are for other images "
+                                      "than the splits file holds now; use a fresh output folder")
+                c = np.array(done["predictions"][split]["confidence"], dtype=np.float32).reshape(-1, len(CLASSES))
+                conf[(arch, fold, split)] = c
+                predictions += _rows_out(split_rows, c, name, fold, split)
+
+    # Out-of-fold confidence of every training image, from the run that held its fold out.
+    order = [r for f in folds for r in train_rows if r["fold"] == f]
+    oof = np.concatenate([np.stack([conf[(a, f, "val")] for a in archs], 1) for f in folds])
+    labels = np.array([CLASSES.index(r["label"]) for r in order])
+    fold_of = np.array([r["fold"] for r in order])
+    ens_name = f"flannel_{cfg['mode']}"
+    for fold in folds:
+        run_dir = out / "ensemble" / f"fold{fold}"
+        hold = fold_of == fold
+        if _read_done(run_dir) is None or not resume:
+            _console.print(f"ensemble fold {fold}", markup=False, highlight=False)
+            train_ensemble(oof[~hold], labels[~hold], oof[hold], labels[hold], cfg, run_dir, learners=names,
+                           resume=resume)
+            _write_done(run_dir, {"fold": fold})
+        model = load_ensemble(run_dir)
+        predictions += _rows_out([r for r, h in zip(order, hold) if h], predict_ensemble(model, oof[hold]),
+                                 ens_name, fold, "val")
+        test_x = np.stack([conf[(a, fold, "test")] for a in archs], 1)
+        predictions += _rows_out(test_rows, predict_ensemble(model, test_x), ens_name, fold, "test")
+
+    pred_file = write_predictions(predictions, out / "predictions.csv")
+    result: dict[str, Any] = {"predictions": str(pred_file), "learners": names, "folds": folds}
+    if report:
+        evaluate_predictions(pred_file, out / "report")
+        result["report"] = str(out / "report")
+    _console.print(f"cv done: {pred_file}", markup=False, highlight=False)
+    return result

@@ -1,0 +1,248 @@
+"""Training and prediction of one base learner (SPEC.md stage 2 and the global baseline).
+
+A learner run trains ``arch`` in ``mode`` on the training folds except ``val_fold`` of a splits file,
+early-stops on the validation macro-F1 (``val_fold``), and keeps best.pt (see training/loop.py). Adam with
+weight decay, an L1 term ``l1 * sum |w|`` (SPEC: 1e-5 in patch mode), ReduceLROnPlateau on the validation
+macro-F1, mixed precision on CUDA (bf16, or fp16 with a GradScaler), the same code on CPU.
+
+Configs are YAML files (see recipes/); :func:`load_config` fills the defaults of :data:`DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.metrics import f1_score
+from torch import nn
+from torch.utils.data import DataLoader
+
+from patchflannel.errors import ConfigError
+from patchflannel.export.bundle import default_preprocessing
+from patchflannel.models import get_model
+from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
+from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
+from patchflannel.training.loop import BEST_FILE, LAST_FILE, Trainer, seed_everything
+from patchflannel.training.mask_cache import MaskCache
+
+DEFAULTS: dict[str, Any] = {
+    "mode": "patch",
+    "seed": 0,
+    "device": "auto",
+    "cache_dir": "runs/cache",
+    "segmentation_bundle": None,
+    "k": 100,
+    "k_val": 10,
+    "learner": {"epochs": 200, "patience": 10, "batch_size": 16, "lr": 1e-5, "weight_decay": 1e-4, "l1": None,
+                "lr_factor": 0.1, "lr_patience": 4, "amp": "auto", "num_workers": 0, "eval_batch": 8,
+                "imagenet_weights": {}},
+    "ensemble": {"epochs": 200, "patience": 20, "lr": 1e-5, "weight_decay": 1e-4, "batch_size": 20, "gamma": 2.0},
+}
+L1_PATCH = 1e-5
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "imagenet_weights" \
+            else v
+    return out
+
+
+def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A YAML config file (or dict) merged over :data:`DEFAULTS`; ConfigError names what is wrong."""
+    if isinstance(source, dict):
+        raw = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - set(DEFAULTS) - {"name", "splits", "arch", "val_fold", "learners", "predictions"})
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    for section in ("learner", "ensemble"):
+        bad = sorted(set(raw.get(section) or {}) - set(DEFAULTS[section]))
+        if bad:
+            raise ConfigError(f"unknown key(s) in '{section}': {', '.join(bad)}")
+    cfg = _merge(DEFAULTS, raw)
+    if cfg["mode"] not in MODES:
+        raise ConfigError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
+    if cfg["learner"]["l1"] is None:
+        cfg["learner"]["l1"] = L1_PATCH if cfg["mode"] == "patch" else 0.0
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: ``auto`` is bf16 (fp16 where bf16 is unsupported) on CUDA and none on CPU."""
+    if setting == "off" or device.type != "cuda":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
+def prepare(cfg: dict[str, Any], rows: list[dict[str, str]], device: torch.device) -> list[Item]:
+    """The cached arrays (and masks, in patch mode) of ``rows`` under the config's cache and segmentation model."""
+    masks = None
+    if cfg["mode"] == "patch":
+        masks = MaskCache(Path(cfg["cache_dir"]) / "masks", cfg["segmentation_bundle"], device=device)
+    return prepare_items(rows, cfg["mode"], cfg["cache_dir"], default_preprocessing(), masks)
+
+
+def build_learner(cfg: dict[str, Any], arch: str) -> nn.Module:
+    """``arch`` with a 4-class head, from the config's ImageNet weights file for it when one is named."""
+    weights = (cfg["learner"]["imagenet_weights"] or {}).get(arch)
+    return get_model(arch, **({"imagenet_weights": weights} if weights else {}))
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """Main logits of a model output (Inception's training output is a (logits, aux_logits) tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(out, tuple):  # Inception v3 in training mode: main + 0.4 * auxiliary, as torchvision trains it
+        return F.cross_entropy(out[0].float(), y) + 0.4 * F.cross_entropy(out[1].float(), y)
+    return F.cross_entropy(out.float(), y)
+
+
+@torch.no_grad()
+def predict_items(model: nn.Module, items: list[Item], cfg: dict[str, Any], k: int, device: torch.device,
+                  description: str = "predict") -> dict[str, np.ndarray]:
+    """Per-image ``confidence`` (patch: vote fractions over ``k`` patches; global: softmax), ``mean_softmax``
+    and ``pred`` (majority label, ties to the lowest index) of ``items``."""
+    model.eval()
+    ds = LearnerDataset(items, cfg["mode"], default_preprocessing(), train=False, seed=cfg["seed"], k=k)
+    dtype = amp_dtype(cfg["learner"]["amp"], device)
+    conf, soft = [], []
+    with _progress() as bar:
+        task = bar.add_task(description, total=len(ds))
+        for i in range(len(ds)):
+            x, _ = ds[i]
+            with _autocast(device, dtype):
+                logits = torch.cat([_logits(model(c.to(device))).float()
+                                    for c in x.split(cfg["learner"]["eval_batch"])])[None]
+            soft.append(mean_softmax(logits).cpu())
+            conf.append(vote_fractions(logits).cpu() if cfg["mode"] == "patch" else soft[-1])
+            bar.advance(task)
+    confidence = torch.cat(conf) if conf else torch.zeros(0, 4)
+    return {"confidence": confidence.numpy(), "mean_softmax": (torch.cat(soft) if soft else torch.zeros(0, 4)).numpy(),
+            "pred": majority_label(confidence).numpy()}
+
+
+def _batches(ds: LearnerDataset, cfg: dict[str, Any], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ds.set_epoch(epoch)
+    g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
+    loader = DataLoader(ds, batch_size=cfg["learner"]["batch_size"], sampler=torch.randperm(len(ds), generator=g).tolist(),
+                        num_workers=cfg["learner"]["num_workers"], drop_last=False)
+    yield from loader
+
+
+def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train one base learner (config keys ``arch``, ``splits``, ``val_fold`` plus :data:`DEFAULTS`).
+
+    The resolved config is written to ``run_dir/config.yaml``; ``resume=True`` continues from last.pt.
+    Returns the Trainer's summary.
+    """
+    cfg = load_config(config)
+    for key in ("arch", "splits", "val_fold"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"a learner config needs '{key}'")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rows = [r for r in read_splits(cfg["splits"]) if r["split"] == "train"]
+    val_fold = str(cfg["val_fold"])
+    train_rows = [r for r in rows if r["fold"] != val_fold]
+    val_rows = [r for r in rows if r["fold"] == val_fold]
+    if not train_rows or not val_rows:
+        raise ConfigError(f"{cfg['splits']}: fold {val_fold} leaves {len(train_rows)} training and "
+                          f"{len(val_rows)} validation images; both must be non-empty")
+    device = resolve_device(cfg["device"])
+    seed_everything(cfg["seed"])
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_items, val_items = prepare(cfg, train_rows, device), prepare(cfg, val_rows, device)
+    model = build_learner(cfg, cfg["arch"]).to(device)
+    lc = cfg["learner"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=lc["lr"], weight_decay=lc["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=lc["lr_factor"],
+                                                           patience=lc["lr_patience"])
+    dtype = amp_dtype(lc["amp"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    train_ds = LearnerDataset(train_items, cfg["mode"], default_preprocessing(), train=True, seed=cfg["seed"])
+    val_labels = np.array([it.label for it in val_items])
+
+    def train_one_epoch(epoch: int) -> dict[str, float]:
+        total, correct, n = 0.0, 0, 0
+        with _progress() as bar:
+            task = bar.add_task(f"{cfg['arch']} epoch {epoch}", total=len(train_ds))
+            for x, y in _batches(train_ds, cfg, epoch):
+                x, y = x.to(device, non_blocking=True), y.to(device)
+                with _autocast(device, dtype):
+                    out = model(x)
+                loss = _loss(out, y)
+                if lc["l1"]:
+                    loss = loss + lc["l1"] * sum(p.abs().sum() for p in model.parameters())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                total += float(loss.detach()) * len(y)
+                correct += int((_logits(out).argmax(1) == y).sum())
+                n += len(y)
+                bar.advance(task, len(y))
+        return {"loss": total / n, "accuracy": correct / n}
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        pred = predict_items(model, val_items, cfg, cfg["k_val"], device, f"validate epoch {epoch}")["pred"]
+        return {"macro_f1": float(f1_score(val_labels, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)),
+                "accuracy": float((pred == val_labels).mean())}
+
+    info = {"task": "learner", "arch": cfg["arch"], "arch_config": {}, "mode": cfg["mode"],
+            "preprocessing": default_preprocessing(), "config": cfg, "val_fold": val_fold,
+            "n_train": len(train_items), "n_val": len(val_items), "device": str(device),
+            "amp": str(dtype) if dtype else "off"}
+    trainer = Trainer(run_dir, model, optimizer, monitor="val_macro_f1", mode="max", patience=lc["patience"],
+                      max_epochs=lc["epochs"], scheduler=scheduler, scheduler_metric="val_macro_f1", run_info=info)
+    return trainer.fit(train_one_epoch, evaluate, resume=resume and (run_dir / LAST_FILE).is_file())
+
+
+def load_learner(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The best model of a finished learner run (best.pt, ``weights_only``) in eval mode, and its config."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    if not (run_dir / BEST_FILE).is_file():
+        raise ConfigError(f"{run_dir}: no {BEST_FILE}; the run has not finished an epoch")
+    model = get_model(cfg["arch"])
+    model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True))
+    return model.to(device).eval(), cfg

@@ -1,0 +1,242 @@
+"""``patchflannel eval``: the evaluation report of a predictions.csv (report.json, report.md, confusion PNGs).
+
+A predictions file has one row per (image, model, fold, split) with the columns of
+:data:`PREDICTION_COLUMNS`. The report groups rows by split (``val`` = out-of-fold, ``test``), model and
+data source (``all`` and each source, SPEC.md's domain caveat) and gives for each group: the metrics of
+every fold, their mean and standard deviation, the metrics of all the group's rows pooled, and 95%
+bootstrap intervals of the pooled metrics resampled by patient.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchflannel.classes import CLASS_INDEX, CLASSES
+from patchflannel.errors import ManifestError
+from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, mean_std
+
+PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
+PREDICTION_COLUMNS = ("path", "patient_id", "source", "label", "model", "fold", "split", *PROB_COLUMNS, "pred")
+SPLITS = ("val", "test")
+
+
+def write_predictions(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write prediction rows (dicts with :data:`PREDICTION_COLUMNS`; probabilities as floats) to a CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}})
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a predictions CSV; ManifestError lists every bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, ["file not found"])
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(path, [f"missing column '{c}'" for c in missing])
+        raw = list(reader)
+    problems: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for i, r in enumerate(raw, start=2):
+        bad = [f"unknown {k} '{r[k]}'" for k in ("label", "pred") if r[k] not in CLASS_INDEX]
+        if r["split"] not in SPLITS:
+            bad.append(f"split '{r['split']}' is not one of {', '.join(SPLITS)}")
+        try:
+            probs = [float(r[c]) for c in PROB_COLUMNS]
+        except ValueError:
+            bad.append("a probability is not a number")
+            probs = []
+        problems.extend(f"line {i}: {b}" for b in bad)
+        if not bad:
+            rows.append({**r, "probs": probs})
+    if not raw:
+        problems.append("no prediction rows")
+    if problems:
+        raise ManifestError(path, problems)
+    return rows
+
+
+def _arrays(rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    labels = np.array([CLASS_INDEX[r["label"]] for r in rows], dtype=np.int64)
+    preds = np.array([CLASS_INDEX[r["pred"]] for r in rows], dtype=np.int64)
+    probs = np.array([r["probs"] for r in rows], dtype=np.float64).reshape(-1, len(CLASSES))
+    patients = np.array([r["patient_id"] for r in rows])
+    return labels, preds, probs, patients
+
+
+def _group_report(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    labels, preds, probs, patients = _arrays(rows)
+    folds = sorted({r["fold"] for r in rows}, key=lambda f: (len(f), f))
+    per_fold = {}
+    for f in folds:
+        sel = [r for r in rows if r["fold"] == f]
+        y, yhat, p, _ = _arrays(sel)
+        per_fold[f] = classification_metrics(y, yhat, p)
+    mean, std = mean_std([flat_scores(m) for m in per_fold.values()])
+    return {
+        "n_rows": len(rows),
+        "n_patients": int(len(set(patients.tolist()))),
+        "folds": per_fold,
+        "fold_mean": mean,
+        "fold_std": std,
+        "pooled": classification_metrics(labels, preds, probs),
+        "bootstrap_ci95": bootstrap_ci(labels, preds, probs, patients, n_boot=n_boot, seed=seed),
+    }
+
+
+def build_report(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The report of prediction rows (as :func:`read_predictions` returns them): groups by split, model, source."""
+    groups = []
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    sources = ["all", *sorted({r["source"] for r in rows})]
+    for split in SPLITS:
+        for model in models:
+            sel = [r for r in rows if r["split"] == split and r["model"] == model]
+            for source in sources:
+                part = sel if source == "all" else [r for r in sel if r["source"] == source]
+                if part:
+                    groups.append({"split": split, "model": model, "source": source,
+                                   **_group_report(part, n_boot, seed)})
+    return {"classes": list(CLASSES), "models": models, "sources": sources[1:], "n_rows": len(rows),
+            "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "patient_id", "level": 0.95},
+            "std": "sample standard deviation over folds (ddof=1)", "groups": groups}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _ms(g: dict[str, Any], key: str) -> str:
+    m, s = g["fold_mean"].get(key), g["fold_std"].get(key)
+    return "n/a" if m is None else f"{m:.3f} ({s:.3f})"
+
+
+def _ci(g: dict[str, Any], key: str) -> str:
+    ci = g["bootstrap_ci95"].get(key)
+    return "n/a" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def confusion_png(group: dict[str, Any], path: Path) -> Path:
+    """Save the pooled confusion matrix of a report group (counts and row-normalised) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.array(group["pooled"]["confusion"])
+    norm = np.array(group["pooled"]["confusion_normalized"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    for ax, mat, title, fmt in ((axes[0], counts, "counts", "{:.0f}"), (axes[1], norm, "row-normalised", "{:.2f}")):
+        im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(float(mat.max()), 1e-9))
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=30)
+        ax.set_yticks(range(len(CLASSES)), CLASSES)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        for (i, j), v in np.ndenumerate(mat):
+            ax.text(j, i, fmt.format(v), ha="center", va="center",
+                    color="white" if v > 0.6 * mat.max() else "black", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{group['model']} | {group['split']} | source {group['source']} | n={group['n_rows']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) -> str:
+    """report.md: per split a Table-3-like table (per-class F1, macro-F1, mean (std) over folds), pooled
+    metrics with bootstrap intervals, per-source macro-F1, and per-model class tables with confusion plots."""
+    lines = ["# Evaluation report", "",
+             f"{report['n_rows']} prediction rows; classes {', '.join(report['classes'])}. Mean (std) over folds; "
+             f"intervals: 95% percentile bootstrap over patients ({report['bootstrap']['resamples']} resamples) "
+             "of the pooled rows. `val` = out-of-fold predictions, `test` = held-out test set.", ""]
+    for split in SPLITS:
+        gs = [g for g in report["groups"] if g["split"] == split]
+        if not gs:
+            continue
+        alls = [g for g in gs if g["source"] == "all"]
+        lines += [f"## Split `{split}`", "", "### F1 per class and macro-F1, mean (std) over folds", "",
+                  "| model | folds | " + " | ".join(f"{c} F1" for c in CLASSES) + " | macro-F1 |",
+                  "|---|---|" + "---|" * (len(CLASSES) + 1)]
+        for g in alls:
+            lines.append(f"| {g['model']} | {len(g['folds'])} | "
+                         + " | ".join(_ms(g, f"f1_{c}") for c in CLASSES) + f" | {_ms(g, 'macro_f1')} |")
+        lines += ["", "### Pooled rows: macro-F1, accuracy and ROC-AUC per class with 95% bootstrap intervals", "",
+                  "| model | n | macro-F1 | 95% CI | accuracy | " + " | ".join(f"AUC {c}" for c in CLASSES) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(CLASSES)]
+        for g in alls:
+            p = g["pooled"]
+            aucs = []
+            for c in CLASSES:
+                ci = g["bootstrap_ci95"].get(f"roc_auc_{c}")
+                aucs.append(_fmt(p["per_class"][c]["roc_auc"]) + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"))
+            lines.append(f"| {g['model']} | {g['n_rows']} | {p['macro_f1']:.3f} | {_ci(g, 'macro_f1')} | "
+                         f"{p['accuracy']:.3f} | " + " | ".join(aucs) + " |")
+        sources = report["sources"]
+        lines += ["", "### Per data source: pooled macro-F1 [95% CI] (n)", "",
+                  "| model | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
+        for model in report["models"]:
+            cells = []
+            for s in sources:
+                g = next((x for x in gs if x["model"] == model and x["source"] == s), None)
+                cells.append("-" if g is None else f"{g['pooled']['macro_f1']:.3f} {_ci(g, 'macro_f1')} ({g['n_rows']})")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines += ["", "Per source, classes absent from a source score F1 0 and pull its macro-F1 down; read the "
+                  "per-class rows in report.json.", ""]
+        for g in alls:
+            lines += [f"### {g['model']} ({split}, pooled)", "",
+                      "| class | precision | recall | F1 | ROC-AUC | support |", "|---|---|---|---|---|---|"]
+            for c in CLASSES:
+                m = g["pooled"]["per_class"][c]
+                lines.append(f"| {c} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+                             f"{_fmt(m['roc_auc'])} | {m['support']} |")
+            png = pngs.get((split, g["model"]))
+            if png:
+                lines += ["", f"![confusion {g['model']} {split}]({png})"]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json, report.md and one confusion PNG per (split, model) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs: dict[tuple[str, str], str] = {}
+    for g in report["groups"]:
+        if g["source"] == "all":
+            name = f"confusion_{g['split']}_{_slug(g['model'])}.png"
+            confusion_png(g, out / name)
+            pngs[(g["split"], g["model"])] = name
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(render_markdown(report, pngs))
+    return {"json": out / "report.json", "md": out / "report.md", **{f"png:{k[0]}:{k[1]}": out / v for k, v in pngs.items()}}
+
+
+def evaluate_predictions(predictions: str | Path, out_dir: str | Path, *, n_boot: int = 1000,
+                         seed: int = 0) -> dict[str, Any]:
+    """Read a predictions CSV, build its report and write it under ``out_dir``; returns the report."""
+    report = build_report(read_predictions(predictions), n_boot=n_boot, seed=seed)
+    report["predictions"] = str(predictions)
+    write_report(report, out_dir)
+    return report

@@ -1,0 +1,117 @@
+"""`patchflannel cv` end to end on a small real subset: learners per fold, out-of-fold ensemble, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+import yaml
+from sklearn.metrics import f1_score
+from typer.testing import CliRunner
+
+from patchflannel.classes import CLASSES
+from patchflannel.cli.learn import register
+from patchflannel.export.bundle import random_bundle
+from patchflannel.training.cv import run_cv
+from patchflannel.training.datasets import read_splits
+from test_learners import small_splits
+
+LEARNERS = ["squeezenet1_1", "shufflenet_v2_x0_5"]
+
+
+def _read(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _check_protocol(out: Path, splits: Path, mode: str) -> list[dict]:
+    rows = read_splits(splits)
+    fold_of = {r["path"]: r["fold"] for r in rows if r["split"] == "train"}
+    test = {r["path"] for r in rows if r["split"] == "test"}
+    folds = sorted(set(fold_of.values()))
+    preds = _read(out / "predictions.csv")
+    for model in [f"{a}_{mode}" for a in LEARNERS] + [f"flannel_{mode}"]:
+        val = [p for p in preds if p["model"] == model and p["split"] == "val"]
+        # every training image predicted exactly once, by the run that held its fold out
+        assert sorted(p["path"] for p in val) == sorted(fold_of)
+        assert all(p["fold"] == fold_of[p["path"]] for p in val)
+        tst = [p for p in preds if p["model"] == model and p["split"] == "test"]
+        assert len(tst) == len(test) * len(folds) and {p["path"] for p in tst} == test
+        for p in val + tst:
+            probs = np.array([float(p[f"p_{c}"]) for c in CLASSES])
+            assert abs(probs.sum() - 1) < 1e-4 and p["pred"] == CLASSES[int(probs.argmax())]
+    for arch in LEARNERS:
+        for f in folds:
+            run = out / "learners" / arch / f"fold{f}"
+            info = json.loads((run / "run.json").read_text())
+            assert info["val_fold"] == f and info["config"]["mode"] == mode and (run / "best.pt").is_file()
+    ens = json.loads((out / "ensemble" / "fold0" / "run.json").read_text())
+    assert ens["learners"] == [f"{a}_{mode}" for a in LEARNERS]
+    assert ens["n_train"] + ens["n_val"] == len(fold_of)  # out-of-fold training rows only, no test row
+    report = json.loads((out / "report" / "report.json").read_text())
+    g = next(g for g in report["groups"] if (g["split"], g["model"], g["source"]) == ("val", f"flannel_{mode}", "all"))
+    val = [p for p in preds if p["model"] == f"flannel_{mode}" and p["split"] == "val"]
+    assert g["pooled"]["macro_f1"] == pytest.approx(f1_score([p["label"] for p in val], [p["pred"] for p in val],
+                                                             labels=list(CLASSES), average="macro", zero_division=0))
+    return preds
+
+
+def _config(tmp_path: Path, splits: Path, mode: str, **extra: object) -> Path:
+    cfg = {"splits": str(splits), "mode": mode, "learners": LEARNERS, "cache_dir": str(tmp_path / "cache"),
+           "k": 3, "k_val": 2, "learner": {"epochs": 1, "patience": 1, "batch_size": 8, "lr": 1e-3},
+           "ensemble": {"epochs": 2, "patience": 2, "lr": 1e-3}, **extra}
+    path = tmp_path / f"cv_{mode}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_cv_global_end_to_end_and_resume(cxr4_dir: Path, tmp_path: Path) -> None:
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
+    config = _config(tmp_path, splits, "global")
+    run_cv(config, tmp_path / "out")
+    preds = _check_protocol(tmp_path / "out", splits, "global")
+    log = tmp_path / "out" / "learners" / LEARNERS[0] / "fold0" / "log.csv"
+    stamp = log.stat().st_mtime_ns
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["cv", str(config), "--out", str(tmp_path / "out"), "--no-report"])
+    assert result.exit_code == 0, result.output
+    assert log.stat().st_mtime_ns == stamp  # finished runs are skipped, not retrained
+    assert _read(tmp_path / "out" / "predictions.csv") == preds
+
+
+@pytest.mark.slow
+def test_cv_patch_end_to_end(cxr4_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("patchflannel.ops.mask", reason="ops/mask.py (segmentation helper) not in the tree yet")
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=5)
+    bundle = random_bundle(tmp_path / "bundle", seed=0)
+    run_cv(_config(tmp_path, splits, "patch", segmentation_bundle=str(bundle.root)), tmp_path / "out")
+    _check_protocol(tmp_path / "out", splits, "patch")
+    assert any((tmp_path / "cache" / "masks").rglob("*.npz")) and any((tmp_path / "cache" / "patch").rglob("*.npy"))
+
+
+def test_cv_refuses_a_splits_file_without_folds(cxr4_dir: Path, tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["cv", str(_config(tmp_path, cxr4_dir / "manifest.csv", "global")),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "missing column 'split'" in result.output and "manifest.csv" in result.output
+
+
+def test_recipes_are_valid_configs() -> None:
+    from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
+    from patchflannel.training.learners import load_config
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    cfgs = {p.stem: load_config(p) for p in recipes.glob("cv_*.yaml")}
+    assert {"cv_cpu_patch", "cv_cpu_global", "cv_gpu_flannel5", "cv_gpu_small_patch"} <= set(cfgs)
+    assert tuple(cfgs["cv_gpu_flannel5"]["learners"]) == FLANNEL_LEARNERS
+    for name in ("cv_cpu_patch", "cv_cpu_global", "cv_gpu_small_patch"):
+        assert tuple(cfgs[name]["learners"]) == CPU_LEARNERS
+    assert cfgs["cv_cpu_patch"]["mode"] == "patch" and cfgs["cv_cpu_global"]["mode"] == "global"
+    assert cfgs["cv_cpu_patch"]["learner"]["l1"] == 1e-5 and cfgs["cv_cpu_global"]["learner"]["l1"] == 0.0

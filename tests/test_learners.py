@@ -1,0 +1,145 @@
+"""Base learner datasets, mask cache and training on real images (tiny and fast)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from patchflannel.data import make_splits, read_manifest, write_manifest
+from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.export.bundle import default_preprocessing, random_bundle
+from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
+from patchflannel.training.learners import load_config, load_learner, predict_items, train_learner
+
+PRE = default_preprocessing()
+
+
+def small_splits(cxr4_dir: Path, out: Path, per_class: int, folds: int = 2) -> Path:
+    """A splits file over ``per_class`` real images of each class (patient-grouped, seeded)."""
+    manifest = read_manifest(cxr4_dir / "manifest.csv")
+    by: dict[str, list] = {}
+    for r in manifest.rows:
+        by.setdefault(r["label"], []).append(r)
+    rows = [r for rs in by.values() for r in rs[:: max(1, len(rs) // per_class)][:per_class]]
+    return write_manifest(make_splits(rows, seed=0, test_frac=0.2, folds=folds), out, manifest.columns + ["split", "fold"])
+
+
+def test_global_dataset_is_seeded_and_normalised(cxr4_dir: Path, tmp_path: Path) -> None:
+    rows = read_manifest(cxr4_dir / "manifest.csv").rows[:3]
+    items = prepare_items(rows, "global", tmp_path, PRE)
+    assert np.load(items[0].array_file).shape == (336, 336) and np.load(items[0].array_file).dtype == np.uint8
+    again = prepare_items(rows, "global", tmp_path, PRE)  # cache hit: same files, not rewritten
+    assert [i.array_file for i in again] == [i.array_file for i in items]
+    train = LearnerDataset(items, "global", PRE, train=True, seed=0)
+    train.set_epoch(0)
+    a, label = train[0]
+    assert a.shape == (3, 224, 224) and label == items[0].label
+    grey = a[0] * PRE["normalization"]["std"][0] + PRE["normalization"]["mean"][0]
+    assert torch.allclose(a[2] * PRE["normalization"]["std"][2] + PRE["normalization"]["mean"][2], grey, atol=1e-5)
+    assert float(grey.min()) >= -1e-5 and float(grey.max()) <= 1 + 1e-5
+    assert torch.equal(train[0][0], a)  # same epoch, same draw
+    draws = set()
+    for epoch in range(1, 6):
+        train.set_epoch(epoch)
+        draws.add(hashlib.sha256(train[0][0].numpy().tobytes()).hexdigest())
+    assert len(draws) > 1  # other epochs crop/flip differently
+    test = LearnerDataset(items, "global", PRE, train=False)
+    x, _ = test[0]
+    full = torch.from_numpy(np.load(items[0].array_file)).float() / 255
+    assert x.shape == (1, 3, 224, 224)
+    assert torch.allclose(x[0, 0] * PRE["normalization"]["std"][0] + PRE["normalization"]["mean"][0],
+                          full[56:280, 56:280], atol=1e-5)
+
+
+def test_patch_dataset_draws_lung_centred_patches(cxr4_dir: Path, tmp_path: Path) -> None:
+    row = read_manifest(cxr4_dir / "manifest.csv").rows[0]
+    image = np.full((1024, 1024), 200, np.uint8)
+    mask = np.zeros((256, 256), bool)
+    mask[100:140, 20:60] = True  # lung pixels 1024-rows 400..560, cols 80..240
+    np.save(tmp_path / "a.npy", image * np.kron(mask, np.ones((4, 4), bool)).astype(np.uint8))
+    item = Item(row=row, label=0, sha256="ab" * 32, array_file=tmp_path / "a.npy", mask=mask)
+    mean, std = PRE["normalization"]["mean"][0], PRE["normalization"]["std"][0]
+    test = LearnerDataset([item], "patch", PRE, train=False, seed=0, k=12)
+    x, _ = test[0]
+    assert x.shape == (12, 3, 224, 224)
+    lung = (x[:, 0] * std + mean) > 0.5
+    assert bool(lung.flatten(1).any(1).all())  # every patch holds lung pixels
+    assert torch.equal(test[0][0], x)  # fixed seed per image
+    train = LearnerDataset([item], "patch", PRE, train=True, seed=0)
+    train.set_epoch(0)
+    t, _ = train[0]
+    assert t.shape == (3, 224, 224) and bool(((t[0] * std + mean) > 0.3).any())
+    train.set_epoch(1)
+    assert not torch.equal(train[0][0], t)
+
+
+def test_mask_cache_is_keyed_by_model_and_image(cxr4_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("patchflannel.ops.mask", reason="ops/mask.py (segmentation helper) not in the tree yet")
+    from patchflannel.training.mask_cache import MaskCache
+
+    src = read_manifest(cxr4_dir / "manifest.csv").rows[0]["path"]
+    img = tmp_path / "img.jpg"
+    shutil.copy(src, img)
+    cache = MaskCache(tmp_path / "masks", random_bundle(tmp_path / "b0", seed=0))
+    m1 = cache.masks([img])[0]
+    assert m1.shape == (256, 256) and m1.dtype == bool
+    sha = hashlib.sha256(img.read_bytes()).hexdigest()
+    f = cache.file(sha)
+    assert f.is_file()
+    np.savez_compressed(f, mask=~m1)  # a planted entry is what a cache hit returns: proves no recompute
+    assert np.array_equal(cache.masks([img])[0], ~m1)
+    other = MaskCache(tmp_path / "masks", random_bundle(tmp_path / "b1", seed=1))
+    assert other.file(sha) != f
+    assert other.masks([img])[0].shape == (256, 256) and other.file(sha).is_file()
+    img.write_bytes(img.read_bytes() + b"\0")  # changed bytes -> a different key
+    assert cache.file(hashlib.sha256(img.read_bytes()).hexdigest()) != f
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config({"epochz": 3})
+    with pytest.raises(ConfigError, match="mode must be"):
+        load_config({"mode": "tile"})
+    with pytest.raises(ConfigError, match="unknown key.*'learner'"):
+        load_config({"learner": {"lr_rate": 1}})
+    assert load_config({"mode": "patch"})["learner"]["l1"] == 1e-5
+    assert load_config({"mode": "global"})["learner"]["l1"] == 0.0
+    bad = tmp_path / "manifest.csv"
+    bad.write_text("path,label,patient_id,view,source\n")
+    with pytest.raises(ManifestError, match="missing column 'split'"):
+        read_splits(bad)
+
+
+@pytest.mark.slow
+def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path: Path) -> None:
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
+    cfg = {"splits": str(splits), "arch": "squeezenet1_1", "mode": "global", "val_fold": 0,
+           "cache_dir": str(tmp_path / "cache"), "learner": {"epochs": 2, "patience": 5, "batch_size": 4, "lr": 1e-3}}
+    summary = train_learner(cfg, tmp_path / "full")
+    assert summary["epochs_run"] == 2 and 0.0 <= summary["best"]["val_macro_f1"] <= 1.0
+    saved = yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())
+    assert saved["arch"] == "squeezenet1_1" and saved["learner"]["lr"] == 1e-3
+    with open(tmp_path / "full" / "log.csv") as fh:
+        log = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in log] == ["0", "1"] and "train_loss" in log[0] and "val_macro_f1" in log[0]
+    train_learner({**cfg, "learner": {**cfg["learner"], "epochs": 1}}, tmp_path / "part")
+    train_learner(cfg, tmp_path / "part", resume=True)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    part = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    model, mcfg = load_learner(tmp_path / "full")
+    val = [r for r in read_splits(splits) if r["split"] == "train" and r["fold"] == "0"]
+    from patchflannel.training.learners import prepare
+
+    out = predict_items(model, prepare(mcfg, val, torch.device("cpu")), mcfg, 1, torch.device("cpu"))
+    assert out["confidence"].shape == (len(val), 4) and np.allclose(out["confidence"].sum(1), 1, atol=1e-5)
+    assert np.array_equal(out["pred"], out["confidence"].argmax(1))

@@ -1,0 +1,119 @@
+"""`patchflannel eval`: report numbers against scikit-learn on predictions over the real manifest rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
+from typer.testing import CliRunner
+
+from patchflannel.classes import CLASSES
+from patchflannel.cli.learn import register
+from patchflannel.training.report import PREDICTION_COLUMNS, write_predictions
+
+IDX = {c: i for i, c in enumerate(CLASSES)}
+
+
+def _predictions(cxr4_dir: Path, path: Path) -> list[dict]:
+    """Two models' val (3 folds) and test predictions for 240 real manifest rows, noisy but informative."""
+    with open(cxr4_dir / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[::4][:240]
+    rng = np.random.default_rng(0)
+    out = []
+    for model, skill in (("resnet18_patch", 2.0), ("flannel_patch", 3.0)):
+        for i, r in enumerate(rows):
+            y = IDX[r["label"]]
+            for split, folds in (("val", [str(i % 3)]), ("test", ["0", "1", "2"])) if i % 5 == 0 else (("val", [str(i % 3)]),):
+                for fold in folds:
+                    logit = rng.normal(size=4) + skill * np.eye(4)[y]
+                    p = np.exp(logit) / np.exp(logit).sum()
+                    out.append({"path": r["path"], "patient_id": r["patient_id"], "source": r["source"],
+                                "label": r["label"], "model": model, "fold": fold, "split": split,
+                                "pred": CLASSES[int(p.argmax())], **{f"p_{c}": p[j] for j, c in enumerate(CLASSES)}})
+    write_predictions(out, path)
+    return out
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.array([IDX[r["label"]] for r in rows])
+    yhat = np.array([IDX[r["pred"]] for r in rows])
+    p = np.array([[float(f"{r[f'p_{c}']:.6f}") for c in CLASSES] for r in rows])
+    return y, yhat, p
+
+
+def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
+    rows = _predictions(cxr4_dir, tmp_path / "predictions.csv")
+    result = CliRunner().invoke(_app(), ["eval", str(tmp_path / "predictions.csv"), "--out", str(tmp_path / "rep"),
+                                         "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    groups = {(g["split"], g["model"], g["source"]): g for g in report["groups"]}
+    sources = sorted({r["source"] for r in rows})
+    assert report["sources"] == sources
+    for split in ("val", "test"):
+        for model in ("resnet18_patch", "flannel_patch"):
+            for source in ["all", *sources]:
+                sel = [r for r in rows if r["split"] == split and r["model"] == model
+                       and source in ("all", r["source"])]
+                if not sel:
+                    continue
+                g = groups[(split, model, source)]
+                y, yhat, p = _arrays(sel)
+                pr, rc, f, s = precision_recall_fscore_support(y, yhat, labels=[0, 1, 2, 3], zero_division=0)
+                assert g["n_rows"] == len(sel)
+                assert g["pooled"]["macro_f1"] == pytest.approx(f.mean())
+                for c, name in enumerate(CLASSES):
+                    m = g["pooled"]["per_class"][name]
+                    assert (m["precision"], m["recall"], m["f1"], m["support"]) == pytest.approx((pr[c], rc[c], f[c], s[c]))
+                    if 0 < (y == c).sum() < len(y):
+                        assert m["roc_auc"] == pytest.approx(roc_auc_score(y == c, p[:, c]))
+                    else:
+                        assert m["roc_auc"] is None
+                assert np.array_equal(np.array(g["pooled"]["confusion"]).sum(1), s)
+                fold_f1 = []
+                for fold in sorted({r["fold"] for r in sel}):
+                    fy, fyhat, _ = _arrays([r for r in sel if r["fold"] == fold])
+                    fold_f1.append(f1_score(fy, fyhat, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+                    assert g["folds"][fold]["macro_f1"] == pytest.approx(fold_f1[-1])
+                assert g["fold_mean"]["macro_f1"] == pytest.approx(np.mean(fold_f1))
+                assert g["fold_std"]["macro_f1"] == pytest.approx(np.std(fold_f1, ddof=1) if len(fold_f1) > 1 else 0.0)
+                if source == "all":
+                    lo, hi = g["bootstrap_ci95"]["macro_f1"]
+                    assert lo <= g["pooled"]["macro_f1"] <= hi
+    # the better-constructed model scores higher, and the markdown carries the numbers
+    assert groups[("val", "flannel_patch", "all")]["pooled"]["macro_f1"] > groups[("val", "resnet18_patch", "all")]["pooled"]["macro_f1"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    g = groups[("val", "flannel_patch", "all")]
+    assert f"| flannel_patch | 3 | " in md and f"{g['fold_mean']['macro_f1']:.3f} ({g['fold_std']['macro_f1']:.3f})" in md
+    for split in ("val", "test"):
+        png = tmp_path / "rep" / f"confusion_{split}_resnet18_patch.png"
+        assert f"]({png.name})" in md
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    row = {c: "" for c in PREDICTION_COLUMNS} | {"label": "covid", "pred": "flu", "split": "val", "p_covid": "x"}
+    with open(bad, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
+        w.writeheader()
+        w.writerow(row)
+    result = CliRunner().invoke(_app(), ["eval", str(bad), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 1
+    assert "bad.csv" in result.output and "unknown pred 'flu'" in result.output and "not a number" in result.output
+    missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
+    assert missing.exit_code == 1 and "file not found" in missing.output
+    assert not (tmp_path / "rep" / "report.json").exists()
