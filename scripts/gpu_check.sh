@@ -43,14 +43,15 @@ for mod in ("torchvision", "numpy", "scipy", "PIL", "cupy", "onnxruntime", "onnx
 PYEOF
 
 if $PY -c "import pytest" 2>/dev/null; then
-  section tests 90 $PY -m pytest -p no:cacheprovider -q -rs \
+  section tests "${TESTS_LIMIT:-90}" $PY -m pytest -p no:cacheprovider -q -rs \
     -m gpu tests/test_sampler.py tests/test_backends.py tests/test_loaders.py tests/test_engine_gpu.py
 else
   echo "   pytest missing: tests skipped" | tee -a "$SUMMARY"
 fi
 
 if [ "$GPU" = "1" ]; then
-  PRESET=flannel5; KS="100, 50, 16"; N=24; LOOP_N=2; REPEATS=3; EAGER_LIMIT=220; COMPILE_LIMIT=160; CN=16
+  PRESET=flannel5; KS="${KS:-100, 50, 16}"; N=${N:-24}; LOOP_N=${LOOP_N:-2}; REPEATS=${REPEATS:-3}
+  EAGER_LIMIT=${EAGER_LIMIT:-220}; COMPILE_LIMIT=${COMPILE_LIMIT:-160}; CN=${CN:-16}
 else
   PRESET=tiny; KS="4,"; N=2; LOOP_N=1; REPEATS=1; EAGER_LIMIT=120; COMPILE_LIMIT=5; CN=2
 fi
@@ -74,7 +75,7 @@ PYEOF
 }
 
 bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, loop_n=$LOOP_N, repeats=$REPEATS, precision='fp16' if $GPU else 'fp32', modes=('loop', 'batched', 'packed', 'global')"
-if [ "$GPU" = "1" ]; then
+if [ "$GPU" = "1" ] && [ "$COMPILE_LIMIT" -gt 0 ]; then
   bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, repeats=2, precision='fp16', modes=('packed',), compile=True"
 else
   echo "== compiled_fp16: skipped (no CUDA; torch.compile is timed on the GPU only)" | tee -a "$SUMMARY"
