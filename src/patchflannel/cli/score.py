@@ -1,0 +1,89 @@
+"""``patchflannel score`` (bulk scoring to Parquet/CSV/JSONL, resumable, optionally on Ray) and ``phantoms``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from patchflannel.errors import PatchflannelError
+from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
+
+EXIT_INPUT_ERRORS = 1
+"""Exit status when the run finished but some inputs are error rows."""
+EXIT_USAGE = 2
+"""Exit status for bad options, inputs that name nothing, bad manifests or bundles (nothing scored)."""
+
+
+def score(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns or manifest CSVs (column 'path').", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .parquet, .csv or .jsonl.")],
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle folder (default: the package's bundle).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run: skip inputs already in OUT (same path and content hash).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (and unfinished parts).")] = False,
+    seed: Annotated[int, typer.Option(help="Run seed; per-image patch seeds derive from it and the content hash.")] = 0,
+    k: Annotated[int | None, typer.Option("--k", "-k", help="Patches per image (default: the bundle's).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Rows per atomically written part (the most a kill can lose).")] = DEFAULT_CHUNK_SIZE,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
+    loader: Annotated[str, typer.Option(help="auto, cpu, dali or nvjpeg.")] = "auto",
+    sampler: Annotated[str, typer.Option(help="auto, torch or cupy.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")] = "auto",
+    ray: Annotated[bool, typer.Option("--ray", help="Score on a Ray cluster (one engine per actor).")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster for --ray: 'auto', 'HOST:6379', 'ray://HOST:10001' or 'local' (a new local instance); "
+             "default: RAY_ADDRESS, else a running local cluster, else a new local instance. Implies --ray.")] = None,
+    actors: Annotated[int | None, typer.Option(help="Ray: engines (actors); default one per GPU, else one per CPU.")] = None,
+    predictions: Annotated[Path | None, typer.Option(
+        help="Also write the rows with a result and a manifest label as a predictions CSV for `patchflannel eval`.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+) -> None:
+    """Score images into one table: one row per input (path, hash, status, error, pred, p_covid..p_normal,
+    per-learner confidences, K, seed, bundle id, backend, DICOM UIDs).
+
+    Exit status: 0 every input scored (ok or flagged); 1 some inputs are error rows (the run still
+    completed); 2 bad options, sources, manifest or bundle (nothing scored).
+    """
+    from patchflannel.scoring.run import EngineOptions, score as run_score, summary_text
+    from patchflannel.scoring.writers import export_predictions
+
+    errors = Console(stderr=True)
+    options = EngineOptions(bundle=str(bundle) if bundle else None, device=device, backend=backend, loader=loader,
+                            sampler=sampler, precision=precision, seed=seed, k=k)
+    try:
+        summary = run_score(inputs, out, options=options, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
+                            ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
+                            console=errors)
+    except PatchflannelError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    if not quiet:
+        errors.print(summary_text(summary), markup=False, highlight=False, soft_wrap=True)
+    if predictions is not None:
+        written, left_out = export_predictions(out, predictions)
+        if not quiet:
+            errors.print(f"{predictions}: {written} predictions for `patchflannel eval` ({left_out} rows without a "
+                         "result or a label left out)", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)
+
+
+def phantoms(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write synthetic_phantom_NN.png and README.txt into.")],
+    n: Annotated[int, typer.Option("-n", help="How many phantoms.", min=1)] = 4,
+    size: Annotated[int, typer.Option(help="Side in pixels.", min=64)] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the first phantom.")] = 0,
+) -> None:
+    """Write SYNTHETIC chest-X-ray-like phantoms (not medical images) to try `score` on a fresh clone."""
+    from patchflannel.phantoms import write_phantoms
+
+    paths = write_phantoms(out_dir, n, size=size, seed=seed)
+    Console(stderr=True).print(f"wrote {len(paths)} synthetic phantoms (not medical images) to {out_dir}",
+                               markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``score`` and ``phantoms`` commands."""
+    app.command("score")(score)
+    app.command("phantoms")(phantoms)

@@ -1,0 +1,144 @@
+"""Which files a scoring run reads: files, folders, glob patterns and manifest CSVs, in a fixed order.
+
+Rules (also in docs/scoring.md):
+
+- A named file is always scored, whatever its name; its content decides the format when it is read.
+  A named file ending in ``.csv`` is a manifest instead: a CSV with a ``path`` column (relative paths are
+  resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view`` and ``fold``
+  columns, when present, are carried into the output so that it joins with the manifest.
+- A folder is walked recursively and a glob pattern expanded (``**`` recurses); from those, files with an
+  image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus extension-less files whose
+  bytes carry the DICOM ``DICM`` marker (PACS exports often have no extension). Hidden files and folders
+  (name starting with ``.``) are skipped.
+- Order: the arguments in the order given, each folder's or pattern's files sorted by path. A file reached
+  twice (same real path) is kept once, at its first place.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from patchflannel.errors import ConfigError, ManifestError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
+)
+"""File extensions taken from folders and glob patterns."""
+
+MANIFEST_COLUMNS: tuple[str, ...] = ("label", "patient_id", "source", "view", "fold")
+"""Manifest columns carried into the scoring output (when the manifest has them)."""
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """One input of a scoring run: its absolute path and the manifest columns carried with it."""
+
+    path: str
+    extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+
+def discover_inputs(sources: Iterable[str | os.PathLike[str]]) -> list[ScoreInput]:
+    """Expand ``sources`` (files, folders, glob patterns, manifest CSVs) into the run's inputs.
+
+    Raises ConfigError for a source that names nothing (missing path, pattern without a match, empty
+    folder) and ManifestError for a manifest without a ``path`` column or with an empty path.
+    """
+    seen: set[str] = set()
+    found: list[ScoreInput] = []
+    carried: set[str] = set()
+    for source in sources:
+        for item in _expand(os.fspath(source)):
+            key = os.path.realpath(item.path)
+            if key not in seen:
+                seen.add(key)
+                found.append(item)
+                carried.update(item.extra)
+    if not found:
+        raise ConfigError("no inputs: the sources named no image files")
+    # Every input carries the same manifest columns (empty where its source had none).
+    columns = [c for c in MANIFEST_COLUMNS if c in carried]
+    return [ScoreInput(i.path, {c: i.extra.get(c, "") for c in columns}) for i in found]
+
+
+def extra_columns(inputs: list[ScoreInput]) -> list[str]:
+    """The manifest columns the inputs carry, in :data:`MANIFEST_COLUMNS` order."""
+    return list(inputs[0].extra) if inputs else []
+
+
+def is_image_name(path: str | os.PathLike[str]) -> bool:
+    """True when a file found in a folder or by a pattern is taken (see the module rules)."""
+    name = os.path.basename(path)
+    if name.startswith("."):
+        return False
+    ext = os.path.splitext(name)[1].lower()
+    if ext:
+        return ext in IMAGE_EXTENSIONS
+    return _has_dicom_marker(path)
+
+
+def _expand(source: str) -> Iterator[ScoreInput]:
+    if os.path.isdir(source):
+        files = sorted(_walk(source))
+        if not files:
+            raise ConfigError(f"{source}: folder holds no image files")
+        yield from (ScoreInput(os.path.abspath(f)) for f in files)
+    elif os.path.isfile(source):
+        if source.lower().endswith(".csv"):
+            yield from read_score_manifest(source)
+        else:
+            yield ScoreInput(os.path.abspath(source))
+    elif _GLOB_CHARS & set(source):
+        matches = sorted(m for m in glob.glob(source, recursive=True) if os.path.isfile(m) and is_image_name(m))
+        if not matches:
+            raise ConfigError(f"{source}: pattern matches no image files")
+        yield from (ScoreInput(os.path.abspath(m)) for m in matches)
+    else:
+        raise ConfigError(f"{source}: no such file or folder")
+
+
+def _walk(folder: str) -> Iterator[str]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            path = os.path.join(root, name)
+            if is_image_name(path):
+                yield path
+
+
+def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:
+    """The inputs a manifest CSV lists (column ``path``, relative to the manifest's folder), in file order.
+
+    Files the manifest names but that are missing are kept: they become error rows when scored.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or "path" not in [c.strip() for c in reader.fieldnames]:
+                raise ManifestError(path, [f"no 'path' column (columns: {', '.join(reader.fieldnames or [])})"])
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
+    empty = [f"line {i + 2}: empty path" for i, row in enumerate(rows) if not row["path"]]
+    if empty:
+        raise ManifestError(path, empty)
+    base = path.parent
+    return [
+        ScoreInput(os.path.abspath(base / row["path"]), {c: row[c] for c in MANIFEST_COLUMNS if c in row})
+        for row in rows
+    ]
+
+
+def _has_dicom_marker(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False

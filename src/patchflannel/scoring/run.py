@@ -1,0 +1,214 @@
+"""Bulk scoring: inputs -> engine (local, or Ray actors) -> chunked, resumable output file.
+
+Rows stream from the engine to the output in chunks of ``chunk_size``: memory holds one chunk of rows, never
+the run's results (see docs/scoring.md for the measurement).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+from patchflannel.engine.results import Prediction
+from patchflannel.export.bundle import library_versions, load_bundle
+from patchflannel.errors import ConfigError, ImageReadError
+from patchflannel.io import content_hash
+from patchflannel.scoring.inputs import ScoreInput, discover_inputs, extra_columns
+from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, DICOM_COLUMNS, Key, ResultStore, output_format,
+                                         output_schema)
+
+@dataclass
+class EngineOptions:
+    """How each engine is built (the keyword arguments of ``Engine.from_bundle``)."""
+
+    bundle: str | None = None
+    device: str = "auto"
+    backend: str = "auto"
+    loader: str = "auto"
+    sampler: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    k: int | None = None
+
+    def engine(self) -> Any:
+        """Build the engine these options describe."""
+        from patchflannel.engine.engine import Engine
+
+        return Engine.from_bundle(self.bundle, device=self.device, backend=self.backend, loader=self.loader,
+                                  sampler=self.sampler, precision=self.precision, seed=self.seed, k=self.k)
+
+
+@dataclass
+class ScoreSummary:
+    """The outcome of a scoring run. Counts are over the whole output (resumed rows included)."""
+
+    out: Path
+    rows: int
+    ok: int
+    flagged: int
+    errors: int
+    skipped: int
+    scored_now: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        """Inputs scored by this run per second of its wall time."""
+        return self.scored_now / self.seconds if self.seconds > 0 else 0.0
+
+
+def describe_engine(engine: Any) -> dict[str, Any]:
+    """The engine's description plus the torch CPU thread count (CPU results may round differently with
+    another thread count; see docs/scoring.md)."""
+    import torch
+
+    return {**engine.describe(), "torch_threads": torch.get_num_threads()}
+
+
+def prediction_row(pred: Prediction, extra: dict[str, str]) -> dict[str, Any]:
+    """One output row: the engine's row with the predicted label as ``pred``, manifest columns and DICOM UIDs."""
+    row = pred.to_row()
+    row["pred"] = row.pop("label")
+    row.update(extra)
+    row.update({column: pred.meta.get(keyword) for column, keyword in DICOM_COLUMNS.items()})
+    return row
+
+
+def score(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    options: EngineOptions | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ray: bool | str = False,
+    actors: int | None = None,
+    ray_batch_size: int = 16,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> ScoreSummary:
+    """Score every input into ``out`` (.parquet, .csv or .jsonl) and return the summary.
+
+    ``ray``: False scores in this process; True runs on Ray wherever ``ray.init()`` connects (RAY_ADDRESS, a
+    running local cluster, else a new local instance), a string on the cluster at that address ('local',
+    'auto', 'HOST:6379', 'ray://HOST:10001'); with ``actors`` engines (see ray_runner).
+    Raises ConfigError/BundleError/ManifestError for bad options, bundles or manifests; bad images become
+    error rows.
+    """
+    options = options or EngineOptions()
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    items = discover_inputs(inputs)
+    output_format(out)
+    # Everything that can refuse the run does so before anything is written: a local engine verifies the
+    # bundle as it loads it; for Ray the driver verifies it (the actors load it again).
+    engine = options.engine() if ray is False else None
+    bundle = load_bundle(options.bundle, verify=engine is None)
+    k = options.k if options.k is not None else int(bundle.preprocessing["k"])
+    store = ResultStore(out, output_schema([e.name for e in bundle.learners], extra_columns(items)))
+    if overwrite:
+        store.clear()
+    store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)
+
+    todo, keep = _resume_plan(items, store.scored_keys()) if resume else (items, None)
+    if engine is not None:
+        description = describe_engine(engine)
+        rows = _local_rows(engine, todo)
+    else:
+        from patchflannel.scoring.ray_runner import ray_rows
+
+        rows, description = ray_rows(todo, store.schema, options, address=ray, actors=actors,
+                                     batch_size=ray_batch_size)
+    console = console or Console(stderr=True)
+    with _progress(console, quiet) as progress:
+        task = progress.add_task("scoring", total=len(todo))
+        chunk: list[dict[str, Any]] = []
+        for row in rows:
+            chunk.append(row)
+            progress.advance(task)
+            if len(chunk) >= chunk_size:
+                store.write_chunk(chunk)
+                chunk = []
+        if chunk:
+            store.write_chunk(chunk)
+
+    metadata = {
+        "bundle": {"id": bundle.bundle_id, "name": bundle.name, "path": str(bundle.root.resolve())},
+        "engine": description,
+        "versions": library_versions(),
+        "config": {"inputs": [os.fspath(i) for i in inputs], "seed": options.seed, "k": k,
+                   "chunk_size": chunk_size, "ray": ray, "actors": actors, "device": options.device,
+                   "backend": options.backend, "loader": options.loader, "sampler": options.sampler,
+                   "precision": options.precision},
+        "started": started_at,
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    counts = store.finalize(metadata, keep=keep)
+    return ScoreSummary(out=store.out, rows=sum(counts.values()), ok=counts.get("ok", 0),
+                        flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
+                        skipped=len(items) - len(todo), scored_now=len(todo),
+                        seconds=time.perf_counter() - started)
+
+
+def _local_rows(engine: Any, items: list[ScoreInput]) -> Iterator[dict[str, Any]]:
+    """Rows from one in-process engine, in input order."""
+    preds = engine.stream((i.path, i.path) for i in items)
+    for item, pred in zip(items, preds):
+        yield prediction_row(pred, item.extra)
+
+
+def _resume_plan(items: list[ScoreInput], done: set[Key]) -> tuple[list[ScoreInput], Callable[[Key], bool]]:
+    """Inputs still to score and the filter of stored rows to keep.
+
+    An input is done when a stored row has its path and its current content hash. Stored rows of paths no
+    longer among the inputs, or of files changed since (another hash), are dropped at the end.
+    """
+    done_paths = {path for path, _ in done}
+    current: dict[str, str | None] = {i.path: _hash_or_none(i.path) for i in items if i.path in done_paths}
+    todo = [i for i in items if i.path not in current or (i.path, current[i.path]) not in done]
+    paths = {i.path for i in items}
+    stale = {key for key in done if key[0] not in paths or current.get(key[0]) != key[1]}
+    return todo, lambda key: key[0] in paths and key not in stale
+
+
+def _hash_or_none(path: str) -> str | None:
+    try:
+        return content_hash(path)
+    except ImageReadError:
+        return None
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second of the task."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+
+
+def _progress(console: Console, quiet: bool) -> Progress:
+    """The progress bar; disabled with ``quiet`` or when the console is not a terminal."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    disable=quiet or not console.is_terminal)
+
+
+def summary_text(summary: ScoreSummary) -> str:
+    """The end-of-run summary line."""
+    resumed = f", {summary.skipped} already scored" if summary.skipped else ""
+    return (f"{summary.out}: {summary.rows} rows: {summary.ok} ok, {summary.flagged} flagged, {summary.errors} "
+            f"errors{resumed}; scored {summary.scored_now} in {summary.seconds:.1f} s "
+            f"({summary.images_per_second:.2f} img/s)")
+

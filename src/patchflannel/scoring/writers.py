@@ -1,0 +1,273 @@
+"""Scoring output: one fixed-schema table, written in atomic chunks and finalised into Parquet, CSV or JSONL.
+
+While a run goes on, results land in ``<out>.parts/part-NNNNNN.parquet``, each written whole to a temporary
+name and then renamed (``os.replace``), so a killed run leaves only complete parts. ``<out>.parts/run.json``
+records what the rows depend on (bundle, seed, K, columns) so that ``--resume`` never mixes runs. At the end
+the previous output (if any) and the parts are streamed, one batch at a time, into ``<out>`` (again through a
+temporary file and a rename), the sidecar ``<out>.meta.json`` is written, and the parts are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from patchflannel.classes import CLASSES
+from patchflannel.errors import ConfigError
+
+FORMATS: dict[str, str] = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+"""Output file extension to format."""
+
+META_KEY = b"patchflannel"
+"""Parquet key-value metadata key holding the run metadata (the same JSON as the sidecar)."""
+
+DEFAULT_CHUNK_SIZE = 256
+"""Rows a part file holds: the most work a killed run can lose."""
+
+DICOM_COLUMNS: dict[str, str] = {"study_instance_uid": "StudyInstanceUID", "sop_instance_uid": "SOPInstanceUID"}
+"""Output column to the DICOM attribute it holds (empty for other formats)."""
+
+Key = tuple[str, str]
+
+
+def output_format(out: str | os.PathLike[str]) -> str:
+    """The format chosen by ``out``'s extension; ConfigError for any other extension."""
+    ext = Path(out).suffix.lower()
+    if ext not in FORMATS:
+        raise ConfigError(f"{out}: unknown output extension {ext or '(none)'!r} (use {', '.join(FORMATS)})")
+    return FORMATS[ext]
+
+
+def output_schema(learners: Iterable[str], extra: Iterable[str] = ()) -> pa.Schema:
+    """The output columns: path, the manifest columns carried, result, per-learner vote fractions, run info."""
+    fields = [pa.field("path", pa.string())]
+    fields += [pa.field(c, pa.string()) for c in extra]
+    fields += [pa.field(c, pa.string()) for c in ("content_hash", "status", "error", "flags", "pred")]
+    fields += [pa.field(f"p_{c}", pa.float64()) for c in CLASSES]
+    fields += [pa.field(f"{learner}_{c}", pa.float64()) for learner in learners for c in CLASSES]
+    fields += [pa.field("k", pa.int64()), pa.field("seed", pa.int64())]
+    fields += [pa.field(c, pa.string()) for c in ("bundle_id", "backend", *DICOM_COLUMNS)]
+    return pa.schema(fields)
+
+
+class ResultStore:
+    """The chunked, atomic, resumable storage of one scoring output file."""
+
+    def __init__(self, out: str | os.PathLike[str], schema: pa.Schema) -> None:
+        self.out = Path(out)
+        self.format = output_format(self.out)
+        self.schema = schema
+        self.parts_dir = self.out.with_name(self.out.name + ".parts")
+        self.meta_path = self.out.with_name(self.out.name + ".meta.json")
+        self._run_file = self.parts_dir / "run.json"
+        self.run_key: dict[str, Any] = {}
+        self._next_part: int | None = None
+
+    def exists(self) -> bool:
+        """True when an output or the parts of an unfinished run are already there."""
+        return self.out.exists() or self.parts_dir.exists()
+
+    def clear(self) -> None:
+        """Remove the output, its sidecar and any parts (``--overwrite``)."""
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        for p in (self.out, self.meta_path):
+            p.unlink(missing_ok=True)
+
+    def begin(self, run_key: dict[str, Any], *, resume: bool) -> None:
+        """Prepare for writing. With ``resume``, refuse earlier results made under another ``run_key``.
+
+        The run key (what the rows depend on: bundle, seed, K, ...) is stored with the output columns added.
+        """
+        run_key = {**run_key, "columns": self.schema.names}
+        if resume:
+            for source, previous in self._previous_run_keys():
+                if previous != run_key:
+                    changed = sorted(k for k in set(run_key) | set(previous) if run_key.get(k) != previous.get(k))
+                    raise ConfigError(f"cannot resume into {self.out}: {source} was made with a different "
+                                      f"{', '.join(changed)}; score to a new output or pass --overwrite")
+        elif self.exists():
+            raise ConfigError(f"{self.out}: output (or the parts of an unfinished run) already exists; "
+                              "pass --resume to continue it or --overwrite to replace it")
+        self.run_key = run_key
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        if not self._run_file.exists():
+            _atomic_write_text(self._run_file, json.dumps(run_key, indent=2, sort_keys=True))
+
+    def scored_keys(self) -> set[Key]:
+        """(path, content_hash) of every row already stored (previous output and parts)."""
+        keys: set[Key] = set()
+        for batch in self._stored_batches(columns=["path", "content_hash"]):
+            keys.update(zip(batch.column("path").to_pylist(), batch.column("content_hash").to_pylist()))
+        return keys
+
+    def write_chunk(self, rows: list[dict[str, Any]]) -> Path:
+        """Write ``rows`` as the next complete part file (temporary name, then rename); returns its path."""
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        if self._next_part is None:
+            self._next_part = max((int(p.stem.split("-")[1]) for p in self._parts()), default=-1) + 1
+        part = self.parts_dir / f"part-{self._next_part:06d}.parquet"
+        self._next_part += 1
+        tmp = part.with_name(part.name + ".tmp")
+        pq.write_table(table, tmp)
+        _fsync(tmp)
+        os.replace(tmp, part)
+        return part
+
+    def finalize(self, metadata: dict[str, Any], keep: Callable[[Key], bool] | None = None) -> dict[str, int]:
+        """Stream the previous output and every part into the output file; returns the row count per status.
+
+        Rows keep their stored order; a (path, content_hash) seen twice is kept once, and with ``keep``
+        only rows whose key it accepts (a resumed run drops rows of files changed since).
+        ``metadata`` (plus the run key and the columns) goes to the sidecar and the Parquet metadata.
+        """
+        metadata = {**metadata, "run_key": self.run_key, "columns": schema_columns(self.schema)}
+        schema = self.schema.with_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        tmp = self.out.with_name(f".{self.out.name}.tmp")
+        seen: set[Key] = set()
+        counts: Counter[str] = Counter()
+        with _open_writer(tmp, self.format, schema) as write:
+            for batch in self._stored_batches():
+                mask = []
+                for key in zip(batch.column("path").to_pylist(), batch.column("content_hash").to_pylist()):
+                    mask.append(key not in seen and (keep is None or keep(key)))
+                    seen.add(key)
+                kept = batch.filter(pa.array(mask, pa.bool_()))
+                if kept.num_rows:
+                    write(kept)
+                    counts.update(kept.column("status").to_pylist())
+        _fsync(tmp)
+        os.replace(tmp, self.out)
+        _atomic_write_text(self.meta_path, json.dumps({**metadata, "counts": dict(counts)}, indent=2, sort_keys=True))
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return dict(counts)
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
+
+    def _stored_batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        sources = ([(self.out, self.format)] if self.out.exists() else []) + [(p, "parquet") for p in self._parts()]
+        for source, fmt in sources:
+            yield from read_batches(source, fmt, self.schema, columns)
+
+    def _previous_run_keys(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        if self._run_file.exists():
+            yield self._run_file, json.loads(self._run_file.read_text())
+        elif self.parts_dir.exists() and self._parts():
+            raise ConfigError(f"cannot resume: {self.parts_dir} has parts but no run.json")
+        if self.out.exists():
+            if not self.meta_path.exists():
+                raise ConfigError(f"cannot resume into {self.out}: its metadata {self.meta_path} is missing")
+            yield self.meta_path, json.loads(self.meta_path.read_text())["run_key"]
+
+
+def read_batches(path: str | os.PathLike[str], fmt: str, schema: pa.Schema,
+                 columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Stream a scoring output file of format ``fmt`` back as record batches of ``schema`` (or ``columns``)."""
+    path = str(path)
+    if fmt == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(columns=columns)
+        return
+    if fmt == "csv":
+        reader = pa_csv.open_csv(path, convert_options=pa_csv.ConvertOptions(
+            column_types=schema, strings_can_be_null=True, quoted_strings_can_be_null=False,
+            include_columns=columns))
+    else:
+        reader = pa_json.open_json(path, parse_options=pa_json.ParseOptions(explicit_schema=schema))
+    for batch in reader:
+        if fmt == "jsonl":
+            batch = batch.select(columns or schema.names)
+        yield batch
+
+
+def read_output(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any]]:
+    """A whole scoring output and its run metadata (from the sidecar ``<out>.meta.json``)."""
+    path = Path(path)
+    fmt = output_format(path)
+    metadata = json.loads(path.with_name(path.name + ".meta.json").read_text())
+    schema = pa.schema([pa.field(n, pa.type_for_alias(t)) for n, t in metadata["columns"]])
+    return pa.Table.from_batches(list(read_batches(path, fmt, schema)), schema=schema), metadata
+
+
+def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLike[str], *,
+                       split: str = "test") -> tuple[int, int]:
+    """Write the rows of scoring output ``out`` that have a result and a known ``label`` (carried from a
+    manifest) as a predictions CSV for ``patchflannel eval``; returns (rows written, rows left out).
+
+    ``model`` is the bundle's name, ``fold`` the carried fold (else ``all``), ``split`` as given, and a
+    missing ``patient_id`` is the path (each image its own patient).
+    """
+    from patchflannel.training.report import write_predictions
+
+    table, metadata = read_output(out)
+    rows = [r for r in table.to_pylist() if r["status"] != "error" and r.get("label") in CLASSES]
+    model = metadata["bundle"]["name"]
+    write_predictions([{"patient_id": r["path"], "source": "", **{k: v for k, v in r.items() if v not in (None, "")},
+                        "model": model, "fold": r.get("fold") or "all", "split": split} for r in rows],
+                      Path(predictions))
+    return len(rows), table.num_rows - len(rows)
+
+
+def schema_columns(schema: pa.Schema) -> list[list[str]]:
+    """``[[name, type], ...]`` of a schema, as stored in the run metadata."""
+    return [[f.name, str(f.type)] for f in schema]
+
+
+class _JsonlWriter:
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "w", encoding="utf-8")
+
+    def __call__(self, batch: pa.RecordBatch) -> None:
+        self._fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in batch.to_pylist())
+
+    def __enter__(self) -> _JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+
+class _ArrowWriter:
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+
+    def __call__(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+
+    def __enter__(self) -> _ArrowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._writer.close()
+
+
+def _open_writer(path: Path, fmt: str, schema: pa.Schema) -> _ArrowWriter | _JsonlWriter:
+    if fmt == "parquet":
+        return _ArrowWriter(pq.ParquetWriter(str(path), schema))
+    if fmt == "csv":
+        return _ArrowWriter(pa_csv.CSVWriter(str(path), schema.remove_metadata()))
+    return _JsonlWriter(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

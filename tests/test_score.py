@@ -1,0 +1,213 @@
+"""End-to-end `score` on real images mixed with broken files: rows, errors, exit codes, formats, order."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from PIL import Image
+from rich.console import Console
+from typer.testing import CliRunner
+
+from patchflannel.classes import CLASSES
+from patchflannel.cli.score import EXIT_INPUT_ERRORS, EXIT_USAGE, register
+from patchflannel.export.bundle import Bundle, default_preprocessing, entry_from_module, write_bundle
+from patchflannel.models import get_model
+from patchflannel.phantoms import write_phantoms
+from patchflannel.scoring.run import EngineOptions, score
+from patchflannel.training.report import read_predictions
+from patchflannel.scoring.writers import read_output
+
+K = 4
+
+
+def mixed_bundle(root: Path) -> Path:
+    """A random-weight bundle with a patch learner and a global learner.
+
+    Random patch learners vote the same class for every patch, so every image would get the same
+    probabilities; the global learner's softmax makes them differ per image, so row mix-ups show.
+    """
+    torch.manual_seed(0)
+    seg = entry_from_module("segmentation", "fcdensenet56", get_model("fcdensenet56"), root, "segmentation.pt")
+    learners = [
+        entry_from_module("shufflenet_patch", "shufflenet_v2_x0_5", get_model("shufflenet_v2_x0_5"), root,
+                          "learners/0.pt", mode="patch"),
+        entry_from_module("squeezenet_global", "squeezenet1_1", get_model("squeezenet1_1"), root,
+                          "learners/1.pt", mode="global"),
+    ]
+    ens = entry_from_module("ensemble", "flannel", get_model("flannel", n_learners=2), root, "ensemble.pt",
+                            arch_config={"n_learners": 2})
+    write_bundle(Bundle(root=root, name="test-mixed", classes=list(CLASSES), preprocessing=default_preprocessing(),
+                        segmentation=seg, learners=learners, ensemble=ens, training={"note": "random weights"}))
+    return root
+
+
+def real_images(cxr4_dir: Path, n: int) -> list[Path]:
+    """``n`` real images, one class after another, smallest files first (fast to read)."""
+    classes = ("covid", "viral", "bacterial", "normal")
+    per_class = [sorted((cxr4_dir / "images" / c).iterdir(), key=lambda p: p.stat().st_size) for c in classes]
+    return [per_class[i % 4][i // 4] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mixed_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory, cxr4_dir: Path) -> Path:
+    """Real images plus the broken and unusual files of the issue."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder = tmp_path_factory.mktemp("mixed")
+    real = real_images(cxr4_dir, 2)
+    shutil.copy(real[0], folder / real[0].name)
+    jpeg = real[1].read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image\n")
+    grey = np.asarray(Image.open(real[0]).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
+    Image.fromarray(grey[:100, :100]).save(folder / "small_100.png")
+
+    def dicom(name: str, pixels: np.ndarray | None) -> None:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3.4.5", generate_uid(), "DX"
+        if pixels is not None:
+            ds.Rows, ds.Columns = pixels.shape
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = (pixels.astype(np.uint16) * 16).tobytes()
+        ds.save_as(folder / name, enforce_file_format=True)
+
+    dicom("no_pixels.dcm", None)
+    dicom("image.dcm", grey)
+    return folder
+
+
+BAD = {
+    "truncated.jpg": "cannot decode JPEG",
+    "zero.png": "empty file",
+    "text.png": "not a recognised image format",
+    "no_pixels.dcm": "no PixelData",
+}
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def _by_name(path: Path) -> dict[str, dict]:
+    table, _ = read_output(path)
+    return {Path(r["path"]).name: r for r in table.to_pylist()}
+
+
+def test_mixed_folder_scores_good_reports_bad(mixed_folder: Path, bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(_app(), ["score", str(mixed_folder), "--out", str(out), "--bundle", str(bundle),
+                                         "-k", str(K), "--chunk-size", "3"])
+    assert result.exit_code == EXIT_INPUT_ERRORS, result.output
+    assert "4 errors" in result.output and "1 flagged" in result.output
+    rows = _by_name(out)
+    assert len(rows) == 1 + len(BAD) + 3  # every input exactly once
+    for name, reason in BAD.items():
+        row = rows[name]
+        assert row["status"] == "error" and row["pred"] is None and row["p_covid"] is None
+        assert str(mixed_folder / name) in row["error"] and reason in row["error"], row["error"]
+    good = [r for r in rows.values() if r["status"] != "error"]
+    for row in good:
+        p = [row[f"p_{c}"] for c in CLASSES]
+        assert sum(p) == pytest.approx(1.0, abs=1e-5) and row["pred"] == CLASSES[int(np.argmax(p))]
+        assert sum(row[f"shufflenet_patch_{c}"] for c in CLASSES) == pytest.approx(1.0)
+        assert row["k"] == K and row["seed"] == 0 and row["backend"] == "torch" and len(row["content_hash"]) == 64
+    assert rows["small_100.png"]["status"] == "flagged" and "small_image" in rows["small_100.png"]["flags"]
+    assert rows["sixteen_bit.png"]["status"] == "ok"
+    assert rows["image.dcm"]["study_instance_uid"] == "1.2.3.4.5" and rows["image.dcm"]["sop_instance_uid"]
+    assert len({r["p_covid"] for r in good}) > 1  # the rows differ per image
+
+
+@pytest.mark.slow
+def test_order_batching_and_format_do_not_change_rows(mixed_folder: Path, bundle: Path, tmp_path: Path) -> None:
+    files = sorted(p for p in mixed_folder.iterdir() if p.name in BAD or p.name == "small_100.png" or p.suffix == ".dcm")
+    terminal_a, terminal_b = (Console(file=io.StringIO(), force_terminal=True, width=120) for _ in range(2))
+    a = score(files, tmp_path / "a.parquet", options=EngineOptions(bundle=str(bundle), k=K), chunk_size=2,
+              console=terminal_a)
+    b = score(files[::-1], tmp_path / "b.jsonl", options=EngineOptions(bundle=str(bundle), k=K), chunk_size=100,
+              quiet=True, console=terminal_b)
+    assert "img/s" in terminal_a.file.getvalue() and f"{len(files)}/{len(files)}" in terminal_a.file.getvalue()
+    assert terminal_b.file.getvalue() == ""  # --quiet: no bar even on a terminal
+    assert (a.rows, a.errors) == (b.rows, b.errors) == (len(files), 4)
+    rows_a, rows_b = _by_name(tmp_path / "a.parquet"), _by_name(tmp_path / "b.jsonl")
+    assert list(rows_a) == [p.name for p in files] and list(rows_b) == [p.name for p in files[::-1]]
+    assert rows_a == rows_b  # identical values, bit for bit
+
+
+def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:
+    image = real_images(cxr4_dir, 1)[0]
+    (tmp_path / "zero.png").write_bytes(b"")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,label,patient_id,source,license\n{image},covid,pt0,src0,CC\nzero.png,normal,pt1,src1,CC\n")
+    out = tmp_path / "out.csv"
+    runner = CliRunner()
+    result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle), "-k", str(K),
+                                    "--predictions", str(tmp_path / "pred.csv")])
+    assert result.exit_code == EXIT_INPUT_ERRORS and "1 predictions for `patchflannel eval`" in result.output
+    table, meta = read_output(out)
+    assert table.column_names[:4] == ["path", "label", "patient_id", "source"]
+    assert table.column("label").to_pylist() == ["covid", "normal"] and table.column("patient_id").to_pylist() == ["pt0", "pt1"]
+    assert meta["bundle"]["name"] == "test-mixed" and meta["engine"]["device"] == "cpu" and meta["config"]["k"] == K
+    (pred,) = read_predictions(tmp_path / "pred.csv")
+    row = table.to_pylist()[0]
+    assert (pred["path"], pred["label"], pred["patient_id"], pred["model"], pred["fold"], pred["split"]) == (
+        str(image), "covid", "pt0", "test-mixed", "all", "test")
+    assert pred["pred"] == row["pred"] and pred["probs"] == pytest.approx([row[f"p_{c}"] for c in CLASSES], abs=1e-6)
+    result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle)])
+    assert result.exit_code == EXIT_USAGE and "already exists" in result.output
+
+
+def test_usage_errors_exit_2(tmp_path: Path, bundle: Path, mixed_folder: Path) -> None:
+    runner = CliRunner()
+    tampered = shutil.copytree(bundle, tmp_path / "tampered")
+    with open(tampered / "ensemble.pt", "ab") as fh:
+        fh.write(b"x")
+    cases = [
+        (["score", str(tmp_path / "absent"), "--out", str(tmp_path / "o.parquet")], "no such file or folder"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--bundle", str(tampered)], "sha256 mismatch"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "o.txt"), "--bundle", str(bundle)], "unknown output extension"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--bundle", str(tmp_path)], "no bundle.json"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(_app(), args)
+        assert result.exit_code == EXIT_USAGE and message in result.output, result.output
+    assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.csv.parts").exists()
+
+
+def test_phantoms_command_and_a_clean_run_exits_0(tmp_path: Path, bundle: Path) -> None:
+    result = CliRunner().invoke(_app(), ["phantoms", str(tmp_path / "demo"), "-n", "3", "--size", "256"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    assert names == ["README.txt", "synthetic_phantom_00.png", "synthetic_phantom_01.png", "synthetic_phantom_02.png"]
+    assert "SYNTHETIC" in (tmp_path / "demo" / "README.txt").read_text()
+    a = np.asarray(Image.open(tmp_path / "demo" / "synthetic_phantom_00.png"))
+    b = np.asarray(Image.open(tmp_path / "demo" / "synthetic_phantom_01.png"))
+    assert a.shape == (256, 256) and a.dtype == np.uint8 and not np.array_equal(a, b)
+    assert a[128, 40:80].mean() + 60 < a[128, 118:138].mean()  # dark lung field beside the bright spine
+    again = write_phantoms(tmp_path / "again", 1, size=256)
+    assert again[0].read_bytes() == (tmp_path / "demo" / "synthetic_phantom_00.png").read_bytes()  # deterministic
+    result = CliRunner().invoke(_app(), ["score", str(tmp_path / "again"), "--out", str(tmp_path / "s.parquet"),
+                                         "--bundle", str(bundle), "-k", str(K)])
+    assert result.exit_code == 0 and "1 rows: " in result.output and " 0 errors" in result.output, result.output

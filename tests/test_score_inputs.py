@@ -1,0 +1,113 @@
+"""Input discovery for scoring: files, folders, globs, manifests; order, duplicates, what is taken."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.scoring.inputs import discover_inputs, extra_columns, read_score_manifest
+
+
+def _touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _dicom_bytes() -> bytes:
+    return b"\0" * 128 + b"DICM" + b"\0" * 16
+
+
+def test_folder_is_recursive_sorted_and_filtered(tmp_path: Path) -> None:
+    for rel in ("b.png", "a/z.JPG", "a/y.tif", "c.dcm", "notes.txt", "README", ".hidden.png", ".git/x.png", "d.jpeg"):
+        _touch(tmp_path / rel)
+    _touch(tmp_path / "IM0001", _dicom_bytes())  # extension-less DICOM is taken, "README" is not
+    found = [Path(i.path).relative_to(tmp_path).as_posix() for i in discover_inputs([tmp_path])]
+    assert found == ["IM0001", "a/y.tif", "a/z.JPG", "b.png", "c.dcm", "d.jpeg"]
+    assert all(os.path.isabs(i.path) for i in discover_inputs([tmp_path]))
+
+
+def test_named_file_taken_whatever_its_name_and_order_kept(tmp_path: Path) -> None:
+    a, b = _touch(tmp_path / "scan.bin"), _touch(tmp_path / "x.png")
+    found = discover_inputs([b, a])
+    assert [i.path for i in found] == [str(b), str(a)]
+
+
+def test_duplicates_removed_first_place_kept(tmp_path: Path) -> None:
+    a = _touch(tmp_path / "d" / "a.png")
+    b = _touch(tmp_path / "d" / "b.png")
+    (tmp_path / "link.png").symlink_to(b)
+    found = discover_inputs([b, tmp_path / "d", str(tmp_path / "d" / "*.png"), tmp_path / "link.png"])
+    assert [i.path for i in found] == [str(b), str(a)]
+
+
+def test_glob_patterns_recurse_and_filter(tmp_path: Path) -> None:
+    _touch(tmp_path / "one" / "a.png")
+    _touch(tmp_path / "one" / "two" / "b.jpg")
+    _touch(tmp_path / "one" / "two" / "c.txt")
+    found = discover_inputs([str(tmp_path / "one" / "**" / "*")])
+    assert [Path(i.path).name for i in found] == ["a.png", "b.jpg"]
+
+
+def test_manifest_relative_paths_and_carried_columns(tmp_path: Path) -> None:
+    _touch(tmp_path / "imgs" / "a.jpg")
+    man = tmp_path / "m.csv"
+    man.write_text("path,label,patient_id,license,source\nimgs/a.jpg,covid,p1,CC,src\nimgs/missing.jpg,normal,p2,CC,src\n")
+    found = discover_inputs([man])
+    assert [i.path for i in found] == [str(tmp_path / "imgs" / "a.jpg"), str(tmp_path / "imgs" / "missing.jpg")]
+    assert found[0].extra == {"label": "covid", "patient_id": "p1", "source": "src"}
+    assert extra_columns(found) == ["label", "patient_id", "source"]
+
+
+def test_mixed_manifest_and_folder_share_columns(tmp_path: Path) -> None:
+    _touch(tmp_path / "m" / "a.png")
+    _touch(tmp_path / "f" / "b.png")
+    man = tmp_path / "m.csv"
+    man.write_text("path,label\nm/a.png,viral\n")
+    found = discover_inputs([man, tmp_path / "f"])
+    assert [i.extra for i in found] == [{"label": "viral"}, {"label": ""}]
+
+
+def test_real_cxr4_manifest(cxr4_dir: Path) -> None:
+    found = discover_inputs([cxr4_dir / "manifest.csv"])
+    with open(cxr4_dir / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(found) == len(rows) == 1178
+    assert all(os.path.isfile(i.path) for i in found)
+    assert {i.extra["label"] for i in found} == {"covid", "viral", "bacterial", "normal"}
+    assert found[5].extra["patient_id"] == rows[5]["patient_id"]
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [("file,label\na.png,covid\n", "no 'path' column"), ("path,label\n,covid\n", "line 2: empty path")],
+)
+def test_bad_manifest_names_file_and_reason(tmp_path: Path, text: str, reason: str) -> None:
+    man = tmp_path / "bad.csv"
+    man.write_text(text)
+    with pytest.raises(ManifestError, match=reason) as info:
+        read_score_manifest(man)
+    assert str(man) in str(info.value)
+
+
+def test_sources_that_name_nothing_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        discover_inputs([tmp_path / "absent"])
+    with pytest.raises(ConfigError, match="pattern matches no image files"):
+        discover_inputs([str(tmp_path / "*.png")])
+    (tmp_path / "empty").mkdir()
+    _touch(tmp_path / "empty" / "notes.txt")
+    with pytest.raises(ConfigError, match="folder holds no image files"):
+        discover_inputs([tmp_path / "empty"])
+
+
+def test_real_images_in_a_folder(cxr4_dir: Path, tmp_path: Path) -> None:
+    src = sorted((cxr4_dir / "images" / "covid").iterdir())[:3]
+    for p in src:
+        shutil.copy(p, tmp_path / p.name)
+    assert [Path(i.path).name for i in discover_inputs([tmp_path])] == sorted(p.name for p in src)

@@ -1,0 +1,65 @@
+"""A scoring process killed with SIGKILL part-way, then resumed: every input exactly once, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from patchflannel.export.bundle import random_bundle
+from patchflannel.scoring.run import EngineOptions, score
+from patchflannel.scoring.writers import read_output
+
+N_IMAGES = 4
+CLI = "from patchflannel.cli import app; from patchflannel.cli.score import register; register(app); app()"
+"""The CLI app with the score commands (the console script once `score` is registered there)."""
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Path) -> None:
+    bundle = random_bundle(tmp_path / "bundle", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",)).root
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((cxr4_dir / "images" / "normal").iterdir())[:N_IMAGES]:
+        shutil.copy(p, images / p.name)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "scores.csv"
+    parts = tmp_path / "scores.csv.parts"
+    args = [sys.executable, "-c", CLI, "score", str(images), "--out", str(out), "--bundle", str(bundle),
+            "-k", "2", "--chunk-size", "1", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not list(parts.glob("part-*.parquet")):
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "no part written in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(parts.glob("part-*.parquet"))
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert 1 <= len(done) < N_IMAGES + 1, "the run was not killed part-way"
+
+    summary = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, chunk_size=1, quiet=True)
+    assert summary.skipped == len(done) and summary.scored_now == N_IMAGES + 1 - len(done)
+    assert (summary.rows, summary.ok, summary.errors) == (N_IMAGES + 1, N_IMAGES, 1)
+    table, meta = read_output(out)
+    paths = table.column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in images.iterdir()) and len(set(paths)) == len(paths)
+    assert not parts.exists() and meta["counts"] == {"ok": N_IMAGES, "error": 1}
+
+    # A resume of a finished run scores nothing and keeps the rows; a changed file is scored again.
+    again = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, quiet=True)
+    assert (again.skipped, again.scored_now, again.rows) == (N_IMAGES + 1, 0, N_IMAGES + 1)
+    assert read_output(out)[0].to_pylist() == table.to_pylist()
+    shutil.copy(cxr4_dir / "images" / "covid" / sorted(os.listdir(cxr4_dir / "images" / "covid"))[0], images / "broken.png")
+    fixed = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, quiet=True)
+    assert (fixed.scored_now, fixed.rows, fixed.errors) == (1, N_IMAGES + 1, 0)
+    rows = {r["path"]: r for r in read_output(out)[0].to_pylist()}
+    assert rows[str(images / "broken.png")]["status"] == "ok" and len(rows) == N_IMAGES + 1

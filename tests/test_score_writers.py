@@ -1,0 +1,119 @@
+"""Scoring output storage: atomic parts, finalisation to Parquet/CSV/JSONL, resume bookkeeping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from patchflannel.errors import ConfigError
+from patchflannel.scoring.writers import META_KEY, ResultStore, output_format, output_schema, read_output
+
+SCHEMA = output_schema(["resnet18_patch"], ["label"])
+RUN_KEY = {"bundle_id": "abc", "seed": 0, "k": 4}
+
+
+def _row(i: int, **over: object) -> dict[str, object]:
+    p = [0.1 + i / 1000, 0.2, 0.3, 0.4 - i / 1000]
+    row: dict[str, object] = {
+        "path": f"/data/img,{i}.png", "label": "covid", "content_hash": f"h{i}", "status": "ok", "error": None,
+        "flags": "", "pred": "normal", "k": 4, "seed": 0, "bundle_id": "abc", "backend": "torch",
+        **{f"p_{c}": v for c, v in zip(("covid", "viral", "bacterial", "normal"), p)},
+        **{f"resnet18_patch_{c}": v for c, v in zip(("covid", "viral", "bacterial", "normal"), (0.25, 0.5, 0.0, 0.25))},
+    }
+    row.update(over)
+    return row
+
+
+def _error_row(i: int) -> dict[str, object]:
+    return {"path": f"/data/bad{i}.png", "label": "", "content_hash": f"e{i}", "status": "error",
+            "error": f'/data/bad{i}.png: cannot decode PNG: "truncated", naïve', "flags": "", "k": 4, "seed": 0,
+            "bundle_id": "abc", "backend": "torch"}
+
+
+def _full_rows() -> list[dict[str, object]]:
+    return [{name: r.get(name) for name in SCHEMA.names} for r in (_row(0), _error_row(1), _row(2), _row(3))]
+
+
+def test_output_format_by_extension(tmp_path: Path) -> None:
+    assert [output_format(tmp_path / f"x{e}") for e in (".parquet", ".CSV", ".jsonl")] == ["parquet", "csv", "jsonl"]
+    with pytest.raises(ConfigError, match=r"x\.txt: unknown output extension '\.txt'"):
+        output_format(tmp_path / "x.txt")
+
+
+def test_schema_columns() -> None:
+    assert SCHEMA.names[:3] == ["path", "label", "content_hash"]
+    assert "resnet18_patch_bacterial" in SCHEMA.names and "sop_instance_uid" in SCHEMA.names
+
+
+@pytest.mark.parametrize("ext", [".parquet", ".csv", ".jsonl"])
+def test_parts_finalised_to_each_format_with_the_same_rows(tmp_path: Path, ext: str) -> None:
+    store = ResultStore(tmp_path / f"out{ext}", SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    rows = _full_rows()
+    store.write_chunk(rows[:3])
+    store.write_chunk(rows[3:])
+    assert sorted(p.name for p in store.parts_dir.iterdir()) == ["part-000000.parquet", "part-000001.parquet", "run.json"]
+    assert store.finalize({"bundle": {"id": "abc"}}) == {"ok": 3, "error": 1}
+    assert not store.parts_dir.exists()
+    table, meta = read_output(store.out)
+    assert table.schema.remove_metadata().equals(SCHEMA)
+    assert table.to_pylist() == rows  # exact floats, None vs "" kept, quotes/commas/unicode kept
+    assert meta["bundle"] == {"id": "abc"} and meta["run_key"] == {**RUN_KEY, "columns": SCHEMA.names}
+    if ext == ".parquet":
+        assert json.loads(pq.read_schema(store.out).metadata[META_KEY]) == {k: v for k, v in meta.items() if k != "counts"}
+
+
+def test_existing_output_refused_without_resume(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "out.parquet", SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    store.write_chunk(_full_rows()[:1])  # an unfinished run
+    with pytest.raises(ConfigError, match="already exists; pass --resume"):
+        ResultStore(tmp_path / "out.parquet", SCHEMA).begin(RUN_KEY, resume=False)
+    store.clear()
+    ResultStore(tmp_path / "out.parquet", SCHEMA).begin(RUN_KEY, resume=False)
+
+
+def test_resume_keys_from_parts_and_output_and_dedup(tmp_path: Path) -> None:
+    rows = _full_rows()
+    out = tmp_path / "out.csv"
+    first = ResultStore(out, SCHEMA)
+    first.begin(RUN_KEY, resume=False)
+    first.write_chunk(rows[:2])
+    first.finalize({})
+    second = ResultStore(out, SCHEMA)
+    second.begin(RUN_KEY, resume=True)
+    second.write_chunk(rows[2:3])
+    (second.parts_dir / "part-000009.parquet.tmp").write_bytes(b"half a file")  # a killed write: ignored
+    assert second.scored_keys() == {("/data/img,0.png", "h0"), ("/data/bad1.png", "e1"), ("/data/img,2.png", "h2")}
+    second.write_chunk(rows[1:2] + rows[3:])  # a duplicate of a stored row is kept once
+    assert second.finalize({}) == {"ok": 3, "error": 1}
+    assert read_output(out)[0].to_pylist() == rows
+
+
+def test_finalize_keep_drops_rows_of_changed_files(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "out.jsonl", SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    store.write_chunk(_full_rows())
+    keep = {("/data/img,0.png", "h0"), ("/data/img,3.png", "h3")}
+    assert store.finalize({}, keep=keep.__contains__) == {"ok": 2}
+    assert [r["path"] for r in read_output(store.out)[0].to_pylist()] == ["/data/img,0.png", "/data/img,3.png"]
+
+
+def test_resume_refuses_another_run_key_or_schema(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    store = ResultStore(out, SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    store.write_chunk(_full_rows())
+    with pytest.raises(ConfigError, match="different seed"):
+        ResultStore(out, SCHEMA).begin({**RUN_KEY, "seed": 1}, resume=True)
+    store.finalize({})
+    with pytest.raises(ConfigError, match="different bundle_id, k"):
+        ResultStore(out, SCHEMA).begin({**RUN_KEY, "bundle_id": "other", "k": 8}, resume=True)
+    with pytest.raises(ConfigError, match="different columns"):
+        ResultStore(out, output_schema(["vgg19_bn_patch"], ["label"])).begin(RUN_KEY, resume=True)
+    store.meta_path.unlink()
+    with pytest.raises(ConfigError, match="metadata .*meta.json is missing"):
+        ResultStore(out, SCHEMA).begin(RUN_KEY, resume=True)
