@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
 app = typer.Typer(
@@ -11,14 +13,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+train_app = typer.Typer(help="Train a stage: lung segmentation, a base learner, or the FLANNEL ensemble.",
+                        no_args_is_help=True)
+
+# Command modules in data-flow order. Each exposes ``register(app)``; those adding ``train`` subcommands
+# also expose ``register_train(train_app)``.
+COMMAND_MODULES = ("data", "seg", "learn", "export", "score", "bench")
+_registered = False
 
 
 def _register() -> None:
-    """Attach every subcommand group. Each module exposes ``register(app)``."""
-    from patchflannel.cli import data as _data
-
-    for module in (_data,):
+    """Attach every command group once."""
+    global _registered
+    if _registered:
+        return
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"patchflannel.cli.{name}")
         module.register(app)
+        if hasattr(module, "register_train"):
+            module.register_train(train_app)
+    app.add_typer(train_app, name="train")
+    _registered = True
 
 
 def main() -> None:

@@ -1,0 +1,117 @@
+"""Lung segmentation commands: ``train seg``, ``train seg-eval``, ``train seg-bundle`` and ``segment``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from patchflannel.errors import PatchflannelError
+
+console = Console()
+errors = Console(stderr=True)
+
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", help="A bundle folder or a segmentation run folder; default: the package's default bundle.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, ...")]
+
+
+@contextmanager
+def _fail_cleanly() -> Iterator[None]:
+    """A PatchflannelError becomes its message on stderr and exit status 1 (no traceback)."""
+    try:
+        yield
+    except PatchflannelError as exc:
+        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def train_seg_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Run folder (run.json, best.pt, last.pt, log.csv).")],
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML recipe (see recipes/segmentation*.yaml).")] = None,
+    manifest: Annotated[Optional[str], typer.Option("--manifest", help="image,mask pairs CSV (overrides the recipe).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="fcdensenet103 | fcdensenet67 | fcdensenet56.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (overrides the recipe).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="torch device (overrides the recipe).")] = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Train a lung segmentation network on image/mask pairs (seeded 80/20 split, early stopping on Jaccard)."""
+    from patchflannel.training.segmentation import SegConfig, train_segmentation
+
+    overrides = {"manifest": manifest, "arch": arch, "max_epochs": epochs, "device": device}
+    with _fail_cleanly():
+        cfg = (SegConfig.from_file(config, **overrides) if config is not None
+               else SegConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="options"))
+        summary = train_segmentation(cfg, out, resume=resume)
+    _say(f"best epoch {summary['best_epoch']}: {summary['best']} ({summary['epochs_run']} epochs run)")
+
+
+def seg_eval_cmd(
+    manifest: Annotated[Path, typer.Option("--manifest", help="The image,mask pairs CSV the model was trained on.")],
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Mean Jaccard of the model's masks (post-processed, full resolution) on its recorded validation pairs."""
+    from patchflannel.segment import load_segmenter
+    from patchflannel.training.segmentation import evaluate_segmentation
+
+    with _fail_cleanly():
+        result = evaluate_segmentation(load_segmenter(model, device=device), manifest)
+    _say(f"validation pairs: {result['n']}  mean Jaccard: {result['mean_jaccard']:.4f}  "
+         f"min: {result['min_jaccard']:.4f}")
+
+
+def seg_bundle_cmd(
+    run: Annotated[Path, typer.Option("--run", help="A finished segmentation run folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle folder to write (segmentation.pt + bundle.json).")],
+    manifest: Annotated[Optional[Path], typer.Option(
+        "--manifest", help="Pairs CSV to measure the validation Jaccard recorded in the bundle.")] = None,
+) -> None:
+    """Write a segmentation-only bundle (no learners, no ensemble) from a run's best weights."""
+    from patchflannel.training.segmentation import export_segmentation_bundle
+
+    with _fail_cleanly():
+        path = export_segmentation_bundle(run, out, manifest)
+    _say(f"wrote {path}")
+
+
+def segment_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF, DICOM).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and segment_report.csv.")],
+    model: ModelOpt = None,
+    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write overlays/<stem>.png.")] = False,
+    min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.")] = 0.05,
+    device: DeviceOpt = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
+) -> None:
+    """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV."""
+    from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
+
+    with _fail_cleanly():
+        segmenter = load_segmenter(model, device=device, batch_size=batch_size)
+        rows = segment_images(inputs, segmenter, out, overlays=overlay, min_fraction=min_fraction)
+    counts = report_summary(rows)
+    _say(f"{counts['ok']} ok, {counts['flagged']} flagged, {counts['error']} error(s); report: {out / REPORT_FILE}")
+    for r in rows:
+        if r["status"] != "ok":
+            _say(f"{r['status']}: {r['file']}: {r['message']}")
+
+
+def register_train(train_app: typer.Typer) -> None:
+    """Add ``seg``, ``seg-eval`` and ``seg-bundle`` to the ``train`` group."""
+    train_app.command("seg")(train_seg_cmd)
+    train_app.command("seg-eval")(seg_eval_cmd)
+    train_app.command("seg-bundle")(seg_bundle_cmd)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level ``segment`` command."""
+    app.command("segment")(segment_cmd)

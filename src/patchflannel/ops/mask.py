@@ -1,0 +1,39 @@
+"""Lung masks from segmentation logits, their post-processing and their coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+KEEP_COMPONENTS = 2
+"""Connected components kept by :func:`postprocess_mask`: the two lungs."""
+
+
+def lung_masks(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(B, 1, h, w) segmentation logits to (B, h, w) boolean masks: ``sigmoid(logits) > threshold``."""
+    if logits.ndim != 4 or logits.shape[1] != 1:
+        raise ValueError(f"expected (B, 1, h, w) logits, got shape {tuple(logits.shape)}")
+    return torch.sigmoid(logits[:, 0]) > threshold
+
+
+def postprocess_mask(mask: np.ndarray) -> np.ndarray:
+    """Keep the two largest 8-connected components (the lungs) and fill their holes; bool in, bool out.
+
+    Small islands the network marks outside the lungs are dropped; holes inside a lung (a nodule, a
+    pacemaker lead) are filled. An empty mask stays empty.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n > KEEP_COMPONENTS:
+        sizes = np.bincount(labels.ravel())[1:]
+        keep = np.argsort(sizes, kind="stable")[::-1][:KEEP_COMPONENTS] + 1
+        mask = np.isin(labels, keep)
+    return ndimage.binary_fill_holes(mask)
+
+
+def mask_fraction(masks: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Fraction of pixels inside each mask: (H, W) -> scalar, (B, H, W) -> (B,)."""
+    if isinstance(masks, torch.Tensor):
+        return masks.to(torch.float32).mean(dim=(-2, -1))
+    return np.asarray(masks, dtype=bool).mean(axis=(-2, -1))

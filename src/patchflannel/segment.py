@@ -1,0 +1,158 @@
+"""Lung masks for input files: 0/255 PNG masks at each input's own size, overlays, and a report CSV.
+
+Per image: SPEC preprocessing (equalise, gamma 0.5, 256x256), the network, ``sigmoid > threshold``, then
+post-processing at 256 (keep the two largest connected components, fill holes: see
+:func:`patchflannel.ops.mask.postprocess_mask`), then a nearest-neighbour resize back to the input's size.
+Masks covering less than ``min_fraction`` of the image are written but flagged in ``segment_report.csv``;
+inputs that cannot be read get an ``error`` row and are skipped, the rest are segmented.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from torch import nn
+
+from patchflannel.errors import ConfigError, ImageReadError
+from patchflannel.export.bundle import BUNDLE_FILE, load_bundle, load_torch_model
+from patchflannel.io import read_image
+from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
+from patchflannel.ops.preprocess import resize_mask, segmentation_input
+
+REPORT_FILE = "segment_report.csv"
+REPORT_COLUMNS = ("file", "status", "lung_fraction", "mask", "message")
+MIN_FRACTION = 0.05
+"""Masks covering less than this fraction of the image are flagged."""
+
+
+@dataclass
+class Segmenter:
+    """A segmentation network with the preprocessing it was trained with."""
+
+    model: nn.Module
+    size: int = 256
+    gamma: float = 0.5
+    threshold: float = 0.5
+    device: str = "cpu"
+    batch_size: int = 8
+    source: str = ""
+    record: dict | None = None
+    """What the model's bundle or run recorded about its training (split, recipe), when known."""
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Post-processed boolean lung masks, each at its image's own (H, W)."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            x = torch.stack([segmentation_input(torch.from_numpy(np.asarray(im, dtype=np.float32)), self.size, self.gamma)
+                             for im in chunk]).to(self.device)
+            masks = lung_masks(self.model(x).float(), self.threshold).cpu().numpy()
+            for image, mask in zip(chunk, masks):
+                small = torch.from_numpy(postprocess_mask(mask))
+                out.append(resize_mask(small, tuple(image.shape)).numpy())
+        return out
+
+
+def load_segmenter(model: str | Path | None = None, device: str = "cpu", batch_size: int = 8) -> Segmenter:
+    """A Segmenter from a bundle folder, a segmentation run folder (run.json + best.pt), or the default bundle."""
+    if model is None or (Path(model) / BUNDLE_FILE).is_file() or Path(model).name == BUNDLE_FILE:
+        bundle = load_bundle(model)
+        seg = bundle.preprocessing["segmentation"]
+        net = load_torch_model(bundle, bundle.segmentation)
+        return Segmenter(net.to(device), seg["size"], seg["gamma"], seg["threshold"], device, batch_size,
+                         str(bundle.root), (bundle.training or {}).get("segmentation"))
+    run_dir = Path(model)
+    if (run_dir / "run.json").is_file():
+        from patchflannel.training.segmentation import load_run_model
+
+        net, info = load_run_model(run_dir)
+        pre = info["preprocessing"]["segmentation"]
+        return Segmenter(net.to(device), pre["size"], pre["gamma"], pre["threshold"], device, batch_size,
+                         str(run_dir), info)
+    raise ConfigError(f"{model}: neither a bundle (no {BUNDLE_FILE}) nor a segmentation run (no run.json)")
+
+
+def outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The boundary pixels of a boolean mask, ``width`` pixels thick."""
+    return mask & ~ndimage.binary_erosion(mask, iterations=max(1, width), border_value=0)
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """An RGB picture of the grey image with the mask outline drawn in red."""
+    grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1)
+    rgb[outline(mask, max(1, max(mask.shape) // 256))] = (255, 0, 0)
+    return Image.fromarray(rgb, "RGB")
+
+
+def _flag_message(fraction: float, min_fraction: float) -> tuple[str, str]:
+    if fraction < min_fraction:
+        return "flagged", f"mask covers {fraction:.1%} of the image (< {min_fraction:.0%}): check the input"
+    return "ok", ""
+
+
+def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: str | Path, *, overlays: bool = False,
+                   min_fraction: float = MIN_FRACTION) -> list[dict[str, str]]:
+    """Segment every input into ``out_dir/<stem>.png`` (0/255), optionally ``out_dir/overlays/<stem>.png``.
+
+    Writes ``out_dir/segment_report.csv`` (file, status ok|flagged|error, lung_fraction, mask, message)
+    and returns its rows, one per input in input order. Never raises for one bad input.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if overlays:
+        (out_dir / "overlays").mkdir(exist_ok=True)
+    rows: list[dict[str, str]] = []
+    stems: set[str] = set()
+    pending: list[tuple[int, Path, np.ndarray]] = []
+
+    def flush() -> None:
+        for (i, path, image), mask in zip(pending, segmenter.predict([p[2] for p in pending])):
+            fraction = float(mask_fraction(mask))
+            mask_path = out_dir / f"{path.stem}.png"
+            Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
+            if overlays:
+                overlay_image(image, mask).save(out_dir / "overlays" / f"{path.stem}.png")
+            status, message = _flag_message(fraction, min_fraction)
+            rows[i].update(status=status, lung_fraction=f"{fraction:.4f}", mask=mask_path.name, message=message)
+        pending.clear()
+
+    for path in map(Path, paths):
+        row = {"file": str(path), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
+        rows.append(row)
+        if path.stem in stems:
+            row["message"] = f"another input already writes {path.stem}.png; rename one of them"
+            continue
+        try:
+            image = read_image(path)
+        except ImageReadError as exc:
+            row["message"] = exc.reason
+            continue
+        stems.add(path.stem)
+        pending.append((len(rows) - 1, path, image))
+        if len(pending) >= segmenter.batch_size:
+            flush()
+    if pending:
+        flush()
+    with open(out_dir / REPORT_FILE, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def report_summary(rows: list[dict[str, str]]) -> dict[str, int]:
+    """Counts of rows by status."""
+    counts = {"ok": 0, "flagged": 0, "error": 0}
+    for r in rows:
+        counts[r["status"]] += 1
+    return counts
+

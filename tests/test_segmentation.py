@@ -1,0 +1,314 @@
+"""Lung segmentation: masks and post-processing, Jaccard, training on real pairs, resume, inference, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+import yaml
+from PIL import Image
+from sklearn.metrics import jaccard_score
+from typer.testing import CliRunner
+
+from patchflannel.errors import ConfigError
+from patchflannel.export.bundle import default_bundle_path
+from patchflannel.io import read_image
+from patchflannel.models import get_model
+from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
+from patchflannel.segment import REPORT_FILE, load_segmenter, segment_images
+from patchflannel.training.segmentation import (
+    SegConfig,
+    augment_batch,
+    augmenter,
+    evaluate_segmentation,
+    jaccard,
+    load_pairs,
+    read_pairs_manifest,
+    segmentation_loss,
+    split_indices,
+    train_segmentation,
+)
+
+HAS_DEFAULT = (default_bundle_path() / "bundle.json").is_file()
+needs_default = pytest.mark.skipif(not HAS_DEFAULT, reason="no default bundle in src/patchflannel/assets/default")
+
+
+def _pairs_manifest(lungseg_dir: Path, out: Path, n: int) -> Path:
+    """A manifest of the first ``n`` real pairs with absolute paths."""
+    with open(lungseg_dir / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    path = out / "pairs.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "mask"])
+        for r in rows:
+            w.writerow([lungseg_dir / r["image"], lungseg_dir / r["mask"]])
+    return path
+
+
+# --- masks -------------------------------------------------------------------------------------------
+
+def test_lung_masks_thresholds_sigmoid() -> None:
+    logits = torch.tensor([-3.0, -0.1, 0.1, 3.0]).reshape(1, 1, 2, 2)
+    assert lung_masks(logits).tolist() == [[[False, False], [True, True]]]
+    assert lung_masks(logits, threshold=0.9).tolist() == [[[False, False], [False, True]]]
+    with pytest.raises(ValueError, match="logits"):
+        lung_masks(torch.zeros(1, 2, 2))
+
+
+def test_postprocess_keeps_two_largest_components_and_fills_holes() -> None:
+    m = np.zeros((40, 40), dtype=bool)
+    m[5:35, 3:15] = True        # left lung
+    m[5:35, 22:36] = True       # right lung
+    m[15:18, 8:10] = False      # a hole (nodule)
+    m[0:2, 18:20] = True        # a small island
+    out = postprocess_mask(m)
+    assert out[16, 9] and not out[0, 18]
+    expected = np.zeros_like(m)
+    expected[5:35, 3:15] = expected[5:35, 22:36] = True
+    assert np.array_equal(out, expected)
+    assert not postprocess_mask(np.zeros((8, 8), dtype=bool)).any()
+
+
+def test_mask_fraction_numpy_and_torch() -> None:
+    m = np.zeros((2, 10, 10), dtype=bool)
+    m[0, :5] = True
+    assert mask_fraction(m).tolist() == [0.5, 0.0]
+    assert mask_fraction(torch.from_numpy(m)).tolist() == [0.5, 0.0]
+
+
+# --- Jaccard -----------------------------------------------------------------------------------------
+
+def test_jaccard_matches_sklearn_per_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    pred = torch.rand(6, 32, 32, generator=g) > torch.linspace(0.1, 0.9, 6)[:, None, None]
+    target = torch.rand(6, 32, 32, generator=g) > 0.5
+    ours = jaccard(pred, target)
+    theirs = [jaccard_score(t.flatten().numpy(), p.flatten().numpy()) for p, t in zip(pred, target)]
+    assert ours.shape == (6,)
+    assert np.allclose(ours.numpy(), theirs)
+
+
+def test_jaccard_edge_cases() -> None:
+    empty = torch.zeros(1, 4, 4, dtype=torch.bool)
+    full = torch.ones(1, 4, 4, dtype=torch.bool)
+    assert jaccard(empty, empty).item() == 1.0
+    assert jaccard(full, empty).item() == 0.0
+    assert jaccard(full, full).item() == 1.0
+
+
+# --- data, split, augmentation -----------------------------------------------------------------------
+
+def test_split_is_seeded_disjoint_and_80_20() -> None:
+    train, val = split_indices(200, 0.2, seed=3)
+    assert len(val) == 40 and len(train) == 160 and not set(train) & set(val)
+    assert split_indices(200, 0.2, seed=3) == (train, val)
+    assert split_indices(200, 0.2, seed=4)[1] != val
+
+
+def test_load_pairs_gives_spec_input_and_binary_masks(lungseg_dir: Path) -> None:
+    pairs = read_pairs_manifest(lungseg_dir / "manifest.csv")
+    assert len(pairs) == 200
+    data = load_pairs(pairs[:3], size=64)
+    assert data.images.shape == (3, 1, 64, 64) and data.masks.shape == (3, 1, 64, 64)
+    assert 0 <= data.images.min() and data.images.max() <= 1
+    assert set(data.masks.unique().tolist()) == {0.0, 1.0}
+    assert 0.15 < data.masks.mean() < 0.5  # lungs cover a good part of a JSRT film
+
+
+def test_augmentation_moves_image_and_mask_together(lungseg_dir: Path) -> None:
+    data = load_pairs(read_pairs_manifest(lungseg_dir / "manifest.csv")[:4], size=64)
+    cfg = SegConfig(manifest="x", arch="fcdensenet56", rotate=15, shift=0.1)
+    torch.manual_seed(0)
+    # The image is the mask itself: after augmentation the two must still coincide.
+    x, y = augment_batch(augmenter(cfg), data.masks.clone(), data.masks.clone())
+    assert set(y.unique().tolist()) <= {0.0, 1.0}  # nearest for the mask
+    moved = jaccard(y[:, 0] > 0.5, data.masks[:, 0] > 0.5)
+    assert (moved < 0.99).any()
+    assert (jaccard(x[:, 0] > 0.5, y[:, 0] > 0.5) > 0.95).all()
+
+
+def test_config_refuses_unknown_keys_bad_arch_and_bad_weights(lungseg_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        SegConfig.from_dict({"manifest": "m.csv", "epochs": 3})
+    with pytest.raises(ConfigError, match="not a segmentation model"):
+        SegConfig(manifest="m.csv", arch="resnet18")
+    bad_init = tmp_path / "weights.pt"
+    torch.save(get_model("fcdensenet67").state_dict(), bad_init)
+    cfg = SegConfig(manifest=str(_pairs_manifest(lungseg_dir, tmp_path, 2)), arch="fcdensenet56", size=32,
+                    init_from=str(bad_init))
+    with pytest.raises(ConfigError, match="init_from"):
+        train_segmentation(cfg, tmp_path / "run")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("arch: fcdensenet56\n")
+    with pytest.raises(ConfigError, match="manifest"):
+        SegConfig.from_file(recipe)
+
+
+@pytest.mark.parametrize("recipe", ["segmentation.yaml", "segmentation_gpu.yaml", "segmentation_finetune.yaml"])
+def test_shipped_recipes_parse(recipe: str) -> None:
+    path = Path(__file__).resolve().parents[1] / "recipes" / recipe
+    cfg = SegConfig.from_file(path)
+    assert cfg.arch in ("fcdensenet56", "fcdensenet103")
+
+
+# --- training ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_few_steps_lower_the_loss_on_real_pairs(lungseg_dir: Path) -> None:
+    data = load_pairs(read_pairs_manifest(lungseg_dir / "manifest.csv")[:2], size=64)
+    torch.manual_seed(0)
+    model = get_model("fcdensenet56", dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return segmentation_loss(model(data.images), data.masks, 1.0).item()
+
+    before = loss()
+    for _ in range(5):
+        model.train()
+        step = segmentation_loss(model(data.images), data.masks, 1.0)
+        opt.zero_grad()
+        step.backward()
+        opt.step()
+    assert loss() < 0.9 * before
+
+
+def _tiny_config(manifest: Path, **kw: object) -> SegConfig:
+    return SegConfig.from_dict({"manifest": str(manifest), "arch": "fcdensenet56", "size": 32, "batch_size": 2,
+                                "lr": 1e-3, "max_epochs": 2, "patience": 5, "val_fraction": 0.25, **kw})
+
+
+@pytest.mark.slow
+def test_training_run_and_resume_match_an_uninterrupted_run(lungseg_dir: Path, tmp_path: Path) -> None:
+    manifest = _pairs_manifest(lungseg_dir, tmp_path, 5)
+    full = train_segmentation(_tiny_config(manifest), tmp_path / "full")
+    # An interruption after epoch 0: the same run stopped there, then resumed to the end.
+    train_segmentation(_tiny_config(manifest, max_epochs=1), tmp_path / "cut")
+    resumed = train_segmentation(_tiny_config(manifest), tmp_path / "cut", resume=True)
+    assert resumed == full
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+    info = json.loads((tmp_path / "full" / "run.json").read_text())
+    assert info["task"] == "segmentation" and info["arch"] == "fcdensenet56"
+    assert len(info["split"]["val"]) == 1 and len(info["split"]["train"]) == 4 and not set(info["split"]["val"]) & set(info["split"]["train"])
+    with open(tmp_path / "full" / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert {"train_loss", "val_loss", "val_jaccard", "lr"} <= set(rows[0])
+
+    # The run is a model: evaluation scores exactly its recorded validation pairs at full resolution.
+    result = evaluate_segmentation(load_segmenter(tmp_path / "full"), manifest)
+    assert result["n"] == 1 and set(result["per_image"]) == set(info["split"]["val"])
+    assert 0.0 <= result["min_jaccard"] <= result["mean_jaccard"] <= 1.0
+
+
+# --- inference ---------------------------------------------------------------------------------------
+
+@needs_default
+def test_default_model_meets_the_jaccard_target_on_held_out_pairs(lungseg_dir: Path) -> None:
+    segmenter = load_segmenter()
+    record = segmenter.record
+    assert record["validation"]["mean_jaccard"] >= 0.93
+    names = record["split"]["val"][:4]
+    result = evaluate_segmentation(segmenter, lungseg_dir / "manifest.csv", names)
+    assert result["mean_jaccard"] > 0.9
+
+
+@needs_default
+def test_segment_writes_masks_for_good_inputs_and_errors_for_bad(cxr4_dir: Path, tmp_path: Path) -> None:
+    with open(cxr4_dir / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    adult = next(cxr4_dir / r["path"] for r in rows if r["source"] == "ieee8023")
+    child = next(cxr4_dir / r["path"] for r in rows if r["source"] == "kermany")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    truncated = inputs / "truncated.jpg"
+    truncated.write_bytes(adult.read_bytes()[:1500])
+    text = inputs / "notes.png"
+    text.write_text("not an image\n")
+    dup = inputs / adult.name
+    dup.write_bytes(adult.read_bytes())
+    out = tmp_path / "out"
+    report = segment_images([adult, truncated, child, text, dup, inputs / "missing.png"], load_segmenter(), out,
+                            overlays=True)
+
+    assert [r["status"] for r in report] == ["ok", "error", "ok", "error", "error", "error"]
+    assert "already writes" in report[4]["message"]
+    assert all(r["message"] for r in report if r["status"] == "error")
+    with open(out / REPORT_FILE, newline="") as fh:
+        assert list(csv.DictReader(fh)) == report
+    for src in (adult, child):
+        mask = np.asarray(Image.open(out / f"{src.stem}.png"))
+        assert mask.shape == read_image(src).shape
+        assert set(np.unique(mask)) == {0, 255}
+        assert 0.1 < (mask > 0).mean() < 0.6  # plausible lungs on an adult and a child
+        over = Image.open(out / "overlays" / f"{src.stem}.png")
+        assert over.mode == "RGB" and over.size == (mask.shape[1], mask.shape[0])
+    assert not (out / "truncated.png").exists() and not (out / "notes.png").exists()
+
+
+@needs_default
+def test_small_masks_are_flagged(lungseg_dir: Path, tmp_path: Path) -> None:
+    image = read_pairs_manifest(lungseg_dir / "manifest.csv")[0][0]
+    rows = segment_images([image], load_segmenter(), tmp_path, min_fraction=0.9)
+    assert rows[0]["status"] == "flagged" and "< 90%" in rows[0]["message"]
+    assert (tmp_path / f"{image.stem}.png").is_file()
+
+
+def test_load_segmenter_refuses_an_unknown_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="neither a bundle"):
+        load_segmenter(tmp_path)
+
+
+@needs_default
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_masks_agree_with_cpu(lungseg_dir: Path) -> None:
+    image = read_image(read_pairs_manifest(lungseg_dir / "manifest.csv")[0][0])
+    cpu = load_segmenter().predict([image])[0]
+    gpu = load_segmenter(device="cuda").predict([image])[0]
+    assert jaccard(torch.from_numpy(gpu)[None], torch.from_numpy(cpu)[None]).item() > 0.99
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> None:
+    from patchflannel.cli.seg import register, register_train
+
+    app, train_app = typer.Typer(), typer.Typer()
+    register(app)
+    register_train(train_app)
+    app.add_typer(train_app, name="train")
+    runner = CliRunner()
+    manifest = _pairs_manifest(lungseg_dir, tmp_path, 6)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"manifest": "ignored.csv", "arch": "fcdensenet56", "size": 32,
+                                      "batch_size": 4, "max_epochs": 1, "val_fraction": 0.34}))
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "seg", "--config", str(recipe), "--manifest", str(manifest), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "best epoch 0" in res.output and (run / "best.pt").is_file()
+
+    res = runner.invoke(app, ["train", "seg-eval", "--model", str(run), "--manifest", str(manifest)])
+    assert res.exit_code == 0, res.output
+    assert "validation pairs: 2" in res.output and "mean Jaccard" in res.output
+
+    image = read_pairs_manifest(manifest)[0][0]
+    res = runner.invoke(app, ["segment", str(image), str(tmp_path / "nothing.png"), "--model", str(run),
+                              "--out", str(tmp_path / "masks")])
+    assert res.exit_code == 0, res.output
+    assert "error(s)" in res.output and "nothing.png" in res.output
+    assert (tmp_path / "masks" / f"{image.stem}.png").is_file()
+
+    res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "neither a bundle" in res.output
