@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -14,24 +12,14 @@ from patchflannel.data.builders import Build, build_covid_collection, build_kerm
 from patchflannel.data.manifest import Row, read_manifest, write_manifest
 from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
 from patchflannel.data.stats import counts_table, crosstab, dataset_stats
-from patchflannel.errors import PatchflannelError
+from patchflannel.cli._common import fail_cleanly
 
 console = Console()
-errors = Console(stderr=True)
 
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest CSV (path,label,patient_id,view,source,...).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Manifest CSV to write.")]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Also save the build report as JSON.")]
 
-
-@contextmanager
-def _fail_cleanly() -> Iterator[None]:
-    """Turn a PatchflannelError into its message on stderr and exit status 1 (no traceback)."""
-    try:
-        yield
-    except PatchflannelError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def _partition(row: Row) -> str:
@@ -41,7 +29,7 @@ def _partition(row: Row) -> str:
 
 def stats(manifest: ManifestArg) -> None:
     """Image counts by source x class and view x class, with totals."""
-    with _fail_cleanly():
+    with fail_cleanly():
         rows = read_manifest(manifest, check_files=False).rows
     tables = dataset_stats(rows)
     console.print(counts_table(tables["source"], title=f"{manifest}: source x class", group_name="source"))
@@ -53,7 +41,7 @@ def validate(
     check_files: Annotated[bool, typer.Option(help="Also check that every image file exists.")] = True,
 ) -> None:
     """Check a manifest and list every bad row (exit status 1 when there is any)."""
-    with _fail_cleanly():
+    with fail_cleanly():
         rows = read_manifest(manifest, check_files=check_files).rows
     console.print(f"{manifest}: OK, {len(rows)} rows", markup=False, highlight=False, soft_wrap=True)
 
@@ -66,7 +54,7 @@ def split(
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the rest.")] = 5,
 ) -> None:
     """Patient-grouped, label-stratified test set and cross-validation folds."""
-    with _fail_cleanly():
+    with fail_cleanly():
         loaded = read_manifest(manifest)
         rows = make_splits(loaded.rows, seed=seed, test_frac=test_frac, folds=folds)
         columns = [name for name in loaded.columns if name not in SPLIT_COLUMNS] + list(SPLIT_COLUMNS)
@@ -82,7 +70,7 @@ def build_collection(
     report: ReportOpt = None,
 ) -> None:
     """Manifest from the COVID-19 image data collection (metadata.csv + images folder)."""
-    with _fail_cleanly():
+    with fail_cleanly():
         _write_build(build_covid_collection(metadata_csv, images_dir), out, report)
 
 
@@ -92,7 +80,7 @@ def build_kermany_set(
     report: ReportOpt = None,
 ) -> None:
     """Manifest from the Kermany pediatric set."""
-    with _fail_cleanly():
+    with fail_cleanly():
         _write_build(build_kermany(root), out, report)
 
 

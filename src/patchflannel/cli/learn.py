@@ -2,39 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from patchflannel.errors import PatchflannelError
+from patchflannel.cli._common import fail_cleanly
 
 console = Console()
-errors = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see recipes/ and docs/training.md).")]
 RunOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, a copy of the config).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")]
 
 
-@contextmanager
-def _fail_cleanly() -> Iterator[None]:
-    """A PatchflannelError becomes its message on stderr and exit status 1 (no traceback)."""
-    try:
-        yield
-    except PatchflannelError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False)
-        raise typer.Exit(1) from None
-
 
 def train_learner_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False) -> None:
     """Train one base learner (config: arch, mode, splits, val_fold, learner options)."""
     from patchflannel.training.learners import train_learner
 
-    with _fail_cleanly():
+    with fail_cleanly():
         summary = train_learner(config, out, resume=resume)
     console.print(f"best epoch {summary['best_epoch']}: {summary['best']}", markup=False, highlight=False)
 
@@ -44,7 +32,7 @@ def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False
     learners, val_fold, ensemble options)."""
     from patchflannel.training.ensemble import train_ensemble_from_predictions
 
-    with _fail_cleanly():
+    with fail_cleanly():
         summary = train_ensemble_from_predictions(config, out, resume=resume)
     console.print(f"best epoch {summary['best_epoch']}: {summary['best']}", markup=False, highlight=False)
 
@@ -57,7 +45,7 @@ def cv_cmd(config: ConfigArg,
     """The cross-validation protocol: learners per fold, out-of-fold ensemble, test predictions, report."""
     from patchflannel.training.cv import run_cv
 
-    with _fail_cleanly():
+    with fail_cleanly():
         result = run_cv(config, out, resume=resume, report=report)
     console.print(f"predictions: {result['predictions']}", markup=False, highlight=False)
     if "report" in result:
@@ -71,7 +59,7 @@ def eval_cmd(predictions: Annotated[Path, typer.Argument(help="predictions.csv w
     """Evaluation report of a predictions file: per-class metrics, fold mean (std), confusion, AUC, bootstrap, per source."""
     from patchflannel.training.report import evaluate_predictions
 
-    with _fail_cleanly():
+    with fail_cleanly():
         report = evaluate_predictions(predictions, out, n_boot=bootstrap, seed=seed)
     for g in report["groups"]:
         if g["source"] == "all":

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from patchflannel.errors import PatchflannelError
+from patchflannel.cli._common import fail_cleanly
 
 console = Console()
-errors = Console(stderr=True)
 
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", help="A bundle folder or a segmentation run folder; default: the package's default bundle.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, ...")]
 
-
-@contextmanager
-def _fail_cleanly() -> Iterator[None]:
-    """A PatchflannelError becomes its message on stderr and exit status 1 (no traceback)."""
-    try:
-        yield
-    except PatchflannelError as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
 
 
 def _say(text: str) -> None:
@@ -47,7 +35,7 @@ def train_seg_cmd(
     from patchflannel.training.segmentation import SegConfig, train_segmentation
 
     overrides = {"manifest": manifest, "arch": arch, "max_epochs": epochs, "device": device}
-    with _fail_cleanly():
+    with fail_cleanly():
         cfg = (SegConfig.from_file(config, **overrides) if config is not None
                else SegConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="options"))
         summary = train_segmentation(cfg, out, resume=resume)
@@ -63,7 +51,7 @@ def seg_eval_cmd(
     from patchflannel.segment import load_segmenter
     from patchflannel.training.segmentation import evaluate_segmentation
 
-    with _fail_cleanly():
+    with fail_cleanly():
         result = evaluate_segmentation(load_segmenter(model, device=device), manifest)
     _say(f"validation pairs: {result['n']}  mean Jaccard: {result['mean_jaccard']:.4f}  "
          f"min: {result['min_jaccard']:.4f}")
@@ -78,7 +66,7 @@ def seg_bundle_cmd(
     """Write a segmentation-only bundle (no learners, no ensemble) from a run's best weights."""
     from patchflannel.training.segmentation import export_segmentation_bundle
 
-    with _fail_cleanly():
+    with fail_cleanly():
         path = export_segmentation_bundle(run, out, manifest)
     _say(f"wrote {path}")
 
@@ -95,7 +83,7 @@ def segment_cmd(
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV."""
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
-    with _fail_cleanly():
+    with fail_cleanly():
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
         rows = segment_images(inputs, segmenter, out, overlays=overlay, min_fraction=min_fraction)
     counts = report_summary(rows)

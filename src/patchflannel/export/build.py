@@ -24,7 +24,8 @@ from patchflannel.export.bundle import (
 from patchflannel.models import list_models, model_family
 
 MODES = ("patch", "global")
-RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val")
+RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val",
+            "split", "config", "train_seconds")
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
