@@ -15,6 +15,8 @@ Metric names: the dict returned by ``train_one_epoch`` is prefixed ``train_`` an
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import csv
 import json
 import math
@@ -72,7 +74,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+    out._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # layer versions (mnasnet)
+    return out
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
