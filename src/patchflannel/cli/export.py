@@ -9,15 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchflannel.cli._common import fail_cleanly
 from patchflannel.errors import PatchflannelError
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
-    raise typer.Exit(1)
 
 
 def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
@@ -44,10 +40,8 @@ def bundle_cmd(
     """Assemble a torch bundle from training runs (best.pt + run.json)."""
     from patchflannel.export.build import make_bundle
 
-    try:
+    with fail_cleanly():
         _summary(make_bundle(out, segmentation_run=segmentation, learner_runs=learner, ensemble_run=ensemble, name=name))
-    except PatchflannelError as exc:
-        _fail(exc)
 
 
 @export_app.command("onnx")
@@ -66,7 +60,7 @@ def onnx_cmd(
     from patchflannel.export.onnx import export_onnx
     from patchflannel.models.classifiers import FLANNEL_LEARNERS
 
-    try:
+    with fail_cleanly():
         if preset is not None or random:
             if preset not in (None, "flannel5") or bundle is not None or out is None:
                 raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
@@ -75,8 +69,6 @@ def onnx_cmd(
                                    name=preset or "random").root
             out = None
         _summary(export_onnx(bundle, out, models=model or None, opset=opset, data_dir=data, precision=precision))
-    except PatchflannelError as exc:
-        _fail(exc)
 
 
 @export_app.command("tensorrt")
@@ -90,10 +82,8 @@ def tensorrt_cmd(
     """Build TensorRT engines (needs TensorRT and an NVIDIA GPU) and record them in the bundle."""
     from patchflannel.export.tensorrt import build_engines
 
-    try:
+    with fail_cleanly():
         _summary(build_engines(bundle, k_max=k_max, k_opt=k_opt, fp16=fp16, models=model or None))
-    except PatchflannelError as exc:
-        _fail(exc)
 
 
 @export_app.command("compiled")
@@ -108,10 +98,8 @@ def compiled_cmd(
     """Compile AOTInductor packages (torch.export, dynamic batch), checked against eager torch."""
     from patchflannel.export.compiled import export_compiled
 
-    try:
+    with fail_cleanly():
         _summary(export_compiled(bundle, out, models=model or None, device=device, precision=precision, data_dir=data))
-    except PatchflannelError as exc:
-        _fail(exc)
 
 
 @export_app.command("triton")
@@ -124,11 +112,9 @@ def triton_cmd(
     """Write a Triton model repository (ensemble of preprocess, segmentation, sampler, learners, votes, flannel)."""
     from patchflannel.export.triton import export_triton, validate_repository
 
-    try:
+    with fail_cleanly():
         repo = export_triton(bundle, out, learner_format=learner_format, k_max=k_max)
         console.print(f"wrote {repo}: {', '.join(sorted(validate_repository(repo)))} (configs parsed, tensor chain checked)")
-    except PatchflannelError as exc:
-        _fail(exc)
 
 
 @export_app.command("verify")
@@ -136,10 +122,8 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> Non
     """Check a bundle (schema, files, hashes, formats) and list its files."""
     from patchflannel.export.bundle import load_bundle
 
-    try:
+    with fail_cleanly():
         _summary(load_bundle(bundle))
-    except PatchflannelError as exc:
-        _fail(exc)
     console.print("[green]bundle verified[/green]")
 
 
