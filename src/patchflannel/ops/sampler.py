@@ -30,9 +30,10 @@ def effective_masks(masks: torch.Tensor, min_fraction: float = MIN_LUNG_FRACTION
     Returns ``(masks, fallback)`` for (B, H, W) bool masks; ``fallback`` (B,) bool flags the replaced ones:
     their patches are drawn uniformly over the unmasked image, and the result must say so.
     """
-    fraction = masks.flatten(1).float().mean(1)
+    fraction = masks.flatten(1).sum(1, dtype=torch.float64) / (masks.shape[-2] * masks.shape[-1])
     fallback = fraction < min_fraction
-    masks = torch.where(fallback[:, None, None], torch.ones_like(masks), masks)
+    if bool(fallback.any()):
+        masks = torch.where(fallback[:, None, None], torch.ones_like(masks), masks)
     return masks, fallback
 
 
@@ -42,12 +43,13 @@ def centres_from_uniforms(masks: torch.Tensor, uniforms: torch.Tensor) -> torch.
     Every mask must hold at least one True pixel (see :func:`effective_masks`).
     """
     b, h, w = masks.shape
-    counts = masks.reshape(b, h * w).to(torch.int64).cumsum(1)
+    dtype = torch.int32 if h * w < 2**31 else torch.int64  # exact either way; int32 halves the memory traffic
+    counts = masks.reshape(b, h * w).to(dtype).cumsum(1, dtype=dtype)
     n = counts[:, -1:]
     if bool((n == 0).any()):
         raise ValueError("a mask has no lung pixel; pass masks through effective_masks first")
     u = uniforms.to(device=masks.device, dtype=torch.float64)
-    idx = torch.minimum((u * n.to(torch.float64)).floor().to(torch.int64), n - 1)
+    idx = torch.minimum((u * n.to(torch.float64)).floor().to(dtype), n - 1)
     flat = torch.searchsorted(counts, idx, right=True)
     return torch.stack((flat // w, flat % w), dim=-1)
 
@@ -83,10 +85,14 @@ def draw_patches(
     """The whole patch stage for (B, H, W) images and their (B, H, W) bool masks at the same size.
 
     Returns ``patches`` (B, K, patch, patch) cut from the masked images (the unmasked image where the mask
-    fell back), ``centres`` and ``origins`` (B, K, 2) and ``fallback`` (B,) bool.
+    fell back), ``centres`` and ``origins`` (B, K, 2) and ``fallback`` (B,) bool. ``images`` may be of any
+    dtype (uint8 images give uint8 patches).
     """
     masks, fallback = effective_masks(masks, min_fraction)
     centres = centres_from_uniforms(masks, patch_uniforms(seeds, k))
     origins = window_origins(centres, images.shape[-2], images.shape[-1], patch)
-    patches = gather_patches(images * masks.to(images.dtype), origins, patch)
+    if 8 * k * patch * patch <= images.shape[-2] * images.shape[-1]:  # a few patches: mask them, not the image
+        patches = gather_patches(images, origins, patch) * gather_patches(masks, origins, patch).to(images.dtype)
+    else:
+        patches = gather_patches(images * masks.to(images.dtype), origins, patch)
     return {"patches": patches, "centres": centres, "origins": origins, "fallback": fallback}

@@ -118,22 +118,19 @@ class LearnerDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _image(self, item: Item) -> torch.Tensor:
-        return torch.from_numpy(np.load(item.array_file)).float() / 255
-
     def _patches(self, item: Item, image: torch.Tensor, seed: int, k: int) -> torch.Tensor:
         mask = resize_mask(torch.from_numpy(item.mask), image.shape[-1])
         return draw_patches(image[None], mask[None], [seed], k, self.pre["patch_size"],
-                            self.pre["min_lung_fraction"])["patches"][0]
+                            self.pre["min_lung_fraction"])["patches"][0].float() / 255
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         item = self.items[i]
-        image = self._image(item)
+        image = torch.from_numpy(np.load(item.array_file))  # uint8; only the crops/patches become float
         p = self.pre["patch_size"] if self.mode == "patch" else self.pre["global"]["crop"]
         if not self.train:
             if self.mode == "patch":
                 return normalize(self._patches(item, image, image_seed(item.sha256, self.seed), self.k), self.pre), item.label
-            return normalize(TF.center_crop(image[None], [p, p]), self.pre), item.label
+            return normalize(TF.center_crop(image[None], [p, p]).float() / 255, self.pre), item.label
         seed = image_seed(item.sha256, self.seed * 1_000_003 + self.epoch + 1)
         g = torch.Generator().manual_seed(seed)
         if self.mode == "patch":
@@ -144,7 +141,7 @@ class LearnerDataset(Dataset):
                           interpolation=TF.InterpolationMode.BILINEAR)
         else:
             top, left = (int(torch.randint(0, s - p + 1, (1,), generator=g)) for s in image.shape)
-            x = image[None, top:top + p, left:left + p]
+            x = image[None, top:top + p, left:left + p].float() / 255
         if bool(torch.rand(1, generator=g) < 0.5):
             x = TF.horizontal_flip(x)
         return normalize(x[0], self.pre), item.label
