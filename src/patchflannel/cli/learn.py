@@ -41,12 +41,14 @@ def cv_cmd(config: ConfigArg,
            out: Annotated[Path, typer.Option("--out", help="Output folder of the whole protocol.")] = Path("runs/cv"),
            resume: Annotated[bool, typer.Option("--resume/--restart", help="Skip finished runs, resume the interrupted one.")] = True,
            report: Annotated[bool, typer.Option("--report/--no-report", help="Write the evaluation report at the end.")] = True,
+           jobs: Annotated[int, typer.Option("--jobs", "-j", min=1,
+                                             help="Learner runs at a time, in separate processes (GPU or many cores).")] = 1,
            ) -> None:
     """The cross-validation protocol: learners per fold, out-of-fold ensemble, test predictions, report."""
     from patchflannel.training.cv import run_cv
 
     with fail_cleanly():
-        result = run_cv(config, out, resume=resume, report=report)
+        result = run_cv(config, out, resume=resume, report=report, jobs=jobs)
     console.print(f"predictions: {result['predictions']}", markup=False, highlight=False)
     if "report" in result:
         console.print(f"report: {result['report']}/report.md", markup=False, highlight=False)

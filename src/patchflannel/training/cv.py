@@ -11,17 +11,22 @@ Protocol (docs/training.md):
    confidences of learner run k (``split=test``, ``fold=k``). No test prediction enters any training.
 
 Every learner/ensemble run has its own directory with a ``done.json`` marker holding its predictions, so a
-rerun skips finished runs and resumes an interrupted one from its last.pt.
+rerun skips finished runs and resumes an interrupted one from its last.pt. With ``jobs > 1`` the learner runs
+go to that many worker processes (spawned; each gets ``cpu_count // jobs`` torch threads and, on a GPU
+machine, shares the one GPU); every run seeds itself, so the runs are the same as in sequence.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from rich.console import Console
 
@@ -75,13 +80,34 @@ def _learner_run(cfg: dict[str, Any], arch: str, fold: str, run_dir: Path, val_r
     return payload
 
 
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _parallel_learner_runs(tasks: list[tuple], jobs: int) -> None:
+    """Run ``_learner_run(*task)`` for each task in ``jobs`` spawned processes; the first failure is raised."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    _console.print(f"{len(tasks)} learner runs in {jobs} processes ({threads} threads each)", markup=False,
+                   highlight=False)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_learner_run, *task): task for task in tasks}
+        for n, future in enumerate(as_completed(futures), 1):
+            future.result()
+            task = futures[future]
+            _console.print(f"[{n}/{len(tasks)}] learner {task[1]} fold {task[2]} done", markup=False, highlight=False)
+
+
 def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: bool = True,
-           report: bool = True) -> dict[str, Any]:
+           report: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Run the protocol of this module's docstring; writes ``out_dir/predictions.csv`` (and ``report/``).
 
     Config keys: ``splits``, ``learners`` (architectures in ensemble order), ``mode`` and the rest of
-    training.learners.DEFAULTS. Returns ``{predictions, report, learners, folds}``.
+    training.learners.DEFAULTS. ``jobs``: learner runs at a time (worker processes). Returns
+    ``{predictions, report, learners, folds}``.
     """
+    if jobs < 1:
+        raise ConfigError(f"jobs must be at least 1, got {jobs}")
     cfg = load_config(config)
     for key in ("splits", "learners"):
         if not cfg.get(key):
@@ -101,6 +127,13 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "
                    f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
+    if jobs > 1:
+        tasks = [(cfg, arch, fold, out / "learners" / arch / f"fold{fold}",
+                  [r for r in train_rows if r["fold"] == fold], test_rows, resume)
+                 for fold in folds for arch in archs
+                 if not (resume and _read_done(out / "learners" / arch / f"fold{fold}"))]
+        if tasks:
+            _parallel_learner_runs(tasks, min(jobs, len(tasks)))
 
     predictions: list[dict[str, Any]] = []
     conf: dict[tuple[str, str, str], np.ndarray] = {}  # (arch, fold, split) -> (N, 4)
