@@ -33,12 +33,13 @@ import torch
 from patchflannel.engine.engine import STAGES, Engine
 from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_preprocessing
+from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
 MODES = ("loop", "batched", "packed", "auto", "global")
 PRESETS: dict[str, tuple[str, tuple[str, ...], int]] = {
     # name: (segmentation network, learners, segmentation input size)
-    "flannel5": ("fcdensenet103", ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn"), 256),
-    "cpu5": ("fcdensenet56", ("mobilenet_v3_small", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_1", "resnet18"), 256),
+    "flannel5": ("fcdensenet103", FLANNEL_LEARNERS, 256),
+    "cpu5": ("fcdensenet56", CPU_LEARNERS, 256),
     "tiny": ("fcdensenet56", ("shufflenet_v2_x0_5", "mobilenet_v3_small"), 128),  # smoke runs: seconds on 2 cores
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
