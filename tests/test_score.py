@@ -160,7 +160,8 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
     image = real_images(cxr4_dir, 1)[0]
     (tmp_path / "zero.png").write_bytes(b"")
     manifest = tmp_path / "m.csv"
-    manifest.write_text(f"path,label,patient_id,source,license\n{image},covid,pt0,src0,CC\nzero.png,normal,pt1,src1,CC\n")
+    manifest.write_text(f"path,label,patient_id,source,license,split\n{image},covid,pt0,src0,CC,train\n"
+                        "zero.png,normal,pt1,src1,CC,test\n")
     out = tmp_path / "out.csv"
     runner = CliRunner()
     result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle), "-k", str(K),
@@ -173,7 +174,7 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
     (pred,) = read_predictions(tmp_path / "pred.csv")
     row = table.to_pylist()[0]
     assert (pred["path"], pred["label"], pred["patient_id"], pred["model"], pred["fold"], pred["split"]) == (
-        str(image), "covid", "pt0", "test-mixed", "all", "test")
+        str(image), "covid", "pt0", "test-mixed", "all", "train")  # a carried split is kept
     assert pred["pred"] == row["pred"] and pred["probs"] == pytest.approx([row[f"p_{c}"] for c in CLASSES], abs=1e-6)
     result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle)])
     assert result.exit_code == EXIT_USAGE and "already exists" in result.output

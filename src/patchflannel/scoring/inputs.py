@@ -4,7 +4,7 @@ Rules (also in docs/scoring.md):
 
 - A named file is always scored, whatever its name; its content decides the format when it is read.
   A named file ending in ``.csv`` is a manifest instead: a CSV with a ``path`` column (relative paths are
-  resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view`` and ``fold``
+  resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view``, ``split`` and ``fold``
   columns, when present, are carried into the output so that it joins with the manifest.
 - A folder is walked recursively and a glob pattern expanded (``**`` recurses); from those, files with an
   image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus extension-less files whose
@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 """File extensions taken from folders and glob patterns."""
 
-MANIFEST_COLUMNS: tuple[str, ...] = ("label", "patient_id", "source", "view", "fold")
+MANIFEST_COLUMNS: tuple[str, ...] = ("label", "patient_id", "source", "view", "split", "fold")
 """Manifest columns carried into the scoring output (when the manifest has them)."""
 
 _GLOB_CHARS = frozenset("*?[")

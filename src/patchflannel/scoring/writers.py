@@ -203,8 +203,9 @@ def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLi
     """Write the rows of scoring output ``out`` that have a result and a known ``label`` (carried from a
     manifest) as a predictions CSV for ``patchflannel eval``; returns (rows written, rows left out).
 
-    ``model`` is the bundle's name, ``fold`` the carried fold (else ``all``), ``split`` as given, and a
-    missing ``patient_id`` is the path (each image its own patient).
+    ``model`` is the bundle's name, ``fold`` the carried fold (else ``all``), ``split`` the carried split
+    (a splits file's ``train``/``test``) else ``split``, and a missing ``patient_id`` is the path (each image
+    its own patient).
     """
     from patchflannel.training.report import write_predictions
 
@@ -212,7 +213,7 @@ def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLi
     rows = [r for r in table.to_pylist() if r["status"] != "error" and r.get("label") in CLASSES]
     model = metadata["bundle"]["name"]
     write_predictions([{"patient_id": r["path"], "source": "", **{k: v for k, v in r.items() if v not in (None, "")},
-                        "model": model, "fold": r.get("fold") or "all", "split": split} for r in rows],
+                        "model": model, "fold": r.get("fold") or "all", "split": r.get("split") or split} for r in rows],
                       Path(predictions))
     return len(rows), table.num_rows - len(rows)
 

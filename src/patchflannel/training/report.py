@@ -23,7 +23,7 @@ from patchflannel.training.metrics import bootstrap_ci, classification_metrics, 
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "patient_id", "source", "label", "model", "fold", "split", *PROB_COLUMNS, "pred")
-SPLITS = ("val", "test")
+SPLITS = ("val", "test", "train")
 
 
 def write_predictions(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -170,7 +170,8 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
     lines = ["# Evaluation report", "",
              f"{report['n_rows']} prediction rows; classes {', '.join(report['classes'])}. Mean (std) over folds; "
              f"intervals: 95% percentile bootstrap over patients ({report['bootstrap']['resamples']} resamples) "
-             "of the pooled rows. `val` = out-of-fold predictions, `test` = held-out test set.", ""]
+             "of the pooled rows. `val` = out-of-fold predictions, `test` = held-out test set, `train` = images "
+             "the model trained on (a fit figure, not generalisation).", ""]
     for split in SPLITS:
         gs = [g for g in report["groups"] if g["split"] == split]
         if not gs:
