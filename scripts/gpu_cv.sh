@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The CPU-sized cross-validation recipes (recipes/cv_cpu_patch.yaml and cv_cpu_global.yaml) on one GPU
 # machine: both modes at once, the learner runs of each in parallel processes (`cv --jobs`), the GPU shared.
-# The recipes are used as they are except for what a GPU machine changes: device cuda, one loader worker
-# a learner process, a larger evaluation batch, the data and cache paths. Each mode's `cv` stops at
+# The recipes are used as they are except for what a GPU machine changes: device cuda, a larger evaluation
+# batch, the data and cache paths. No loader workers: the parallel learner processes use the CPU cores
+# (and need no shared memory, which containers often limit). Each mode's `cv` stops at
 # LIMIT seconds; an unfinished protocol resumes anywhere with the same `cv` command.
 # Results are packed into $OUT: <mode>.tgz (predictions, report, configs, logs, done markers; no weights)
 # and, for the patch-mode fold whose ensemble scored best on its validation fold, weights.tgz.* (best.pt of
 # its learner runs and its ensemble run; 15 MB pieces), plus summary.txt.
-# Usage: DATA=/path/to/cxr4 OUT=/tmp/out [SPLITS=runs/splits_cxr4.csv] [LIMIT=420] [JOBS_PATCH=13]
+# Usage: DATA=/path/to/cxr4 OUT=/tmp/out [SPLITS=runs/splits_cxr4.csv] [LIMIT=420] [JOBS_PATCH=25]
 #        [JOBS_GLOBAL=5] [RECIPE_OVERRIDES='{"learner": {"epochs": 1}}'] bash scripts/gpu_cv.sh
 set -u
 OUT="${OUT:-/tmp/gpu_cv}"
@@ -46,11 +47,11 @@ for mode in ("patch", "global"):
     cfg = yaml.safe_load(open(f"recipes/cv_cpu_{mode}.yaml"))
     cfg.update(splits=str(work / "splits.csv"), cache_dir=str(work / "cache"),
                device="cuda" if torch.cuda.is_available() else "cpu")
-    cfg["learner"].update(num_workers=1, eval_batch=64)
+    cfg["learner"].update(num_workers=0, eval_batch=64)
     for key, value in over.items():
         (cfg[key].update(value) if isinstance(value, dict) else cfg.__setitem__(key, value))
     (work / f"{mode}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    print(mode, "learner", cfg["learner"], "k", cfg["k"], "k_val", cfg["k_val"])
+    print(mode, "learner", cfg["learner"], "k", cfg.get("k"), "k_val", cfg.get("k_val"))
 PYEOF
 
 run_mode() {  # run_mode MODE JOBS
@@ -59,7 +60,7 @@ run_mode() {  # run_mode MODE JOBS
     > "$OUT/$1.log" 2>&1
   echo "$1: rc=$? after $(( $(date +%s) - t0 ))s" >> "$SUMMARY"
 }
-run_mode patch "${JOBS_PATCH:-13}" &
+run_mode patch "${JOBS_PATCH:-25}" &
 run_mode global "${JOBS_GLOBAL:-5}" &
 wait
 echo "total $(( $(date +%s) - START ))s" >> "$SUMMARY"

@@ -150,7 +150,7 @@ def test_config_refuses_unknown_keys_bad_arch_and_bad_weights(lungseg_dir: Path,
         SegConfig.from_file(recipe)
 
 
-@pytest.mark.parametrize("recipe", ["segmentation.yaml", "segmentation_gpu.yaml", "segmentation_finetune.yaml"])
+@pytest.mark.parametrize("recipe", ["segmentation.yaml", "segmentation_gpu.yaml"])
 def test_shipped_recipes_parse(recipe: str) -> None:
     path = Path(__file__).resolve().parents[1] / "recipes" / recipe
     cfg = SegConfig.from_file(path)
