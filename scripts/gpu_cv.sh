@@ -8,7 +8,7 @@
 # Results are packed into $OUT: <mode>.tgz (predictions, report, configs, logs, done markers; no weights)
 # and, for the patch-mode fold whose ensemble scored best on its validation fold, weights.tgz.* (best.pt of
 # its learner runs and its ensemble run; 15 MB pieces), plus summary.txt.
-# Usage: DATA=/path/to/cxr4 OUT=/tmp/out [SPLITS=runs/splits_cxr4.csv] [LIMIT=420] [JOBS_PATCH=25]
+# Usage: DATA=/path/to/cxr4 OUT=/tmp/out [SPLITS=runs/splits_cxr4.csv] [LIMIT=420] [JOBS_PATCH=<cores>]
 #        [JOBS_GLOBAL=5] [RECIPE_OVERRIDES='{"learner": {"epochs": 1}}'] bash scripts/gpu_cv.sh
 set -u
 OUT="${OUT:-/tmp/gpu_cv}"
@@ -60,7 +60,7 @@ run_mode() {  # run_mode MODE JOBS
     > "$OUT/$1.log" 2>&1
   echo "$1: rc=$? after $(( $(date +%s) - t0 ))s" >> "$SUMMARY"
 }
-run_mode patch "${JOBS_PATCH:-25}" &
+run_mode patch "${JOBS_PATCH:-$(nproc)}" &  # 25 for 16 cores was too many (docs/training.md)
 run_mode global "${JOBS_GLOBAL:-5}" &
 wait
 echo "total $(( $(date +%s) - START ))s" >> "$SUMMARY"

@@ -127,9 +127,9 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "
                    f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
+    val_by_fold = {fold: [r for r in train_rows if r["fold"] == fold] for fold in folds}
     if jobs > 1:
-        tasks = [(cfg, arch, fold, out / "learners" / arch / f"fold{fold}",
-                  [r for r in train_rows if r["fold"] == fold], test_rows, resume)
+        tasks = [(cfg, arch, fold, out / "learners" / arch / f"fold{fold}", val_by_fold[fold], test_rows, resume)
                  for fold in folds for arch in archs
                  if not (resume and _read_done(out / "learners" / arch / f"fold{fold}"))]
         if tasks:
@@ -138,7 +138,7 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     predictions: list[dict[str, Any]] = []
     conf: dict[tuple[str, str, str], np.ndarray] = {}  # (arch, fold, split) -> (N, 4)
     for fold in folds:
-        val_rows = [r for r in train_rows if r["fold"] == fold]
+        val_rows = val_by_fold[fold]
         for arch, name in zip(archs, names):
             _console.print(f"learner {arch} fold {fold}", markup=False, highlight=False)
             done = _learner_run(cfg, arch, fold, out / "learners" / arch / f"fold{fold}", val_rows, test_rows, resume)
