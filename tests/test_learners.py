@@ -143,3 +143,17 @@ def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path
     out = predict_items(model, prepare(mcfg, val, torch.device("cpu")), mcfg, 1, torch.device("cpu"))
     assert out["confidence"].shape == (len(val), 4) and np.allclose(out["confidence"].sum(1), 1, atol=1e-5)
     assert np.array_equal(out["pred"], out["confidence"].argmax(1))
+
+
+@pytest.mark.parametrize("arch", ["mnasnet0_5", "mobilenet_v3_small"])
+def test_bn_momentum_option_replaces_the_architectures_own(arch: str) -> None:
+    from torch import nn
+
+    from patchflannel.training.learners import build_learner
+
+    def momenta(cfg: dict) -> set[float]:
+        return {m.momentum for m in build_learner(cfg, arch).modules() if isinstance(m, nn.BatchNorm2d)}
+
+    own = momenta(load_config({}))
+    assert own and 0.1 not in own  # torchvision's slow running-statistics momentum (0.01 / 0.0003)
+    assert momenta(load_config({"learner": {"bn_momentum": 0.1}})) == {0.1}

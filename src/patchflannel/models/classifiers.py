@@ -21,7 +21,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.models.registry import register_model
 
 FLANNEL_LEARNERS = ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn")
-CPU_LEARNERS = ("mobilenet_v3_small", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_1", "mobilenet_v2")
+CPU_LEARNERS = ("mobilenet_v3_small", "shufflenet_v2_x0_5", "mnasnet0_5", "shufflenet_v2_x1_0", "regnet_x_400mf")
 
 
 def _imagenet(model: nn.Module, path: str | Path | None) -> nn.Module:
@@ -77,6 +77,8 @@ _HEADS = {
     "vgg19_bn": "classifier.6",
     "mobilenet_v3_small": "classifier.3",
     "shufflenet_v2_x0_5": "fc",
+    "shufflenet_v2_x1_0": "fc",
+    "regnet_x_400mf": "fc",
     "mnasnet0_5": "classifier.1",
     "mobilenet_v2": "classifier.1",
     "resnet18": "fc",

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "k_val": 10,
     "learner": {"epochs": 200, "patience": 10, "batch_size": 16, "lr": 1e-5, "weight_decay": 1e-4, "l1": None,
                 "lr_factor": 0.1, "lr_patience": 4, "amp": "auto", "num_workers": 0, "eval_batch": 8,
-                "imagenet_weights": {}},
+                "imagenet_weights": {}, "bn_momentum": None, "channels_last": True},
     "ensemble": {"epochs": 200, "patience": 20, "lr": 1e-5, "weight_decay": 1e-4, "batch_size": 20, "gamma": 2.0},
 }
 L1_PATCH = 1e-5
@@ -119,9 +119,24 @@ def prepare(cfg: dict[str, Any], rows: list[dict[str, str]], device: torch.devic
 
 
 def build_learner(cfg: dict[str, Any], arch: str) -> nn.Module:
-    """``arch`` with a 4-class head, from the config's ImageNet weights file for it when one is named."""
+    """``arch`` with a 4-class head, from the config's ImageNet weights file for it when one is named.
+
+    ``learner.bn_momentum`` (when set) replaces every BatchNorm's momentum: torchvision's mobilenet_v3
+    (0.01) and mnasnet (0.0003) keep running statistics that barely move in a few hundred steps from
+    scratch, so their eval-mode output stays constant (docs/results/README.md).
+    """
     weights = (cfg["learner"]["imagenet_weights"] or {}).get(arch)
-    return get_model(arch, **({"imagenet_weights": weights} if weights else {}))
+    model = get_model(arch, **({"imagenet_weights": weights} if weights else {}))
+    momentum = cfg["learner"]["bn_momentum"]
+    if momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = float(momentum)
+    return model
+
+
+def _memory_format(cfg: dict[str, Any]) -> torch.memory_format:
+    return torch.channels_last if cfg["learner"]["channels_last"] else torch.contiguous_format
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -143,13 +158,14 @@ def predict_items(model: nn.Module, items: list[Item], cfg: dict[str, Any], k: i
     model.eval()
     ds = LearnerDataset(items, cfg["mode"], default_preprocessing(), train=False, seed=cfg["seed"], k=k)
     dtype = amp_dtype(cfg["learner"]["amp"], device)
+    fmt = _memory_format(cfg)
     conf, soft = [], []
     with _progress() as bar:
         task = bar.add_task(description, total=len(ds))
         for i in range(len(ds)):
             x, _ = ds[i]
             with _autocast(device, dtype):
-                logits = torch.cat([_logits(model(c.to(device))).float()
+                logits = torch.cat([_logits(model(c.to(device).contiguous(memory_format=fmt))).float()
                                     for c in x.split(cfg["learner"]["eval_batch"])])[None]
             soft.append(mean_softmax(logits).cpu())
             conf.append(vote_fractions(logits).cpu() if cfg["mode"] == "patch" else soft[-1])
@@ -192,7 +208,8 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_items, val_items = prepare(cfg, train_rows, device), prepare(cfg, val_rows, device)
-    model = build_learner(cfg, cfg["arch"]).to(device)
+    fmt = _memory_format(cfg)
+    model = build_learner(cfg, cfg["arch"]).to(device, memory_format=fmt)
     lc = cfg["learner"]
     optimizer = torch.optim.Adam(model.parameters(), lr=lc["lr"], weight_decay=lc["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=lc["lr_factor"],
@@ -207,7 +224,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         with _progress() as bar:
             task = bar.add_task(f"{cfg['arch']} epoch {epoch}", total=len(train_ds))
             for x, y in _batches(train_ds, cfg, epoch):
-                x, y = x.to(device, non_blocking=True), y.to(device)
+                x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device)
                 with _autocast(device, dtype):
                     out = model(x)
                 loss = _loss(out, y)
@@ -245,4 +262,4 @@ def load_learner(run_dir: str | Path, device: torch.device | str = "cpu") -> tup
         raise ConfigError(f"{run_dir}: no {BEST_FILE}; the run has not finished an epoch")
     model = get_model(cfg["arch"])
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True))
-    return model.to(device).eval(), cfg
+    return model.to(device, memory_format=_memory_format(cfg)).eval(), cfg
