@@ -117,3 +117,32 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
     assert missing.exit_code == 1 and "file not found" in missing.output
     assert not (tmp_path / "rep" / "report.json").exists()
+
+
+def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path) -> None:
+    rows = _predictions(cxr4_dir, tmp_path / "predictions.csv")
+    assert CliRunner().invoke(_app(), ["eval", str(tmp_path / "predictions.csv"), "--out", str(tmp_path / "rep"),
+                                       "--bootstrap", "20"]).exit_code == 0
+    result = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    sources = sorted({r["source"] for r in rows})
+    assert lines[0] == "| mode | model | " + " | ".join(f"{c} F1" for c in CLASSES) + " | macro-F1 | " + " | ".join(sources) + " |"
+    by_model = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in lines[2:]}
+    assert set(by_model) == {"resnet18_patch", "flannel_patch"}
+    for model, cells in by_model.items():
+        test = [r for r in rows if r["split"] == "test" and r["model"] == model]
+        fold_f1 = []
+        for fold in sorted({r["fold"] for r in test}):
+            y, yhat, _ = _arrays([r for r in test if r["fold"] == fold])
+            fold_f1.append(f1_score(y, yhat, labels=[0, 1, 2, 3], average="macro", zero_division=0))
+        assert cells[0] == "patch" and cells[6] == f"{np.mean(fold_f1):.3f} ({np.std(fold_f1, ddof=1):.3f})"
+        for s, cell in zip(sources, cells[7:]):
+            sel = [r for r in test if r["source"] == s]
+            if sel:
+                y, yhat, _ = _arrays(sel)
+                assert cell == f"{f1_score(y, yhat, labels=[0, 1, 2, 3], average='macro', zero_division=0):.3f}"
+            else:
+                assert cell == "-"
+    missing = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "no report.json" in missing.output

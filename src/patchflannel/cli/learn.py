@@ -77,7 +77,26 @@ def register_train(train_app: typer.Typer) -> None:
     train_app.command("ensemble")(train_ensemble_cmd)
 
 
+def eval_table_cmd(reports: Annotated[list[Path], typer.Argument(help="Report folders (or report.json files) of `eval`/`cv`.")],
+                   split: Annotated[str, typer.Option(help="Split to tabulate: test, val or train.")] = "test") -> None:
+    """Print one markdown table over report folders (modes side by side, per-class F1, macro-F1, per source)."""
+    import json
+
+    from patchflannel.errors import ConfigError
+    from patchflannel.training.report import results_table
+
+    with fail_cleanly():
+        loaded = []
+        for path in reports:
+            f = path / "report.json" if path.is_dir() else path
+            if not f.is_file():
+                raise ConfigError(f"{path}: no report.json there (write one with `patchflannel eval`)")
+            loaded.append(json.loads(f.read_text()))
+        print(results_table(loaded, split), end="")
+
+
 def register(app: typer.Typer) -> None:
-    """Add the top-level ``cv`` and ``eval`` commands."""
+    """Add the top-level ``cv``, ``eval`` and ``eval-table`` commands."""
     app.command("cv")(cv_cmd)
     app.command("eval")(eval_cmd)
+    app.command("eval-table")(eval_table_cmd)

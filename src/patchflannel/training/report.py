@@ -219,6 +219,27 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
     return "\n".join(lines) + "\n"
 
 
+def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
+    """One markdown table over several reports (e.g. global and patch runs), laid out like the seed paper's
+    Table 3: a row per model with its mode (the ``_global``/``_patch`` suffix of its name), per-class F1 and
+    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source."""
+    sources = sorted({s for r in reports for s in r["sources"]})
+    lines = ["| mode | model | " + " | ".join(f"{c} F1" for c in CLASSES) + " | macro-F1 | " + " | ".join(sources) + " |",
+             "|---|---|" + "---|" * (len(CLASSES) + 1 + len(sources))]
+    for r in reports:
+        gs = [g for g in r["groups"] if g["split"] == split]
+        for model in r["models"]:
+            g = next((x for x in gs if x["model"] == model and x["source"] == "all"), None)
+            if g is None:
+                continue
+            per_source = [next((f"{x['pooled']['macro_f1']:.3f}" for x in gs if x["model"] == model and x["source"] == s), "-")
+                          for s in sources]
+            mode = model.rsplit("_", 1)[-1] if model.rsplit("_", 1)[-1] in ("global", "patch") else "-"
+            lines.append(f"| {mode} | {model} | " + " | ".join(_ms(g, f"f1_{c}") for c in CLASSES)
+                         + f" | {_ms(g, 'macro_f1')} | " + " | ".join(per_source) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and one confusion PNG per (split, model) under ``out_dir``."""
     out = Path(out_dir)
