@@ -96,7 +96,7 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
     assert groups[("val", "flannel_patch", "all")]["pooled"]["macro_f1"] > groups[("val", "resnet18_patch", "all")]["pooled"]["macro_f1"]
     md = (tmp_path / "rep" / "report.md").read_text()
     g = groups[("val", "flannel_patch", "all")]
-    assert f"| flannel_patch | 3 | " in md and f"{g['fold_mean']['macro_f1']:.3f} ({g['fold_std']['macro_f1']:.3f})" in md
+    assert "| flannel_patch | 3 | " in md and f"{g['fold_mean']['macro_f1']:.3f} ({g['fold_std']['macro_f1']:.3f})" in md
     for split in ("val", "test"):
         png = tmp_path / "rep" / f"confusion_{split}_resnet18_patch.png"
         assert f"]({png.name})" in md
