@@ -165,7 +165,7 @@ def predict_items(model: nn.Module, items: list[Item], cfg: dict[str, Any], k: i
         for i in range(len(ds)):
             x, _ = ds[i]
             with _autocast(device, dtype):
-                logits = torch.cat([_logits(model(c.to(device).contiguous(memory_format=fmt))).float()
+                logits = torch.cat([_logits(model(c.to(device, memory_format=fmt))).float()
                                     for c in x.split(cfg["learner"]["eval_batch"])])[None]
             soft.append(mean_softmax(logits).cpu())
             conf.append(vote_fractions(logits).cpu() if cfg["mode"] == "patch" else soft[-1])
@@ -224,7 +224,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         with _progress() as bar:
             task = bar.add_task(f"{cfg['arch']} epoch {epoch}", total=len(train_ds))
             for x, y in _batches(train_ds, cfg, epoch):
-                x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device)
+                x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device)
                 with _autocast(device, dtype):
                     out = model(x)
                 loss = _loss(out, y)

@@ -227,15 +227,16 @@ def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
     lines = ["| mode | model | " + " | ".join(f"{c} F1" for c in CLASSES) + " | macro-F1 | " + " | ".join(sources) + " |",
              "|---|---|" + "---|" * (len(CLASSES) + 1 + len(sources))]
     for r in reports:
-        gs = [g for g in r["groups"] if g["split"] == split]
+        by_key = {(g["model"], g["source"]): g for g in r["groups"] if g["split"] == split}
         for model in r["models"]:
-            g = next((x for x in gs if x["model"] == model and x["source"] == "all"), None)
+            g = by_key.get((model, "all"))
             if g is None:
                 continue
-            per_source = [next((f"{x['pooled']['macro_f1']:.3f}" for x in gs if x["model"] == model and x["source"] == s), "-")
+            per_source = [f"{by_key[(model, s)]['pooled']['macro_f1']:.3f}" if (model, s) in by_key else "-"
                           for s in sources]
-            mode = model.rsplit("_", 1)[-1] if model.rsplit("_", 1)[-1] in ("global", "patch") else "-"
-            lines.append(f"| {mode} | {model} | " + " | ".join(_ms(g, f"f1_{c}") for c in CLASSES)
+            suffix = model.rsplit("_", 1)[-1]
+            lines.append(f"| {suffix if suffix in ('global', 'patch') else '-'} | {model} | "
+                         + " | ".join(_ms(g, f"f1_{c}") for c in CLASSES)
                          + f" | {_ms(g, 'macro_f1')} | " + " | ".join(per_source) + " |")
     return "\n".join(lines) + "\n"
 
