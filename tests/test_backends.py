@@ -10,10 +10,10 @@ import torch
 
 from patchflannel.engine.backends import make_backend, resolve_backend, resolve_precision
 from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from patchflannel.engine.backends.torch_backend import TorchBackend
+from patchflannel.engine.backends.torch_backend import TorchBackend, fold_batchnorm
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import random_bundle
-from patchflannel.models import get_model
+from patchflannel.models import get_model, list_models
 
 needs_trt_gpu = pytest.mark.skipif(
     importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
@@ -44,6 +44,23 @@ def test_torch_backend_fp32_is_the_module_and_bf16_is_close(net, batch):
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(ConfigError, match="unknown precision"):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", list_models("classifier") + list_models("segmentation"))
+def test_batchnorm_folding_keeps_every_registered_network_s_outputs(name):
+    torch.manual_seed(0)
+    net = get_model(name).eval()
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:  # trained-looking statistics, so that folding has something to change
+        bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+    channels, size = (1, 64) if name.startswith("fcdensenet") else (3, 96 if name != "inception_v3" else 299)
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(1))
+    folded, n = fold_batchnorm(net)
+    assert n == len(norms) - sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    if name in list_models("classifier") and norms:  # conv -> BatchNorm pairs (FC-DenseNet's come BN first)
+        assert n > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
 
 
 def test_onnxruntime_backend_matches_torch(net, batch, tmp_path):
