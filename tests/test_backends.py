@@ -63,6 +63,17 @@ def test_batchnorm_folding_keeps_every_registered_network_s_outputs(name):
         torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_torch_backend_agrees_with_eager(net, batch):
+    """torch.compile (frozen weights) over the folded module; needs a C++ compiler on a CPU."""
+    with torch.inference_mode():
+        want = net(batch)
+    backend = TorchBackend(net, torch.device("cpu"), "fp32", compile=True)
+    got = backend.run(batch)
+    assert backend.compiled, backend.compile_error
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_onnxruntime_backend_matches_torch(net, batch, tmp_path):
     from patchflannel.export.onnx import export_module
 
