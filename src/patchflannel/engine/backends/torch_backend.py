@@ -14,7 +14,8 @@ from patchflannel.engine.backends import DTYPES
 class TorchBackend:
     """Runs ``module`` on ``device`` in ``precision`` (channels_last on 4-D inputs).
 
-    BatchNorm layers that follow a convolution are folded into it first (:func:`fold_batchnorm`). With ``compile=True`` the module goes through ``torch.compile`` with frozen weights; when compiling fails
+    BatchNorm layers that follow a convolution are folded into it first, on a copy (:func:`fold_batchnorm`).
+    With ``compile=True`` the module goes through ``torch.compile`` with frozen weights; when compiling fails
     (at the first call) the backend falls back to eager and keeps the reason in ``compile_error``.
     """
 
