@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,8 @@ def test_batchnorm_folding_keeps_every_registered_network_s_outputs(name):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_torch_backend_agrees_with_eager(net, batch):
     """torch.compile (frozen weights) over the folded module; needs a C++ compiler on a CPU."""
     with torch.inference_mode():
