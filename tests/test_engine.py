@@ -218,6 +218,7 @@ def test_describe_and_choices(engine, bundle_dir):
     d = engine.describe()
     assert (d["device"], d["loader"], d["backend"], d["sampler"], d["precision"]) == ("cpu", "cpu", "torch", "torch", "fp32")
     assert d["patch_batch"] == 8 and d["images_per_call"] == 1 and len(d["learners"]) == 2
+    assert d["folded_batchnorms"] == 56 + 34  # all conv -> BatchNorm pairs of shufflenet_v2_x0_5, mobilenet_v3_small
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         Engine.from_bundle(bundle_dir, device="cpu", backend="tensorrt")
     with pytest.raises(BackendUnavailableError, match="cupy"):

@@ -244,13 +244,16 @@ class Engine:
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
 
     def describe(self) -> dict[str, Any]:
-        """What this engine runs: device, loader, backend, sampler, precision, batching, bundle, learners."""
+        """What this engine runs: device, loader, backend, sampler, precision, batching, bundle, learners, and
+        how many conv -> BatchNorm pairs the torch backend folded."""
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
-        compiled = [getattr(b, "compiled", False) for b in [self.segmenter, *(lr.backend for lr in self.learners)]]
+        backends = [self.segmenter, *(lr.backend for lr in self.learners)]
         return {
             "device": str(self.device), "device_name": dev_name, "loader": self.loader.name,
             "backend": self.backend, "sampler": self.sampler.name, "precision": self.precision,
-            "compiled": any(compiled), "k": self.k, "seed": self.seed, "images_per_call": self.images_per_call,
+            "compiled": any(getattr(b, "compiled", False) for b in backends),
+            "folded_batchnorms": sum(getattr(b, "folded_batchnorms", 0) for b in backends),
+            "k": self.k, "seed": self.seed, "images_per_call": self.images_per_call,
             "patch_batch": self.patch_batch, "bundle": self.bundle_name, "bundle_id": self.bundle_id,
             "learners": [{"name": lr.name, "mode": lr.mode} for lr in self.learners],
             "ensemble": self.ensemble is not None,
