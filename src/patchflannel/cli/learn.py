@@ -80,19 +80,10 @@ def register_train(train_app: typer.Typer) -> None:
 def eval_table_cmd(reports: Annotated[list[Path], typer.Argument(help="Report folders (or report.json files) of `eval`/`cv`.")],
                    split: Annotated[str, typer.Option(help="Split to tabulate: test, val or train.")] = "test") -> None:
     """Print one markdown table over report folders (modes side by side, per-class F1, macro-F1, per source)."""
-    import json
-
-    from patchflannel.errors import ConfigError
-    from patchflannel.training.report import results_table
+    from patchflannel.training.report import read_report, results_table
 
     with fail_cleanly():
-        loaded = []
-        for path in reports:
-            f = path / "report.json" if path.is_dir() else path
-            if not f.is_file():
-                raise ConfigError(f"{path}: no report.json there (write one with `patchflannel eval`)")
-            loaded.append(json.loads(f.read_text()))
-        print(results_table(loaded, split), end="")
+        print(results_table([read_report(path) for path in reports], split), end="")
 
 
 def register(app: typer.Typer) -> None:

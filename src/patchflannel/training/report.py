@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
-from patchflannel.errors import ManifestError
+from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, mean_std
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
@@ -263,3 +263,12 @@ def evaluate_predictions(predictions: str | Path, out_dir: str | Path, *, n_boot
     report["predictions"] = str(predictions)
     write_report(report, out_dir)
     return report
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    """The report that :func:`write_report` wrote: ``path`` is its folder or its report.json."""
+    p = Path(path)
+    f = p / "report.json" if p.is_dir() else p
+    if not f.is_file():
+        raise ConfigError(f"{path}: no report.json there (write one with `patchflannel eval`)")
+    return json.loads(f.read_text())
