@@ -12,6 +12,7 @@ import torch
 import typer
 import yaml
 from PIL import Image
+from scipy import ndimage
 from sklearn.metrics import jaccard_score
 from typer.testing import CliRunner
 
@@ -19,7 +20,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_bundle_path
 from patchflannel.io import read_image
 from patchflannel.models import get_model
-from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
+from patchflannel.ops.mask import fill_holes, lung_masks, mask_fraction, postprocess_mask
 from patchflannel.segment import REPORT_FILE, load_segmenter, segment_images
 from patchflannel.training.segmentation import (
     SegConfig,
@@ -73,6 +74,19 @@ def test_postprocess_keeps_two_largest_components_and_fills_holes() -> None:
     expected[5:35, 3:15] = expected[5:35, 22:36] = True
     assert np.array_equal(out, expected)
     assert not postprocess_mask(np.zeros((8, 8), dtype=bool)).any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_holes_matches_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        shape = tuple(int(v) for v in rng.integers(1, 48, size=2))
+        m = rng.random(shape) < rng.uniform(0.05, 0.95)
+        assert np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m)), (shape, m)
+    ring = np.zeros((9, 9), dtype=bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert fill_holes(ring)[4, 4] and fill_holes(np.ones((3, 3), dtype=bool)).all()
 
 
 def test_mask_fraction_numpy_and_torch() -> None:
