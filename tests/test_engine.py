@@ -195,6 +195,22 @@ def test_stream_pairs_and_prefetch(engine, jpegs, baseline):
         np.testing.assert_allclose(s.probability_array, d.probability_array, atol=1e-6)
 
 
+def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, baseline):
+    """Groups of two, two of them with no decodable image (one in the middle, one last), any prefetch."""
+    xs = [("a", jpegs[0]), ("bad1", b"xx"), ("bad2", b"yy"), ("bad3", b"zz"), ("b", jpegs[1]), ("c", jpegs[2]),
+          ("bad4", b"ww")]
+    for prefetch in (0, 1, 3):
+        got = {p.item_id: p for p in engine.configured(images_per_call=2).stream(xs, prefetch=prefetch)}
+        assert list(got) == [x[0] for x in xs]
+        assert all(got[f"bad{i}"].status == "error" for i in range(1, 5))
+        for name, ref in zip("abc", baseline):
+            assert got[name].status == ref.status
+            np.testing.assert_allclose(got[name].probability_array, ref.probability_array, atol=1e-6)
+    stream = engine.stream(jpegs)
+    assert next(stream).item_id == str(jpegs[0])
+    stream.close()  # a consumer that stops early leaves nothing running
+
+
 def test_one_engine_shared_by_threads(engine, jpegs, baseline):
     serial = [p.probability_array for p in baseline]
     results: dict[int, list] = {}

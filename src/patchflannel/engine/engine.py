@@ -7,20 +7,28 @@ K patches -> normalised, 3 channels -> one call per learner per group of images 
 images; ``patch_batch`` patches a call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
 over patches; the only device -> host copies are the small mask post-processing and the final results.
 
+Overlap (``stream``): groups of ``images_per_call`` images decode in a worker thread, ``prefetch`` groups
+ahead (on a GPU on the engine's own CUDA stream). Device work is pipelined over three groups: the next
+group's segmentation is launched, then the current group's learners; while they run, the next group's masks
+are post-processed on the host and its patches gathered, and the previous group's results are read back.
+So the host's share of preprocessing (mask post-processing, Python) hides behind the learners on a GPU; on a
+CPU the same order runs without overlap.
+
 Thread safety: an engine may be shared by threads. Decoding is serialised by one lock and device work by
 another, so a thread's decoding overlaps another's inference; for parallel device work use one engine per
-thread (or per device). ``stream`` overlaps decoding of the next group with inference of the current one.
+thread (or per device).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
@@ -79,6 +87,62 @@ class _Item:
     meta: dict[str, Any] | None = None
     error: str | None = None
     result: Prediction | None = None
+
+
+_HOST_INPUTS = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)
+"""Inputs that hold no device memory: decoding them need not wait for the caller's CUDA stream."""
+
+
+@dataclass
+class _HostCopy:
+    """Tensors on their way from the device to host memory; :meth:`wait` returns them once they are there."""
+
+    tensors: tuple[torch.Tensor, ...]
+    done: torch.cuda.Event | None
+
+    def wait(self) -> tuple[torch.Tensor, ...]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tensors
+
+
+def _to_host(*tensors: torch.Tensor) -> _HostCopy:
+    """Start copying ``tensors`` into pinned host memory without waiting (on a CPU they are already there)."""
+    cuda = [t for t in tensors if t.is_cuda]
+    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda
+                 else t for t in tensors)
+    return _HostCopy(host, _record_event(cuda[0].device) if cuda else None)
+
+
+def _record_event(device: torch.device) -> torch.cuda.Event | None:
+    """An event recorded on ``device``'s current stream (None on a CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _on_stream(stream: torch.cuda.Stream | None) -> ContextManager[Any]:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+@dataclass
+class _Group:
+    """Inputs decoded together and carried through the device together (``images_per_call`` of them)."""
+
+    items: list[_Item]
+    decoded: torch.cuda.Event | None = None
+    masks: _HostCopy | None = None
+    big: torch.Tensor | None = None
+    fallback: torch.Tensor | None = None
+    centres: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
+    results: _HostCopy | None = None
+    good: list[_Item] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.good = [it for it in self.items if it.error is None]
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -186,6 +250,7 @@ class Engine:
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._compute_lock = threading.Lock()
         self._decode_lock = threading.Lock()
+        self._decode_stream = torch.cuda.Stream(device) if cuda else None
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -271,22 +336,30 @@ class Engine:
     def stream(self, xs: Iterable[Any], *, prefetch: int = 2, timer: StageTimer | None = None) -> Iterator[Prediction]:
         """Yield results group by group, in input order, while the next groups decode in a worker thread.
 
-        ``prefetch`` is how many groups may be decoded ahead (0: no worker thread).
+        ``prefetch`` is how many groups may be decoded ahead (0: no worker thread). Device work is
+        pipelined over three groups: while the learners classify one, the next one's lung masks are
+        post-processed on the host and the one before is read back (see the module docstring).
         """
         timer = timer or _NoTimer()
-        groups = self._groups(xs)
-        if prefetch <= 0:
-            for group in groups:
-                yield from self._infer(self._decode(group, timer), timer)
-            return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-decode") as pool:
-            pending: list[concurrent.futures.Future[list[_Item]]] = []
-            for group in groups:
-                pending.append(pool.submit(self._decode, group, timer))
-                if len(pending) > prefetch:
-                    yield from self._infer(pending.pop(0).result(), timer)
-            for fut in pending:
-                yield from self._infer(fut.result(), timer)
+        caller = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        prev: _Group | None = None  # classified, waiting to be read back
+        cur: _Group | None = None   # patches gathered, waiting for the learners
+        for group in self._decoded(xs, prefetch, timer, caller):
+            with self._compute_lock:
+                self._segment(group, timer)
+                if cur is not None:
+                    self._classify(cur, timer)
+            if prev is not None:
+                yield from self._results(prev)
+            with self._compute_lock:
+                self._patches(group, timer)
+            prev, cur = cur, group
+        if cur is not None:
+            with self._compute_lock:
+                self._classify(cur, timer)
+        for group in (prev, cur):
+            if group is not None:
+                yield from self._results(group)
 
     # ---------------------------------------------------------------------------------------- internals
     def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str | None, Any]]]:
@@ -299,34 +372,81 @@ class Engine:
         if group:
             yield group
 
-    def _decode(self, group: list[tuple[str | None, Any]], timer: StageTimer) -> list[_Item]:
-        items = [_prepare(x, item_id) for item_id, x in group]
-        with self._decode_lock, timer.stage("decode"):
-            todo = [it for it in items if it.data is not None]
-            for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
-                if isinstance(res, ImageReadError):
-                    it.error = str(res)
-                else:
-                    it.image, it.meta = res
-                it.data = None
-            for it in items:
-                if it.image is not None:
-                    it.image = it.image.to(self.device, non_blocking=True)
-        return items
+    def _decoded(self, xs: Iterable[Any], prefetch: int, timer: StageTimer,
+                 caller: torch.cuda.Stream | None) -> Iterator[_Group]:
+        """Decoded groups in input order, ``prefetch`` groups ahead in a worker thread."""
+        if prefetch <= 0:
+            for group in self._groups(xs):
+                yield self._decode(group, timer, caller)
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-decode") as pool:
+            pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
+            for group in self._groups(xs):
+                pending.append(pool.submit(self._decode, group, timer, caller))
+                if len(pending) > prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _decode(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
+                caller: torch.cuda.Stream | None) -> _Group:
+        """Read and decode one group onto the device: on a GPU on the engine's decode stream, so that it
+        overlaps the learners; array inputs wait for the caller's stream, where they were made."""
+        with _on_stream(self._decode_stream):
+            if caller is not None and not all(isinstance(x, _HOST_INPUTS) for _, x in inputs):
+                torch.cuda.current_stream(self.device).wait_stream(caller)
+            items = [_prepare(x, item_id) for item_id, x in inputs]
+            with self._decode_lock, timer.stage("decode"):
+                todo = [it for it in items if it.data is not None]
+                for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
+                    if isinstance(res, ImageReadError):
+                        it.error = str(res)
+                    else:
+                        it.image, it.meta = res
+                    it.data = None
+                for it in items:
+                    if it.image is not None:
+                        it.image = it.image.to(self.device, non_blocking=True)
+            return _Group(items, decoded=_record_event(self.device))
 
     def _normalise(self, grey: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
         return (grey.expand(-1, 3, -1, -1) - self._mean) / self._std
 
-    def _segment(self, images: list[torch.Tensor], timer: StageTimer) -> torch.Tensor:
+    def _segment(self, group: _Group, timer: StageTimer) -> None:
+        """Launch the segmenter on the group's images; the thresholded masks start their copy to the host."""
+        if not group.good:
+            return
+        images = [it.image for it in group.good]
+        if group.decoded is not None:  # the images come from the decode stream
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(group.decoded)
+            for im in images:
+                im.record_stream(stream)
         seg = self.pre["segmentation"]
         with timer.stage("segment"):
             inputs = torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
-            logits = self.segmenter.run(inputs)
+            group.masks = _to_host(lung_masks(self.segmenter.run(inputs), seg["threshold"]))
+
+    def _patches(self, group: _Group, timer: StageTimer) -> None:
+        """Post-process the group's masks on the host, then sample centres and gather the K patches."""
+        if not group.good:
+            return
+        pre = self.pre
+        size, patch = pre["image_size"], pre["patch_size"]
         with timer.stage("mask"):
-            masks = lung_masks(logits, seg["threshold"]).cpu().numpy()
-            masks = np.stack([postprocess_mask(m) for m in masks])
-            return torch.from_numpy(masks).to(self.device)
+            (masks,) = group.masks.wait()
+            masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
+            masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
+        with timer.stage("sample"):
+            group.big = torch.stack([resize(it.image, size) for it in group.good])
+            masks_big, group.fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
+            seeds = [image_seed(it.content_hash, self.seed) for it in group.good]
+            group.centres = self.sampler.centres(masks_big, patch_uniforms(seeds, self.k))
+            origins = window_origins(group.centres, size, size, patch)
+        with timer.stage("gather"):
+            patches = gather_patches(group.big * masks_big.to(group.big.dtype), origins, patch)
+            group.patches = patches.reshape(-1, 1, patch, patch)
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
         """Logits of (N, 1, P, P) grey patches in calls of ``patch_batch``."""
@@ -334,40 +454,20 @@ class Engine:
                 for i in range(0, batch.shape[0], self.patch_batch)]
         return torch.cat(outs)
 
-    def _infer(self, items: list[_Item], timer: StageTimer) -> list[Prediction]:
-        good = [it for it in items if it.error is None]
-        if good:
-            with self._compute_lock:
-                self._compute(good, timer)
-        return [it.result if it.result is not None else self._error(it) for it in items]
-
-    def _error(self, it: _Item) -> Prediction:
-        return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
-                          k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend)
-
-    def _compute(self, items: list[_Item], timer: StageTimer) -> None:
-        pre = self.pre
-        size, patch = pre["image_size"], pre["patch_size"]
-        images = [it.image for it in items]
-        masks = self._segment(images, timer)
-        with timer.stage("sample"):
-            big = torch.stack([resize(im, size) for im in images])
-            masks_big, fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
-            seeds = [image_seed(it.content_hash, self.seed) for it in items]
-            centres = self.sampler.centres(masks_big, patch_uniforms(seeds, self.k))
-            origins = window_origins(centres, size, size, patch)
-        with timer.stage("gather"):
-            patches = gather_patches(big * masks_big.to(big.dtype), origins, patch)
-            flat = patches.reshape(-1, 1, patch, patch)
+    def _classify(self, group: _Group, timer: StageTimer) -> None:
+        """Launch the learners and the ensemble on the group's patches; the results start their copy to the host."""
+        if not group.good:
+            return
+        n = len(group.good)
         confidences, softmaxes = [], []
         with timer.stage("infer"):
             for learner in self.learners:
                 if learner.mode == "global":
-                    probs = self._run_learner(learner, self._global_view(big)).softmax(-1)
+                    probs = self._run_learner(learner, self._global_view(group.big)).softmax(-1)
                     confidences.append(probs)
                     softmaxes.append(probs)
                 else:
-                    logits = self._run_learner(learner, flat).reshape(len(items), self.k, -1)
+                    logits = self._run_learner(learner, group.patches).reshape(n, self.k, -1)
                     confidences.append(vote_fractions(logits))
                     softmaxes.append(mean_softmax(logits))
         with timer.stage("ensemble"):
@@ -377,12 +477,24 @@ class Engine:
                     probs = self.ensemble(conf).softmax(-1)
             else:
                 probs = conf.mean(1)
-            host = {"probs": probs.cpu().numpy(), "conf": conf.cpu().numpy(),
-                    "soft": torch.stack(softmaxes, 1).cpu().numpy(), "fallback": fallback.cpu().numpy()}
-            if self.return_centres:
-                host["centres"] = centres.cpu().numpy()
-        for i, it in enumerate(items):
-            it.result = self._prediction(it, i, host)
+            extra = (group.centres,) if self.return_centres else ()
+            group.results = _to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
+        group.big = group.patches = None
+
+    def _results(self, group: _Group) -> list[Prediction]:
+        """The group's predictions in input order (error results for inputs that failed to decode)."""
+        if group.good:
+            probs, conf, soft, fallback, *centres = (t.numpy() for t in group.results.wait())
+            host = {"probs": probs, "conf": conf, "soft": soft, "fallback": fallback}
+            if centres:
+                host["centres"] = centres[0]
+            for i, it in enumerate(group.good):
+                it.result = self._prediction(it, i, host)
+        return [it.result if it.result is not None else self._error(it) for it in group.items]
+
+    def _error(self, it: _Item) -> Prediction:
+        return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
+                          k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend)
 
     def _global_view(self, big: torch.Tensor) -> torch.Tensor:
         """FLANNEL's global input: the whole image resized, centre-cropped; (B, 1, crop, crop)."""
