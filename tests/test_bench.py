@@ -45,6 +45,7 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
     assert "| loop | 4 | 1 | 1 | 1 |" in md and "| packed | 4 | 2 | 8 | 2 |" in md
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ("loop", 4) in speedups(report["runs"])
+    assert "packed K=4:" in result.output and "warm-up" in result.output  # a progress line a run
 
 
 def test_phantoms_are_deterministic_jpegs():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 from pathlib import Path
 
@@ -209,6 +210,21 @@ def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, basel
     stream = engine.stream(jpegs)
     assert next(stream).item_id == str(jpegs[0])
     stream.close()  # a consumer that stops early leaves nothing running
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_engine_pads_a_short_group_instead_of_recompiling(bundle_dir, jpegs, baseline):
+    """Three images in groups of two: the last call (one image) is padded to the compiled shape."""
+    compiled = Engine.from_bundle(bundle_dir, device="cpu", k=K, seed=3, compile=True, images_per_call=2,
+                                  patch_batch=2 * K)
+    got = compiled.predict_many(jpegs)
+    for lr in compiled.learners:
+        assert lr.backend.compiled, lr.backend.compile_error
+        assert lr.backend.compiled_shapes == {(2 * K, 3, 224, 224)} and lr.backend.compile_seconds > 0
+    for a, b in zip(got, baseline):
+        np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
 
 
 def test_one_engine_shared_by_threads(engine, jpegs, baseline):

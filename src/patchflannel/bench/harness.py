@@ -22,7 +22,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,10 +220,12 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
              warmup_engine: Engine | None = None) -> dict[str, Any]:
     """Median/p95 seconds an image (end to end) and per-stage seconds an image over ``repeats`` runs."""
     cuda = engine.device.type == "cuda"
+    started = time.perf_counter()
     for _ in range(warmup):
         list((warmup_engine or engine).stream(inputs[: max(1, engine.images_per_call)]))
     if cuda:
         torch.cuda.synchronize()
+    warmup_seconds = time.perf_counter() - started
     walls, stages = [], defaultdict(list)
     statuses: dict[str, int] = defaultdict(int)
     for _ in range(repeats):
@@ -241,7 +243,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
     total_stage = sum(stage_median.values()) or float("nan")
     pre = sum(stage_median.get(s, 0.0) for s in ("decode", "segment", "mask", "sample", "gather"))
     return {
-        "n_images": len(inputs), "repeats": repeats,
+        "n_images": len(inputs), "repeats": repeats, "warmup_seconds": warmup_seconds,
         "seconds_per_image_median": statistics.median(walls), "seconds_per_image_p95": _p95(walls),
         "images_per_second": 1.0 / statistics.median(walls),
         "stage_seconds_per_image": stage_median,
@@ -271,8 +273,11 @@ def device_info(engine: Engine) -> dict[str, Any]:
     return info
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
-    """Time every mode at every K; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``config.out``."""
+def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time every mode at every K; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``config.out``.
+
+    ``progress`` gets a line as each run finishes (with its warm-up time, which holds any compiling).
+    """
     from patchflannel.bench.report import write_report
 
     if not config.ks or not config.modes or min(config.ks) < 1:
@@ -295,11 +300,16 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
             runs.append({"mode": mode, "k": k, "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
                          "wall_seconds": time.perf_counter() - started, **result})
+            if progress is not None:
+                progress(f"{mode} K={k}: {result['images_per_second']:.2f} images/s "
+                         f"(warm-up {result['warmup_seconds']:.1f} s, run {runs[-1]['wall_seconds']:.1f} s)")
             report = {
                 "label": config.label, "config": {**asdict(config), "out": str(config.out)},
                 "engine": engine.describe(), "inputs": source, "environment": device_info(engine),
                 "compile_errors": {lr.name: lr.backend.compile_error for lr in engine.learners
                                    if getattr(lr.backend, "compile_error", None)},
+                "compile_seconds": {lr.name: lr.backend.compile_seconds for lr in engine.learners
+                                    if getattr(lr.backend, "compiled", False)},
                 "runs": runs,
             }
             write_report(report, Path(config.out))  # after every run: a run cut short still leaves its figures

@@ -41,6 +41,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{1000 * r['seconds_per_image_median']:.1f} | {1000 * r['seconds_per_image_p95']:.1f} | "
             f"{r['images_per_second']:.2f} | {'' if up is None else f'{up:.1f}'} | {100 * r['preprocess_fraction']:.1f} | "
             + " | ".join(f"{1000 * st[s]:.1f}" if s in st else "" for s in STAGES) + " |")
+    if report.get("compile_seconds"):
+        lines += ["", "torch.compile time (all shapes): "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in report["compile_seconds"].items())]
     if report.get("compile_errors"):
         lines += ["", "torch.compile fell back to eager for: "
                   + "; ".join(f"{k}: {v}" for k, v in report["compile_errors"].items())]

@@ -50,7 +50,7 @@ def bench(
         config.n, config.loop_n, config.ks, config.repeats, config.warmup, config.pack = 2, 1, (4,), 1, 0, 2
         config.modes = ("loop", "batched", "packed", "global")
     try:
-        report = run_bench(config)
+        report = run_bench(config, progress=lambda line: typer.echo(line, err=True))
     except PatchflannelError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

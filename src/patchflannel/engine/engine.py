@@ -449,9 +449,18 @@ class Engine:
             group.patches = patches.reshape(-1, 1, patch, patch)
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
-        """Logits of (N, 1, P, P) grey patches in calls of ``patch_batch``."""
-        outs = [learner.backend.run(self._normalise(batch[i:i + self.patch_batch]))
-                for i in range(0, batch.shape[0], self.patch_batch)]
+        """Logits of (N, 1, P, P) grey patches in calls of ``patch_batch``.
+
+        A compiled backend gets every call at full size (a short last call is zero-padded), so that a
+        group with fewer images reuses the compiled graph instead of compiling another.
+        """
+        outs = []
+        for i in range(0, batch.shape[0], self.patch_batch):
+            chunk = batch[i:i + self.patch_batch]
+            n = chunk.shape[0]
+            if n < self.patch_batch and getattr(learner.backend, "compiled", False):
+                chunk = torch.cat([chunk, chunk.new_zeros((self.patch_batch - n, *chunk.shape[1:]))])
+            outs.append(learner.backend.run(self._normalise(chunk))[:n])
         return torch.cat(outs)
 
     def _classify(self, group: _Group, timer: StageTimer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from torch import nn
@@ -15,8 +16,9 @@ class TorchBackend:
     """Runs ``module`` on ``device`` in ``precision`` (channels_last on 4-D inputs).
 
     BatchNorm layers that follow a convolution are folded into it first, on a copy (:func:`fold_batchnorm`).
-    With ``compile=True`` the module goes through ``torch.compile`` with frozen weights; when compiling fails
-    (at the first call) the backend falls back to eager and keeps the reason in ``compile_error``.
+    With ``compile=True`` the module goes through ``torch.compile`` with frozen weights (static shapes: each
+    new input shape compiles once, its wall time added to ``compile_seconds``); when compiling fails the
+    backend falls back to eager and keeps the reason in ``compile_error``.
     """
 
     name = "torch"
@@ -28,7 +30,9 @@ class TorchBackend:
         self.module, self.folded_batchnorms = fold_batchnorm(module)
         self.module = self.module.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         self.compile_error: str | None = None
+        self.compile_seconds = 0.0
         self._compiled: nn.Module | None = None
+        self.compiled_shapes: set[tuple[int, ...]] = set()
         if compile:
             import torch._inductor.config as inductor_config
 
@@ -46,11 +50,21 @@ class TorchBackend:
         with torch.inference_mode():
             if self._compiled is not None:
                 try:
-                    return self._compiled(x).float()
+                    return self._run_compiled(x)
                 except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
                     self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
                     self._compiled = None
             return self.module(x).float()
+
+    def _run_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(x.shape)
+        if shape in self.compiled_shapes:
+            return self._compiled(x).float()
+        start = time.perf_counter()
+        out = self._compiled(x).float()
+        self.compile_seconds += time.perf_counter() - start
+        self.compiled_shapes.add(shape)
+        return out
 
 
 def fold_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
