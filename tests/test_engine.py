@@ -219,12 +219,23 @@ def test_compiled_engine_pads_a_short_group_instead_of_recompiling(bundle_dir, j
     """Three images in groups of two: the last call (one image) is padded to the compiled shape."""
     compiled = Engine.from_bundle(bundle_dir, device="cpu", k=K, seed=3, compile=True, images_per_call=2,
                                   patch_batch=2 * K)
+    lines: list[str] = []
+    seconds = compiled.warm_up(lines.append)
+    assert list(seconds) == ["segmentation", *(lr.name for lr in compiled.learners)] and len(lines) == len(seconds)
+    compile_seconds = [lr.backend.compile_seconds for lr in compiled.learners]
     got = compiled.predict_many(jpegs)
-    for lr in compiled.learners:
+    for lr, warm in zip(compiled.learners, compile_seconds):
         assert lr.backend.compiled, lr.backend.compile_error
-        assert lr.backend.compiled_shapes == {(2 * K, 3, 224, 224)} and lr.backend.compile_seconds > 0
+        assert lr.backend.compiled_shapes == {(2 * K, 3, 224, 224)} and lr.backend.compile_seconds == warm > 0
     for a, b in zip(got, baseline):
         np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
+
+
+def test_warm_up_runs_every_network_once(engine):
+    lines: list[str] = []
+    seconds = engine.warm_up(lines.append)
+    assert list(seconds) == ["segmentation", "shufflenet_v2_x0_5_patch", "mobilenet_v3_small_patch"]
+    assert all(s > 0 for s in seconds.values()) and lines[0].startswith("warm-up segmentation: ")
 
 
 def test_one_engine_shared_by_threads(engine, jpegs, baseline):

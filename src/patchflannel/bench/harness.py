@@ -297,6 +297,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             # The loop's call shapes do not depend on K: warm it up cheaply.
             warm = eng.configured(k=min(k, 2), images_per_call=1, patch_batch=1) if mode == "loop" else None
             started = time.perf_counter()
+            if config.compile:  # compile each network now, one progress line each, before the timed runs
+                eng.warm_up(progress)
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
             runs.append({"mode": mode, "k": k, "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
                          "wall_seconds": time.perf_counter() - started, **result})

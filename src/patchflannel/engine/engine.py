@@ -27,7 +27,8 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Protocol
@@ -325,6 +326,31 @@ class Engine:
         }
 
     # ------------------------------------------------------------------------------------------ public
+    def warm_up(self, progress: Callable[[str], None] | None = None) -> dict[str, float]:
+        """Run every network once at the input shapes of a full group, so that compiling and autotuning
+        happen now rather than at the first request; returns wall seconds per network.
+
+        ``progress`` gets a line as each network is done (compiling five large learners takes minutes).
+        """
+        pre, n = self.pre, self.images_per_call
+        seg, patch, crop = pre["segmentation"]["size"], pre["patch_size"], pre["global"]["crop"]
+        jobs: list[tuple[str, Callable[[], Any]]] = [
+            ("segmentation", lambda: self.segmenter.run(torch.zeros(n, 1, seg, seg, device=self.device)))]
+        for lr in self.learners:
+            shape = (n * self.k, 1, patch, patch) if lr.mode == "patch" else (n, 1, crop, crop)
+            jobs.append((lr.name, lambda lr=lr, shape=shape: self._run_learner(lr, torch.zeros(shape, device=self.device))))
+        seconds = {}
+        with self._compute_lock:
+            for name, job in jobs:
+                start = time.perf_counter()
+                job()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds[name] = time.perf_counter() - start
+                if progress is not None:
+                    progress(f"warm-up {name}: {seconds[name]:.1f} s")
+        return seconds
+
     def predict(self, x: Any, item_id: str | None = None) -> Prediction:
         """One input: a path, bytes, a 2-D numpy array, torch tensor or CuPy array."""
         return self.predict_many([(item_id, x) if item_id is not None else x])[0]
