@@ -4,6 +4,9 @@
 # Every section has its own time limit and writes its log (and any error) under $OUT; a failing section
 # never stops the next. On a machine without CUDA it runs CPU-sized versions quickly (a dry run).
 # Usage: OUT=/tmp/x bash scripts/gpu_check.sh
+# SECTIONS picks sections (default: env tests eager_fp16 compiled_fp16 targets); targets also reads the
+# bench.json files under PREVIOUS (a folder of an earlier call's results), so the sweep and the compiled run
+# can go in two calls: SECTIONS="env tests eager_fp16" first, then SECTIONS="compiled_fp16 targets" PREVIOUS=...
 set -u
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
@@ -14,8 +17,11 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 START=$(date +%s)
 
+SECTIONS=" ${SECTIONS:-env tests eager_fp16 compiled_fp16 targets} "
+
 section() {  # section NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
+  case "$SECTIONS" in *" $name "*) ;; *) echo "== $name: not in SECTIONS" | tee -a "$SUMMARY"; return 0 ;; esac
   local t0=$(date +%s)
   echo "== $name (limit ${limit}s)" | tee -a "$SUMMARY"
   timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -64,7 +70,8 @@ from pathlib import Path
 from patchflannel.bench.harness import BenchConfig, run_bench
 out = Path("$OUT") / "$name"
 try:
-    report = run_bench(BenchConfig(out=out, preset="$PRESET", synthetic=True, label="$name", $kwargs))
+    report = run_bench(BenchConfig(out=out, preset="$PRESET", synthetic=True, label="$name", $kwargs),
+                       progress=lambda line: print(line, flush=True))
     print(open(out / "bench.md").read())
     print(json.dumps(report["engine"], indent=1))
 except Exception:
@@ -86,10 +93,12 @@ import json
 from pathlib import Path
 out = Path("$OUT")
 rows = []
-for name in ("eager_fp16", "compiled_fp16"):
-    f = out / name / "bench.json"
-    if f.is_file():
-        rows += [dict(r, section=name) for r in json.loads(f.read_text())["runs"]]
+for folder in [Path(p) for p in ("${PREVIOUS:-}", "$OUT") if p]:
+    for name in ("eager_fp16", "compiled_fp16"):
+        f = folder / name / "bench.json"
+        if f.is_file():
+            rows += [dict(r, section=name) for r in json.loads(f.read_text())["runs"]]
+            print("read", f)
 kmax = max((r["k"] for r in rows), default=None)
 at = [r for r in rows if r["k"] == kmax]
 loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
