@@ -21,6 +21,7 @@ def test_gpu_engine_agrees_with_cpu_engine(tmp_path):
     d = gpu32.describe()
     assert d["device"].startswith("cuda") and d["loader"] in ("dali", "nvjpeg") and d["images_per_call"] == 4
     got = gpu32.predict_many(items)
+    assert all(p.meta["decoder"].startswith(d["loader"]) for p in got)  # decoded on the GPU, no silent fallback
     same_centres = 0
     for a, b in zip(cpu, got):
         assert b.ok and a.content_hash == b.content_hash

@@ -94,7 +94,12 @@ class PerfTimer:
 
 
 class CudaTimer:
-    """Stage timer from CUDA events recorded on the current stream; read after the run (one sync)."""
+    """Stage timer from CUDA events recorded on the current stream; read after the run (one sync).
+
+    With the engine's pipelined ``stream`` a stage's time is its span on the GPU timeline: ``decode`` on the
+    decode stream (overlapping the others, counted in full), ``mask`` only the part of the host's mask
+    post-processing that the learners did not hide (the GPU waited for it), the rest their kernels.
+    """
 
     def __init__(self) -> None:
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []

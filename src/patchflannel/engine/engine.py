@@ -91,7 +91,13 @@ class _Item:
 
 
 _HOST_INPUTS = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)
-"""Inputs that hold no device memory: decoding them need not wait for the caller's CUDA stream."""
+
+
+def _on_device(x: Any) -> bool:
+    """Whether an input may hold device memory that the caller's CUDA stream is still writing."""
+    if isinstance(x, torch.Tensor):
+        return x.is_cuda
+    return not isinstance(x, _HOST_INPUTS)  # DLPack producers (CuPy) and anything unknown
 
 
 @dataclass
@@ -133,7 +139,6 @@ class _Group:
     """Inputs decoded together and carried through the device together (``images_per_call`` of them)."""
 
     items: list[_Item]
-    decoded: torch.cuda.Event | None = None
     masks: _HostCopy | None = None
     big: torch.Tensor | None = None
     fallback: torch.Tensor | None = None
@@ -367,21 +372,22 @@ class Engine:
         post-processed on the host and the one before is read back (see the module docstring).
         """
         timer = timer or _NoTimer()
-        caller = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        # Device work stays on the stream current when the run starts, whatever the consumer does in between.
+        compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         prev: _Group | None = None  # classified, waiting to be read back
         cur: _Group | None = None   # patches gathered, waiting for the learners
-        for group in self._decoded(xs, prefetch, timer, caller):
-            with self._compute_lock:
+        for group in self._decoded(xs, prefetch, timer):
+            with self._compute_lock, _on_stream(compute):
                 self._segment(group, timer)
                 if cur is not None:
                     self._classify(cur, timer)
             if prev is not None:
                 yield from self._results(prev)
-            with self._compute_lock:
+            with self._compute_lock, _on_stream(compute):
                 self._patches(group, timer)
             prev, cur = cur, group
         if cur is not None:
-            with self._compute_lock:
+            with self._compute_lock, _on_stream(compute):
                 self._classify(cur, timer)
         for group in (prev, cur):
             if group is not None:
@@ -398,29 +404,37 @@ class Engine:
         if group:
             yield group
 
-    def _decoded(self, xs: Iterable[Any], prefetch: int, timer: StageTimer,
-                 caller: torch.cuda.Stream | None) -> Iterator[_Group]:
-        """Decoded groups in input order, ``prefetch`` groups ahead in a worker thread."""
+    def _decoded(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[_Group]:
+        """Decoded groups in input order, ``prefetch`` groups ahead in a worker thread.
+
+        A group with inputs in device memory records an event on the caller's stream as it is handed over:
+        its decoding waits for the caller's kernels up to then, not for the engine's later ones.
+        """
+        def ready(group: list[tuple[str | None, Any]]) -> torch.cuda.Event | None:
+            return _record_event(self.device) if any(_on_device(x) for _, x in group) else None
+
         if prefetch <= 0:
             for group in self._groups(xs):
-                yield self._decode(group, timer, caller)
+                yield self._decode(group, timer, ready(group))
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-decode") as pool:
             pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
             for group in self._groups(xs):
-                pending.append(pool.submit(self._decode, group, timer, caller))
+                pending.append(pool.submit(self._decode, group, timer, ready(group)))
                 if len(pending) > prefetch:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
     def _decode(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
-                caller: torch.cuda.Stream | None) -> _Group:
+                inputs_ready: torch.cuda.Event | None) -> _Group:
         """Read and decode one group onto the device: on a GPU on the engine's decode stream, so that it
-        overlaps the learners; array inputs wait for the caller's stream, where they were made."""
+        overlaps the learners, and finished there before the group is handed over (the GPU decoders write
+        through streams of their own, so nothing of the decode stream may still be pending when they reuse
+        its memory)."""
         with _on_stream(self._decode_stream):
-            if caller is not None and not all(isinstance(x, _HOST_INPUTS) for _, x in inputs):
-                torch.cuda.current_stream(self.device).wait_stream(caller)
+            if inputs_ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(inputs_ready)
             items = [_prepare(x, item_id) for item_id, x in inputs]
             with self._decode_lock, timer.stage("decode"):
                 todo = [it for it in items if it.data is not None]
@@ -433,7 +447,9 @@ class Engine:
                 for it in items:
                     if it.image is not None:
                         it.image = it.image.to(self.device, non_blocking=True)
-            return _Group(items, decoded=_record_event(self.device))
+            if self._decode_stream is not None:
+                self._decode_stream.synchronize()
+            return _Group(items)
 
     def _normalise(self, grey: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
@@ -444,11 +460,9 @@ class Engine:
         if not group.good:
             return
         images = [it.image for it in group.good]
-        if group.decoded is not None:  # the images come from the decode stream
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(group.decoded)
+        if self._decode_stream is not None:  # made on the decode stream, used and freed on this one
             for im in images:
-                im.record_stream(stream)
+                im.record_stream(torch.cuda.current_stream(self.device))
         seg = self.pre["segmentation"]
         with timer.stage("segment"):
             inputs = torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
@@ -468,24 +482,27 @@ class Engine:
             group.big = torch.stack([resize(it.image, size) for it in group.good])
             masks_big, group.fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
             seeds = [image_seed(it.content_hash, self.seed) for it in group.good]
-            group.centres = self.sampler.centres(masks_big, patch_uniforms(seeds, self.k))
+            uniforms = patch_uniforms(seeds, self.k).to(self.device, non_blocking=True)
+            group.centres = self.sampler.centres(masks_big, uniforms)
             origins = window_origins(group.centres, size, size, patch)
         with timer.stage("gather"):
             patches = gather_patches(group.big * masks_big.to(group.big.dtype), origins, patch)
             group.patches = patches.reshape(-1, 1, patch, patch)
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
-        """Logits of (N, 1, P, P) grey patches in calls of ``patch_batch``.
+        """Logits of (N, 1, P, P) grey inputs (patches, or whole-image views for a global learner) in calls of
+        at most ``patch_batch``, and of at most a full group's inputs.
 
-        A compiled backend gets every call at full size (a short last call is zero-padded), so that a
+        A compiled backend gets every call at that full size (a short last call is zero-padded), so that a
         group with fewer images reuses the compiled graph instead of compiling another.
         """
+        size = min(self.patch_batch, self.images_per_call * (self.k if learner.mode == "patch" else 1))
         outs = []
-        for i in range(0, batch.shape[0], self.patch_batch):
-            chunk = batch[i:i + self.patch_batch]
+        for i in range(0, batch.shape[0], size):
+            chunk = batch[i:i + size]
             n = chunk.shape[0]
-            if n < self.patch_batch and getattr(learner.backend, "compiled", False):
-                chunk = torch.cat([chunk, chunk.new_zeros((self.patch_batch - n, *chunk.shape[1:]))])
+            if n < size and getattr(learner.backend, "compiled", False):
+                chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
             outs.append(learner.backend.run(self._normalise(chunk))[:n])
         return torch.cat(outs)
 
@@ -553,5 +570,5 @@ class Engine:
             learner_mean_softmax={lr.name: {c: float(v) for c, v in zip(CLASSES, host["soft"][i, j])}
                                   for j, lr in enumerate(self.learners)},
             k=self.k, seed=self.seed, content_hash=it.content_hash, flags=flags,
-            centres=host["centres"][i] if "centres" in host else None, meta=it.meta or {},
+            centres=host["centres"][i].copy() if "centres" in host else None, meta=it.meta or {},
             bundle_id=self.bundle_id, backend=self.backend)

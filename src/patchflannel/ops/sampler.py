@@ -32,9 +32,8 @@ def effective_masks(masks: torch.Tensor, min_fraction: float = MIN_LUNG_FRACTION
     """
     fraction = masks.flatten(1).sum(1, dtype=torch.float64) / (masks.shape[-2] * masks.shape[-1])
     fallback = fraction < min_fraction
-    if bool(fallback.any()):
-        masks = torch.where(fallback[:, None, None], torch.ones_like(masks), masks)
-    return masks, fallback
+    # No `if fallback.any()`: on a GPU that test would make the host wait for every queued kernel.
+    return masks | fallback[:, None, None], fallback
 
 
 def centres_from_uniforms(masks: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

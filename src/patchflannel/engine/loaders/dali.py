@@ -62,8 +62,7 @@ class DaliLoader:
 
     def _run(self, datas: list[bytes]) -> list[torch.Tensor]:
         self._pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.decoder_device == "mixed" else None
-        (out,) = self._pipe.run(cuda_stream=stream) if stream is not None else self._pipe.run()
+        (out,) = self._pipe.run()  # host-synchronous (the pipeline is neither async nor pipelined)
         images = [torch.from_dlpack(out[i])[..., 0] for i in range(len(out))]
         return [(img.to(self.device, torch.float32) / 255.0) for img in images]
 
