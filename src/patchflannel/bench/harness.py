@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchflannel.engine.engine import STAGES, Engine
+from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
 from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_preprocessing
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
@@ -245,6 +245,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
         for p in preds:
             statuses[p.status] += 1
     stage_median = {s: statistics.median(stages[s]) for s in STAGES if s in stages}
+    learner_median = {s[len(LEARNER_STAGE):]: statistics.median(v) for s, v in stages.items() if s.startswith(LEARNER_STAGE)}
     total_stage = sum(stage_median.values()) or float("nan")
     pre = sum(stage_median.get(s, 0.0) for s in ("decode", "segment", "mask", "sample", "gather"))
     return {
@@ -252,6 +253,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
         "seconds_per_image_median": statistics.median(walls), "seconds_per_image_p95": _p95(walls),
         "images_per_second": 1.0 / statistics.median(walls),
         "stage_seconds_per_image": stage_median,
+        "learner_seconds_per_image": learner_median,
         "preprocess_fraction": pre / total_stage,
         "preprocess_fraction_without_segment": (pre - stage_median.get("segment", 0.0)) / total_stage,
         "statuses": dict(statuses),

@@ -41,6 +41,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"{1000 * r['seconds_per_image_median']:.1f} | {1000 * r['seconds_per_image_p95']:.1f} | "
             f"{r['images_per_second']:.2f} | {'' if up is None else f'{up:.1f}'} | {100 * r['preprocess_fraction']:.1f} | "
             + " | ".join(f"{1000 * st[s]:.1f}" if s in st else "" for s in STAGES) + " |")
+    learners = list(dict.fromkeys(name for r in report["runs"] for name in r.get("learner_seconds_per_image", {})))
+    if learners:
+        lines += ["", "Inference ms an image, per learner:", "",
+                  "| mode | K | " + " | ".join(learners) + " |", "|" + "---|" * (2 + len(learners))]
+        for r in report["runs"]:
+            per = r.get("learner_seconds_per_image", {})
+            lines.append(f"| {r['mode']} | {r['k']} | "
+                         + " | ".join(f"{1000 * per[n]:.1f}" if n in per else "" for n in learners) + " |")
     if report.get("compile_seconds"):
         lines += ["", "torch.compile time (all shapes): "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in report["compile_seconds"].items())]

@@ -53,6 +53,8 @@ from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
 
 STAGES = ("decode", "segment", "mask", "sample", "gather", "infer", "ensemble")
+LEARNER_STAGE = "infer:"
+"""Prefix of the per-learner stages timed inside ``infer`` (``infer:<learner name>``)."""
 CPU_PATCH_BATCH = 8
 """Patches a call on a CPU: SPEC.md measured micro-batches of 4 to 8 patches fastest on 2 cores."""
 GPU_IMAGES_PER_CALL = 4
@@ -60,7 +62,8 @@ GPU_IMAGES_PER_CALL = 4
 
 
 class StageTimer(Protocol):
-    """Times named stages (see :data:`STAGES`); bench passes one, the engine's default does nothing."""
+    """Times named stages (:data:`STAGES`, and per learner inside ``infer``); bench passes one, the engine's
+    default does nothing."""
 
     def stage(self, name: str) -> ContextManager[Any]: ...
 
@@ -514,14 +517,15 @@ class Engine:
         confidences, softmaxes = [], []
         with timer.stage("infer"):
             for learner in self.learners:
-                if learner.mode == "global":
-                    probs = self._run_learner(learner, self._global_view(group.big)).softmax(-1)
-                    confidences.append(probs)
-                    softmaxes.append(probs)
-                else:
-                    logits = self._run_learner(learner, group.patches).reshape(n, self.k, -1)
-                    confidences.append(vote_fractions(logits))
-                    softmaxes.append(mean_softmax(logits))
+                with timer.stage(LEARNER_STAGE + learner.name):
+                    if learner.mode == "global":
+                        probs = self._run_learner(learner, self._global_view(group.big)).softmax(-1)
+                        confidences.append(probs)
+                        softmaxes.append(probs)
+                    else:
+                        logits = self._run_learner(learner, group.patches).reshape(n, self.k, -1)
+                        confidences.append(vote_fractions(logits))
+                        softmaxes.append(mean_softmax(logits))
         with timer.stage("ensemble"):
             conf = torch.stack(confidences, 1)
             if self.ensemble is not None:
