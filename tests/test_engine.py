@@ -243,7 +243,11 @@ def test_one_engine_shared_by_threads(engine, jpegs, baseline):
     results: dict[int, list] = {}
 
     def work(i: int) -> None:
-        results[i] = [p.probability_array for p in engine.predict_many((jpegs[i % 3:] + jpegs[: i % 3])[:2])]
+        inputs = (jpegs[i % 3:] + jpegs[: i % 3])[:2 + i % 2]
+        if i % 2:  # one thread pipelines a stream (decode worker, groups of one) while the other predicts
+            results[i] = [p.probability_array for p in engine.stream(inputs, prefetch=2)]
+        else:
+            results[i] = [p.probability_array for p in engine.predict_many(inputs)]
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(1, 3)]
     for t in threads:
