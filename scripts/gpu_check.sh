@@ -99,7 +99,7 @@ for folder in [Path(p) for p in ("${PREVIOUS:-}", "$OUT") if p]:
         if f.is_file():
             rows += [dict(r, section=name) for r in json.loads(f.read_text())["runs"]]
             print("read", f)
-kmax = max((r["k"] for r in rows), default=None)
+kmax = max((r["k"] for r in rows if r["k"] is not None), default=None)
 at = [r for r in rows if r["k"] == kmax]
 loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
 best = min((r for r in at if r["mode"] in ("batched", "packed")), key=lambda r: r["seconds_per_image_median"], default=None)

@@ -38,7 +38,8 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
     for r in report["runs"]:
         assert r["seconds_per_image_median"] > 0 and sum(r["statuses"].values()) == r["n_images"]
         assert r["statuses"].get("error", 0) == 0
-        assert {"decode", "segment", "mask", "infer", "ensemble"} <= set(r["stage_seconds_per_image"])
+        stages = {"decode", "sample", "infer", "ensemble"} | (set() if r["mode"] == "global" else {"segment", "mask", "gather"})
+        assert stages == set(r["stage_seconds_per_image"])
         per_learner = r["learner_seconds_per_image"]
         assert set(per_learner) == {"shufflenet_v2_x0_5", "mobilenet_v3_small"}
         assert 0 < sum(per_learner.values()) <= r["stage_seconds_per_image"]["infer"] * 1.001
@@ -46,7 +47,8 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
     assert report["environment"]["torch"]
     md = (out / "bench.md").read_text()
     assert "| loop | 4 | 1 | 1 | 1 |" in md and "| packed | 4 | 2 | 8 | 2 |" in md
-    assert "| mode | K | shufflenet_v2_x0_5 | mobilenet_v3_small |" in md
+    assert "| mode | K | shufflenet_v2_x0_5 | mobilenet_v3_small |" in md and "| global | - | 2 | 2 | 2 |" in md
+    assert runs["global"]["k"] is None and ("global", None) not in speedups(report["runs"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ("loop", 4) in speedups(report["runs"])
     assert "packed K=4:" in result.output and "warm-up" in result.output  # a progress line a run

@@ -183,6 +183,7 @@ def test_real_image_end_to_end_and_row(jpegs, baseline):
     assert p.status == "ok" and p.label in CLASSES and p.centres.shape == (K, 2)
     row = p.to_row()
     assert row["path"] == str(jpegs[0]) and row["k"] == K and row["backend"] == "torch"
+    assert row["pred"] == p.label and "label" not in row and row["study_instance_uid"] is None
     assert abs(sum(row[f"p_{c}"] for c in CLASSES) - 1) < 1e-5
     assert {f"shufflenet_v2_x0_5_patch_{c}" for c in CLASSES} <= set(row)
     assert p.meta["format"] == "jpeg"
@@ -229,6 +230,22 @@ def test_compiled_engine_pads_a_short_group_instead_of_recompiling(bundle_dir, j
         assert lr.backend.compiled_shapes == {(2 * K, 3, 224, 224)} and lr.backend.compile_seconds == warm > 0
     for a, b in zip(got, baseline):
         np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
+
+
+def test_global_learners_alone_skip_segmentation_and_patches(engine, jpegs):
+    """FLANNEL's global baseline needs no mask: same results as through the full flow, without its stages."""
+    from patchflannel.bench.harness import PerfTimer
+
+    fast = engine.configured(learner_mode="global")
+    timer = PerfTimer()
+    got = list(fast.stream(jpegs, timer=timer))
+    assert {"segment", "mask", "gather"}.isdisjoint(timer.totals()) and "infer" in timer.totals()
+    full = engine.configured(learner_mode="global")
+    full._patch_mode = True  # the full flow, as before the skip
+    for a, b in zip(got, full.predict_many(jpegs)):
+        assert a.status == "ok" and not a.flags
+        np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
+    assert fast.warm_up().keys() == {lr.name for lr in fast.learners}
 
 
 def test_warm_up_runs_every_network_once(engine):

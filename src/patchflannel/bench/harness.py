@@ -5,7 +5,8 @@ Modes (one engine, different call structure):
   ``batched``  one call of K patches per image per learner;
   ``packed``   the patches of ``pack`` images in one call per learner;
   ``auto``     the engine's own choice for the device (on a CPU: micro-batches of a few patches);
-  ``global``   the FLANNEL baseline: one whole-image call per image batch per learner (no patches).
+  ``global``   the FLANNEL baseline: one whole-image call per image batch per learner (no segmentation, no
+               patches: one run, whatever the K sweep; its K is None).
 Every run is end to end from encoded bytes; per-stage times (decode, segment, mask, sample, gather, infer,
 ensemble) come from CUDA events on a GPU and ``perf_counter`` on a CPU. Medians and p95 over repeats, after
 a warm-up run.
@@ -299,6 +300,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     runs = []
     for k in config.ks:
         for mode in config.modes:
+            if mode == "global" and k != config.ks[0]:
+                continue  # no patches: one run serves every K
             eng = mode_engine(engine, mode, k, config.pack)
             subset = inputs[: config.loop_n] if mode == "loop" else inputs[: config.n]
             # The loop's call shapes do not depend on K: warm it up cheaply.
@@ -307,10 +310,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             if config.compile:  # compile each network now, one progress line each, before the timed runs
                 eng.warm_up(progress)
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
-            runs.append({"mode": mode, "k": k, "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
+            runs.append({"mode": mode, "k": None if mode == "global" else k, "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
                          "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
-                progress(f"{mode} K={k}: {result['images_per_second']:.2f} images/s "
+                progress(f"{mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} images/s "
                          f"(warm-up {result['warmup_seconds']:.1f} s, run {runs[-1]['wall_seconds']:.1f} s)")
             report = {
                 "label": config.label, "config": {**asdict(config), "out": str(config.out)},

@@ -12,7 +12,8 @@ from patchflannel.engine.engine import STAGES
 def speedups(runs: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
     """Each run's speed-up over the ``loop`` run at the same K (when there is one)."""
     loop = {r["k"]: r["seconds_per_image_median"] for r in runs if r["mode"] == "loop"}
-    return {(r["mode"], r["k"]): loop[r["k"]] / r["seconds_per_image_median"] for r in runs if r["k"] in loop}
+    return {(r["mode"], r["k"]): loop[r["k"]] / r["seconds_per_image_median"]
+            for r in runs if r["k"] is not None and r["k"] in loop}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -37,7 +38,7 @@ def markdown(report: dict[str, Any]) -> str:
         st = r["stage_seconds_per_image"]
         up = ups.get((r["mode"], r["k"]))
         lines.append(
-            f"| {r['mode']} | {r['k']} | {r['images_per_call']} | {r['patch_batch']} | {r['n_images']} | "
+            f"| {r['mode']} | {'-' if r['k'] is None else r['k']} | {r['images_per_call']} | {r['patch_batch']} | {r['n_images']} | "
             f"{1000 * r['seconds_per_image_median']:.1f} | {1000 * r['seconds_per_image_p95']:.1f} | "
             f"{r['images_per_second']:.2f} | {'' if up is None else f'{up:.1f}'} | {100 * r['preprocess_fraction']:.1f} | "
             + " | ".join(f"{1000 * st[s]:.1f}" if s in st else "" for s in STAGES) + " |")
@@ -47,7 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "| mode | K | " + " | ".join(learners) + " |", "|" + "---|" * (2 + len(learners))]
         for r in report["runs"]:
             per = r.get("learner_seconds_per_image", {})
-            lines.append(f"| {r['mode']} | {r['k']} | "
+            lines.append(f"| {r['mode']} | {'-' if r['k'] is None else r['k']} | "
                          + " | ".join(f"{1000 * per[n]:.1f}" if n in per else "" for n in learners) + " |")
     if report.get("compile_seconds"):
         lines += ["", "torch.compile time (all shapes): "
@@ -67,7 +68,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(r["mode"] for r in report["runs"]):
-        pts = sorted((r["k"], 1000 * r["seconds_per_image_median"]) for r in report["runs"] if r["mode"] == mode)
+        runs = [r for r in report["runs"] if r["mode"] == mode]
+        if runs[0]["k"] is None:  # the global baseline: no K, a horizontal line
+            ax.axhline(1000 * runs[0]["seconds_per_image_median"], linestyle="--", color="grey", label=mode)
+            continue
+        pts = sorted((r["k"], 1000 * r["seconds_per_image_median"]) for r in runs)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
     ax.set_xlabel("K (patches per image)")
     ax.set_ylabel("ms per image (median, end to end)")

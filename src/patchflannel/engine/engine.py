@@ -260,6 +260,7 @@ class Engine:
         self._compute_lock = threading.Lock()
         self._decode_lock = threading.Lock()
         self._decode_stream = torch.cuda.Stream(device) if cuda else None
+        self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -343,7 +344,8 @@ class Engine:
         pre, n = self.pre, self.images_per_call
         seg, patch, crop = pre["segmentation"]["size"], pre["patch_size"], pre["global"]["crop"]
         jobs: list[tuple[str, Callable[[], Any]]] = [
-            ("segmentation", lambda: self.segmenter.run(torch.zeros(n, 1, seg, seg, device=self.device)))]
+            ("segmentation", lambda: self.segmenter.run(torch.zeros(n, 1, seg, seg, device=self.device)))
+        ] if self._patch_mode else []
         for lr in self.learners:
             shape = (n * self.k, 1, patch, patch) if lr.mode == "patch" else (n, 1, crop, crop)
             jobs.append((lr.name, lambda lr=lr, shape=shape: self._run_learner(lr, torch.zeros(shape, device=self.device))))
@@ -466,6 +468,8 @@ class Engine:
         if self._decode_stream is not None:  # made on the decode stream, used and freed on this one
             for im in images:
                 im.record_stream(torch.cuda.current_stream(self.device))
+        if not self._patch_mode:
+            return
         seg = self.pre["segmentation"]
         with timer.stage("segment"):
             inputs = torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
@@ -477,6 +481,11 @@ class Engine:
             return
         pre = self.pre
         size, patch = pre["image_size"], pre["patch_size"]
+        if not self._patch_mode:  # global learners only: the whole image, no mask, no patches
+            with timer.stage("sample"):
+                group.big = torch.stack([resize(it.image, size) for it in group.good])
+                group.fallback = torch.zeros(len(group.good), dtype=torch.bool, device=self.device)
+            return
         with timer.stage("mask"):
             (masks,) = group.masks.wait()
             masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
@@ -533,7 +542,7 @@ class Engine:
                     probs = self.ensemble(conf).softmax(-1)
             else:
                 probs = conf.mean(1)
-            extra = (group.centres,) if self.return_centres else ()
+            extra = (group.centres,) if self.return_centres and group.centres is not None else ()
             group.results = _to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
         group.big = group.patches = None
 

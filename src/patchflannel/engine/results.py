@@ -10,6 +10,8 @@ import numpy as np
 from patchflannel.classes import CLASSES
 
 STATUSES = ("ok", "flagged", "error")
+DICOM_COLUMNS: dict[str, str] = {"study_instance_uid": "StudyInstanceUID", "sop_instance_uid": "SOPInstanceUID"}
+"""Row column to the DICOM attribute it holds (empty for other formats)."""
 
 
 @dataclass
@@ -51,14 +53,15 @@ class Prediction:
         return self.status != "error"
 
     def to_row(self) -> dict[str, Any]:
-        """A flat dict for tabular output: one column per class and per learner confidence."""
+        """A flat dict for tabular output (``score``'s columns): the predicted class as ``pred`` (``label`` is
+        left to a manifest's true label), one column per class and per learner confidence, DICOM UIDs."""
         row: dict[str, Any] = {
             "path": self.item_id,
             "content_hash": self.content_hash,
             "status": self.status,
             "error": self.error,
             "flags": ";".join(self.flags),
-            "label": self.label,
+            "pred": self.label,
         }
         for c in CLASSES:
             row[f"p_{c}"] = None if self.probabilities is None else self.probabilities[c]
@@ -66,4 +69,5 @@ class Prediction:
             for c in CLASSES:
                 row[f"{learner}_{c}"] = conf[c]
         row.update({"k": self.k, "seed": self.seed, "bundle_id": self.bundle_id, "backend": self.backend})
+        row.update({column: self.meta.get(keyword) for column, keyword in DICOM_COLUMNS.items()})
         return row

@@ -24,7 +24,7 @@ from patchflannel.export.bundle import library_versions, load_bundle
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import content_hash
 from patchflannel.scoring.inputs import ScoreInput, discover_inputs, extra_columns
-from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, DICOM_COLUMNS, Key, ResultStore, output_format,
+from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, Key, ResultStore, output_format,
                                          output_schema)
 
 @dataclass
@@ -76,12 +76,8 @@ def describe_engine(engine: Any) -> dict[str, Any]:
 
 
 def prediction_row(pred: Prediction, extra: dict[str, str]) -> dict[str, Any]:
-    """One output row: the engine's row with the predicted label as ``pred``, manifest columns and DICOM UIDs."""
-    row = pred.to_row()
-    row["pred"] = row.pop("label")
-    row.update(extra)
-    row.update({column: pred.meta.get(keyword) for column, keyword in DICOM_COLUMNS.items()})
-    return row
+    """One output row: the engine's row (:meth:`Prediction.to_row`) and the input's manifest columns."""
+    return {**pred.to_row(), **extra}
 
 
 def score(

@@ -23,6 +23,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from patchflannel.classes import CLASSES
+from patchflannel.engine.results import DICOM_COLUMNS
 from patchflannel.errors import ConfigError
 
 FORMATS: dict[str, str] = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
@@ -34,8 +35,6 @@ META_KEY = b"patchflannel"
 DEFAULT_CHUNK_SIZE = 256
 """Rows a part file holds: the most work a killed run can lose."""
 
-DICOM_COLUMNS: dict[str, str] = {"study_instance_uid": "StudyInstanceUID", "sop_instance_uid": "SOPInstanceUID"}
-"""Output column to the DICOM attribute it holds (empty for other formats)."""
 
 Key = tuple[str, str]
 
