@@ -14,7 +14,7 @@ from PIL import Image
 
 from patchflannel.classes import CLASSES
 from patchflannel.engine.engine import Engine
-from patchflannel.errors import BackendUnavailableError, BundleError
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import load_bundle, load_torch_model, random_bundle, write_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, postprocess_mask
@@ -287,6 +287,11 @@ def test_describe_and_choices(engine, bundle_dir):
         Engine.from_bundle(bundle_dir, device="cpu", backend="tensorrt")
     with pytest.raises(BackendUnavailableError, match="cupy"):
         Engine.from_bundle(bundle_dir, device="cpu", sampler="cupy")
+    for bad, match in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(device="meta"), "not supported"),
+                       (dict(patch_batch="many"), "patch_batch must be"), (dict(images_per_call=0), "images_per_call"),
+                       (dict(k=0), "k must be")):
+        with pytest.raises(ConfigError, match=match):
+            Engine.from_bundle(bundle_dir, **{"device": "cpu", **bad})
 
 
 def test_bundle_without_learners_is_refused(tmp_path):

@@ -190,7 +190,12 @@ def test_usage_errors_exit_2(tmp_path: Path, bundle: Path, mixed_folder: Path) -
         (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--bundle", str(tampered)], "sha256 mismatch"),
         (["score", str(mixed_folder), "--out", str(tmp_path / "o.txt"), "--bundle", str(bundle)], "unknown output extension"),
         (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--bundle", str(tmp_path)], "no bundle.json"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--device", "gpu"], "unknown device 'gpu'"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--resume", "--overwrite"], "exclude each other"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--actors", "2"], "Ray setting"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "f" / "o.csv"), "--bundle", str(bundle)], "cannot write"),
     ]
+    (tmp_path / "f").write_text("a file, not a folder")
     for args, message in cases:
         result = runner.invoke(_app(), args)
         assert result.exit_code == EXIT_USAGE and message in result.output, result.output

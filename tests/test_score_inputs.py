@@ -27,9 +27,13 @@ def test_folder_is_recursive_sorted_and_filtered(tmp_path: Path) -> None:
     for rel in ("b.png", "a/z.JPG", "a/y.tif", "c.dcm", "notes.txt", "README", ".hidden.png", ".git/x.png", "d.jpeg"):
         _touch(tmp_path / rel)
     _touch(tmp_path / "IM0001", _dicom_bytes())  # extension-less DICOM is taken, "README" is not
+    os.mkfifo(tmp_path / "pipe")  # never opened: reading it would block the run
+    os.mkfifo(tmp_path / "pipe.png")
     found = [Path(i.path).relative_to(tmp_path).as_posix() for i in discover_inputs([tmp_path])]
     assert found == ["IM0001", "a/y.tif", "a/z.JPG", "b.png", "c.dcm", "d.jpeg"]
     assert all(os.path.isabs(i.path) for i in discover_inputs([tmp_path]))
+    assert [i.path for i in discover_inputs(str(tmp_path / "b.png"))] == [str(tmp_path / "b.png")]  # one source
+    assert len(discover_inputs(tmp_path)) == len(found)
 
 
 def test_named_file_taken_whatever_its_name_and_order_kept(tmp_path: Path) -> None:

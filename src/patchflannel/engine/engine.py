@@ -157,10 +157,26 @@ class _Group:
 def _device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available")
     return d
+
+
+def _count(name: str, value: Any) -> int:
+    """A setting that must be a positive integer (or 'auto', handled by the caller)."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
+    return n
 
 
 def array_hash(image: torch.Tensor) -> str:
@@ -247,10 +263,9 @@ class Engine:
         self.return_centres = return_centres
         cuda = device.type == "cuda"
         self.images_per_call = GPU_IMAGES_PER_CALL if images_per_call == "auto" and cuda else (
-            1 if images_per_call == "auto" else int(images_per_call))
-        self.patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else int(patch_batch)
-        if self.images_per_call < 1 or self.patch_batch < 1:
-            raise ConfigError("images_per_call and patch_batch must be >= 1")
+            1 if images_per_call == "auto" else _count("images_per_call", images_per_call))
+        self.patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else (
+            _count("patch_batch", patch_batch))
         self.bundle_id = bundle_id
         self.bundle_name = bundle_name
         self.backend = backend

@@ -44,12 +44,14 @@ class ScoreInput:
     extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
-def discover_inputs(sources: Iterable[str | os.PathLike[str]]) -> list[ScoreInput]:
-    """Expand ``sources`` (files, folders, glob patterns, manifest CSVs) into the run's inputs.
+def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[ScoreInput]:
+    """Expand ``sources`` (files, folders, glob patterns, manifest CSVs; one, or several) into the run's inputs.
 
     Raises ConfigError for a source that names nothing (missing path, pattern without a match, empty
     folder) and ManifestError for a manifest without a ``path`` column or with an empty path.
     """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
     seen: set[str] = set()
     found: list[ScoreInput] = []
     carried: set[str] = set()
@@ -73,9 +75,10 @@ def extra_columns(inputs: list[ScoreInput]) -> list[str]:
 
 
 def is_image_name(path: str | os.PathLike[str]) -> bool:
-    """True when a file found in a folder or by a pattern is taken (see the module rules)."""
+    """True when a file found in a folder or by a pattern is taken (see the module rules); never a pipe,
+    socket or device, which could block the reading of its first bytes."""
     name = os.path.basename(path)
-    if name.startswith("."):
+    if name.startswith(".") or not os.path.isfile(path):
         return False
     ext = os.path.splitext(name)[1].lower()
     if ext:

@@ -81,7 +81,7 @@ def prediction_row(pred: Prediction, extra: dict[str, str]) -> dict[str, Any]:
 
 
 def score(
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
     options: EngineOptions | None = None,
@@ -105,6 +105,10 @@ def score(
     options = options or EngineOptions()
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: continue the output, or replace it")
+    if actors is not None and ray is False:
+        raise ConfigError("actors is a Ray setting: score with Ray (--ray or --ray-address) or leave it out")
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     items = discover_inputs(inputs)

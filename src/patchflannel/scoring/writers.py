@@ -98,9 +98,12 @@ class ResultStore:
             raise ConfigError(f"{self.out}: output (or the parts of an unfinished run) already exists; "
                               "pass --resume to continue it or --overwrite to replace it")
         self.run_key = run_key
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
-        if not self._run_file.exists():
-            _atomic_write_text(self._run_file, json.dumps(run_key, indent=2, sort_keys=True))
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            if not self._run_file.exists():
+                _atomic_write_text(self._run_file, json.dumps(run_key, indent=2, sort_keys=True))
+        except OSError as exc:
+            raise ConfigError(f"{self.out}: cannot write the output there ({exc.strerror or exc})") from None
 
     def scored_keys(self) -> set[Key]:
         """(path, content_hash) of every row already stored (previous output and parts)."""
