@@ -73,3 +73,19 @@ def test_bad_bench_settings_are_refused(tmp_path):
         run_bench(BenchConfig(out=tmp_path, preset="huge", synthetic=True))
     with pytest.raises(ConfigError, match="not a folder"):
         image_files(tmp_path / "nothing")
+    for bad, match in ((dict(n=0), "n >= 1"), (dict(repeats=0), "repeats >= 1"), (dict(warmup=-1), "warmup >= 0"),
+                       (dict(images=tmp_path), "either --images or --synthetic")):
+        with pytest.raises(ConfigError, match=match):
+            run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, **bad))
+
+
+def test_bench_refuses_inputs_that_do_not_score(tmp_path):
+    """A failed input costs next to nothing: timing it with the others would inflate images/s."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, data in phantom_jpegs(1, size=256):
+        (folder / name).write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(ConfigError, match=r"1 of 2 bench inputs gave no result \(first: .*broken.jpg"):
+        run_bench(BenchConfig(out=tmp_path / "out", preset="tiny", images=folder, n=2, ks=(2,), modes=("batched",),
+                              repeats=1, warmup=0))

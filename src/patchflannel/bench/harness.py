@@ -245,6 +245,10 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
             stages[name].append(sec / len(inputs))
         for p in preds:
             statuses[p.status] += 1
+        failed = [p for p in preds if not p.ok]
+        if failed:  # a failed input costs almost nothing and would inflate images/s
+            raise ConfigError(f"{len(failed)} of {len(preds)} bench inputs gave no result (first: {failed[0].error}); "
+                              "bench times images that score")
     stage_median = {s: statistics.median(stages[s]) for s in STAGES if s in stages}
     learner_median = {s[len(LEARNER_STAGE):]: statistics.median(v) for s, v in stages.items() if s.startswith(LEARNER_STAGE)}
     total_stage = sum(stage_median.values()) or float("nan")
@@ -290,6 +294,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
 
     if not config.ks or not config.modes or min(config.ks) < 1:
         raise ConfigError("bench needs at least one K (each >= 1) and one mode")
+    for name in ("n", "loop_n", "repeats", "pack"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"bench needs {name} >= 1, got {getattr(config, name)}")
+    if config.warmup < 0:
+        raise ConfigError(f"bench needs warmup >= 0, got {config.warmup}")
+    if config.synthetic and config.images is not None:
+        raise ConfigError("pass either --images or --synthetic, not both")
     for mode in config.modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")

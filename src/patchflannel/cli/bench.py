@@ -21,9 +21,9 @@ def bench(
     bundle: Optional[Path] = typer.Option(None, help="Bundle folder (default: the package's bundle) when no preset."),
     images: Optional[Path] = typer.Option(None, help="Image folder or manifest (default: shared cxr4 if present, else phantoms)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Use deterministic synthetic phantom JPEGs."),
-    n: int = typer.Option(8, help="Images a run."),
+    n: int = typer.Option(8, "--n", "-n", help="Images a run."),
     loop_n: int = typer.Option(2, help="Images a run in loop mode (it is slow)."),
-    k: str = typer.Option("16,50,100", help="Comma-separated K values."),
+    k: str = typer.Option("16,50,100", "--k", "-k", help="Comma-separated K values."),
     modes: str = typer.Option("loop,batched,packed,auto,global", help="Comma-separated modes."),
     pack: int = typer.Option(4, help="Images a call in packed and global modes."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
@@ -34,7 +34,8 @@ def bench(
     repeats: int = typer.Option(3, help="Timed repeats a run."),
     warmup: int = typer.Option(1, help="Warm-up runs before timing."),
     label: str = typer.Option("", help="A title for the report."),
-    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run: preset tiny, N=2, K=4, one repeat, no auto mode."),
+    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run: preset tiny (unless --preset), and it sets N=2, "
+                               "K=4, pack 2, one repeat, no warm-up, modes loop,batched,packed,global."),
 ) -> None:
     """Time the engine's ways of classifying N images with K patches each and write a report."""
     from patchflannel.bench.harness import BenchConfig, run_bench
