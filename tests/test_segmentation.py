@@ -320,9 +320,9 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     image = read_pairs_manifest(manifest)[0][0]
     res = runner.invoke(app, ["segment", str(image), str(tmp_path / "nothing.png"), "--model", str(run),
                               "--out", str(tmp_path / "masks")])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # done, with an input that gave no mask
     assert "error(s)" in res.output and "nothing.png" in res.output
     assert (tmp_path / "masks" / f"{image.stem}.png").is_file()
 
     res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
-    assert res.exit_code == 1 and "neither a bundle" in res.output
+    assert res.exit_code == 2 and "neither a bundle" in res.output

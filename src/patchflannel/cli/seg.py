@@ -80,10 +80,13 @@ def segment_cmd(
     device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
 ) -> None:
-    """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV."""
+    """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.
+
+    Exit status: 0 all masks written, 1 done but some inputs gave no mask, 2 nothing done (bad options or model).
+    """
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
-    with fail_cleanly():
+    with fail_cleanly(2):
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
         rows = segment_images(inputs, segmenter, out, overlays=overlay, min_fraction=min_fraction)
     counts = report_summary(rows)
@@ -91,6 +94,7 @@ def segment_cmd(
     for r in rows:
         if r["status"] != "ok":
             _say(f"{r['status']}: {r['file']}: {r['message']}")
+    raise typer.Exit(1 if counts["error"] else 0)  # as `score`: 1 = done, with inputs that gave no mask
 
 
 def register_train(train_app: typer.Typer) -> None:
