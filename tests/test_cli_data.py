@@ -175,3 +175,17 @@ def test_build_kermany_command_and_errors(app: typer.Typer, tmp_path: Path) -> N
         app, ["data", "build", "covid-collection", str(tmp_path / "meta.csv"), str(tmp_path), "--out", str(out)]
     )
     _assert_clean_failure(result, "meta.csv", "file not found")
+
+
+def test_console_script_version_and_commands() -> None:
+    import subprocess
+    import sys
+
+    from patchflannel import __version__
+
+    run = subprocess.run([sys.executable, "-c", "from patchflannel.cli import main; main()", "--version"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == f"patchflannel {__version__}"
+    run = subprocess.run([sys.executable, "-c", "from patchflannel.cli import main; main()", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and all(c in run.stdout for c in ("score", "bench", "segment", "train", "export"))

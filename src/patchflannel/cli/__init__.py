@@ -16,6 +16,21 @@ app = typer.Typer(
 train_app = typer.Typer(help="Train a stage: lung segmentation, a base learner, or the FLANNEL ensemble.",
                         no_args_is_help=True)
 
+def _version(value: bool) -> None:
+    if value:
+        from patchflannel import __version__
+
+        typer.echo(f"patchflannel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Patched FLANNEL chest X-ray classification: data, training, export, scoring and benchmarks."""
+
+
 # Command modules in data-flow order. Each exposes ``register(app)``; those adding ``train`` subcommands
 # also expose ``register_train(train_app)``.
 COMMAND_MODULES = ("data", "seg", "learn", "export", "score", "bench")
