@@ -145,3 +145,16 @@ def test_default_bundle_exports(tmp_path: Path, cxr4_dir: Path) -> None:
         pytest.skip(f"no default bundle at {default_bundle_path()} yet")
     b = export_onnx(None, tmp_path / "b", data_dir=cxr4_dir.parent)
     assert all(m.file("onnx").extra["parity"]["passed"] for m in b.models())
+
+
+def test_default_bundle_is_never_written_in_place() -> None:
+    """The default bundle lives in the installed package: exporting needs a copy, and asking the engine for
+    its ONNX files says how to make them."""
+    from patchflannel.engine.engine import Engine
+
+    before = sorted(p.name for p in default_bundle_path().rglob("*"))
+    with pytest.raises(BundleError, match="part of the installed package"):
+        export_onnx()
+    with pytest.raises(BundleError, match="patchflannel export onnx"):
+        Engine.from_bundle(backend="onnxruntime", device="cpu")
+    assert sorted(p.name for p in default_bundle_path().rglob("*")) == before

@@ -31,6 +31,7 @@ from patchflannel.export.bundle import (
     Bundle,
     ModelEntry,
     add_file,
+    default_bundle_path,
     io_signature,
     library_versions,
     load_bundle,
@@ -224,6 +225,8 @@ def onnx_session(path: Path) -> Any:
 def _as_bundle(bundle: Bundle | str | Path | None, out: str | Path | None) -> Bundle:
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if out is None or Path(out).resolve() == b.root.resolve():
+        if b.root.resolve() == default_bundle_path().resolve():
+            raise BundleError("the default bundle is part of the installed package: export into a copy (--out DIR)")
         return b
     out = Path(out)
     if (out / "bundle.json").exists():

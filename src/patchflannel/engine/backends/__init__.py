@@ -79,4 +79,9 @@ def _pick(entry: ModelEntry, fmt: str, precision: str):  # noqa: ANN202 - ModelF
     try:
         return entry.file(fmt, precision)
     except BundleError:
+        pass
+    try:
         return entry.file(fmt)
+    except BundleError as exc:
+        command = "onnx" if fmt == "onnx" else "tensorrt"
+        raise BundleError(f"{exc}; make one with `patchflannel export {command}` (into a copy of the bundle: --out DIR)") from None
