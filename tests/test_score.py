@@ -122,6 +122,7 @@ def test_mixed_folder_scores_good_reports_bad(mixed_folder: Path, bundle: Path, 
                                          "-k", str(K), "--chunk-size", "3"])
     assert result.exit_code == EXIT_INPUT_ERRORS, result.output
     assert "4 errors" in result.output and "1 flagged" in result.output
+    assert "scored 3/8 (" in result.output and "scored 8/8 (" in result.output  # not a terminal: a line a chunk
     rows = _by_name(out)
     assert len(rows) == 1 + len(BAD) + 3  # every input exactly once
     for name, reason in BAD.items():

@@ -133,17 +133,29 @@ def score(
         rows, description = ray_rows(todo, store.schema, options, address=ray, actors=actors,
                                      batch_size=ray_batch_size)
     console = console or Console(stderr=True)
+    log_lines = not quiet and not console.is_terminal  # no bar (a log file): a line a chunk written instead
+    done, errors, loop_start = 0, 0, time.perf_counter()
+
+    def flush(chunk: list[dict[str, Any]]) -> None:
+        store.write_chunk(chunk)
+        if log_lines:
+            rate = done / max(time.perf_counter() - loop_start, 1e-9)
+            console.print(f"scored {done}/{len(todo)} ({rate:.2f} img/s, {errors} errors so far)",
+                          markup=False, highlight=False)
+
     with _progress(console, quiet) as progress:
         task = progress.add_task("scoring", total=len(todo))
         chunk: list[dict[str, Any]] = []
         for row in rows:
             chunk.append(row)
+            done += 1
+            errors += row["status"] == "error"
             progress.advance(task)
             if len(chunk) >= chunk_size:
-                store.write_chunk(chunk)
+                flush(chunk)
                 chunk = []
         if chunk:
-            store.write_chunk(chunk)
+            flush(chunk)
 
     metadata = {
         "bundle": {"id": bundle.bundle_id, "name": bundle.name, "path": str(bundle.root.resolve())},
