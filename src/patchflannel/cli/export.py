@@ -19,7 +19,7 @@ console = Console()
 def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
     table = Table(title=f"bundle {bundle.name} at {bundle.root}")
     for col in ("model", "arch", "format", "precision", "file", "parity"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrap, never cut a name short (80 columns off a terminal)
     for m in bundle.models():
         for f in m.files:
             parity = f.extra.get("parity")
