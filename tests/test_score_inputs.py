@@ -68,6 +68,15 @@ def test_manifest_relative_paths_and_carried_columns(tmp_path: Path) -> None:
     assert extra_columns(found) == ["label", "patient_id", "source"]
 
 
+def test_a_file_listed_twice_with_other_labels_is_refused(tmp_path: Path) -> None:
+    _touch(tmp_path / "a.jpg")
+    (tmp_path / "same.csv").write_text("path,label\na.jpg,covid\na.jpg,covid\n")
+    assert len(discover_inputs(tmp_path / "same.csv")) == 1  # an exact repeat is scored once
+    (tmp_path / "m.csv").write_text("path,label\na.jpg,covid\na.jpg,normal\n")
+    with pytest.raises(ManifestError, match=r"(?s)a.jpg: 1 problem.*listed twice with different label \('covid' vs 'normal'\)"):
+        discover_inputs(tmp_path / "m.csv")
+
+
 def test_mixed_manifest_and_folder_share_columns(tmp_path: Path) -> None:
     _touch(tmp_path / "m" / "a.png")
     _touch(tmp_path / "f" / "b.png")

@@ -48,20 +48,26 @@ def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike
     """Expand ``sources`` (files, folders, glob patterns, manifest CSVs; one, or several) into the run's inputs.
 
     Raises ConfigError for a source that names nothing (missing path, pattern without a match, empty
-    folder) and ManifestError for a manifest without a ``path`` column or with an empty path.
+    folder) and ManifestError for a manifest without a ``path`` column or with an empty path, or one that
+    lists a file twice with different columns (a label, a patient); an exact repeat is scored once.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    seen: set[str] = set()
+    seen: dict[str, ScoreInput] = {}
     found: list[ScoreInput] = []
     carried: set[str] = set()
     for source in sources:
         for item in _expand(os.fspath(source)):
             key = os.path.realpath(item.path)
-            if key not in seen:
-                seen.add(key)
+            first = seen.get(key)
+            if first is None:
+                seen[key] = item
                 found.append(item)
                 carried.update(item.extra)
+            elif item.extra and first.extra and item.extra != first.extra:
+                differ = sorted(c for c in set(item.extra) | set(first.extra) if item.extra.get(c) != first.extra.get(c))
+                raise ManifestError(item.path, [f"listed twice with different {', '.join(differ)} ("
+                                    + ", ".join(f"{first.extra.get(c)!r} vs {item.extra.get(c)!r}" for c in differ) + ")"])
     if not found:
         raise ConfigError("no inputs: the sources named no image files")
     # Every input carries the same manifest columns (empty where its source had none).
