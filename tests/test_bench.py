@@ -74,7 +74,7 @@ def test_bad_bench_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="not a folder"):
         image_files(tmp_path / "nothing")
     for bad, match in ((dict(n=0), "n >= 1"), (dict(repeats=0), "repeats >= 1"), (dict(warmup=-1), "warmup >= 0"),
-                       (dict(images=tmp_path), "either --images or --synthetic")):
+                       (dict(images=tmp_path), "either --images or --synthetic"), (dict(n=2, pack=4), "must be >= pack")):
         with pytest.raises(ConfigError, match=match):
             run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, **bad))
 

@@ -210,7 +210,9 @@ def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, basel
             np.testing.assert_allclose(got[name].probability_array, ref.probability_array, atol=1e-6)
     stream = engine.stream(jpegs)
     assert next(stream).item_id == str(jpegs[0])
+    assert any(t.name.startswith("patchflannel-decode") for t in threading.enumerate())
     stream.close()  # a consumer that stops early leaves nothing running
+    assert not any(t.name.startswith("patchflannel-decode") for t in threading.enumerate())
 
 
 @pytest.mark.slow
@@ -289,6 +291,7 @@ def test_describe_and_choices(engine, bundle_dir):
         Engine.from_bundle(bundle_dir, device="cpu", sampler="cupy")
     for bad, match in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(device="meta"), "not supported"),
                        (dict(patch_batch="many"), "patch_batch must be"), (dict(images_per_call=0), "images_per_call"),
+                       (dict(patch_batch=2.5), "patch_batch must be"), (dict(images_per_call=True), "images_per_call"),
                        (dict(k=0), "k must be")):
         with pytest.raises(ConfigError, match=match):
             Engine.from_bundle(bundle_dir, **{"device": "cpu", **bad})

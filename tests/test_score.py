@@ -218,3 +218,6 @@ def test_phantoms_command_and_a_clean_run_exits_0(tmp_path: Path, bundle: Path) 
     result = CliRunner().invoke(_app(), ["score", str(tmp_path / "again"), "--out", str(tmp_path / "s.parquet"),
                                          "--bundle", str(bundle), "-k", str(K)])
     assert result.exit_code == 0 and "1 rows: " in result.output and " 0 errors" in result.output, result.output
+    summary = score(tmp_path / "again", tmp_path / "one.csv", options=EngineOptions(bundle=str(bundle), k=K), quiet=True)
+    _, meta = read_output(tmp_path / "one.csv")  # one source, not a list: taken whole, recorded whole
+    assert summary.rows == 1 and meta["config"]["inputs"] == [str(tmp_path / "again")]

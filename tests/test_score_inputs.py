@@ -77,6 +77,16 @@ def test_a_file_listed_twice_with_other_labels_is_refused(tmp_path: Path) -> Non
         discover_inputs(tmp_path / "m.csv")
 
 
+def test_folder_copy_takes_the_manifest_columns_and_pipes_named_are_refused(tmp_path: Path) -> None:
+    _touch(tmp_path / "f" / "a.png")
+    (tmp_path / "m.csv").write_text("path,label\nf/a.png,viral\n")
+    (found,) = discover_inputs([tmp_path / "f", tmp_path / "m.csv"])
+    assert found.path == str(tmp_path / "f" / "a.png") and found.extra == {"label": "viral"}
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(ConfigError, match="pipe.png: not a regular file"):
+        discover_inputs(tmp_path / "pipe.png")
+
+
 def test_mixed_manifest_and_folder_share_columns(tmp_path: Path) -> None:
     _touch(tmp_path / "m" / "a.png")
     _touch(tmp_path / "f" / "b.png")

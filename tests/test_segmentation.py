@@ -87,6 +87,8 @@ def test_fill_holes_matches_scipy(seed: int) -> None:
     ring[2:7, 2:7] = True
     ring[4, 4] = False
     assert fill_holes(ring)[4, 4] and fill_holes(np.ones((3, 3), dtype=bool)).all()
+    assert np.array_equal(fill_holes(ring.astype(np.uint8)), ndimage.binary_fill_holes(ring))  # any 0/1 dtype
+    assert fill_holes(np.zeros((0, 5), dtype=bool)).shape == (0, 5)
 
 
 def test_mask_fraction_numpy_and_torch() -> None:

@@ -288,7 +288,8 @@ def device_info(engine: Engine) -> dict[str, Any]:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time every mode at every K; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``config.out``.
 
-    ``progress`` gets a line as each run finishes (with its warm-up time, which holds any compiling).
+    ``progress`` gets a line as each run finishes (with its warm-up time) and, with ``compile``, one as each
+    network compiles (in :meth:`Engine.warm_up`, before the run and outside its times).
     """
     from patchflannel.bench.report import write_report
 
@@ -299,6 +300,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             raise ConfigError(f"bench needs {name} >= 1, got {getattr(config, name)}")
     if config.warmup < 0:
         raise ConfigError(f"bench needs warmup >= 0, got {config.warmup}")
+    if config.n < config.pack and {"packed", "global"} & set(config.modes):
+        raise ConfigError(f"packed and global modes pack {config.pack} images a call: n ({config.n}) must be >= pack")
     if config.synthetic and config.images is not None:
         raise ConfigError("pass either --images or --synthetic, not both")
     for mode in config.modes:

@@ -10,7 +10,7 @@ over patches; the only device -> host copies are the small mask post-processing 
 Overlap (``stream``): groups of ``images_per_call`` images decode in a worker thread, ``prefetch`` groups
 ahead (on a GPU on the engine's own CUDA stream). Device work is pipelined over three groups: the next
 group's segmentation is launched, then the current group's learners; while they run, the next group's masks
-are post-processed on the host and its patches gathered, and the previous group's results are read back.
+are post-processed on the host (then its patches gathered), and the previous group's results are read back.
 So the host's share of preprocessing (mask post-processing, Python) hides behind the learners on a GPU; on a
 CPU the same order runs without overlap.
 
@@ -170,10 +170,11 @@ def _device(device: str | torch.device) -> torch.device:
 
 def _count(name: str, value: Any) -> int:
     """A setting that must be a positive integer (or 'auto', handled by the caller)."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}") from None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
+    n = int(value)
     if n < 1:
         raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
     return n

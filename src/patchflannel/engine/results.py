@@ -21,7 +21,8 @@ class Prediction:
     ``status`` is 'ok', 'flagged' (a result that needs a look: see ``flags``) or 'error' (no result:
     see ``error``). ``probabilities`` maps class name to probability; ``learner_confidences`` maps each
     learner to its per-class vote fractions and ``learner_mean_softmax`` to its mean softmax over the K
-    patches. ``centres`` is the (K, 2) array of patch centres (row, col at the image size) when requested.
+    patches. ``centres`` is the (K, 2) array of patch centres (row, col at the image size) when requested and
+    patches were drawn (an engine whose learners are all global draws none, nor segments: no ``mask_fallback``).
     """
 
     item_id: str

@@ -38,6 +38,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     The background is labelled once; its components that touch the border stay background, every other
     one (a hole) is filled. scipy's version dilates the border inwards one pixel an iteration.
     """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
+        return mask.copy()
     background, n = ndimage.label(~mask)
     outside = np.zeros(n + 1, dtype=bool)
     outside[np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])] = True

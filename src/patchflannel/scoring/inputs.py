@@ -53,18 +53,21 @@ def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    seen: dict[str, ScoreInput] = {}
+    seen: dict[str, int] = {}
     found: list[ScoreInput] = []
     carried: set[str] = set()
     for source in sources:
         for item in _expand(os.fspath(source)):
             key = os.path.realpath(item.path)
-            first = seen.get(key)
-            if first is None:
-                seen[key] = item
+            carried.update(item.extra)
+            if key not in seen:
+                seen[key] = len(found)
                 found.append(item)
-                carried.update(item.extra)
-            elif item.extra and first.extra and item.extra != first.extra:
+                continue
+            first = found[seen[key]]
+            if not first.extra:  # found in a folder first, listed in a manifest too: keep its columns
+                found[seen[key]] = ScoreInput(first.path, item.extra)
+            elif item.extra and item.extra != first.extra:
                 differ = sorted(c for c in set(item.extra) | set(first.extra) if item.extra.get(c) != first.extra.get(c))
                 raise ManifestError(item.path, [f"listed twice with different {', '.join(differ)} ("
                                     + ", ".join(f"{first.extra.get(c)!r} vs {item.extra.get(c)!r}" for c in differ) + ")"])
@@ -98,13 +101,15 @@ def _expand(source: str) -> Iterator[ScoreInput]:
         if not files:
             raise ConfigError(f"{source}: folder holds no image files")
         yield from (ScoreInput(os.path.abspath(f)) for f in files)
+    elif os.path.exists(source) and not os.path.isfile(source):
+        raise ConfigError(f"{source}: not a regular file or folder (a pipe, socket or device is not read)")
     elif os.path.isfile(source):
         if source.lower().endswith(".csv"):
             yield from read_score_manifest(source)
         else:
             yield ScoreInput(os.path.abspath(source))
     elif _GLOB_CHARS & set(source):
-        matches = sorted(m for m in glob.glob(source, recursive=True) if os.path.isfile(m) and is_image_name(m))
+        matches = sorted(m for m in glob.glob(source, recursive=True) if is_image_name(m))
         if not matches:
             raise ConfigError(f"{source}: pattern matches no image files")
         yield from (ScoreInput(os.path.abspath(m)) for m in matches)

@@ -111,7 +111,8 @@ def score(
         raise ConfigError("actors is a Ray setting: score with Ray (--ray or --ray-address) or leave it out")
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    items = discover_inputs(inputs)
+    sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    items = discover_inputs(sources)
     output_format(out)
     # Everything that can refuse the run does so before anything is written: a local engine verifies the
     # bundle as it loads it; for Ray the driver verifies it (the actors load it again).
@@ -161,7 +162,7 @@ def score(
         "bundle": {"id": bundle.bundle_id, "name": bundle.name, "path": str(bundle.root.resolve())},
         "engine": description,
         "versions": library_versions(),
-        "config": {"inputs": [os.fspath(i) for i in inputs], "seed": options.seed, "k": k,
+        "config": {"inputs": [os.fspath(i) for i in sources], "seed": options.seed, "k": k,
                    "chunk_size": chunk_size, "ray": ray, "actors": actors, "device": options.device,
                    "backend": options.backend, "loader": options.loader, "sampler": options.sampler,
                    "precision": options.precision},
