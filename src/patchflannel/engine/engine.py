@@ -363,7 +363,7 @@ class Engine:
             ("segmentation", lambda: self.segmenter.run(torch.zeros(n, 1, seg, seg, device=self.device)))
         ] if self._patch_mode else []
         for lr in self.learners:
-            shape = (n * self.k, 1, patch, patch) if lr.mode == "patch" else (n, 1, crop, crop)
+            shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
             jobs.append((lr.name, lambda lr=lr, shape=shape: self._run_learner(lr, torch.zeros(shape, device=self.device))))
         seconds = {}
         with self._compute_lock:
@@ -497,17 +497,16 @@ class Engine:
             return
         pre = self.pre
         size, patch = pre["image_size"], pre["patch_size"]
-        if not self._patch_mode:  # global learners only: the whole image, no mask, no patches
-            with timer.stage("sample"):
-                group.big = torch.stack([resize(it.image, size) for it in group.good])
-                group.fallback = torch.zeros(len(group.good), dtype=torch.bool, device=self.device)
-            return
-        with timer.stage("mask"):
-            (masks,) = group.masks.wait()
-            masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
-            masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
+        if self._patch_mode:
+            with timer.stage("mask"):
+                (masks,) = group.masks.wait()
+                masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
+                masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
         with timer.stage("sample"):
             group.big = torch.stack([resize(it.image, size) for it in group.good])
+            if not self._patch_mode:  # global learners only: the whole image, no mask, no patches
+                group.fallback = torch.zeros(len(group.good), dtype=torch.bool, device=self.device)
+                return
             masks_big, group.fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
             seeds = [image_seed(it.content_hash, self.seed) for it in group.good]
             uniforms = patch_uniforms(seeds, self.k).to(self.device, non_blocking=True)
@@ -518,8 +517,8 @@ class Engine:
             group.patches = patches.reshape(-1, 1, patch, patch)
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
-        """Logits of (N, 1, P, P) grey inputs (patches, or whole-image views for a global learner) in calls of
-        at most ``patch_batch``, and of at most a full group's inputs.
+        """Logits of (N, 3, P, P) normalised inputs (patches, or whole-image views for a global learner) in
+        calls of at most ``patch_batch``, and of at most a full group's inputs.
 
         A compiled backend gets every call at that full size (a short last call is zero-padded), so that a
         group with fewer images reuses the compiled graph instead of compiling another.
@@ -531,7 +530,7 @@ class Engine:
             n = chunk.shape[0]
             if n < size and getattr(learner.backend, "compiled", False):
                 chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
-            outs.append(learner.backend.run(self._normalise(chunk))[:n])
+            outs.append(learner.backend.run(chunk)[:n])
         return torch.cat(outs)
 
     def _classify(self, group: _Group, timer: StageTimer) -> None:
@@ -539,16 +538,21 @@ class Engine:
         if not group.good:
             return
         n = len(group.good)
+        modes = {lr.mode for lr in self.learners}
         confidences, softmaxes = [], []
         with timer.stage("infer"):
+            # Normalised once a group, for every learner of the mode.
+            inputs = {"patch": self._normalise(group.patches)} if "patch" in modes else {}
+            if "global" in modes:
+                inputs["global"] = self._normalise(self._global_view(group.big))
             for learner in self.learners:
                 with timer.stage(LEARNER_STAGE + learner.name):
                     if learner.mode == "global":
-                        probs = self._run_learner(learner, self._global_view(group.big)).softmax(-1)
+                        probs = self._run_learner(learner, inputs["global"]).softmax(-1)
                         confidences.append(probs)
                         softmaxes.append(probs)
                     else:
-                        logits = self._run_learner(learner, group.patches).reshape(n, self.k, -1)
+                        logits = self._run_learner(learner, inputs["patch"]).reshape(n, self.k, -1)
                         confidences.append(vote_fractions(logits))
                         softmaxes.append(mean_softmax(logits))
         with timer.stage("ensemble"):

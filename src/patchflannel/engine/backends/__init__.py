@@ -82,6 +82,5 @@ def _pick(entry: ModelEntry, fmt: str, precision: str):  # noqa: ANN202 - ModelF
         pass
     try:
         return entry.file(fmt)
-    except BundleError as exc:
-        command = "onnx" if fmt == "onnx" else "tensorrt"
-        raise BundleError(f"{exc}; make one with `patchflannel export {command}` (into a copy of the bundle: --out DIR)") from None
+    except BundleError as exc:  # fmt is also the export command's name
+        raise BundleError(f"{exc}; make one with `patchflannel export {fmt}` (into a copy of the bundle: --out DIR)") from None
