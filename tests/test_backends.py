@@ -105,10 +105,8 @@ def test_backend_choice_and_missing_files(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_torch_backend_fp16_on_gpu_is_close_to_fp32(net, batch):
-    ref = TorchBackend(get_model("shufflenet_v2_x0_5").eval(), torch.device("cuda"), "fp32")
-    ref.module.load_state_dict(net.state_dict())
-    half = TorchBackend(get_model("shufflenet_v2_x0_5").eval(), torch.device("cuda"), "fp16")
-    half.module.load_state_dict(net.state_dict())
+    ref = TorchBackend(net, torch.device("cuda"), "fp32")  # each backend folds a copy: net is left as it is
+    half = TorchBackend(net, torch.device("cuda"), "fp16")
     want, got = ref.run(batch.cuda()), half.run(batch.cuda())
     assert got.dtype == torch.float32 and got.device.type == "cuda"
     torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)

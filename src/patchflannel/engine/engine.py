@@ -196,10 +196,12 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
         raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}")
     if min(t.shape) < MIN_SIDE:
         raise ImageReadError(label, f"image too small: {t.shape[1]}x{t.shape[0]} pixels, each side must be >= {MIN_SIDE}")
-    if t.dtype == torch.uint8:
-        return t.to(torch.float32) / 255.0
-    if t.dtype == torch.uint16:
-        return t.to(torch.float32) / 65535.0
+    if t.dtype in (torch.uint8, torch.uint16):
+        # Through a table made on the CPU: the same float32 values (so the same content hash and seed) on any
+        # device, where dividing on a GPU may round differently from the CPU.
+        top = 255 if t.dtype == torch.uint8 else 65535
+        table = (torch.arange(top + 1, dtype=torch.float32) / top).to(t.device)
+        return table[t.to(torch.int64)]
     if not t.is_floating_point():
         raise ImageReadError(label, f"unsupported array dtype {t.dtype} (expected uint8, uint16 or float in [0, 1])")
     t = t.to(torch.float32)
