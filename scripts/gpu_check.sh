@@ -7,6 +7,7 @@
 # SECTIONS picks sections (default: env tests eager_fp16 compiled_fp16 targets), so the sweep and the compiled
 # run can go in two calls: SECTIONS="env tests eager_fp16 targets" first, then SECTIONS="compiled_fp16 targets".
 # targets also reads the bench.json files under PREVIOUS, a folder of earlier results on the same machine.
+# CN and CPACK: images and images a call of the compiled run (default 16 and 4).
 set -u
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
@@ -83,7 +84,7 @@ PYEOF
 
 bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, pack=$PACK, loop_n=$LOOP_N, repeats=$REPEATS, precision='fp16' if $GPU else 'fp32', modes=('loop', 'batched', 'packed', 'global')"
 if [ "$GPU" = "1" ] && [ "$COMPILE_LIMIT" -gt 0 ]; then
-  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, repeats=2, precision='fp16', modes=('packed',), compile=True"
+  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, pack=${CPACK:-4}, repeats=2, precision='fp16', modes=('packed',), compile=True"
 else
   echo "== compiled_fp16: skipped (no CUDA; torch.compile is timed on the GPU only)" | tee -a "$SUMMARY"
 fi
@@ -103,8 +104,8 @@ kmax = max((r["k"] for r in rows if r["k"] is not None), default=None)
 at = [r for r in rows if r["k"] == kmax]
 loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
 best = min((r for r in at if r["mode"] in ("batched", "packed")), key=lambda r: r["seconds_per_image_median"], default=None)
-summary = {"k": kmax, "best": best and {k: best[k] for k in ("section", "mode", "images_per_second", "preprocess_fraction",
-                                                            "preprocess_fraction_without_segment")}}
+summary = {"k": kmax, "best": best and {k: best.get(k) for k in ("section", "mode", "images_per_second", "images_per_call",
+                                                                "preprocess_fraction", "preprocess_busy_fraction")}}
 if best:
     summary["targets"] = {
         "images_per_second>=25": best["images_per_second"] >= 25,

@@ -210,28 +210,31 @@ def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, basel
             np.testing.assert_allclose(got[name].probability_array, ref.probability_array, atol=1e-6)
     stream = engine.stream(jpegs)
     assert next(stream).item_id == str(jpegs[0])
-    assert any(t.name.startswith("patchflannel-decode") for t in threading.enumerate())
+    assert any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
     stream.close()  # a consumer that stops early leaves nothing running
-    assert not any(t.name.startswith("patchflannel-decode") for t in threading.enumerate())
+    assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
                     reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_engine_pads_a_short_group_instead_of_recompiling(bundle_dir, jpegs, baseline):
-    """Three images in groups of two: the last call (one image) is padded to the compiled shape."""
+    """Three images in groups of two: the last calls (one image) are padded to the compiled shapes, for the
+    segmenter (compiled too, called from the preparation thread when streaming) and the learners."""
     compiled = Engine.from_bundle(bundle_dir, device="cpu", k=K, seed=3, compile=True, images_per_call=2,
                                   patch_batch=2 * K)
     lines: list[str] = []
     seconds = compiled.warm_up(lines.append)
     assert list(seconds) == ["segmentation", *(lr.name for lr in compiled.learners)] and len(lines) == len(seconds)
-    compile_seconds = [lr.backend.compile_seconds for lr in compiled.learners]
-    got = compiled.predict_many(jpegs)
-    for lr, warm in zip(compiled.learners, compile_seconds):
-        assert lr.backend.compiled, lr.backend.compile_error
-        assert lr.backend.compiled_shapes == {(2 * K, 3, 224, 224)} and lr.backend.compile_seconds == warm > 0
-    for a, b in zip(got, baseline):
-        np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
+    backends = [compiled.segmenter, *(lr.backend for lr in compiled.learners)]
+    compile_seconds = [b.compile_seconds for b in backends]
+    seg_size = compiled.pre["segmentation"]["size"]
+    for got in (compiled.predict_many(jpegs), list(compiled.stream(jpegs, prefetch=2))):
+        for b, warm, shape in zip(backends, compile_seconds, [(2, 1, seg_size, seg_size)] + [(2 * K, 3, 224, 224)] * 5):
+            assert b.compiled, b.compile_error
+            assert b.compiled_shapes == {shape} and b.compile_seconds == warm > 0
+        for a, b in zip(got, baseline):
+            np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
 
 
 def test_global_learners_alone_skip_segmentation_and_patches(engine, jpegs):

@@ -34,7 +34,8 @@ def test_gpu_engine_agrees_with_cpu_engine(tmp_path):
 
 
 def test_gpu_stream_pipeline_and_device_arrays(tmp_path):
-    """Three groups of four in flight (decode stream, pipelined learners) give the one-image results; arrays
+    """Three groups of four in flight (prepared in the worker thread on the engine's own stream, the CuPy
+    sampler there too where installed; learners on the caller's stream) give the one-image results; arrays
     already on the GPU (made on the caller's stream) give what the same pixels from the host give."""
     import io
 

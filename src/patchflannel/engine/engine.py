@@ -7,16 +7,16 @@ K patches -> normalised, 3 channels -> one call per learner per group of images 
 images; ``patch_batch`` patches a call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
 over patches; the only device -> host copies are the small mask post-processing and the final results.
 
-Overlap (``stream``): groups of ``images_per_call`` images decode in a worker thread, ``prefetch`` groups
-ahead (on a GPU on the engine's own CUDA stream). Device work is pipelined over three groups: the next
-group's segmentation is launched, then the current group's learners; while they run, the next group's masks
-are post-processed on the host (then its patches gathered), and the previous group's results are read back.
-So the host's share of preprocessing (mask post-processing, Python) hides behind the learners on a GPU; on a
-CPU the same order runs without overlap.
+Overlap (``stream``): a worker thread prepares groups of ``images_per_call`` images, ``prefetch`` groups
+ahead: decode, segmentation, mask post-processing on the host, centre sampling and the patch gather, on a
+GPU on the engine's own high-priority CUDA stream. The caller's thread only launches the learners and the
+ensemble on its stream, then reads back the previous group's results while they run. So on a GPU the
+preprocessing (small kernels and host work) runs beside the learners instead of between them; on a CPU the
+same order runs in two threads sharing the cores.
 
-Thread safety: an engine may be shared by threads. Decoding is serialised by one lock and device work by
-another, so a thread's decoding overlaps another's inference; for parallel device work use one engine per
-thread (or per device).
+Thread safety: an engine may be shared by threads. Preparation (loader, segmenter) is serialised by one
+lock and the learners by another, so a thread's preparation overlaps another's inference; for parallel
+device work use one engine per thread (or per device).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class _Item:
     content_hash: str | None = None
     data: bytes | None = None
     image: torch.Tensor | None = None
+    shape: tuple[int, ...] = ()
     meta: dict[str, Any] | None = None
     error: str | None = None
     result: Prediction | None = None
@@ -152,6 +153,13 @@ class _Group:
 
     def __post_init__(self) -> None:
         self.good = [it for it in self.items if it.error is None]
+
+    def adopt(self) -> None:
+        """Mark the group's device tensors (made on the preparation stream) as used by the current stream too,
+        so that their memory is not reused before its kernels are done with them."""
+        for t in (self.big, self.fallback, self.centres, self.patches):
+            if t is not None and t.is_cuda:
+                t.record_stream(torch.cuda.current_stream(t.device))
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -235,6 +243,22 @@ def _prepare(x: Any, item_id: str | None) -> _Item:
                                                         "(expected a path, bytes, or a 2-D array/tensor)")))
 
 
+def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
+    """``backend``'s outputs for ``batch`` in calls of at most ``size`` inputs.
+
+    A compiled backend gets every call at exactly that size (a short last call is zero-padded), so that a
+    group with fewer images reuses the compiled graph instead of compiling another.
+    """
+    outs = []
+    for i in range(0, batch.shape[0], size):
+        chunk = batch[i:i + size]
+        n = chunk.shape[0]
+        if n < size and getattr(backend, "compiled", False):
+            chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
+        outs.append(backend.run(chunk)[:n])
+    return torch.cat(outs)
+
+
 def _split_pair(x: Any) -> tuple[str | None, Any]:
     if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
         return x[0], x[1]
@@ -276,8 +300,9 @@ class Engine:
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._compute_lock = threading.Lock()
-        self._decode_lock = threading.Lock()
-        self._decode_stream = torch.cuda.Stream(device) if cuda else None
+        self._prep_lock = threading.Lock()
+        # High priority: the preparation's small kernels take free SMs first, between the learners' blocks.
+        self._prep_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
 
     # ----------------------------------------------------------------------------------------- building
@@ -288,13 +313,14 @@ class Engine:
                     patch_batch: int | str = "auto", compile: bool = False) -> Engine:
         """An engine over the bundle at ``path`` (None: the package's default bundle).
 
-        ``compile`` applies ``torch.compile`` (frozen weights) to the learners, where most of the time goes.
+        ``compile`` applies ``torch.compile`` (frozen weights) to every network (torch backend); the first call
+        at each shape compiles (:meth:`warm_up` does it up front).
         """
         bundle = load_bundle(path)
         dev = _device(device)
         prec = resolve_precision(precision, dev)
         name = resolve_backend(backend, bundle, dev)
-        seg = make_backend(name, bundle, bundle.segmentation, dev, prec)
+        seg = make_backend(name, bundle, bundle.segmentation, dev, prec, compile=compile)
         learners = [Learner(e.name, e.mode or "patch", make_backend(name, bundle, e, dev, prec, compile=compile))
                     for e in bundle.learners]
         ens = load_torch_model(bundle, bundle.ensemble) if bundle.ensemble is not None else None
@@ -313,7 +339,7 @@ class Engine:
         """An engine over in-memory modules (torch backend), e.g. random weights for timing."""
         dev = _device(device)
         prec = resolve_precision(precision, dev)
-        seg = TorchBackend(segmentation, dev, prec)
+        seg = TorchBackend(segmentation, dev, prec, compile=compile)
         ls = [Learner(n, mode, TorchBackend(m, dev, prec, compile=compile)) for n, m in learners.items()]
         return cls(segmenter=seg, learners=ls, ensemble=ensemble, preprocessing=preprocessing or default_preprocessing(),
                    device=dev, loader=make_loader(loader, dev), sampler=make_sampler(sampler, dev), precision=prec,
@@ -388,33 +414,24 @@ class Engine:
         return list(self.stream(xs, prefetch=0))
 
     def stream(self, xs: Iterable[Any], *, prefetch: int = 2, timer: StageTimer | None = None) -> Iterator[Prediction]:
-        """Yield results group by group, in input order, while the next groups decode in a worker thread.
+        """Yield results group by group, in input order, while the next groups are prepared in a worker thread.
 
-        ``prefetch`` is how many groups may be decoded ahead (0: no worker thread). Device work is
-        pipelined over three groups: while the learners classify one, the next one's lung masks are
-        post-processed on the host and the one before is read back (see the module docstring).
+        ``prefetch`` is how many groups may be prepared (decoded, segmented, patches gathered) ahead (0: no
+        worker thread). While the learners classify one group, the one before is read back (see the module
+        docstring).
         """
         timer = timer or _NoTimer()
         # Device work stays on the stream current when the run starts, whatever the consumer does in between.
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         prev: _Group | None = None  # classified, waiting to be read back
-        cur: _Group | None = None   # patches gathered, waiting for the learners
-        for group in self._decoded(xs, prefetch, timer):
+        for group in self._prepared(xs, prefetch, timer):
             with self._compute_lock, _on_stream(compute):
-                self._segment(group, timer)
-                if cur is not None:
-                    self._classify(cur, timer)
+                self._classify(group, timer)
             if prev is not None:
                 yield from self._results(prev)
-            with self._compute_lock, _on_stream(compute):
-                self._patches(group, timer)
-            prev, cur = cur, group
-        if cur is not None:
-            with self._compute_lock, _on_stream(compute):
-                self._classify(cur, timer)
-        for group in (prev, cur):
-            if group is not None:
-                yield from self._results(group)
+            prev = group
+        if prev is not None:
+            yield from self._results(prev)
 
     # ---------------------------------------------------------------------------------------- internals
     def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str | None, Any]]]:
@@ -427,52 +444,63 @@ class Engine:
         if group:
             yield group
 
-    def _decoded(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[_Group]:
-        """Decoded groups in input order, ``prefetch`` groups ahead in a worker thread.
+    def _prepared(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[_Group]:
+        """Prepared groups in input order, ``prefetch`` groups ahead in a worker thread.
 
         A group with inputs in device memory records an event on the caller's stream as it is handed over:
-        its decoding waits for the caller's kernels up to then, not for the engine's later ones.
+        its preparation waits for the caller's kernels up to then, not for the engine's later ones.
         """
         def ready(group: list[tuple[str | None, Any]]) -> torch.cuda.Event | None:
             return _record_event(self.device) if any(_on_device(x) for _, x in group) else None
 
         if prefetch <= 0:
             for group in self._groups(xs):
-                yield self._decode(group, timer, ready(group))
+                yield self._prepare_group(group, timer, ready(group))
             return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-decode") as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-prepare") as pool:
             pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
             for group in self._groups(xs):
-                pending.append(pool.submit(self._decode, group, timer, ready(group)))
+                pending.append(pool.submit(self._prepare_group, group, timer, ready(group)))
                 if len(pending) > prefetch:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
 
-    def _decode(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
-                inputs_ready: torch.cuda.Event | None) -> _Group:
-        """Read and decode one group onto the device: on a GPU on the engine's decode stream, so that it
-        overlaps the learners, and finished there before the group is handed over (the GPU decoders write
-        through streams of their own, so nothing of the decode stream may still be pending when they reuse
-        its memory)."""
-        with _on_stream(self._decode_stream):
+    def _prepare_group(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
+                       inputs_ready: torch.cuda.Event | None) -> _Group:
+        """Decode one group, segment it and gather its patches: on a GPU on the engine's preparation stream,
+        so that it overlaps the learners, and finished there before the group is handed over."""
+        with _on_stream(self._prep_stream):
             if inputs_ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(inputs_ready)
             items = [_prepare(x, item_id) for item_id, x in inputs]
-            with self._decode_lock, timer.stage("decode"):
-                todo = [it for it in items if it.data is not None]
-                for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
-                    if isinstance(res, ImageReadError):
-                        it.error = str(res)
-                    else:
-                        it.image, it.meta = res
-                    it.data = None
-                for it in items:
-                    if it.image is not None:
-                        it.image = it.image.to(self.device, non_blocking=True)
-            if self._decode_stream is not None:
-                self._decode_stream.synchronize()
-            return _Group(items)
+            with self._prep_lock:
+                group = _Group(self._decode(items, timer))
+                self._segment(group, timer)
+                self._patches(group, timer)
+                if self._prep_stream is not None:
+                    self._prep_stream.synchronize()
+        for it in group.good:  # the decoded images are done with: free their memory now
+            it.shape, it.image = tuple(it.image.shape), None
+        return group
+
+    def _decode(self, items: list[_Item], timer: StageTimer) -> list[_Item]:
+        """Decode the items' bytes onto the device (failures become error items). The GPU decoders write
+        through streams of their own: the preparation stream is synchronised before their memory is reused."""
+        with timer.stage("decode"):
+            todo = [it for it in items if it.data is not None]
+            for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
+                if isinstance(res, ImageReadError):
+                    it.error = str(res)
+                else:
+                    it.image, it.meta = res
+                it.data = None
+            for it in items:
+                if it.image is not None:
+                    it.image = it.image.to(self.device, non_blocking=True)
+        if self._prep_stream is not None:
+            self._prep_stream.synchronize()
+        return items
 
     def _normalise(self, grey: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
@@ -480,18 +508,13 @@ class Engine:
 
     def _segment(self, group: _Group, timer: StageTimer) -> None:
         """Launch the segmenter on the group's images; the thresholded masks start their copy to the host."""
-        if not group.good:
-            return
-        images = [it.image for it in group.good]
-        if self._decode_stream is not None:  # made on the decode stream, used and freed on this one
-            for im in images:
-                im.record_stream(torch.cuda.current_stream(self.device))
-        if not self._patch_mode:
+        if not group.good or not self._patch_mode:
             return
         seg = self.pre["segmentation"]
         with timer.stage("segment"):
-            inputs = torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
-            group.masks = _to_host(lung_masks(self.segmenter.run(inputs), seg["threshold"]))
+            inputs = torch.stack([segmentation_input(it.image, seg["size"], seg["gamma"]) for it in group.good])
+            logits = _run_batched(self.segmenter, inputs, self.images_per_call)
+            group.masks = _to_host(lung_masks(logits, seg["threshold"]))
 
     def _patches(self, group: _Group, timer: StageTimer) -> None:
         """Post-process the group's masks on the host, then sample centres and gather the K patches."""
@@ -520,25 +543,15 @@ class Engine:
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
         """Logits of (N, 3, P, P) normalised inputs (patches, or whole-image views for a global learner) in
-        calls of at most ``patch_batch``, and of at most a full group's inputs.
-
-        A compiled backend gets every call at that full size (a short last call is zero-padded), so that a
-        group with fewer images reuses the compiled graph instead of compiling another.
-        """
+        calls of at most ``patch_batch``, and of at most a full group's inputs."""
         size = min(self.patch_batch, self.images_per_call * (self.k if learner.mode == "patch" else 1))
-        outs = []
-        for i in range(0, batch.shape[0], size):
-            chunk = batch[i:i + size]
-            n = chunk.shape[0]
-            if n < size and getattr(learner.backend, "compiled", False):
-                chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
-            outs.append(learner.backend.run(chunk)[:n])
-        return torch.cat(outs)
+        return _run_batched(learner.backend, batch, size)
 
     def _classify(self, group: _Group, timer: StageTimer) -> None:
         """Launch the learners and the ensemble on the group's patches; the results start their copy to the host."""
         if not group.good:
             return
+        group.adopt()
         n = len(group.good)
         modes = {lr.mode for lr in self.learners}
         confidences, softmaxes = [], []
@@ -594,7 +607,7 @@ class Engine:
         flags = []
         if bool(host["fallback"][i]):
             flags.append("mask_fallback")
-        if min(it.image.shape) < self.pre["patch_size"]:
+        if min(it.shape) < self.pre["patch_size"]:
             flags.append("small_image")
         p = host["probs"][i]
         return Prediction(

@@ -46,7 +46,8 @@ class CupySampler:
             raise BackendUnavailableError("the cupy sampler needs CuPy (pip install 'patchflannel[gpu]')")
 
     def centres(self, masks: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-        """(B, K, 2) int64 (row, col) centres, computed by CuPy on the masks' CUDA device."""
+        """(B, K, 2) int64 (row, col) centres, computed by CuPy on the masks' CUDA device, on torch's current
+        stream (CuPy's own default would be the legacy default stream, which may be busy with other work)."""
         import cupy
 
         from patchflannel.ops.sampler_cupy import centres_from_uniforms_cupy
@@ -54,9 +55,11 @@ class CupySampler:
         if masks.device.type != "cuda":
             raise BackendUnavailableError("the cupy sampler needs masks on a CUDA device")
         u = uniforms.to(device=masks.device, dtype=torch.float64)
-        with cupy.cuda.Device(masks.device.index or 0):
+        index = masks.device.index if masks.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(masks.device).cuda_stream
+        with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream, index):
             out = centres_from_uniforms_cupy(cupy.from_dlpack(masks.contiguous()), cupy.from_dlpack(u))
-        return torch.from_dlpack(out)
+            return torch.from_dlpack(out)
 
 
 def make_sampler(name: str, device: torch.device) -> Sampler:
