@@ -74,7 +74,7 @@ try:
     report = run_bench(BenchConfig(out=out, preset="$PRESET", synthetic=True, label="$name", $kwargs),
                        progress=lambda line: print(line, flush=True))
     print(open(out / "bench.md").read())
-    print(json.dumps(report["engine"], indent=1))
+    print(json.dumps(report["engines"], indent=1))
 except Exception:
     out.mkdir(parents=True, exist_ok=True)
     (out / "error.txt").write_text(traceback.format_exc())
@@ -82,9 +82,9 @@ except Exception:
 PYEOF
 }
 
-bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, pack=$PACK, loop_n=$LOOP_N, repeats=$REPEATS, precision='fp16' if $GPU else 'fp32', modes=('loop', 'batched', 'packed', 'global')"
+bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, pack=$PACK, loop_n=$LOOP_N, repeats=$REPEATS, precisions=('fp16' if $GPU else 'fp32',), modes=('loop', 'batched', 'packed', 'global')"
 if [ "$GPU" = "1" ] && [ "$COMPILE_LIMIT" -gt 0 ]; then
-  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, pack=${CPACK:-4}, repeats=2, precision='fp16', modes=('packed',), compile=True"
+  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, pack=${CPACK:-4}, repeats=2, precisions=('fp16',), modes=('packed',), compile=True"
 else
   echo "== compiled_fp16: skipped (no CUDA; torch.compile is timed on the GPU only)" | tee -a "$SUMMARY"
 fi

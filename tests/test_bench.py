@@ -43,15 +43,36 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
         per_learner = r["learner_seconds_per_image"]
         assert set(per_learner) == {"shufflenet_v2_x0_5", "mobilenet_v3_small"}
         assert 0 < sum(per_learner.values()) <= r["stage_seconds_per_image"]["infer"] * 1.001
-    assert report["engine"]["bundle"] == "preset:tiny" and "synthetic phantom" in report["inputs"]
+    assert [e["bundle"] for e in report["engines"]] == ["preset:tiny"] and "synthetic phantom" in report["inputs"]
     assert report["environment"]["torch"]
     md = (out / "bench.md").read_text()
-    assert "| loop | 4 | 1 | 1 | 1 |" in md and "| packed | 4 | 2 | 8 | 2 |" in md
-    assert "| mode | K | shufflenet_v2_x0_5 | mobilenet_v3_small |" in md and "| global | - | 2 | 2 | 2 |" in md
-    assert runs["global"]["k"] is None and ("global", None) not in speedups(report["runs"])
+    assert "| torch | fp32 | loop | 4 | 1 | 1 | 1 |" in md and "| torch | fp32 | packed | 4 | 2 | 8 | 2 |" in md
+    assert "| backend | precision | mode | K | shufflenet_v2_x0_5 | mobilenet_v3_small |" in md
+    assert "| torch | fp32 | global | - | 2 | 2 | 2 |" in md
+    assert runs["global"]["k"] is None and ("torch fp32", "global", None) not in speedups(report["runs"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert ("loop", 4) in speedups(report["runs"])
-    assert "packed K=4:" in result.output and "warm-up" in result.output  # a progress line a run
+    assert speedups(report["runs"])[("torch fp32", "loop", 4)] == 1.0
+    assert "torch fp32, packed K=4:" in result.output and "warm-up" in result.output  # a progress line a run
+
+
+def test_bench_compares_precisions_each_against_its_own_loop(tmp_path):
+    """Two precisions in one report: every mode runs for each, a speed-up is over the same precision's loop,
+    and a precision that resolves to one already timed ('auto' is fp32 on a CPU) is not timed twice."""
+    lines: list[str] = []
+    report = run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, n=2, loop_n=1, ks=(3,), pack=2,
+                                   modes=("loop", "batched"), precisions=("fp32", "bf16", "auto"), device="cpu",
+                                   repeats=1, warmup=0), progress=lines.append)
+    assert [(e["backend"], e["precision"]) for e in report["engines"]] == [("torch", "fp32"), ("torch", "bf16")]
+    assert [(r["precision"], r["mode"]) for r in report["runs"]] == [
+        ("fp32", "loop"), ("fp32", "batched"), ("bf16", "loop"), ("bf16", "batched")]
+    ups = speedups(report["runs"])
+    for precision in ("fp32", "bf16"):
+        runs = {r["mode"]: r for r in report["runs"] if r["precision"] == precision}
+        assert ups[(f"torch {precision}", "batched", 3)] == pytest.approx(
+            runs["loop"]["seconds_per_image_median"] / runs["batched"]["seconds_per_image_median"])
+    assert "backend auto, precision auto: torch fp32, already timed" in lines
+    md = (tmp_path / "bench.md").read_text()
+    assert md.count("- engine: bundle preset:tiny") == 2 and "| torch | bf16 | batched | 3 | 1 | 3 | 2 |" in md
 
 
 def test_phantoms_are_deterministic_jpegs():
@@ -73,6 +94,10 @@ def test_bad_bench_settings_are_refused(tmp_path):
         run_bench(BenchConfig(out=tmp_path, preset="huge", synthetic=True))
     with pytest.raises(ConfigError, match="not a folder"):
         image_files(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, precisions=("fp8",)))
+    with pytest.raises(ConfigError, match="presets hold in-memory torch modules"):
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, backends=("onnxruntime",)))
     for bad, match in ((dict(n=0), "n >= 1"), (dict(repeats=0), "repeats >= 1"), (dict(warmup=-1), "warmup >= 0"),
                        (dict(images=tmp_path), "either --images or --synthetic"), (dict(n=2, pack=4), "must be >= pack")):
         with pytest.raises(ConfigError, match=match):

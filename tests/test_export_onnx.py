@@ -11,6 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from patchflannel import Engine
+from patchflannel.bench.harness import BenchConfig, run_bench
+from patchflannel.bench.report import variant
 from patchflannel.cli.export import register
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import default_bundle_path, load_bundle, random_bundle
@@ -86,8 +89,22 @@ def test_fp16_export_keeps_fp32_io_and_tracks_torch(exported: Path, cxr4_dir: Pa
     model = onnx.load(str(b.path_of(f)))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    # the engine runs the learner's fp16 file and the other networks' fp32 files, and says so
+    engine = Engine.from_bundle(exported, device="cpu", backend="onnxruntime", precision="fp16")
+    assert engine.learners[0].backend.precision == "fp16" and engine.describe()["precision"] == "fp16+fp32"
     with pytest.raises(ConfigError, match="precision must be one of"):
         export_onnx(exported, precision="int8")
+
+
+def test_a_precision_without_files_runs_fp32_and_bench_times_it_once(exported: Path, tmp_path: Path) -> None:
+    """bf16 asked of a bundle without bf16 ONNX files: the fp32 files run, the engine and bench say fp32."""
+    assert Engine.from_bundle(exported, device="cpu", backend="onnxruntime", precision="bf16").describe()["precision"] == "fp32"
+    lines: list[str] = []
+    report = run_bench(BenchConfig(out=tmp_path, bundle=exported, synthetic=True, n=1, loop_n=1, ks=(2,),
+                                   modes=("batched",), backends=("onnxruntime",), precisions=("bf16", "fp32"),
+                                   device="cpu", repeats=1, warmup=0), progress=lines.append)
+    assert [variant(e) for e in report["engines"]] == [variant(r) for r in report["runs"]] == ["onnxruntime fp32"]
+    assert "backend onnxruntime, precision fp32: onnxruntime fp32, already timed" in lines
 
 
 def test_without_real_data_inputs_are_synthetic_and_say_so(source: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchflannel.bench.report import variant, write_report
 from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
 from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_preprocessing
@@ -48,7 +49,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
 
 @dataclass
 class BenchConfig:
-    """What to time. ``bundle`` is used when ``preset`` is None (None there: the default bundle)."""
+    """What to time. ``bundle`` is used when ``preset`` is None (None there: the default bundle). Every mode
+    and K runs for each backend x precision."""
 
     out: Path
     preset: str | None = None
@@ -60,8 +62,8 @@ class BenchConfig:
     ks: tuple[int, ...] = (16, 50, 100)
     modes: tuple[str, ...] = MODES
     pack: int = 4
-    precision: str = "auto"
-    backend: str = "auto"
+    precisions: tuple[str, ...] = ("auto",)
+    backends: tuple[str, ...] = ("auto",)
     loader: str = "auto"
     device: str = "auto"
     compile: bool = False
@@ -180,15 +182,15 @@ def load_inputs(images: Path | None, n: int, seed: int = 0, synthetic: bool = Fa
 
 
 # -------------------------------------------------------------------------------------------- engines
-def build_engine(config: BenchConfig) -> Engine:
+def build_engine(config: BenchConfig, backend: str = "auto", precision: str = "auto") -> Engine:
     """The engine under test: a preset's random-weight networks, or a bundle."""
-    kw = dict(device=config.device, loader=config.loader, precision=config.precision, seed=config.seed,
+    kw = dict(device=config.device, loader=config.loader, precision=precision, seed=config.seed,
               compile=config.compile)
     if config.preset is None:
-        return Engine.from_bundle(config.bundle, backend=config.backend, **kw)
+        return Engine.from_bundle(config.bundle, backend=backend, **kw)
     if config.preset not in PRESETS:
         raise ConfigError(f"unknown preset {config.preset!r}; expected one of {', '.join(PRESETS)}")
-    if config.backend not in ("auto", "torch"):
+    if backend not in ("auto", "torch"):
         raise ConfigError("presets hold in-memory torch modules: use --backend torch or a --bundle with exported files")
     from patchflannel.models import get_model
 
@@ -294,13 +296,12 @@ def device_info(engine: Engine) -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time every mode at every K; write ``bench.json``, ``bench.md`` and ``bench.png`` into ``config.out``.
+    """Time every mode at every K for each backend x precision; write ``bench.json``, ``bench.md`` and
+    ``bench.png`` into ``config.out`` (after every run: a run cut short still leaves its figures).
 
     ``progress`` gets a line as each run finishes (with its warm-up time) and, with ``compile``, one as each
     network compiles (in :meth:`Engine.warm_up`, before the run and outside its times).
     """
-    from patchflannel.bench.report import write_report
-
     if not config.ks or not config.modes or min(config.ks) < 1:
         raise ConfigError("bench needs at least one K (each >= 1) and one mode")
     for name in ("n", "loop_n", "repeats", "pack"):
@@ -315,11 +316,36 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     for mode in config.modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    engine = build_engine(config)
+    if not config.backends or not config.precisions:
+        raise ConfigError("bench needs at least one backend and one precision")
+    inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
+    report: dict[str, Any] = {"label": config.label, "config": {**asdict(config), "out": str(config.out)},
+                              "engines": [], "inputs": source, "environment": {}, "compile_errors": {},
+                              "compile_seconds": {}, "runs": []}
+    for backend in config.backends:
+        for precision in config.precisions:
+            engine = build_engine(config, backend, precision)
+            described = engine.describe()
+            if any(variant(e) == variant(described) for e in report["engines"]):
+                if progress is not None:
+                    progress(f"backend {backend}, precision {precision}: {variant(described)}, already timed")
+                continue
+            report["engines"].append(described)
+            report["environment"] = report["environment"] or device_info(engine)
+            _time_engine(engine, config, inputs, report, progress)
+            del engine
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return report
+
+
+def _time_engine(engine: Engine, config: BenchConfig, inputs: list[tuple[str, bytes]], report: dict[str, Any],
+                 progress: Callable[[str], None] | None) -> None:
+    """Every mode at every K on one engine; each run is added to ``report`` and the report rewritten."""
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
-    runs = []
+    described = engine.describe()
+    name = variant(described)
     for k in config.ks:
         for mode in config.modes:
             if mode == "global" and k != config.ks[0]:
@@ -332,19 +358,16 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             if config.compile:  # compile each network now, one progress line each, before the timed runs
                 eng.warm_up(progress)
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
-            runs.append({"mode": mode, "k": None if mode == "global" else k, "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
-                         "wall_seconds": time.perf_counter() - started, **result})
+            report["runs"].append({
+                "mode": mode, "k": None if mode == "global" else k, "backend": described["backend"],
+                "precision": described["precision"], "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
+                "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
-                progress(f"{mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} images/s "
-                         f"(warm-up {result['warmup_seconds']:.1f} s, run {runs[-1]['wall_seconds']:.1f} s)")
-            report = {
-                "label": config.label, "config": {**asdict(config), "out": str(config.out)},
-                "engine": engine.describe(), "inputs": source, "environment": device_info(engine),
-                "compile_errors": {lr.name: lr.backend.compile_error for lr in engine.learners
-                                   if getattr(lr.backend, "compile_error", None)},
-                "compile_seconds": {lr.name: lr.backend.compile_seconds for lr in engine.learners
-                                    if getattr(lr.backend, "compiled", False)},
-                "runs": runs,
-            }
-            write_report(report, Path(config.out))  # after every run: a run cut short still leaves its figures
-    return report
+                progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "
+                         f"images/s (warm-up {result['warmup_seconds']:.1f} s, run {report['runs'][-1]['wall_seconds']:.1f} s)")
+            backends = {"segmentation": engine.segmenter, **{lr.name: lr.backend for lr in engine.learners}}
+            report["compile_errors"].update({f"{name} {n}": b.compile_error for n, b in backends.items()
+                                             if getattr(b, "compile_error", None)})
+            report["compile_seconds"].update({f"{name} {n}": b.compile_seconds for n, b in backends.items()
+                                              if getattr(b, "compiled", False)})
+            write_report(report, Path(config.out))

@@ -9,46 +9,53 @@ from typing import Any
 from patchflannel.engine.engine import STAGES
 
 
-def speedups(runs: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """Each run's speed-up over the ``loop`` run at the same K (when there is one)."""
-    loop = {r["k"]: r["seconds_per_image_median"] for r in runs if r["mode"] == "loop"}
-    return {(r["mode"], r["k"]): loop[r["k"]] / r["seconds_per_image_median"]
-            for r in runs if r["k"] is not None and r["k"] in loop}
+def variant(run_or_engine: dict[str, Any]) -> str:
+    """A run's (or an engine description's) backend and precision, e.g. 'torch fp16'."""
+    return f"{run_or_engine['backend']} {run_or_engine['precision']}"
+
+
+def speedups(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
+    """Each run's speed-up over the ``loop`` run of the same backend and precision at the same K, keyed by
+    (variant, mode, K) (where there is such a loop run)."""
+    loop = {(variant(r), r["k"]): r["seconds_per_image_median"] for r in runs if r["mode"] == "loop"}
+    return {(variant(r), r["mode"], r["k"]): loop[variant(r), r["k"]] / r["seconds_per_image_median"]
+            for r in runs if r["k"] is not None and (variant(r), r["k"]) in loop}
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table with a header naming the device, engine and inputs."""
-    env, eng = report["environment"], report["engine"]
+    """The report as markdown tables with a header naming the device, the engines and the inputs."""
+    env = report["environment"]
     ups = speedups(report["runs"])
     lines = [
         f"# bench {report.get('label') or ''}".rstrip(),
         "",
         f"- device: {env['device']} (torch {env['torch']}, CUDA {env['cuda']}, {env['cpu_count']} CPUs, "
         f"{env['torch_threads']} torch threads)",
-        f"- engine: bundle {eng['bundle']}, backend {eng['backend']}, precision {eng['precision']}, "
-        f"compiled {eng['compiled']}, loader {eng['loader']}, sampler {eng['sampler']}, "
-        f"learners {', '.join(lr['name'] for lr in eng['learners'])}",
+        *(f"- engine: bundle {eng['bundle']}, backend {eng['backend']}, precision {eng['precision']}, "
+          f"compiled {eng['compiled']}, loader {eng['loader']}, sampler {eng['sampler']}, "
+          f"learners {', '.join(lr['name'] for lr in eng['learners'])}" for eng in report["engines"]),
         f"- inputs: {report['inputs']}",
         "",
-        "| mode | K | images/call | patches/call | N | ms/image (median) | p95 | images/s | x loop | preprocess % | "
-        + " | ".join(f"{s} ms" for s in STAGES) + " |",
-        "|" + "---|" * (10 + len(STAGES)),
+        "| backend | precision | mode | K | images/call | patches/call | N | ms/image (median) | p95 | images/s | x loop | "
+        "preprocess % | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
+        "|" + "---|" * (12 + len(STAGES)),
     ]
     for r in report["runs"]:
         st = r["stage_seconds_per_image"]
-        up = ups.get((r["mode"], r["k"]))
+        up = ups.get((variant(r), r["mode"], r["k"]))
         lines.append(
-            f"| {r['mode']} | {'-' if r['k'] is None else r['k']} | {r['images_per_call']} | {r['patch_batch']} | {r['n_images']} | "
+            f"| {r['backend']} | {r['precision']} | {r['mode']} | {'-' if r['k'] is None else r['k']} | "
+            f"{r['images_per_call']} | {r['patch_batch']} | {r['n_images']} | "
             f"{1000 * r['seconds_per_image_median']:.1f} | {1000 * r['seconds_per_image_p95']:.1f} | "
             f"{r['images_per_second']:.2f} | {'' if up is None else f'{up:.1f}'} | {100 * r['preprocess_fraction']:.1f} | "
             + " | ".join(f"{1000 * st[s]:.1f}" if s in st else "" for s in STAGES) + " |")
     learners = list(dict.fromkeys(name for r in report["runs"] for name in r.get("learner_seconds_per_image", {})))
     if learners:
         lines += ["", "Inference ms an image, per learner:", "",
-                  "| mode | K | " + " | ".join(learners) + " |", "|" + "---|" * (2 + len(learners))]
+                  "| backend | precision | mode | K | " + " | ".join(learners) + " |", "|" + "---|" * (4 + len(learners))]
         for r in report["runs"]:
             per = r.get("learner_seconds_per_image", {})
-            lines.append(f"| {r['mode']} | {'-' if r['k'] is None else r['k']} | "
+            lines.append(f"| {r['backend']} | {r['precision']} | {r['mode']} | {'-' if r['k'] is None else r['k']} | "
                          + " | ".join(f"{1000 * per[n]:.1f}" if n in per else "" for n in learners) + " |")
     if report.get("compile_seconds"):
         lines += ["", "torch.compile time (all shapes): "
@@ -60,24 +67,28 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    """ms/image (median) against K, one line per mode, log scale."""
+    """ms/image (median) against K, one line per mode (and backend and precision when there are several), log
+    scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    several = len(report["engines"]) > 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(r["mode"] for r in report["runs"]):
-        runs = [r for r in report["runs"] if r["mode"] == mode]
+    for i, key in enumerate(dict.fromkeys((variant(r), r["mode"]) for r in report["runs"])):
+        runs = [r for r in report["runs"] if (variant(r), r["mode"]) == key]
+        label, color = (f"{key[1]} ({key[0]})" if several else key[1]), colors[i % len(colors)]
         if runs[0]["k"] is None:  # the global baseline: no K, a horizontal line
-            ax.axhline(1000 * runs[0]["seconds_per_image_median"], linestyle="--", color="grey", label=mode)
+            ax.axhline(1000 * runs[0]["seconds_per_image_median"], linestyle="--", color=color, label=label)
             continue
         pts = sorted((r["k"], 1000 * r["seconds_per_image_median"]) for r in runs)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
     ax.set_xlabel("K (patches per image)")
     ax.set_ylabel("ms per image (median, end to end)")
     ax.set_yscale("log")
-    ax.set_title(f"{report['environment']['device']}, {report['engine']['precision']}")
+    ax.set_title(f"{report['environment']['device']}, {', '.join(sorted({e['precision'] for e in report['engines']}))}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -15,6 +15,10 @@ def _ints(text: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+
+
 def bench(
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.md, bench.png."),
     preset: Optional[str] = typer.Option(None, help="Random-weight networks: flannel5 (paper), cpu5, tiny."),
@@ -26,8 +30,8 @@ def bench(
     k: str = typer.Option("16,50,100", "--k", "-k", help="Comma-separated K values."),
     modes: str = typer.Option("loop,batched,packed,auto,global", help="Comma-separated modes."),
     pack: int = typer.Option(4, help="Images a call in packed and global modes."),
-    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16."),
-    backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt."),
+    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16; comma-separated to compare."),
+    backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt; comma-separated to compare."),
     loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile with frozen weights (falls back to eager)."),
@@ -43,8 +47,8 @@ def bench(
     from patchflannel.errors import PatchflannelError
 
     config = BenchConfig(out=out, preset=preset, bundle=bundle, images=images, synthetic=synthetic, n=n, loop_n=loop_n, ks=_ints(k),
-                         modes=tuple(m.strip() for m in modes.split(",") if m.strip()), pack=pack, precision=precision,
-                         backend=backend, loader=loader, device=device, compile=compile, repeats=repeats,
+                         modes=_words(modes), pack=pack, precisions=_words(precision),
+                         backends=_words(backend), loader=loader, device=device, compile=compile, repeats=repeats,
                          warmup=warmup, label=label)
     if smoke:
         config.preset = config.preset or "tiny"

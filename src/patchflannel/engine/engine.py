@@ -364,12 +364,17 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         """What this engine runs: device, loader, backend, sampler, precision, batching, bundle, learners, and
-        how many conv -> BatchNorm pairs the torch backend folded."""
+        how many conv -> BatchNorm pairs the torch backend folded.
+
+        ``precision`` is the one the networks run at: an exported backend without a file in the requested
+        precision runs the fp32 file; where networks differ, their precisions joined by '+'.
+        """
         dev_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         backends = [self.segmenter, *(lr.backend for lr in self.learners)]
         return {
             "device": str(self.device), "device_name": dev_name, "loader": self.loader.name,
-            "backend": self.backend, "sampler": self.sampler.name, "precision": self.precision,
+            "backend": self.backend, "sampler": self.sampler.name,
+            "precision": "+".join(sorted({b.precision for b in backends})),
             "compiled": any(getattr(b, "compiled", False) for b in backends),
             "folded_batchnorms": sum(getattr(b, "folded_batchnorms", 0) for b in backends),
             "k": self.k, "seed": self.seed, "images_per_call": self.images_per_call,

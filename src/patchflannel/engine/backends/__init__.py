@@ -56,7 +56,8 @@ def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
 
 def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.device, precision: str,
                  compile: bool = False) -> Backend:
-    """The backend ``name`` for the bundle's network ``entry``."""
+    """The backend ``name`` for the bundle's network ``entry``; its ``precision`` is the one it runs at (an
+    exported file in ``precision`` where the bundle has one, else the fp32 file)."""
     if name == "torch":
         from patchflannel.engine.backends.torch_backend import TorchBackend
         from patchflannel.export.bundle import load_torch_model
@@ -65,12 +66,14 @@ def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.dev
     if name == "onnxruntime":
         from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(bundle.path_of(_pick(entry, "onnx", precision)), device, precision)
+        f = _pick(entry, "onnx", precision)
+        return OnnxRuntimeBackend(bundle.path_of(f), device, f.precision)
     if name == "tensorrt":
         from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend, _tensorrt
 
         _tensorrt()  # a missing runtime is the first thing to say
-        return TensorRTBackend(bundle.path_of(_pick(entry, "tensorrt", precision)), device, precision)
+        f = _pick(entry, "tensorrt", precision)
+        return TensorRTBackend(bundle.path_of(f), device, f.precision)
     raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 

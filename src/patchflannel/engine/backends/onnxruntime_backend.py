@@ -11,7 +11,8 @@ from patchflannel.errors import BackendUnavailableError
 
 
 class OnnxRuntimeBackend:
-    """Runs one ONNX model; inputs are cast to the model's declared input type."""
+    """Runs one ONNX model; inputs are cast to the model's declared input type. ``precision`` is the graph's
+    (as the bundle records it: an fp16 export keeps float32 inputs and outputs)."""
 
     name = "onnxruntime"
 
@@ -32,7 +33,7 @@ class OnnxRuntimeBackend:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        self.precision = "fp16" if self.input_dtype == np.float16 else "fp32"
+        self.precision = precision
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """Float32 outputs on the engine's device for a float (N, ...) batch."""
