@@ -99,9 +99,10 @@ class PerfTimer:
 class CudaTimer:
     """Stage timer from CUDA events recorded on the current stream; read after the run (one sync).
 
-    With the engine's pipelined ``stream`` a stage's time is its span on the GPU timeline: ``decode`` on the
-    decode stream (overlapping the others, counted in full), ``mask`` only the part of the host's mask
-    post-processing that the learners did not hide (the GPU waited for it), the rest their kernels.
+    Events go on the recording thread's current stream, so with the engine's ``stream`` a stage's time is its
+    span on its own stream: the preparation stages on the engine's preparation stream, beside the learners
+    (their spans include the time they share the GPU with them; ``mask`` is the host's mask post-processing,
+    while that stream waits), ``infer`` and ``ensemble`` on the caller's stream.
     """
 
     def __init__(self) -> None:
