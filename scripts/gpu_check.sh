@@ -50,7 +50,7 @@ for mod in ("torchvision", "numpy", "scipy", "PIL", "cupy", "onnxruntime", "onnx
 PYEOF
 
 if $PY -c "import pytest" 2>/dev/null; then
-  section tests "${TESTS_LIMIT:-90}" $PY -m pytest -p no:cacheprovider -q -rs \
+  section tests "${TESTS_LIMIT:-120}" $PY -m pytest -p no:cacheprovider -q -rs \
     -m gpu tests/test_sampler.py tests/test_backends.py tests/test_loaders.py tests/test_engine_gpu.py
 else
   echo "   pytest missing: tests skipped" | tee -a "$SUMMARY"

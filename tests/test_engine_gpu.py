@@ -57,3 +57,23 @@ def test_gpu_stream_pipeline_and_device_arrays(tmp_path):
     for a, b in zip(from_host, from_gpu):
         assert a.ok and a.content_hash == b.content_hash  # same shapes, same kernels: a race would show at once
         np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
+
+
+def test_gpu_preparation_does_not_wait_for_the_learners_stream(tmp_path):
+    """Decode, segmentation, mask post-processing, sampling and gather run on the engine's own stream: with
+    the caller's stream (where the learners queue) busy for a second or more, they finish long before it is
+    free; the results are the same as with an idle stream."""
+    from patchflannel.bench.harness import PerfTimer
+
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",))
+    engine = Engine.from_bundle(tmp_path, device="cuda", precision="fp32", k=16, images_per_call=2)
+    items = phantom_jpegs(2, size=512)
+    idle = engine.predict_many(items)  # also the warm-up: first calls load kernels
+    torch.cuda.synchronize()
+    timer = PerfTimer()
+    torch.cuda._sleep(3_000_000_000)  # the caller's (default) stream busy for a second or more
+    busy = list(engine.stream(items, prefetch=0, timer=timer))
+    prep = sum(timer.totals()[s] for s in ("decode", "segment", "mask", "sample", "gather"))
+    assert prep < 0.5, f"preparation took {prep:.2f} s: it waited for the busy stream ({timer.totals()})"
+    for a, b in zip(idle, busy):
+        np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-5)

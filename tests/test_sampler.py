@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 
 import numpy as np
 import pytest
@@ -103,3 +104,27 @@ def test_cupy_sampler_agrees_with_torch_on_gpu():
     assert make_sampler("auto", torch.device("cuda")).name == "cupy"
     assert torch.equal(direct, ref) and torch.equal(via_engine, ref)
     np.testing.assert_array_equal(ref.cpu().numpy(), naive_centres(masks.cpu().numpy(), u.numpy()))
+
+
+@pytest.mark.gpu
+@needs_cupy_gpu
+def test_cupy_sampler_runs_on_torchs_current_stream():
+    """The engine samples on its preparation stream while the learners keep the caller's stream busy: the
+    CuPy sampler must queue on torch's current stream, not on CuPy's default (the legacy default stream,
+    which would wait for the busy one)."""
+    sampler = make_sampler("cupy", torch.device("cuda"))
+    masks = random_masks(8, 1024, 1024, seed=11).cuda()
+    u = patch_uniforms(list(range(8)), 100).cuda()
+    ref = centres_from_uniforms(masks, u)
+    sampler.centres(masks, u)  # CuPy compiles its kernels on first use
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(3_000_000_000)  # the default stream busy for a second or more
+    start = time.perf_counter()
+    with torch.cuda.stream(side):
+        got = sampler.centres(masks, u)
+        side.synchronize()
+    waited = time.perf_counter() - start
+    torch.cuda.synchronize()
+    assert torch.equal(got, ref)
+    assert waited < 0.5, f"the sampler waited {waited:.2f} s for the busy default stream"
