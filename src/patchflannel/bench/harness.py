@@ -7,7 +7,9 @@ Modes (one engine, different call structure):
   ``auto``     the engine's own choice for the device (on a CPU: micro-batches of a few patches);
   ``global``   the FLANNEL baseline: one whole-image call per image batch per learner (no segmentation, no
                patches: one run, whatever the K sweep; its K is None).
-Every run is end to end from encoded bytes; per-stage times (decode, segment, mask, sample, gather, infer,
+Every mode runs for each backend x precision asked for (``--backend torch,onnxruntime --precision
+fp32,fp16``); a speed-up is over the loop of the same backend and precision. Every run is end to end from
+encoded bytes; per-stage times (decode, segment, mask, sample, gather, infer,
 ensemble) come from CUDA events on a GPU and ``perf_counter`` on a CPU. Medians and p95 over repeats, after
 a warm-up run.
 """
