@@ -490,8 +490,15 @@ class Engine:
         return group
 
     def _decode(self, items: list[_Item], timer: StageTimer) -> list[_Item]:
-        """Decode the items' bytes onto the device (failures become error items). The GPU decoders write
-        through streams of their own: the preparation stream is synchronised before their memory is reused."""
+        """Decode the items' bytes onto the device (failures become error items).
+
+        The GPU decoders allocate on the current stream but write through streams of their own, without
+        waiting for it (torchvision's nvJPEG decoder, pytorch/vision#9606): so nothing may be pending on the
+        preparation stream when they run (its freed blocks could be handed to them while a queued kernel
+        still reads them), nor when their memory is next reused.
+        """
+        if self._prep_stream is not None:
+            self._prep_stream.synchronize()
         with timer.stage("decode"):
             todo = [it for it in items if it.data is not None]
             for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
