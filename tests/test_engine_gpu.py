@@ -69,11 +69,13 @@ def test_gpu_preparation_does_not_wait_for_the_learners_stream(tmp_path):
     engine = Engine.from_bundle(tmp_path, device="cuda", precision="fp32", k=16, images_per_call=2)
     items = phantom_jpegs(2, size=512)
     idle = engine.predict_many(items)  # also the warm-up: first calls load kernels
-    torch.cuda.synchronize()
-    timer = PerfTimer()
-    torch.cuda._sleep(3_000_000_000)  # the caller's (default) stream busy for a second or more
-    busy = list(engine.stream(items, prefetch=0, timer=timer))
-    prep = sum(timer.totals()[s] for s in ("decode", "segment", "mask", "sample", "gather"))
-    assert prep < 0.5, f"preparation took {prep:.2f} s: it waited for the busy stream ({timer.totals()})"
-    for a, b in zip(idle, busy):
-        np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-5)
+    for prefetch in (0, 2):  # in the caller's thread, and in the worker thread
+        list(engine.stream(items, prefetch=prefetch))  # warm-up of this path
+        torch.cuda.synchronize()
+        timer = PerfTimer()
+        torch.cuda._sleep(3_000_000_000)  # the caller's (default) stream busy for a second or more
+        busy = list(engine.stream(items, prefetch=prefetch, timer=timer))
+        prep = sum(timer.totals()[s] for s in ("decode", "segment", "mask", "sample", "gather"))
+        assert prep < 0.5, f"prefetch {prefetch}: preparation took {prep:.2f} s, waiting for the busy stream"
+        for a, b in zip(idle, busy):
+            np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-5)

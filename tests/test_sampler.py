@@ -116,8 +116,9 @@ def test_cupy_sampler_runs_on_torchs_current_stream():
     masks = random_masks(8, 1024, 1024, seed=11).cuda()
     u = patch_uniforms(list(range(8)), 100).cuda()
     ref = centres_from_uniforms(masks, u)
-    sampler.centres(masks, u)  # CuPy compiles its kernels on first use
     side = torch.cuda.Stream()
+    with torch.cuda.stream(side):  # CuPy compiles its kernels and fills its pool for this stream on first use
+        sampler.centres(masks, u)
     torch.cuda.synchronize()
     torch.cuda._sleep(3_000_000_000)  # the default stream busy for a second or more
     start = time.perf_counter()

@@ -392,22 +392,25 @@ class Engine:
         """
         pre, n = self.pre, self.images_per_call
         seg, patch, crop = pre["segmentation"]["size"], pre["patch_size"], pre["global"]["crop"]
-        jobs: list[tuple[str, Callable[[], Any]]] = [
-            ("segmentation", lambda: self.segmenter.run(torch.zeros(n, 1, seg, seg, device=self.device)))
+        # Each network under the lock that guards it in ``stream`` (the segmenter belongs to the preparation).
+        jobs: list[tuple[str, threading.Lock, Callable[[], Any]]] = [
+            ("segmentation", self._prep_lock, lambda: _run_batched(
+                self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n))
         ] if self._patch_mode else []
         for lr in self.learners:
             shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
-            jobs.append((lr.name, lambda lr=lr, shape=shape: self._run_learner(lr, torch.zeros(shape, device=self.device))))
+            jobs.append((lr.name, self._compute_lock,
+                         lambda lr=lr, shape=shape: self._run_learner(lr, torch.zeros(shape, device=self.device))))
         seconds = {}
-        with self._compute_lock:
-            for name, job in jobs:
+        for name, lock, job in jobs:
+            with lock:
                 start = time.perf_counter()
                 job()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 seconds[name] = time.perf_counter() - start
-                if progress is not None:
-                    progress(f"warm-up {name}: {seconds[name]:.1f} s")
+            if progress is not None:
+                progress(f"warm-up {name}: {seconds[name]:.1f} s")
         return seconds
 
     def predict(self, x: Any, item_id: str | None = None) -> Prediction:
@@ -464,27 +467,30 @@ class Engine:
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-prepare") as pool:
             pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
-            for group in self._groups(xs):
-                pending.append(pool.submit(self._prepare_group, group, timer, ready(group)))
-                if len(pending) > prefetch:
+            try:
+                for group in self._groups(xs):
+                    pending.append(pool.submit(self._prepare_group, group, timer, ready(group)))
+                    if len(pending) > prefetch:
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            finally:  # an error or a consumer that stops early: groups not yet started are dropped
+                pool.shutdown(cancel_futures=True)
 
     def _prepare_group(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
                        inputs_ready: torch.cuda.Event | None) -> _Group:
         """Decode one group, segment it and gather its patches: on a GPU on the engine's preparation stream,
         so that it overlaps the learners, and finished there before the group is handed over."""
-        with _on_stream(self._prep_stream):
+        # Under the lock from the start: array inputs already queue work on the shared preparation stream.
+        with _on_stream(self._prep_stream), self._prep_lock:
             if inputs_ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(inputs_ready)
             items = [_prepare(x, item_id) for item_id, x in inputs]
-            with self._prep_lock:
-                group = _Group(self._decode(items, timer))
-                self._segment(group, timer)
-                self._patches(group, timer)
-                if self._prep_stream is not None:
-                    self._prep_stream.synchronize()
+            group = _Group(self._decode(items, timer))
+            self._segment(group, timer)
+            self._patches(group, timer)
+            if self._prep_stream is not None:
+                self._prep_stream.synchronize()
         for it in group.good:  # the decoded images are done with: free their memory now
             it.shape, it.image = tuple(it.image.shape), None
         return group
@@ -537,6 +543,7 @@ class Engine:
         if self._patch_mode:
             with timer.stage("mask"):
                 (masks,) = group.masks.wait()
+                group.masks = None
                 masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
                 masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
         with timer.stage("sample"):
@@ -552,6 +559,8 @@ class Engine:
         with timer.stage("gather"):
             patches = gather_patches(group.big * masks_big.to(group.big.dtype), origins, patch)
             group.patches = patches.reshape(-1, 1, patch, patch)
+        if all(lr.mode == "patch" for lr in self.learners):
+            group.big = None  # only global learners need the whole image
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
         """Logits of (N, 3, P, P) normalised inputs (patches, or whole-image views for a global learner) in

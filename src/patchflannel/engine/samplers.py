@@ -59,7 +59,7 @@ class CupySampler:
         stream = torch.cuda.current_stream(masks.device).cuda_stream
         with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream, index):
             out = centres_from_uniforms_cupy(cupy.from_dlpack(masks.contiguous()), cupy.from_dlpack(u))
-            return torch.from_dlpack(out)
+            return torch.from_dlpack(out).clone()  # in torch's memory: record_stream then covers it
 
 
 def make_sampler(name: str, device: torch.device) -> Sampler:

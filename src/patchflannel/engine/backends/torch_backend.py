@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import torch
@@ -10,6 +11,9 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse
 
 from patchflannel.engine.backends import DTYPES
+
+_COMPILE_LOCK = threading.Lock()
+"""Compiling is not thread-safe: first calls at a new shape (which compile) run one at a time, process-wide."""
 
 
 class TorchBackend:
@@ -60,10 +64,11 @@ class TorchBackend:
         shape = tuple(x.shape)
         if shape in self.compiled_shapes:
             return self._compiled(x).float()
-        start = time.perf_counter()
-        out = self._compiled(x).float()
-        self.compile_seconds += time.perf_counter() - start
-        self.compiled_shapes.add(shape)
+        with _COMPILE_LOCK:
+            start = time.perf_counter()
+            out = self._compiled(x).float()
+            self.compile_seconds += time.perf_counter() - start
+            self.compiled_shapes.add(shape)
         return out
 
 
