@@ -335,19 +335,19 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                 continue
             report["engines"].append(described)
             report["environment"] = report["environment"] or device_info(engine)
-            _time_engine(engine, config, inputs, report, progress)
+            _time_engine(engine, described, config, inputs, report, progress)
             del engine
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return report
 
 
-def _time_engine(engine: Engine, config: BenchConfig, inputs: list[tuple[str, bytes]], report: dict[str, Any],
-                 progress: Callable[[str], None] | None) -> None:
-    """Every mode at every K on one engine; each run is added to ``report`` and the report rewritten."""
+def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig, inputs: list[tuple[str, bytes]],
+                 report: dict[str, Any], progress: Callable[[str], None] | None) -> None:
+    """Every mode at every K on one engine (``described``: its :meth:`Engine.describe`); each run is added to
+    ``report`` and the report rewritten."""
     if engine.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    described = engine.describe()
     name = variant(described)
     for k in config.ks:
         for mode in config.modes:
