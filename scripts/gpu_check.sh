@@ -8,6 +8,8 @@
 # run can go in two calls: SECTIONS="env tests eager_fp16 targets" first, then SECTIONS="compiled_fp16 targets".
 # targets also reads the bench.json files under PREVIOUS, a folder of earlier results on the same machine.
 # CN and CPACK: images and images a call of the compiled run (default 16 and 4).
+# overlap (named in SECTIONS only): the learners on one stream against 2 and 5 streams and a CUDA graph;
+# OVERLAP_ARGS=--compile times them compiled (OVERLAP_LIMIT seconds, default 150).
 set -u
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
@@ -87,6 +89,10 @@ if [ "$GPU" = "1" ] && [ "$COMPILE_LIMIT" -gt 0 ]; then
   bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, pack=${CPACK:-4}, repeats=2, precisions=('fp16',), modes=('packed',), compile=True"
 else
   echo "== compiled_fp16: skipped (no CUDA; torch.compile is timed on the GPU only)" | tee -a "$SUMMARY"
+fi
+
+if [ "$GPU" = "1" ]; then  # not in the default SECTIONS: an experiment (scripts/gpu_learner_overlap.py)
+  section overlap "${OVERLAP_LIMIT:-150}" $PY scripts/gpu_learner_overlap.py ${OVERLAP_ARGS:-}
 fi
 
 section targets 30 $PY - <<PYEOF
