@@ -130,6 +130,13 @@ def test_wrong_schema_version_is_refused(bundle_dir: Path, version: object) -> N
     assert f"schema version {version!r} is not supported" in msg and f"reads {SCHEMA_VERSION}" in msg
 
 
+def test_segmentation_without_equalisation_is_refused(bundle_dir: Path) -> None:
+    data = _spec(bundle_dir)
+    data["preprocessing"]["segmentation"]["equalize"] = False
+    _write_spec(bundle_dir, data)
+    assert "preprocessing.segmentation.equalize must be true" in _refused(bundle_dir)
+
+
 def test_onnx_file_declared_torch_is_refused(bundle_dir: Path) -> None:
     _tiny_onnx(bundle_dir / "ensemble.pt")
     data = _spec(bundle_dir)

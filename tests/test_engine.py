@@ -18,7 +18,7 @@ from patchflannel.errors import BackendUnavailableError, BundleError, ConfigErro
 from patchflannel.export.bundle import load_bundle, load_torch_model, random_bundle, write_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, postprocess_mask
-from patchflannel.ops.preprocess import resize, resize_mask, segmentation_input
+from patchflannel.ops.preprocess import global_view, resize, resize_mask, segmentation_input
 from patchflannel.ops.sampler import draw_patches
 from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
@@ -139,10 +139,15 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
         ("rgb_array", np.zeros((64, 64, 3), np.float32)),
         ("out_of_range", np.full((64, 64), 2.0, np.float32)),
         ("a_dict", {"not": "an image"}),
+        ("objects", np.full((64, 64), None, object)),
+        ("strings", np.full((64, 64), "x")),
+        ("booleans", np.ones((64, 64), bool)),
+        ("huge", np.zeros((10_001, 10_000), np.uint8)),
+        ("big_endian", np.full((300, 300), 0.5, ">f4")),
     ]
     preds = {p.item_id: p for p in engine.predict_many(inputs)}
     assert list(preds) == [name for name, _ in inputs]
-    for name in ("black", "tiny", "grey"):
+    for name in ("black", "tiny", "grey", "big_endian"):
         p = preds[name]
         assert p.status in ("ok", "flagged") and abs(sum(p.probabilities.values()) - 1) < 1e-5
     assert "small_image" in preds["tiny"].flags and preds["tiny"].status == "flagged"
@@ -153,7 +158,13 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     assert "2-D" in preds["rgb_array"].error
     assert "[0, 1]" in preds["out_of_range"].error
     assert "unsupported input type dict" in preds["a_dict"].error
-    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "a_dict"):
+    assert "objects: cannot read the array" in preds["objects"].error
+    assert "strings: cannot read the array" in preds["strings"].error
+    assert "unsupported array dtype torch.bool" in preds["booleans"].error
+    assert "huge: image too large: 10000x10001 pixels" in preds["huge"].error
+    assert preds["big_endian"].probabilities == preds["grey"].probabilities  # byte order does not matter
+    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "a_dict", "objects", "strings",
+                 "booleans", "huge"):
         assert preds[name].status == "error" and preds[name].probabilities is None and preds[name].label is None
 
 
@@ -176,6 +187,27 @@ def test_array_inputs_hash_their_float_content(engine, jpegs):
     b = engine.predict(torch.from_numpy(arr.astype(np.float32) / 255), item_id="f32")
     assert a.content_hash == b.content_hash and a.item_id == "u8"
     np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
+
+
+def test_inputs_are_taken_as_they_are_handed_over(engine, jpegs):
+    """A producer that refills one buffer for every item (a frame grabber): each result is its own frame's,
+    whatever the grouping and prefetch; pairs may carry any id."""
+    frames = [(read_image(p) * 255).round().astype(np.uint8)[:300, :300] for p in jpegs[:2]]
+    expected = [engine.predict(f).content_hash for f in frames]
+
+    def refilled(kind):
+        buf = np.empty_like(frames[0])
+        for i, f in enumerate(frames):
+            buf[:] = f
+            yield i, (buf if kind == "numpy" else torch.from_numpy(buf) if kind == "torch" else bytearray(_png(buf)))
+
+    for kind in ("numpy", "torch"):
+        for prefetch in (0, 2):
+            got = list(engine.configured(images_per_call=2).stream(refilled(kind), prefetch=prefetch))
+            assert [p.item_id for p in got] == ["0", "1"] and [p.content_hash for p in got] == expected
+    got = list(engine.configured(images_per_call=2).stream(refilled("png"), prefetch=2))
+    assert got[0].content_hash != got[1].content_hash and all(p.status == "ok" for p in got)
+    assert engine.predict_many([(Path("a/b.png"), frames[0])])[0].item_id == "a/b.png"
 
 
 def test_real_image_end_to_end_and_row(jpegs, baseline):
@@ -244,13 +276,41 @@ def test_global_learners_alone_skip_segmentation_and_patches(engine, jpegs):
     fast = engine.configured(learner_mode="global")
     timer = PerfTimer()
     got = list(fast.stream(jpegs, timer=timer))
-    assert {"segment", "mask", "gather"}.isdisjoint(timer.totals()) and "infer" in timer.totals()
+    assert {"segment", "mask", "sample"}.isdisjoint(timer.totals()) and "infer" in timer.totals()
     full = engine.configured(learner_mode="global")
     full._patch_mode = True  # the full flow, as before the skip
     for a, b in zip(got, full.predict_many(jpegs)):
         assert a.status == "ok" and not a.flags
         np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
     assert fast.warm_up().keys() == {lr.name for lr in fast.learners}
+
+
+class _Seen(torch.nn.Module):
+    """A user's learner that keeps the inputs it is given (and votes for nothing in particular)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return x.new_zeros(x.shape[0], len(CLASSES))
+
+
+def test_global_learners_see_the_image_as_in_training(jpegs):
+    """Global mode's input is the decoded image resized straight to 336 and centre-cropped, as the training
+    datasets and the ONNX parity inputs make it (not the 1024 working image resized again)."""
+    from patchflannel.models import get_model
+
+    engine = Engine.from_modules(get_model("fcdensenet56"), {"seen": _Seen()}, None, mode="global", device="cpu")
+    engine.predict_many(jpegs)
+    pre = engine.pre
+    mean = torch.tensor(pre["normalization"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pre["normalization"]["std"]).view(1, 3, 1, 1)
+    views = [global_view(torch.from_numpy(read_image(p)), pre["global"]["resize"], pre["global"]["crop"]) for p in jpegs]
+    expected = (torch.stack(views)[:, None].expand(-1, 3, -1, -1) - mean) / std
+    seen = torch.cat(engine.learners[0].backend.module.seen)
+    torch.testing.assert_close(seen, expected, atol=1e-5, rtol=0)
 
 
 def test_warm_up_runs_every_network_once(engine):
@@ -281,6 +341,8 @@ def test_one_engine_shared_by_threads(engine, jpegs, baseline):
         for a, b in zip(got, rotated):
             np.testing.assert_allclose(a, b, atol=1e-6)
     assert len(results) == 2
+    other = engine.configured(k=4)  # shares the networks, so the locks that guard them too
+    assert other._prep_lock is engine._prep_lock and other._compute_lock is engine._compute_lock
 
 
 def test_describe_and_choices(engine, bundle_dir):
@@ -306,6 +368,25 @@ def test_bundle_without_learners_is_refused(tmp_path):
     write_bundle(b)
     with pytest.raises(BundleError, match="no base learners"):
         Engine.from_bundle(tmp_path, device="cpu")
+
+
+def test_calls_stay_within_a_backends_largest_batch(engine, jpegs, baseline):
+    """A backend with a largest batch (a TensorRT profile's maximum) gets calls of at most that many inputs."""
+    learner = engine.learners[0]
+    calls = []
+    original = learner.backend.run
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return original(x)
+
+    learner.backend.run, learner.backend.max_batch = counting, 3
+    try:
+        got = engine.predict_many(jpegs[:1])
+    finally:
+        del learner.backend.run, learner.backend.max_batch
+    assert calls == [3, 3, 2]  # K=8 patches, patch_batch 8
+    np.testing.assert_allclose(got[0].probability_array, baseline[0].probability_array, atol=1e-6)
 
 
 def test_global_mode_is_one_call_per_image(engine, jpegs):

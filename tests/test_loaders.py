@@ -26,6 +26,13 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _tiff(pages: int) -> bytes:
+    frames = [Image.fromarray(np.full((64, 64), 40 * i, np.uint8)) for i in range(pages)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def real_items(cxr4_dir: Path) -> list[tuple[str, bytes]]:
     paths = sorted((cxr4_dir / "images").rglob("*.jpg"))[:4]
@@ -48,6 +55,7 @@ def test_routing_by_header():
     assert eight_bit_image(grey8, ("png",)) and not eight_bit_image(grey8, ("jpeg",))
     assert not eight_bit_image(grey16, ("png",)) and not eight_bit_image(tiny, ("png",))
     assert not eight_bit_image(b"\x89PNG\r\n\x1a\ntruncated", ("png",))
+    assert eight_bit_image(_tiff(1), ("tiff",)) and not eight_bit_image(_tiff(2), ("tiff",))  # pages: the cpu loader
     assert make_loader("auto", torch.device("cpu")).name == "cpu"
     with pytest.raises(ConfigError, match="unknown loader"):
         make_loader("magic", torch.device("cpu"))
@@ -68,13 +76,14 @@ def test_dali_hands_other_inputs_to_cpu_and_keeps_order(real_items):
     dali = make_loader("dali", torch.device("cpu"))
     grey16 = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16
     items = [real_items[0], ("junk", b"junk"), ("g16", _png(grey16)), real_items[1],
-             ("truncated", real_items[2][1][:200])]
+             ("truncated", real_items[2][1][:200]), ("pages", _tiff(2))]
     out = dali.decode(items)
     assert out[0][1]["decoder"] == "dali-cpu" and out[3][1]["decoder"] == "dali-cpu"
     assert isinstance(out[1], ImageReadError) and "not a recognised image format" in str(out[1])
     assert out[2][1]["bit_depth"] == 16 and "decoder" not in out[2][1]
     np.testing.assert_allclose(out[2][0].numpy(), grey16 / 65535.0, atol=1e-6)
     assert isinstance(out[4], ImageReadError) and "truncated" in str(out[4])
+    assert isinstance(out[5], ImageReadError) and "multi-page TIFF (2 pages) is not supported" in str(out[5])
     # The pipeline survives a failed batch (it is rebuilt) and decodes the next one.
     assert dali.decode([real_items[0]])[0][1]["decoder"] == "dali-cpu"
 

@@ -11,7 +11,7 @@ Every mode runs for each backend x precision asked for (``--backend torch,onnxru
 fp32,fp16``); a speed-up is over the loop of the same backend and precision. Every run is end to end from
 encoded bytes; per-stage times (decode, segment, mask, sample, gather, infer,
 ensemble) come from CUDA events on a GPU and ``perf_counter`` on a CPU. Medians and p95 over repeats, after
-a warm-up run.
+a warm-up run (loop mode runs once: its K*N calls are slow).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class PerfTimer:
 
 
 class CudaTimer:
-    """Stage timer from CUDA events recorded on the current stream; read after the run (one sync).
+    """Stage timer from CUDA events recorded on the current stream; read after the run.
 
     Events go on the recording thread's current stream, so with the engine's ``stream`` a stage's time is its
     span on its own stream: the preparation stages on the engine's preparation stream, beside the learners
@@ -124,9 +124,9 @@ class CudaTimer:
 
     def totals(self) -> dict[str, float]:
         """Seconds per stage."""
-        torch.cuda.synchronize()
         out: dict[str, float] = defaultdict(float)
         for name, start, end in self._events:
+            end.synchronize()  # on whichever device the engine runs
             out[name] += start.elapsed_time(end) / 1000.0
         return dict(out)
 
@@ -240,7 +240,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
     for _ in range(warmup):
         list((warmup_engine or engine).stream(inputs[: max(1, engine.images_per_call)]))
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(engine.device)
     warmup_seconds = time.perf_counter() - started
     walls, stages = [], defaultdict(list)
     statuses: dict[str, int] = defaultdict(int)
@@ -249,7 +249,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
         start = time.perf_counter()
         preds = list(engine.stream(inputs, timer=timer))
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(engine.device)
         walls.append((time.perf_counter() - start) / len(inputs))
         for name, sec in timer.totals().items():
             stages[name].append(sec / len(inputs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,7 @@ import typer
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
@@ -35,7 +36,7 @@ def bench(
     loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile with frozen weights (falls back to eager)."),
-    repeats: int = typer.Option(3, help="Timed repeats a run."),
+    repeats: int = typer.Option(3, help="Timed repeats a run (loop mode: one; it is slow)."),
     warmup: int = typer.Option(1, help="Warm-up runs before timing."),
     label: str = typer.Option("", help="A title for the report."),
     smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run: preset tiny (unless --preset), and it sets N=2, "
@@ -60,7 +61,8 @@ def bench(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(markdown(report))
-    typer.echo(f"wrote {out}/bench.json, bench.md and bench.png")
+    plot = " and bench.png" if importlib.util.find_spec("matplotlib") is not None else " (no plot: matplotlib is not installed)"
+    typer.echo(f"wrote {out}/bench.json, bench.md{plot}")
 
 
 def register(app: typer.Typer) -> None:

@@ -5,7 +5,9 @@ input (equalised, gamma, 256) -> segmenter in one batched call -> lung mask at 2
 mask upsampled (nearest) -> K centres from per-image seeds (content hash + run seed) -> one gather of the
 K patches -> normalised, 3 channels -> one call per learner per group of images (``images_per_call``
 images; ``patch_batch`` patches a call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
-over patches; the only device -> host copies are the small mask post-processing and the final results.
+over patches; the device -> host copies are the masks (post-processed on the host), the final results, a few
+scalar checks (an array input's range, an empty mask), and an array input on the device, once, for its
+content hash. In-memory inputs are copied as they are handed over (a producer may reuse its buffer).
 
 Overlap (``stream``): a worker thread prepares groups of ``images_per_call`` images, ``prefetch`` groups
 ahead: decode, segmentation, mask post-processing on the host, centre sampling and the patch gather, on a
@@ -45,9 +47,9 @@ from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
 from patchflannel.export.bundle import default_preprocessing, load_bundle, load_torch_model
-from patchflannel.io.readers import MIN_SIDE
+from patchflannel.io.readers import check_size
 from patchflannel.ops.mask import lung_masks, postprocess_mask
-from patchflannel.ops.preprocess import resize, resize_mask, segmentation_input
+from patchflannel.ops.preprocess import global_view, resize, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
 from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
@@ -144,7 +146,7 @@ class _Group:
 
     items: list[_Item]
     masks: _HostCopy | None = None
-    big: torch.Tensor | None = None
+    global_view: torch.Tensor | None = None
     fallback: torch.Tensor | None = None
     centres: torch.Tensor | None = None
     patches: torch.Tensor | None = None
@@ -157,7 +159,7 @@ class _Group:
     def adopt(self) -> None:
         """Mark the group's device tensors (made on the preparation stream) as used by the current stream too,
         so that their memory is not reused before its kernels are done with them."""
-        for t in (self.big, self.fallback, self.centres, self.patches):
+        for t in (self.global_view, self.fallback, self.centres, self.patches):
             if t is not None and t.is_cuda:
                 t.record_stream(torch.cuda.current_stream(t.device))
 
@@ -196,14 +198,24 @@ def array_hash(image: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _as_tensor(x: Any, label: str) -> torch.Tensor:
+    """A numpy array, torch tensor or DLPack producer (CuPy) as a torch tensor, sharing its memory."""
+    try:
+        if isinstance(x, np.ndarray):
+            if not x.dtype.isnative:  # big-endian data: torch only takes the machine's byte order
+                x = x.astype(x.dtype.newbyteorder("="))
+            return torch.from_numpy(np.ascontiguousarray(x))
+        return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
+    except (TypeError, ValueError, RuntimeError, BufferError) as exc:  # object/str arrays, unsupported dtypes
+        raise ImageReadError(label, f"cannot read the array: {exc}") from None
+
+
 def _array_image(x: Any, label: str) -> torch.Tensor:
     """A 2-D grey array (numpy, torch, or anything with ``__dlpack__`` such as CuPy) as float32 in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else (
-        x if isinstance(x, torch.Tensor) else torch.from_dlpack(x))
+    t = _as_tensor(x, label)
     if t.ndim != 2:
         raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}")
-    if min(t.shape) < MIN_SIDE:
-        raise ImageReadError(label, f"image too small: {t.shape[1]}x{t.shape[0]} pixels, each side must be >= {MIN_SIDE}")
+    check_size(label, *t.shape)
     if t.dtype in (torch.uint8, torch.uint16):
         # Through a table made on the CPU: the same float32 values (so the same content hash and seed) on any
         # device, where dividing on a GPU may round differently from the CPU.
@@ -244,11 +256,13 @@ def _prepare(x: Any, item_id: str | None) -> _Item:
 
 
 def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
-    """``backend``'s outputs for ``batch`` in calls of at most ``size`` inputs.
+    """``backend``'s outputs for ``batch`` in calls of at most ``size`` inputs (and of at most the backend's
+    ``max_batch``, where it has one).
 
     A compiled backend gets every call at exactly that size (a short last call is zero-padded), so that a
     group with fewer images reuses the compiled graph instead of compiling another.
     """
+    size = min(size, getattr(backend, "max_batch", None) or size)
     outs = []
     for i in range(0, batch.shape[0], size):
         chunk = batch[i:i + size]
@@ -260,9 +274,30 @@ def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tens
 
 
 def _split_pair(x: Any) -> tuple[str | None, Any]:
-    if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
-        return x[0], x[1]
+    """``(item_id, input)`` from a pair (any id: a string, a number, a path) or a bare input."""
+    if isinstance(x, tuple) and len(x) == 2:
+        item_id, x = x
+        if item_id is not None:
+            item_id = os.fspath(item_id) if isinstance(item_id, os.PathLike) else str(item_id)
+        return item_id, x
     return None, x
+
+
+def _snapshot(x: Any) -> Any:
+    """An in-memory input copied as it is handed over: it is read only when its group is prepared, later, so
+    a producer refilling one buffer for every item would otherwise change the items already queued."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, torch.Tensor):
+        return x.clone()  # on the caller's current stream, before the group's "inputs ready" event
+    if isinstance(x, (bytearray, memoryview)):
+        return bytes(x)
+    if hasattr(x, "__dlpack__"):
+        try:
+            return torch.from_dlpack(x).clone()
+        except (TypeError, ValueError, RuntimeError, BufferError):
+            return x  # its preparation names the input and the reason
+    return x
 
 
 class Engine:
@@ -304,6 +339,7 @@ class Engine:
         # High priority: the preparation's small kernels take free SMs first, between the learners' blocks.
         self._prep_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
+        self._global_mode = any(lr.mode == "global" for lr in learners)
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -349,18 +385,23 @@ class Engine:
     def configured(self, *, k: int | None = None, images_per_call: int | str | None = None,
                    patch_batch: int | str | None = None, learner_mode: str | None = None,
                    return_centres: bool | None = None) -> Engine:
-        """A new engine sharing this one's networks, loader and sampler, with other batching settings.
+        """A new engine sharing this one's networks, loader and sampler (and the locks and preparation stream
+        that guard them, so both engines may be used from different threads), with other settings.
 
-        ``learner_mode`` ('patch' or 'global') overrides every learner's mode (bench's global baseline).
+        ``k`` and ``return_centres`` default to this engine's; ``images_per_call`` and ``patch_batch`` to
+        'auto' (the device's choice). ``learner_mode`` ('patch' or 'global') overrides every learner's mode
+        (bench's global baseline).
         """
         learners = [Learner(lr.name, learner_mode or lr.mode, lr.backend) for lr in self.learners]
-        return type(self)(segmenter=self.segmenter, learners=learners, ensemble=self.ensemble, preprocessing=self.pre,
+        engine = type(self)(segmenter=self.segmenter, learners=learners, ensemble=self.ensemble, preprocessing=self.pre,
                           device=self.device, loader=self.loader, sampler=self.sampler, precision=self.precision,
                           seed=self.seed, k=k if k is not None else self.k,
                           return_centres=self.return_centres if return_centres is None else return_centres,
                           images_per_call=images_per_call if images_per_call is not None else "auto",
                           patch_batch=patch_batch if patch_batch is not None else "auto",
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
+        engine._compute_lock, engine._prep_lock, engine._prep_stream = self._compute_lock, self._prep_lock, self._prep_stream
+        return engine
 
     def describe(self) -> dict[str, Any]:
         """What this engine runs: device, loader, backend, sampler, precision, batching, bundle, learners, and
@@ -445,7 +486,8 @@ class Engine:
     def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str | None, Any]]]:
         group: list[tuple[str | None, Any]] = []
         for x in xs:
-            group.append(_split_pair(x))
+            item_id, x = _split_pair(x)
+            group.append((item_id, _snapshot(x)))
             if len(group) == self.images_per_call:
                 yield group
                 group = []
@@ -540,27 +582,29 @@ class Engine:
             return
         pre = self.pre
         size, patch = pre["image_size"], pre["patch_size"]
-        if self._patch_mode:
-            with timer.stage("mask"):
-                (masks,) = group.masks.wait()
-                group.masks = None
-                masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
-                masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
+        if self._global_mode:
+            with timer.stage("gather"):  # FLANNEL's whole-image input, from the image as decoded (as in training)
+                g = pre["global"]
+                group.global_view = torch.stack([global_view(it.image, g["resize"], g["crop"])
+                                                 for it in group.good]).unsqueeze(1)
+        if not self._patch_mode:  # global learners only: no mask, no patches
+            group.fallback = torch.zeros(len(group.good), dtype=torch.bool, device=self.device)
+            return
+        with timer.stage("mask"):
+            (masks,) = group.masks.wait()
+            group.masks = None
+            masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
+            masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
         with timer.stage("sample"):
-            group.big = torch.stack([resize(it.image, size) for it in group.good])
-            if not self._patch_mode:  # global learners only: the whole image, no mask, no patches
-                group.fallback = torch.zeros(len(group.good), dtype=torch.bool, device=self.device)
-                return
+            big = torch.stack([resize(it.image, size) for it in group.good])
             masks_big, group.fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
             seeds = [image_seed(it.content_hash, self.seed) for it in group.good]
             uniforms = patch_uniforms(seeds, self.k).to(self.device, non_blocking=True)
             group.centres = self.sampler.centres(masks_big, uniforms)
             origins = window_origins(group.centres, size, size, patch)
         with timer.stage("gather"):
-            patches = gather_patches(group.big * masks_big.to(group.big.dtype), origins, patch)
+            patches = gather_patches(big * masks_big.to(big.dtype), origins, patch)
             group.patches = patches.reshape(-1, 1, patch, patch)
-        if all(lr.mode == "patch" for lr in self.learners):
-            group.big = None  # only global learners need the whole image
 
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
         """Logits of (N, 3, P, P) normalised inputs (patches, or whole-image views for a global learner) in
@@ -580,7 +624,7 @@ class Engine:
             # Normalised once a group, for every learner of the mode.
             inputs = {"patch": self._normalise(group.patches)} if "patch" in modes else {}
             if "global" in modes:
-                inputs["global"] = self._normalise(self._global_view(group.big))
+                inputs["global"] = self._normalise(group.global_view)
             for learner in self.learners:
                 with timer.stage(LEARNER_STAGE + learner.name):
                     if learner.mode == "global":
@@ -600,7 +644,7 @@ class Engine:
                 probs = conf.mean(1)
             extra = (group.centres,) if self.return_centres and group.centres is not None else ()
             group.results = _to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
-        group.big = group.patches = None
+        group.global_view = group.patches = None
 
     def _results(self, group: _Group) -> list[Prediction]:
         """The group's predictions in input order (error results for inputs that failed to decode)."""
@@ -616,13 +660,6 @@ class Engine:
     def _error(self, it: _Item) -> Prediction:
         return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
                           k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend)
-
-    def _global_view(self, big: torch.Tensor) -> torch.Tensor:
-        """FLANNEL's global input: the whole image resized, centre-cropped; (B, 1, crop, crop)."""
-        g = self.pre["global"]
-        small = resize(big.unsqueeze(1), g["resize"])
-        top = (g["resize"] - g["crop"]) // 2
-        return small[:, :, top:top + g["crop"], top:top + g["crop"]]
 
     def _prediction(self, it: _Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
         flags = []

@@ -231,6 +231,9 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         raise BundleError(f"{spec_file}: 'learners' must be a list and 'preprocessing' an object")
     if list(data["classes"]) != list(CLASSES):
         raise BundleError(f"{spec_file}: classes {data['classes']} differ from this package's {list(CLASSES)}")
+    if data["preprocessing"].get("segmentation", {}).get("equalize", True) is not True:
+        raise BundleError(f"{spec_file}: preprocessing.segmentation.equalize must be true: the segmentation input is "
+                          "always histogram-equalised (SPEC.md stage 1), as in training")
     bundle = Bundle(
         root=root,
         name=data.get("name", root.name),

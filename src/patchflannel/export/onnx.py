@@ -113,12 +113,10 @@ def _patch_inputs(bundle: Bundle, images: list[torch.Tensor], k: int) -> torch.T
 
 
 def _global_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> torch.Tensor:
-    from patchflannel.ops.preprocess import resize
+    from patchflannel.ops.preprocess import global_view
 
     g = preprocessing["global"]
-    lo = (g["resize"] - g["crop"]) // 2
-    crops = torch.stack([resize(im, g["resize"])[lo:lo + g["crop"], lo:lo + g["crop"]] for im in images])
-    return _normalise(crops, preprocessing)
+    return _normalise(torch.stack([global_view(im, g["resize"], g["crop"]) for im in images]), preprocessing)
 
 
 def _vote_fractions(n: int, n_learners: int, n_classes: int, k: int, seed: int = 0) -> torch.Tensor:

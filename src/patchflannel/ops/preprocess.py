@@ -56,6 +56,13 @@ def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return out
 
 
+def global_view(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:
+    """FLANNEL's whole-image input (SPEC.md, global base classifiers) of one (H, W) image: resized to
+    ``size`` x ``size``, then its centre ``crop`` x ``crop``."""
+    top = (size - crop) // 2
+    return resize(image, size)[top:top + crop, top:top + crop]
+
+
 def segmentation_input(image: torch.Tensor, size: int = SEG_SIZE, gamma: float = GAMMA) -> torch.Tensor:
     """SPEC stage 1 input of one (H, W) image: equalise, gamma-correct, resize; returns (1, size, size)."""
     return resize(gamma_correct(equalize_hist(image), gamma), size).unsqueeze(0)

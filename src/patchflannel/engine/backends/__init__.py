@@ -21,7 +21,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class Backend(Protocol):
-    """One network ready to run: a float32 (N, ...) batch on the device in, float32 outputs out."""
+    """One network ready to run: a float32 (N, ...) batch on the device in, float32 outputs out.
+
+    A backend whose calls have a largest batch (a TensorRT engine's profile) says so in ``max_batch``.
+    """
 
     name: str
     precision: str

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from patchflannel.errors import BackendUnavailableError, BundleError
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 
 
 def _tensorrt() -> Any:
@@ -47,6 +47,10 @@ class TensorRTBackend:
         if len(inputs) != 1 or len(outputs) != 1:
             raise BundleError(f"{path}: expected one input and one output tensor, found {inputs} and {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
+        self.path = Path(path)
+        static = self.engine.get_tensor_shape(self.input_name)[0]
+        self.max_batch = int(static if static > 0 else self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
+        """The largest batch the engine's optimisation profile accepts (the engine splits calls at it)."""
         to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16}
         self.input_dtype = to_torch[self.engine.get_tensor_dtype(self.input_name)]
         self.output_dtype = to_torch[self.engine.get_tensor_dtype(self.output_name)]
@@ -55,7 +59,9 @@ class TensorRTBackend:
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """Float32 outputs for a float (N, ...) batch on the CUDA device."""
         x = batch.to(device=self.device, dtype=self.input_dtype).contiguous()
-        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise ConfigError(f"{self.path}: TensorRT refused input shape {tuple(x.shape)} (its optimisation profile "
+                              f"takes batches up to {self.max_batch}; rebuild with `patchflannel export tensorrt`)")
         out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype, device=self.device)
         self.context.set_tensor_address(self.input_name, x.data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())

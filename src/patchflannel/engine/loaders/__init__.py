@@ -31,7 +31,7 @@ class Loader(Protocol):
 
 
 def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
-    """True when ``data`` is an 8-bit grey or RGB image of one of ``formats`` whose size the readers accept.
+    """True when ``data`` is a single 8-bit grey or RGB image of one of ``formats`` whose size the readers accept.
 
     Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
     every format and gives the precise error for a bad input.
@@ -47,7 +47,8 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
-            return img.mode in ("L", "RGB") and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
+            single = getattr(img, "n_frames", 1) == 1  # multi-page TIFFs: the cpu loader refuses them
+            return img.mode in ("L", "RGB") and single and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
     except Exception:  # noqa: BLE001 - unreadable header: the cpu loader reports why
         return False
 
