@@ -289,7 +289,7 @@ def _snapshot(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.copy()
     if isinstance(x, torch.Tensor):
-        return x.clone()  # on the caller's current stream, before the group's "inputs ready" event
+        return x.detach().clone()  # on the caller's current stream, before the group's "inputs ready" event
     if isinstance(x, (bytearray, memoryview)):
         return bytes(x)
     if hasattr(x, "__dlpack__"):
