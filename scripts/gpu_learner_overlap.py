@@ -3,8 +3,8 @@ through every learner one after another on one CUDA stream (the engine's way), a
 over 2 and 5 streams, and against one CUDA graph replaying all five (no launch cost at all).
 
 Evidence for the engine's next step toward 25 images/s (docs/benchmarks.md): the learners run at very
-different rates (densenet161 and inception_v3 near 130 TFLOP/s on an H100, vgg19_bn near 470), so their
-memory-bound kernels might fill the SMs the others leave idle. Outputs are checked against the one-stream run.
+different rates (compiled on an H100: densenet161 near 130 TFLOP/s, vgg19_bn near 470), so one learner's
+kernels might fill the SMs another leaves idle. Outputs are checked against the one-stream run.
 Prints one JSON object (milliseconds a group and an image, median of ``--repeats``).
 
 Usage (a GPU): python scripts/gpu_learner_overlap.py [--compile] [--images 4 --k 100 --repeats 10]
