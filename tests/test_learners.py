@@ -15,6 +15,8 @@ import yaml
 from patchflannel.data import make_splits, read_manifest, write_manifest
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.export.bundle import default_preprocessing, random_bundle
+from patchflannel.io import read_image
+from patchflannel.ops.preprocess import resize
 from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.learners import load_config, load_learner, predict_items, train_learner
 
@@ -78,6 +80,38 @@ def test_patch_dataset_draws_lung_centred_patches(cxr4_dir: Path, tmp_path: Path
     assert t.shape == (3, 224, 224) and bool(((t[0] * std + mean) > 0.3).any())
     train.set_epoch(1)
     assert not torch.equal(train[0][0], t)
+
+
+def test_an_image_whose_mask_falls_back_is_cached_unmasked(cxr4_dir: Path, tmp_path: Path) -> None:
+    """Too little lung to sample from: training draws from the whole image, unmasked, as the engine does."""
+    from patchflannel.training.mask_cache import MaskCache
+
+    rows = read_manifest(cxr4_dir / "manifest.csv").rows[:2]
+    cache = MaskCache(tmp_path / "masks", random_bundle(tmp_path / "b", seed=0))
+    tiny = np.zeros((256, 256), bool)
+    tiny[100:102, 100:102] = True  # 4 of 65536 pixels: under min_lung_fraction
+    sha = hashlib.sha256(Path(rows[0]["path"]).read_bytes()).hexdigest()
+    cache.file(sha).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(cache.file(sha), mask=tiny)  # a planted cache entry: this image's lung mask
+    items = prepare_items(rows, "patch", tmp_path / "arrays", PRE, cache)
+    whole = (resize(torch.from_numpy(read_image(rows[0]["path"])), 1024).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert np.array_equal(np.load(items[0].array_file), whole.numpy())
+    other = np.load(items[1].array_file)  # a real mask: masked as before
+    assert (other == 0).mean() > (whole.numpy() == 0).mean()
+
+
+def test_a_last_batch_of_one_image_is_dropped(tmp_path: Path) -> None:
+    """BatchNorm cannot train on one image over a 1x1 map (inception_v3's auxiliary head)."""
+    from patchflannel.training.learners import _batches
+
+    row = {"path": "x", "label": "covid"}
+    for i in range(5):
+        np.save(tmp_path / f"{i}.npy", np.full((336, 336), 40 * i, np.uint8))
+    ds = LearnerDataset([Item(row=row, label=0, sha256=f"{i:064x}", array_file=tmp_path / f"{i}.npy") for i in range(5)],
+                        "global", PRE, train=True)
+    sizes = {b: [len(y) for _, y in _batches(ds, {"seed": 0, "learner": {"batch_size": b, "num_workers": 0}}, 0)]
+             for b in (1, 2, 3, 4, 8)}
+    assert sizes == {1: [1] * 5, 2: [2, 2], 3: [3, 2], 4: [4], 8: [5]}
 
 
 def test_mask_cache_is_keyed_by_model_and_image(cxr4_dir: Path, tmp_path: Path) -> None:

@@ -121,6 +121,18 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path) -> 
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_stopped_between_last_and_best_resumes_with_the_right_best(tmp_path: Path) -> None:
+    """Epoch 3 improves; the process dies after last.pt but before best.pt: resuming restores best.pt."""
+    full = _run(tmp_path / "full", None, False)
+    cut = _run(tmp_path / "cut", 4, False)
+    torch.save(cut.snapshots[1], tmp_path / "cut" / "best.pt")  # best.pt as epoch 3 had left it: epoch 1's
+    _run(tmp_path / "cut", None, True)
+    a = torch.load(tmp_path / "full" / "best.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "best.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], full.snapshots[3][k]) for k in a)
+
+
 def test_last_checkpoint_loads_weights_only(tmp_path: Path) -> None:
     s = Scripted([0.1, 0.2])
     Trainer(tmp_path, s.model, s.opt, monitor="val_score", patience=2, max_epochs=2).fit(s.train, s.evaluate)

@@ -18,6 +18,7 @@ machine, shares the one GPU); every run seeds itself, so the runs are the same a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -128,12 +129,14 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
                    f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
     val_by_fold = {fold: [r for r in train_rows if r["fold"] == fold] for fold in folds}
+    pooled: set[Path] = set()  # runs the worker processes just made: read below, never trained again
     if jobs > 1:
         tasks = [(cfg, arch, fold, out / "learners" / arch / f"fold{fold}", val_by_fold[fold], test_rows, resume)
                  for fold in folds for arch in archs
                  if not (resume and _read_done(out / "learners" / arch / f"fold{fold}"))]
         if tasks:
             _parallel_learner_runs(tasks, min(jobs, len(tasks)))
+        pooled = {task[3] for task in tasks}
 
     predictions: list[dict[str, Any]] = []
     conf: dict[tuple[str, str, str], np.ndarray] = {}  # (arch, fold, split) -> (N, 4)
@@ -141,7 +144,8 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
         val_rows = val_by_fold[fold]
         for arch, name in zip(archs, names):
             _console.print(f"learner {arch} fold {fold}", markup=False, highlight=False)
-            done = _learner_run(cfg, arch, fold, out / "learners" / arch / f"fold{fold}", val_rows, test_rows, resume)
+            run_dir = out / "learners" / arch / f"fold{fold}"
+            done = _learner_run(cfg, arch, fold, run_dir, val_rows, test_rows, resume or run_dir in pooled)
             for split, split_rows in (("val", val_rows), ("test", test_rows)):
                 if done["predictions"][split]["paths"] != [r["path"] for r in split_rows]:
                     raise ConfigError(f"{out}/learners/{arch}/fold{fold}: its predictions are for other images "
@@ -159,11 +163,14 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     for fold in folds:
         run_dir = out / "ensemble" / f"fold{fold}"
         hold = fold_of == fold
-        if _read_done(run_dir) is None or not resume:
+        # What it is trained on: redone learner runs give other out-of-fold confidences, hence a new ensemble.
+        inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes()).hexdigest()
+        done = _read_done(run_dir)
+        if not resume or done is None or done.get("inputs") != inputs:
             _console.print(f"ensemble fold {fold}", markup=False, highlight=False)
             train_ensemble(oof[~hold], labels[~hold], oof[hold], labels[hold], cfg, run_dir, learners=names,
-                           resume=resume)
-            _write_done(run_dir, {"fold": fold})
+                           resume=resume and done is None)
+            _write_done(run_dir, {"fold": fold, "inputs": inputs})
         model = load_ensemble(run_dir)
         predictions += _rows_out([r for r, h in zip(order, hold) if h], predict_ensemble(model, oof[hold]),
                                  ens_name, fold, "val")

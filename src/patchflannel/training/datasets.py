@@ -3,7 +3,8 @@
 Images are prepared once and cached as uint8 ``.npy`` files (keyed by the image bytes' sha256, the mode
 and, in patch mode, the mask cache key): in ``global`` mode the grey image resized to 336 x 336, in
 ``patch`` mode the masked image at 1024 x 1024 (the lung mask at 256 is kept beside it to draw
-lung-centred patches). Epochs then only read arrays. Randomness (crop, patch centre, augmentation) comes
+lung-centred patches; where the mask covers too little to sample from, the unmasked image, as the engine
+uses it). Epochs then only read arrays. Randomness (crop, patch centre, augmentation) comes
 from per-item generators seeded by (run seed, epoch, image), so an epoch is the same whatever the worker
 count or resume point.
 """
@@ -26,7 +27,7 @@ from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io import read_image
 from patchflannel.ops.preprocess import as_tensor, masked_image, resize, resize_mask
-from patchflannel.ops.sampler import draw_patches
+from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
 from patchflannel.training.mask_cache import MaskCache
 
@@ -64,6 +65,11 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
+def _falls_back(mask: np.ndarray, size: int, min_fraction: float) -> bool:
+    """Whether the sampler replaces this lung mask (upsampled to ``size``) by the whole image."""
+    return bool(effective_masks(resize_mask(torch.from_numpy(mask), size)[None], min_fraction)[1][0])
+
+
 def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessing: dict[str, Any],
                   masks: MaskCache | None = None) -> list[Item]:
     """Prepare (or find in ``cache_dir``) the cached arrays of ``rows`` for ``mode``; patch mode needs ``masks``."""
@@ -76,12 +82,14 @@ def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessi
     size = preprocessing["image_size"] if mode == "patch" else preprocessing["global"]["resize"]
     items = []
     for row, sha, mask in zip(rows, shas, lung):
-        tag = f"{sha}:{mode}:{size}" + (f":{masks.key(sha)}" if mode == "patch" else "")
+        # A mask too small to sample from falls back to the whole image, unmasked, as in the engine.
+        masked = mode == "patch" and not _falls_back(mask, size, preprocessing["min_lung_fraction"])
+        tag = f"{sha}:{mode}:{size}" + (f":{masks.key(sha)}" + ("" if masked else ":unmasked") if mode == "patch" else "")
         key = hashlib.sha256(tag.encode()).hexdigest()
         f = Path(cache_dir) / mode / key[:2] / f"{key}.npy"
         if not f.is_file():
             image = as_tensor(read_image(row["path"]))
-            out = masked_image(image, torch.from_numpy(mask), size) if mode == "patch" else resize(image, size)
+            out = masked_image(image, torch.from_numpy(mask), size) if masked else resize(image, size)
             _save_atomic(_to_uint8(out), f)
         items.append(Item(row=row, label=CLASS_INDEX[row["label"]], sha256=sha, array_file=f, mask=mask))
     return items
@@ -131,8 +139,9 @@ class LearnerDataset(Dataset):
             if self.mode == "patch":
                 return normalize(self._patches(item, image, image_seed(item.sha256, self.seed), self.k), self.pre), item.label
             return normalize(TF.center_crop(image[None], [p, p]).float() / 255, self.pre), item.label
-        seed = image_seed(item.sha256, self.seed * 1_000_003 + self.epoch + 1)
-        g = torch.Generator().manual_seed(seed)
+        draw = self.seed * 1_000_003 + self.epoch + 1
+        seed = image_seed(item.sha256, draw)  # the patch centre
+        g = torch.Generator().manual_seed(image_seed(item.sha256, -draw))  # crop, rotation, zoom, flip: a stream of their own
         if self.mode == "patch":
             x = self._patches(item, image, seed, 1)  # (1, p, p)
             angle = float(torch.empty(1).uniform_(-self.rotation, self.rotation, generator=g))

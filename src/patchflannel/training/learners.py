@@ -178,8 +178,11 @@ def predict_items(model: nn.Module, items: list[Item], cfg: dict[str, Any], k: i
 def _batches(ds: LearnerDataset, cfg: dict[str, Any], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     ds.set_epoch(epoch)
     g = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
-    loader = DataLoader(ds, batch_size=cfg["learner"]["batch_size"], sampler=torch.randperm(len(ds), generator=g).tolist(),
-                        num_workers=cfg["learner"]["num_workers"], drop_last=False)
+    size = cfg["learner"]["batch_size"]
+    # A last batch of one image cannot train BatchNorm over a 1x1 map (inception_v3's auxiliary head): it is
+    # dropped; the order changes every epoch, so that image is trained on in the others.
+    loader = DataLoader(ds, batch_size=size, sampler=torch.randperm(len(ds), generator=g).tolist(),
+                        num_workers=cfg["learner"]["num_workers"], drop_last=len(ds) > size and len(ds) % size == 1)
     yield from loader
 
 

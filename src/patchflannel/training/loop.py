@@ -168,6 +168,8 @@ class Trainer:
             ckpt = self._load_last()
             start, best_epoch, bad = ckpt["epoch"] + 1, ckpt["best_epoch"], ckpt["bad_epochs"]
             best_value, best_metrics, stopped = ckpt["best_value"], dict(ckpt["best_metrics"]), ckpt["stopped"]
+            if best_epoch == ckpt["epoch"]:  # stopped between last.pt and best.pt: its weights are the best
+                _atomic_save(ckpt["model"], self.run_dir / BEST_FILE)
             run_file = self.run_dir / RUN_FILE
             if run_file.is_file():
                 self.run_info = {**json.loads(run_file.read_text()), **self.run_info}
@@ -186,7 +188,6 @@ class Trainer:
                 raise ConfigError(f"monitor {self.monitor!r} is not among the epoch metrics {sorted(metrics)}")
             if self._better(metrics[self.monitor], best_value):
                 best_value, best_epoch, best_metrics, bad = metrics[self.monitor], epoch, metrics, 0
-                _atomic_save(_cpu_state_dict(self.model), self.run_dir / BEST_FILE)
             else:
                 bad += 1
             stopped = bad >= self.patience
@@ -208,6 +209,8 @@ class Trainer:
                 "epoch": epoch, "best_epoch": best_epoch, "best_value": best_value, "best_metrics": best_metrics,
                 "bad_epochs": bad, "stopped": stopped, "rng": _rng_state(),
             }, self.run_dir / LAST_FILE)
+            if best_epoch == epoch:  # after last.pt, which then holds the same weights (resume restores best.pt)
+                _atomic_save(_cpu_state_dict(self.model), self.run_dir / BEST_FILE)
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             mark = " *" if best_epoch == epoch else ""
             _console.print(f"epoch {epoch:3d}  lr {lr:.2e}  {shown}  {seconds:.1f}s{mark}", markup=False, highlight=False)
