@@ -191,3 +191,18 @@ def test_bn_momentum_option_replaces_the_architectures_own(arch: str) -> None:
     own = momenta(load_config({}))
     assert own and 0.1 not in own  # torchvision's slow running-statistics momentum (0.01 / 0.0003)
     assert momenta(load_config({"learner": {"bn_momentum": 0.1}})) == {0.1}
+
+
+def test_inception_from_imagenet_weights_transforms_its_input_and_records_it(tmp_path: Path) -> None:
+    """torchvision's inception_v3 weights expect transform_input: on when a weights file is named, and kept in
+    run.json's arch_config so that the trained model is rebuilt the same way."""
+    import torchvision
+
+    from patchflannel.training.learners import arch_config, build_learner
+
+    weights = tmp_path / "inception_v3_imagenet.pth"
+    torch.save(torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    cfg = load_config({"learner": {"imagenet_weights": {"inception_v3": str(weights)}}})
+    assert arch_config(cfg, "inception_v3") == {"transform_input": True} and arch_config(cfg, "resnet18") == {}
+    assert build_learner(cfg, "inception_v3").net.transform_input
+    assert not build_learner(load_config({}), "inception_v3").net.transform_input

@@ -86,10 +86,14 @@ def test_python_stages_compute_what_the_ops_compute(cxr4_dir: Path) -> None:
     assert pre["SEG_INPUT"].shape == (1, 1, 256, 256) and pre["IMAGE_FULL"].shape == (1024, 1024)
     assert pre["GLOBAL"].shape == (1, 3, 224, 224)
     logits = torch.full((1, 1, 256, 256), -5.0)
-    logits[..., 64:192, 32:128] = 5.0  # one lung-like box
+    logits[..., 64:192, 32:128] = 5.0  # two lung-like boxes, one with a hole, and a speck outside them
+    logits[..., 64:192, 150:230] = 5.0
+    logits[..., 100:110, 60:70] = -5.0
+    logits[..., 10:13, 10:13] = 5.0
     out = sampler_stage(pre["IMAGE_FULL"], logits, seed=7, preprocessing=b_pre)
-    mask = torch.zeros(1, 1024, 1024, dtype=torch.bool)
+    mask = torch.zeros(1, 1024, 1024, dtype=torch.bool)  # post-processed as the engine does: hole filled, speck gone
     mask[:, 256:768, 128:512] = True
+    mask[:, 256:768, 600:920] = True
     direct = draw_patches(pre["IMAGE_FULL"][None], mask, [7], k=5)
     assert torch.equal(out["PATCHES"], _normalise(direct["patches"][0], b_pre)) and not bool(out["FALLBACK"][0])
     votes = votes_stage([torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0], [4.0, 0, 0, 0]]), torch.zeros(1, 4)],

@@ -8,9 +8,10 @@ its format before anything is used, and refuses a mismatch with a message saying
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 import json
+import os
 import platform
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -283,6 +284,38 @@ def write_bundle(bundle: Bundle) -> Path:
     spec_file.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     verify_bundle(bundle)
     return spec_file
+
+
+class StagedFiles:
+    """An export's new files, written beside their final paths (``name.partial.ext``) and moved into place by
+    :meth:`commit` once every one has passed its parity check: an export that fails leaves the bundle's files
+    as they were (bundle.json still matches them). Used as a context manager, it removes what it did not commit.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._staged: list[tuple[Path, Path]] = []
+
+    def path(self, rel: str | Path) -> Path:
+        """Where to write the file that will be ``root/rel``."""
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = final.with_name(f"{final.stem}.partial{final.suffix}")
+        self._staged.append((staged, final))
+        return staged
+
+    def commit(self) -> None:
+        """Move every staged file to its final path."""
+        for staged, final in self._staged:
+            os.replace(staged, final)
+        self._staged = []
+
+    def __enter__(self) -> StagedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for staged, _ in self._staged:
+            staged.unlink(missing_ok=True)
 
 
 def add_file(root: Path, model_path: Path | str, fmt: str, precision: str = "fp32", **extra: Any) -> ModelFile:

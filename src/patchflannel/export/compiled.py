@@ -19,6 +19,7 @@ import torch
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import (
     Bundle,
+    StagedFiles,
     add_file,
     library_versions,
     load_bundle,
@@ -73,21 +74,27 @@ def export_compiled(bundle: Bundle | str | Path | None = None, out: str | Path |
     b = _as_bundle(bundle, out)
     data = shared_data_dir(data_dir)
     kind = torch.device(device).type
-    for entry in _select(b, models):
-        module = load_torch_model(b, entry)
-        x, source = reference_inputs(b, entry, data)
-        with torch.no_grad():
-            ref = module(x).numpy()
-        wrapped = _CastIO(module, DTYPES[precision]).to(device)
-        rel = str(Path(entry.file("torch").path).with_suffix("")) + f".{kind}.{precision}.pt2"
-        compile_module(wrapped, x[:2].to(device), b.root / rel, max_batch)
-        with torch.no_grad():
-            got = load_compiled(b.root / rel)(x.to(device)).cpu().numpy()
-        report = {**parity_report(ref, got, role_of(b, entry), rtol, atol), "inputs": source,
-                  "batch": int(x.shape[0]), "runtime": f"AOTInductor on {device}"}
-        if not report["passed"]:
-            raise BundleError(f"{rel}: compiled output differs from eager torch by {report['max_abs_diff']:.3g} "
-                              f"(tolerance {report['tolerance']:.3g}); bundle.json left unchanged")
+    done = []
+    with StagedFiles(b.root) as stage:
+        for entry in _select(b, models):
+            module = load_torch_model(b, entry)
+            x, source = reference_inputs(b, entry, data)
+            with torch.no_grad():
+                ref = module(x).numpy()
+            wrapped = _CastIO(module, DTYPES[precision]).to(device)
+            rel = str(Path(entry.file("torch").path).with_suffix("")) + f".{kind}.{precision}.pt2"
+            path = stage.path(rel)
+            compile_module(wrapped, x[:2].to(device), path, max_batch)
+            with torch.no_grad():
+                got = load_compiled(path)(x.to(device)).cpu().numpy()
+            report = {**parity_report(ref, got, role_of(b, entry), rtol, atol), "inputs": source,
+                      "batch": int(x.shape[0]), "runtime": f"AOTInductor on {device}"}
+            if not report["passed"]:
+                raise BundleError(f"{rel}: compiled output differs from eager torch: {report['failure']}; "
+                                  "the bundle is left as it was")
+            done.append((entry, rel, report))
+        stage.commit()
+    for entry, rel, report in done:
         new = add_file(b.root, rel, "torch_export", precision, device=kind, torch=torch.__version__,
                        batch={"min": 1, "max": max_batch}, parity=report)
         entry.files = [f for f in entry.files

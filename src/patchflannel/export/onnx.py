@@ -30,6 +30,7 @@ from patchflannel.errors import BackendUnavailableError, BundleError, ConfigErro
 from patchflannel.export.bundle import (
     Bundle,
     ModelEntry,
+    StagedFiles,
     add_file,
     default_bundle_path,
     io_signature,
@@ -165,17 +166,23 @@ def labels_of(output: np.ndarray, role: str) -> np.ndarray:
 
 
 def parity_report(reference: np.ndarray, output: np.ndarray, role: str, rtol: float = RTOL, atol: float = ATOL) -> dict[str, Any]:
-    """Compare another runtime's ``output`` with torch's ``reference``; ``passed`` when within tolerance.
+    """Compare another runtime's ``output`` with torch's ``reference``; ``passed`` when of the same shape and
+    within tolerance (``failure`` says why not).
 
     The tolerance is ``atol + rtol * max|reference|`` on the max abs difference (randomly initialised networks
     reach logits of 1e10, so the bound scales with the outputs); label agreement is recorded beside it.
     """
+    if output.shape != reference.shape:
+        return {"passed": False, "failure": f"output shape {output.shape} differs from torch's {reference.shape}",
+                "rtol": rtol, "atol": atol}
     diff = float(np.abs(output.astype(np.float64) - reference.astype(np.float64)).max())
     scale = float(np.abs(reference).max())
     tolerance = atol + rtol * scale
     agreement = float((labels_of(output, role) == labels_of(reference, role)).mean())
+    passed = bool(diff <= tolerance)
     return {"max_abs_diff": diff, "tolerance": tolerance, "rtol": rtol, "atol": atol, "output_scale": scale,
-            "label_agreement": agreement, "passed": bool(diff <= tolerance)}
+            "label_agreement": agreement, "passed": passed,
+            **({} if passed else {"failure": f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}"})}
 
 
 class HalfIO(nn.Module):
@@ -261,30 +268,36 @@ def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | Non
     atol = TOLERANCES[precision][1] if atol is None else atol
     b = _as_bundle(bundle, out)
     data = shared_data_dir(data_dir)
-    failures = []
-    for entry in _select(b, models):
-        role = role_of(b, entry)
-        sig = io_signature(role, b.preprocessing, int(entry.arch_config.get("n_learners", len(b.learners))))
-        in_name, out_name = sig["inputs"][0]["name"], sig["outputs"][0]["name"]
-        module = load_torch_model(b, entry)
-        x, source = reference_inputs(b, entry, data)
-        rel = _onnx_path(entry, precision)
-        with torch.no_grad():
-            ref = module(x).numpy()
-        export_module(HalfIO(module) if precision == "fp16" else module, x[:2], b.root / rel, in_name, out_name, opset)
-        got = onnx_session(b.root / rel).run([out_name], {in_name: x.numpy()})[0]
-        report = {**parity_report(ref, got, role, rtol, atol), "inputs": source, "batch": int(x.shape[0]),
-                  "runtime": "onnxruntime CPUExecutionProvider"}
-        if not report["passed"]:
-            failures.append(f"{rel}: max abs diff {report['max_abs_diff']:.3g} > tolerance {report['tolerance']:.3g}")
-        ref_rel = str(Path(_onnx_path(entry, "fp32")).with_suffix(".parity.npz"))
-        np.savez_compressed(b.root / ref_rel, **{in_name: x.numpy(), out_name: ref})
+    failures, done = [], []
+    with StagedFiles(b.root) as stage:
+        for entry in _select(b, models):
+            role = role_of(b, entry)
+            sig = io_signature(role, b.preprocessing, int(entry.arch_config.get("n_learners", len(b.learners))))
+            in_name, out_name = sig["inputs"][0]["name"], sig["outputs"][0]["name"]
+            module = load_torch_model(b, entry)
+            x, source = reference_inputs(b, entry, data)
+            rel = _onnx_path(entry, precision)
+            with torch.no_grad():
+                ref = module(x).numpy()
+            path = stage.path(rel)
+            export_module(HalfIO(module) if precision == "fp16" else module, x[:2], path, in_name, out_name, opset)
+            got = onnx_session(path).run([out_name], {in_name: x.numpy()})[0]
+            report = {**parity_report(ref, got, role, rtol, atol), "inputs": source, "batch": int(x.shape[0]),
+                      "runtime": "onnxruntime CPUExecutionProvider"}
+            if not report["passed"]:
+                failures.append(f"{rel}: {report['failure']}")
+            ref_rel = str(Path(_onnx_path(entry, "fp32")).with_suffix(".parity.npz"))
+            np.savez_compressed(stage.path(ref_rel), **{in_name: x.numpy(), out_name: ref})
+            done.append((entry, sig, rel, ref_rel, report))
+        if failures:
+            raise BundleError("ONNX Runtime does not reproduce torch (the bundle is left as it was):\n  "
+                              + "\n  ".join(failures))
+        stage.commit()
+    for entry, sig, rel, ref_rel, report in done:
         new = add_file(b.root, rel, "onnx", precision, opset=opset, exporter="torch.onnx (TorchScript, dynamo=False)",
                        parity=report, reference=ref_rel)
         entry.files = [f for f in entry.files if not (f.format == "onnx" and f.precision == precision)] + [new]
         entry.inputs, entry.outputs = sig["inputs"], sig["outputs"]
-    if failures:
-        raise BundleError("ONNX Runtime does not reproduce torch:\n  " + "\n  ".join(failures))
     b.versions.update(library_versions())
     write_bundle(b)
     return load_bundle(b.root)

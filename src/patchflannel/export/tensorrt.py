@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from patchflannel.errors import BackendUnavailableError, BundleError
-from patchflannel.export.bundle import Bundle, ModelEntry, add_file, library_versions, load_bundle, role_of, write_bundle
+from patchflannel.export.bundle import (
+    Bundle,
+    ModelEntry,
+    StagedFiles,
+    add_file,
+    library_versions,
+    load_bundle,
+    role_of,
+    write_bundle,
+)
 
 WORKSPACE_BYTES = 4 << 30
 
@@ -120,19 +129,26 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
     precision = "fp16" if fp16 else "fp32"
     onnx_precision = "fp16" if fp16 and trt_major(trt) >= 11 else "fp32"
     entries = [m for m in b.models() if not models or m.name in models]
-    for entry in entries:
-        src = entry.file("onnx", onnx_precision)
-        inp, out = entry.inputs[0], entry.outputs[0]
-        batch = _batch_range(b, entry, k_max, k_opt, max_images)
-        rel = str(Path(src.path).with_suffix("")).removesuffix(".fp16") + f".{precision}.plan"
-        build_engine(b.path_of(src), b.root / rel, inp["name"], inp["shape"][1:], batch, fp16)
-        ref = np.load(b.root / entry.file("onnx", "fp32").extra["reference"])
-        got = run_engine(b.root / rel, {inp["name"]: ref[inp["name"]]})[out["name"]]
-        tol = {"rtol": 5e-2, "atol": 1e-2} if fp16 else {}
-        report = {**parity_report(ref[out["name"]], got, role_of(b, entry), **tol), "runtime": f"TensorRT {trt.__version__}"}
-        if not report["passed"]:
-            raise BundleError(f"{rel}: TensorRT output differs from torch by {report['max_abs_diff']:.3g} "
-                              f"(tolerance {report['tolerance']:.3g}); bundle.json left unchanged")
+    done = []
+    with StagedFiles(b.root) as stage:
+        for entry in entries:
+            src = entry.file("onnx", onnx_precision)
+            inp, out = entry.inputs[0], entry.outputs[0]
+            batch = _batch_range(b, entry, k_max, k_opt, max_images)
+            rel = str(Path(src.path).with_suffix("")).removesuffix(".fp16") + f".{precision}.plan"
+            path = stage.path(rel)
+            build_engine(b.path_of(src), path, inp["name"], inp["shape"][1:], batch, fp16)
+            ref = np.load(b.root / entry.file("onnx", "fp32").extra["reference"])
+            got = run_engine(path, {inp["name"]: ref[inp["name"]]})[out["name"]]
+            tol = {"rtol": 5e-2, "atol": 1e-2} if fp16 else {}
+            report = {**parity_report(ref[out["name"]], got, role_of(b, entry), **tol),
+                      "runtime": f"TensorRT {trt.__version__}"}
+            if not report["passed"]:
+                raise BundleError(f"{rel}: TensorRT output differs from torch: {report['failure']}; "
+                                  "the bundle is left as it was")
+            done.append((entry, src, inp, batch, rel, report))
+        stage.commit()
+    for entry, src, inp, batch, rel, report in done:
         new = add_file(b.root, rel, "tensorrt", precision=precision, trt_version=trt.__version__,
                        device=torch.cuda.get_device_name(), onnx=src.path,
                        profile={inp["name"]: {"min": batch[0], "opt": batch[1], "max": batch[2]}}, parity=report)

@@ -51,11 +51,13 @@ def sampler_stage(image_full: torch.Tensor, seg_logits: torch.Tensor, seed: int,
                   preprocessing: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Full-size image and (1, 1, s, s) segmentation logits -> ``PATCHES`` (K, 3, p, p) normalised, ``FALLBACK`` (1,)."""
     from patchflannel.export.onnx import _normalise
+    from patchflannel.ops.mask import lung_masks, postprocess_mask
     from patchflannel.ops.preprocess import resize_mask
     from patchflannel.ops.sampler import draw_patches
 
     size = preprocessing["image_size"]
-    mask = torch.sigmoid(seg_logits[:, 0]) > preprocessing["segmentation"]["threshold"]
+    raw = lung_masks(seg_logits, preprocessing["segmentation"]["threshold"])[0].cpu().numpy()
+    mask = torch.from_numpy(postprocess_mask(raw))[None].to(image_full.device)  # as the engine and training do
     masks = resize_mask(mask, size)
     drawn = draw_patches(image_full[None], masks, [int(seed)], k=preprocessing["k"], patch=preprocessing["patch_size"],
                          min_fraction=preprocessing["min_lung_fraction"])
@@ -217,9 +219,10 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
         for name, config in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-            if name in files:
-                precision = "fp16" if learner_format == "tensorrt" else "fp32"
-                shutil.copyfile(b.path_of(files[name].file(learner_format, precision)), tmp / name / "1" / PLATFORMS[learner_format][1])
+            if name in files:  # a TensorRT engine in fp16 where the bundle has one, else the one it has
+                wanted = [f for f in files[name].files if f.format == learner_format and f.precision == "fp16"]
+                chosen = wanted[0] if learner_format == "tensorrt" and wanted else files[name].file(learner_format)
+                shutil.copyfile(b.path_of(chosen), tmp / name / "1" / PLATFORMS[learner_format][1])
             elif config.backend == "python":
                 (tmp / name / "1" / "model.py").write_text(MODEL_PY)
         validate_repository(tmp)

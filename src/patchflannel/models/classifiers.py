@@ -9,7 +9,7 @@ and resizes its input to 299, the size its auxiliary head needs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +87,20 @@ for _name, _head in _HEADS.items():
     register_model("classifier", _name)(_torchvision(_name, _head))
 
 
+def pretrained_config(arch: str) -> dict[str, Any]:
+    """The architecture options that ``arch``'s ImageNet weights need, to record with a model trained from them:
+    torchvision's inception_v3 weights expect its ``transform_input`` (ImageNet-normalised inputs mapped to the
+    (x - 0.5) / 0.5 they were trained on), which torchvision turns on when it loads them itself."""
+    return {"transform_input": True} if arch == "inception_v3" else {}
+
+
 @register_model("classifier", "inception_v3")
-def inception_v3(num_classes: int = NUM_CLASSES, imagenet_weights: str | None = None) -> nn.Module:
-    """torchvision inception_v3 (auxiliary head kept for training) with a 4-class head, input resized to 299."""
-    net = _imagenet(tvm.inception_v3(weights=None, aux_logits=True, init_weights=True), imagenet_weights)
+def inception_v3(num_classes: int = NUM_CLASSES, imagenet_weights: str | None = None,
+                 transform_input: bool = False) -> nn.Module:
+    """torchvision inception_v3 (auxiliary head kept for training) with a 4-class head, input resized to 299;
+    ``transform_input`` for ImageNet weights (:func:`pretrained_config`)."""
+    net = _imagenet(tvm.inception_v3(weights=None, aux_logits=True, init_weights=True, transform_input=transform_input),
+                    imagenet_weights)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     net.AuxLogits.fc = nn.Linear(net.AuxLogits.fc.in_features, num_classes)
     return InceptionPatch(net)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_preprocessing
 from patchflannel.models import get_model
+from patchflannel.models.classifiers import pretrained_config
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, Trainer, seed_everything
@@ -126,13 +127,19 @@ def build_learner(cfg: dict[str, Any], arch: str) -> nn.Module:
     scratch, so their eval-mode output stays constant (docs/results/README.md).
     """
     weights = (cfg["learner"]["imagenet_weights"] or {}).get(arch)
-    model = get_model(arch, **({"imagenet_weights": weights} if weights else {}))
+    model = get_model(arch, **({"imagenet_weights": weights} if weights else {}), **arch_config(cfg, arch))
     momentum = cfg["learner"]["bn_momentum"]
     if momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = float(momentum)
     return model
+
+
+def arch_config(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The options ``arch`` is built with under ``cfg`` (recorded in run.json, hence in bundles): those its
+    ImageNet weights need when the config names a weights file for it."""
+    return pretrained_config(arch) if (cfg["learner"]["imagenet_weights"] or {}).get(arch) else {}
 
 
 def _memory_format(cfg: dict[str, Any]) -> torch.memory_format:
@@ -248,7 +255,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         return {"macro_f1": float(f1_score(val_labels, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)),
                 "accuracy": float((pred == val_labels).mean())}
 
-    info = {"task": "learner", "arch": cfg["arch"], "arch_config": {}, "mode": cfg["mode"],
+    info = {"task": "learner", "arch": cfg["arch"], "arch_config": arch_config(cfg, cfg["arch"]), "mode": cfg["mode"],
             "preprocessing": default_preprocessing(), "config": cfg, "val_fold": val_fold,
             "n_train": len(train_items), "n_val": len(val_items), "device": str(device),
             "amp": str(dtype) if dtype else "off"}
@@ -263,6 +270,6 @@ def load_learner(run_dir: str | Path, device: torch.device | str = "cpu") -> tup
     cfg = load_config(run_dir / "config.yaml")
     if not (run_dir / BEST_FILE).is_file():
         raise ConfigError(f"{run_dir}: no {BEST_FILE}; the run has not finished an epoch")
-    model = get_model(cfg["arch"])
+    model = get_model(cfg["arch"], **arch_config(cfg, cfg["arch"]))
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True))
     return model.to(device, memory_format=_memory_format(cfg)).eval(), cfg
