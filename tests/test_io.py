@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import struct
 import sys
 import warnings
@@ -325,7 +326,9 @@ def test_missing_empty_text_and_directory(tmp_path: Path) -> None:
     (tmp_path / "notes.png").write_text("this is not an image\n")
     _assert_refused(tmp_path / "notes.png", "not a recognised image format")
     (tmp_path / "folder.png").mkdir()
-    _assert_refused(tmp_path / "folder.png", "cannot read")
+    _assert_refused(tmp_path / "folder.png", "not a regular file")
+    os.mkfifo(tmp_path / "pipe.png")  # reading it would block for ever: refused without opening it
+    _assert_refused(tmp_path / "pipe.png", "not a regular file")
     _assert_refused(b"\x00garbage" * 40, "not a recognised image format", name="upload-7")
     with pytest.raises(ImageReadError, match="not found"):
         content_hash(tmp_path / "nowhere.png")
@@ -364,6 +367,45 @@ def test_decompression_bomb_refused_without_warning(tmp_path: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             _assert_refused(path, "too large")
+
+
+def test_exif_orientation_is_applied(tmp_path: Path, real_u8: np.ndarray) -> None:
+    """A JPEG whose EXIF says 'rotate 90 degrees clockwise to view' (orientation 6) comes back upright."""
+    stored = real_u8[:96, :128]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)
+    image, meta = read_image_with_meta(tmp_path / "turned.jpg")
+    assert image.shape == (128, 96) and meta["exif_orientation"] == 6 and meta["shape"] == (96, 128)
+    np.testing.assert_array_equal(image, np.rot90(read_image(tmp_path / "plain.jpg"), k=-1))
+
+
+def test_corrupt_structures_are_bad_inputs_not_crashes(tmp_path: Path, real_u8: np.ndarray, real_u16: np.ndarray) -> None:
+    """A TIFF whose next-page offset points at an empty directory, a DICOM with a corrupt identifying element."""
+    buf = io.BytesIO()
+    Image.fromarray(real_u8[:96, :128]).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, ifd)[0]
+    struct.pack_into("<I", data, ifd + 2 + 12 * entries, len(data))  # next directory: 0 entries, then junk
+    (tmp_path / "pages.tif").write_bytes(bytes(data) + b"\0\0\xff\xff\xff\xff")
+    _assert_refused(tmp_path / "pages.tif", "cannot decode TIFF")
+    raw = _save(_dicom(real_u16 >> 4, "MONOCHROME2", 12), tmp_path / "ok.dcm").read_bytes()
+    at = raw.index(b"\x08\x00\x18\x00UI")  # (0008,0018) SOPInstanceUID, explicit VR
+    (tmp_path / "bad_vr.dcm").write_bytes(raw[:at + 4] + b"\x55\x0c" + raw[at + 6:])
+    image, meta = read_image_with_meta(tmp_path / "bad_vr.dcm")
+    np.testing.assert_array_equal(image, read_image(tmp_path / "ok.dcm"))
+    assert "SOPInstanceUID" not in meta and meta["Modality"] == "DX"
+
+
+def test_dicom_padding_is_left_out_of_the_range(tmp_path: Path, real_u16: np.ndarray) -> None:
+    pixels = (real_u16 >> 4) + 100
+    pixels[:, :20] = 0  # a padded border outside the image
+    image = read_image(_save(_dicom(pixels, "MONOCHROME2", 12, PixelPaddingValue=0), tmp_path / "pad.dcm"))
+    real = pixels[:, 20:]
+    np.testing.assert_allclose(image[:, 20:], (real - real.min()) / (real.max() - real.min()), atol=1e-6)
+    assert (image[:, :20] == 0).all()
 
 
 def test_tiff_multipage_nan_and_int32_refused(tmp_path: Path, real_u8: np.ndarray) -> None:

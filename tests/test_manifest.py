@@ -104,6 +104,14 @@ def test_check_files_false_skips_only_the_file_check(tmp_path: Path) -> None:
     assert len(caught.value.problems) == 3  # two missing files and the label
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark."""
+    path = _write_csv(tmp_path / "m.csv", list(REQUIRED_COLUMNS), [["a.png", "covid", "p1", "AP", "s"]])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    manifest = read_manifest(path, check_files=False)
+    assert manifest.columns == list(REQUIRED_COLUMNS) and manifest.rows[0]["label"] == "covid"
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [(None, "file not found"), (b"", "no header row"), (b"path,label\n\xff\xfe\x00bad\n", "UTF-8")],

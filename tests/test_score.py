@@ -157,6 +157,16 @@ def test_order_batching_and_format_do_not_change_rows(mixed_folder: Path, bundle
     assert rows_a == rows_b  # identical values, bit for bit
 
 
+def test_a_resume_says_which_stored_rows_it_drops(mixed_folder: Path, bundle: Path, tmp_path: Path) -> None:
+    files = sorted(p for p in mixed_folder.iterdir() if p.suffix == ".dcm")[:2]
+    options = EngineOptions(bundle=str(bundle), k=K)
+    score(files, tmp_path / "s.csv", options=options, quiet=True)
+    log = Console(file=io.StringIO(), width=200)
+    again = score(files[:1], tmp_path / "s.csv", options=options, resume=True, console=log)
+    assert again.rows == 1 and again.scored_now == 0
+    assert "resume: 1 stored rows of files not among these inputs will be dropped" in log.file.getvalue()
+
+
 def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:
     image = real_images(cxr4_dir, 1)[0]
     (tmp_path / "zero.png").write_bytes(b"")

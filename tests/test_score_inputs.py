@@ -27,10 +27,12 @@ def test_folder_is_recursive_sorted_and_filtered(tmp_path: Path) -> None:
     for rel in ("b.png", "a/z.JPG", "a/y.tif", "c.dcm", "notes.txt", "README", ".hidden.png", ".git/x.png", "d.jpeg"):
         _touch(tmp_path / rel)
     _touch(tmp_path / "IM0001", _dicom_bytes())  # extension-less DICOM is taken, "README" is not
+    _touch(tmp_path / "1.2.826.0.1.3680043.8.498.1234", _dicom_bytes())  # named by UID: taken too
+    _touch(tmp_path / "1.2.826.0.1.3680043.8.498.99", b"not dicom")
     os.mkfifo(tmp_path / "pipe")  # never opened: reading it would block the run
     os.mkfifo(tmp_path / "pipe.png")
     found = [Path(i.path).relative_to(tmp_path).as_posix() for i in discover_inputs([tmp_path])]
-    assert found == ["IM0001", "a/y.tif", "a/z.JPG", "b.png", "c.dcm", "d.jpeg"]
+    assert found == ["1.2.826.0.1.3680043.8.498.1234", "IM0001", "a/y.tif", "a/z.JPG", "b.png", "c.dcm", "d.jpeg"]
     assert all(os.path.isabs(i.path) for i in discover_inputs([tmp_path]))
     assert [i.path for i in discover_inputs(str(tmp_path / "b.png"))] == [str(tmp_path / "b.png")]  # one source
     assert len(discover_inputs(tmp_path)) == len(found)
@@ -108,7 +110,9 @@ def test_real_cxr4_manifest(cxr4_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, reason",
-    [("file,label\na.png,covid\n", "no 'path' column"), ("path,label\n,covid\n", "line 2: empty path")],
+    [("file,label\na.png,covid\n", "no 'path' column"), ("path,label\n,covid\n", "line 2: empty path"),
+     ("path,label\n\na.png,covid\n\n,covid\n", "line 5: empty path"),  # blank lines counted
+     ("path,label\na.png,covid,EXTRA\nb.png\n", "(?s)line 2: expected 2 fields, found 3.*line 3: expected 2 fields, found 1")],
 )
 def test_bad_manifest_names_file_and_reason(tmp_path: Path, text: str, reason: str) -> None:
     man = tmp_path / "bad.csv"
@@ -116,6 +120,14 @@ def test_bad_manifest_names_file_and_reason(tmp_path: Path, text: str, reason: s
     with pytest.raises(ManifestError, match=reason) as info:
         read_score_manifest(man)
     assert str(man) in str(info.value)
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark."""
+    _touch(tmp_path / "a.png")
+    (tmp_path / "m.csv").write_bytes("path,label\na.png,covid\n".encode("utf-8-sig"))
+    (found,) = read_score_manifest(tmp_path / "m.csv")
+    assert found.path == str(tmp_path / "a.png") and found.extra == {"label": "covid"}
 
 
 def test_sources_that_name_nothing_are_refused(tmp_path: Path) -> None:

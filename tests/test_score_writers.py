@@ -93,6 +93,25 @@ def test_resume_keys_from_parts_and_output_and_dedup(tmp_path: Path) -> None:
     assert read_output(out)[0].to_pylist() == rows
 
 
+def test_resume_without_the_sidecar_uses_the_unfinished_runs_key(tmp_path: Path) -> None:
+    """Stopped while finishing (the output written, its sidecar not): a resume still knows the run."""
+    rows = _full_rows()
+    out = tmp_path / "out.parquet"
+    first = ResultStore(out, SCHEMA)
+    first.begin(RUN_KEY, resume=False)
+    first.write_chunk(rows[:2])
+    first.finalize({})
+    second = ResultStore(out, SCHEMA)
+    second.begin(RUN_KEY, resume=True)
+    second.write_chunk(rows[2:3])
+    second.meta_path.unlink()
+    third = ResultStore(out, SCHEMA)
+    third.begin(RUN_KEY, resume=True)
+    third.write_chunk(rows[3:])
+    assert third.finalize({}) == {"ok": 3, "error": 1} and third.meta_path.is_file()
+    assert read_output(out)[0].to_pylist() == rows
+
+
 def test_finalize_keep_drops_rows_of_changed_files(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "out.jsonl", SCHEMA)
     store.begin(RUN_KEY, resume=False)

@@ -15,6 +15,8 @@ EXIT_INPUT_ERRORS = 1
 """Exit status when the run finished but some inputs are error rows."""
 EXIT_USAGE = 2
 """Exit status for bad options, inputs that name nothing, bad manifests or bundles (nothing scored)."""
+EXIT_STOPPED = 3
+"""Exit status when an unexpected failure stopped the run: the chunks written so far are kept (``--resume``)."""
 
 
 def score(
@@ -44,7 +46,8 @@ def score(
     per-learner confidences, K, seed, bundle id, backend, DICOM UIDs).
 
     Exit status: 0 every input scored (ok or flagged); 1 some inputs are error rows (the run still
-    completed); 2 bad options, sources, manifest or bundle (nothing scored).
+    completed); 2 bad options, sources, manifest or bundle (nothing scored); 3 an unexpected failure stopped
+    the run (the chunks written are kept: --resume continues).
     """
     from patchflannel.scoring.run import EngineOptions, score as run_score, summary_text
     from patchflannel.scoring.writers import export_predictions
@@ -59,6 +62,12 @@ def score(
     except PatchflannelError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
+    except Exception as exc:  # noqa: BLE001 - a bug or a system failure, not a bad input: say so, keep the rows
+        errors.print_exception(max_frames=8)
+        errors.print(f"error: scoring stopped by an unexpected {type(exc).__name__}: {exc}. The rows written so far "
+                     f"are kept in {out}.parts; rerun with --resume to continue.", markup=False, highlight=False,
+                     soft_wrap=True)
+        raise typer.Exit(EXIT_STOPPED) from None
     if not quiet:
         errors.print(summary_text(summary), markup=False, highlight=False, soft_wrap=True)
     if predictions is not None:

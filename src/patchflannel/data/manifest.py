@@ -36,7 +36,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     """Read and validate a manifest CSV; raises ManifestError listing every problem found."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
             reader = csv.reader(handle)
             header = next(reader, None)
             records = [(reader.line_num, record) for record in reader if record]

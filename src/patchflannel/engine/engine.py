@@ -47,7 +47,7 @@ from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
 from patchflannel.export.bundle import default_preprocessing, load_bundle, load_torch_model
-from patchflannel.io.readers import check_size
+from patchflannel.io.readers import check_size, read_file_bytes
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, resize, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
@@ -235,11 +235,9 @@ def _prepare(x: Any, item_id: str | None) -> _Item:
     if isinstance(x, (str, os.PathLike)):
         label = item_id or os.fspath(x)
         try:
-            data = Path(x).read_bytes()
-        except FileNotFoundError:
-            return _Item(label, error=str(ImageReadError(os.fspath(x), "file not found")))
-        except OSError as exc:
-            return _Item(label, error=str(ImageReadError(os.fspath(x), f"cannot read file: {exc.strerror or exc}")))
+            data = read_file_bytes(x)
+        except ImageReadError as exc:
+            return _Item(label, error=str(exc))
         return _Item(label, hashlib.sha256(data).hexdigest(), data=data)
     if isinstance(x, (bytes, bytearray, memoryview)):
         data = bytes(x)

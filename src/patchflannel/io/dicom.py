@@ -76,8 +76,22 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
         "bit_depth": int(ds.get("BitsStored") or ds.BitsAllocated),
         "TransferSyntaxUID": str(tsyntax),
     }
-    meta.update({key: str(ds.get(key)) for key in META_KEYWORDS if ds.get(key) not in (None, "")})
+    meta.update(_attributes(ds))
     return grey, meta
+
+
+def _attributes(ds: Dataset) -> dict[str, str]:
+    """The identifying attributes of :data:`META_KEYWORDS` that the file holds and that can be read (a corrupt
+    element is left out: the pixels may still be good)."""
+    out = {}
+    for key in META_KEYWORDS:
+        try:
+            value = ds.get(key)
+        except Exception:  # noqa: BLE001 - e.g. an unknown value representation
+            continue
+        if value not in (None, ""):
+            out[key] = str(value)
+    return out
 
 
 def _transfer_syntax(ds: Dataset, label: str) -> UID:
@@ -110,8 +124,21 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
         full_scale = np.float32(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
         return np.ascontiguousarray(np.clip(luma(pixels) / full_scale, 0.0, 1.0))
     values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    padding = _padding(pixels, ds)  # outside the image: left out of the range, shown black
+    real = values[~padding] if padding.any() and not padding.all() else values
+    lo, hi = float(real.min()), float(real.max())
+    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
+    scaled[padding] = 0.0
     return scaled.astype(np.float32)
+
+
+def _padding(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Pixels whose stored value is the PixelPaddingValue (to PixelPaddingRangeLimit, when given)."""
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return np.zeros(pixels.shape, bool)
+    limit = ds.get("PixelPaddingRangeLimit")
+    lo, hi = (min(pad, limit), max(pad, limit)) if limit is not None else (pad, pad)
+    return (pixels >= lo) & (pixels <= hi)

@@ -1,7 +1,8 @@
 """Read PNG, JPEG, TIFF and DICOM inputs into one grey float32 image in [0, 1].
 
 The format is detected from the content (magic bytes), never from the file name. Every failure raises
-:class:`~patchflannel.errors.ImageReadError` naming the input and the reason.
+:class:`~patchflannel.errors.ImageReadError` naming the input and the reason. An EXIF orientation is applied
+(the image comes back upright, as a viewer shows it).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from patchflannel.errors import ImageReadError
 
@@ -25,6 +27,9 @@ MIN_SIDE = 32
 
 MAX_PIXELS = 100_000_000
 """Images with more pixels than this are refused (a guard against decompression bombs)."""
+
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag of the orientation a viewer applies."""
 
 LUMA_601 = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 """ITU-R BT.601 luma weights for R, G, B."""
@@ -50,13 +55,18 @@ def read_image_with_meta(source: Source, *, name: str | None = None) -> tuple[np
     if not data:
         raise ImageReadError(label, "empty file (0 bytes)")
     fmt = detect_format(data)
-    if fmt == "dicom" or (fmt is None and _looks_like_bare_dicom(data)):
-        from patchflannel.io.dicom import read_dicom  # dicom.py uses this module's helpers
-
-        return read_dicom(data, label, has_preamble=fmt == "dicom")
-    if fmt is None:
+    if fmt is None and not _looks_like_bare_dicom(data):
         raise ImageReadError(label, "not a recognised image format (expected PNG, JPEG, TIFF or DICOM)")
-    return _read_pil(data, label, fmt)
+    try:
+        if fmt in ("dicom", None):
+            from patchflannel.io.dicom import read_dicom  # dicom.py uses this module's helpers
+
+            return read_dicom(data, label, has_preamble=fmt == "dicom")
+        return _read_pil(data, label, fmt)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure on untrusted bytes is a bad input, not a crash
+        raise ImageReadError(label, f"cannot decode {(fmt or 'dicom').upper()}: {type(exc).__name__}: {exc}") from None
 
 
 def content_hash(source: Source) -> str:
@@ -97,10 +107,18 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 def _load_bytes(source: Source, name: str | None) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), name or "<bytes>"
-    label = os.fspath(source)
+    return read_file_bytes(source), name or os.fspath(source)
+
+
+def read_file_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path``; ImageReadError naming it when it is missing, unreadable, or
+    not a regular file (a folder, or a pipe, socket or device, whose reading could block)."""
+    label = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(label).st_mode):
+            raise ImageReadError(label, "not a regular file (a folder, pipe, socket or device is not read)")
         with open(label, "rb") as fh:
-            return fh.read(), label
+            return fh.read()
     except FileNotFoundError:
         raise ImageReadError(label, "file not found") from None
     except OSError as exc:
@@ -125,16 +143,19 @@ def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, 
     with img:
         columns, rows = img.size
         check_size(label, rows, columns)
-        if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
-            raise ImageReadError(label, f"multi-page TIFF ({img.n_frames} pages) is not supported")
         try:
+            if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
+                raise ImageReadError(label, f"multi-page TIFF ({img.n_frames} pages) is not supported")
             img.load()
-            grey, bit_depth = _pil_grey(img, label)
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            grey, bit_depth = _pil_grey(ImageOps.exif_transpose(img), label)  # upright, as a viewer shows it
         except ImageReadError:
             raise
         except Exception as exc:  # truncated or corrupt data surfaces here
             raise ImageReadError(label, f"cannot decode {fmt.upper()}: {exc}") from None
         meta = {"format": fmt, "shape": (rows, columns), "channels": len(img.getbands()), "bit_depth": bit_depth}
+        if orientation != 1:
+            meta["exif_orientation"] = int(orientation)
     return grey, meta
 
 

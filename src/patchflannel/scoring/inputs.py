@@ -7,8 +7,8 @@ Rules (also in docs/scoring.md):
   resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view``, ``split`` and ``fold``
   columns, when present, are carried into the output so that it joins with the manifest.
 - A folder is walked recursively and a glob pattern expanded (``**`` recurses); from those, files with an
-  image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus extension-less files whose
-  bytes carry the DICOM ``DICM`` marker (PACS exports often have no extension). Hidden files and folders
+  image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes
+  carry the DICOM ``DICM`` marker (PACS exports often have no extension, or are named by UID: ``1.2.840...``). Hidden files and folders
   (name starting with ``.``) are skipped.
 - Order: the arguments in the order given, each folder's or pattern's files sorted by path. A file reached
   twice (same real path) is kept once, at its first place.
@@ -89,10 +89,9 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
     name = os.path.basename(path)
     if name.startswith(".") or not os.path.isfile(path):
         return False
-    ext = os.path.splitext(name)[1].lower()
-    if ext:
-        return ext in IMAGE_EXTENSIONS
-    return _has_dicom_marker(path)
+    # DICOM files are often named by UID (1.2.840....) or with no extension: any other name is taken when it
+    # holds the DICOM marker.
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or _has_dicom_marker(path)
 
 
 def _expand(source: str) -> Iterator[ScoreInput]:
@@ -133,16 +132,24 @@ def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:
     """
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames is None or "path" not in [c.strip() for c in reader.fieldnames]:
-                raise ManifestError(path, [f"no 'path' column (columns: {', '.join(reader.fieldnames or [])})"])
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
+            reader = csv.reader(handle)
+            columns = [c.strip() for c in next(reader, None) or []]
+            if "path" not in columns:
+                raise ManifestError(path, [f"no 'path' column (columns: {', '.join(columns)})"])
+            records = [(reader.line_num, record) for record in reader if record]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
-    empty = [f"line {i + 2}: empty path" for i, row in enumerate(rows) if not row["path"]]
-    if empty:
-        raise ManifestError(path, empty)
+    problems, rows = [], []
+    for line, record in records:
+        row = {c: v.strip() for c, v in zip(columns, record)}
+        if len(record) != len(columns):
+            problems.append(f"line {line}: expected {len(columns)} fields, found {len(record)}")
+        elif not row["path"]:
+            problems.append(f"line {line}: empty path")
+        rows.append(row)
+    if problems:
+        raise ManifestError(path, problems)
     base = path.parent
     return [
         ScoreInput(os.path.abspath(base / row["path"]), {c: row[c] for c in MANIFEST_COLUMNS if c in row})

@@ -124,7 +124,18 @@ def score(
         store.clear()
     store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)
 
-    todo, keep = _resume_plan(items, store.scored_keys()) if resume else (items, None)
+    console = console or Console(stderr=True)
+    todo, keep = (items, None)
+    if resume:
+        stored = store.scored_keys()
+        todo, keep = _resume_plan(items, stored)
+        paths = {i.path for i in items}
+        gone = sum(1 for path, _ in stored if path not in paths)
+        changed = sum(1 for key in stored if not keep(key)) - gone
+        if (gone or changed) and not quiet:
+            console.print(f"resume: {gone} stored rows of files not among these inputs will be dropped from "
+                          f"{store.out}; {changed} of files changed since are scored again", markup=False,
+                          highlight=False, soft_wrap=True)
     if engine is not None:
         description = describe_engine(engine)
         rows = _local_rows(engine, todo)
@@ -133,7 +144,6 @@ def score(
 
         rows, description = ray_rows(todo, store.schema, options, address=ray, actors=actors,
                                      batch_size=ray_batch_size)
-    console = console or Console(stderr=True)
     log_lines = not quiet and not console.is_terminal  # no bar (a log file): a line a chunk written instead
     done, errors, loop_start = 0, 0, time.perf_counter()
 

@@ -148,8 +148,10 @@ class ResultStore:
                     write(kept)
                     counts.update(kept.column("status").to_pylist())
         _fsync(tmp)
-        os.replace(tmp, self.out)
+        # The sidecar first: a run stopped between the two still has, beside the output, the metadata that a
+        # resume needs (and the parts, merged again then).
         _atomic_write_text(self.meta_path, json.dumps({**metadata, "counts": dict(counts)}, indent=2, sort_keys=True))
+        os.replace(tmp, self.out)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return dict(counts)
 
@@ -167,9 +169,10 @@ class ResultStore:
         elif self.parts_dir.exists() and self._parts():
             raise ConfigError(f"cannot resume: {self.parts_dir} has parts but no run.json")
         if self.out.exists():
-            if not self.meta_path.exists():
+            if self.meta_path.exists():
+                yield self.meta_path, json.loads(self.meta_path.read_text())["run_key"]
+            elif not self._run_file.exists():  # with run.json (above) the unfinished run's key is known
                 raise ConfigError(f"cannot resume into {self.out}: its metadata {self.meta_path} is missing")
-            yield self.meta_path, json.loads(self.meta_path.read_text())["run_key"]
 
 
 def read_batches(path: str | os.PathLike[str], fmt: str, schema: pa.Schema,
