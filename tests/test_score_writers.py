@@ -112,6 +112,22 @@ def test_resume_without_the_sidecar_uses_the_unfinished_runs_key(tmp_path: Path)
     assert read_output(out)[0].to_pylist() == rows
 
 
+def test_a_second_run_into_the_same_output_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    first = ResultStore(out, SCHEMA)
+    first.lock()
+    first.begin(RUN_KEY, resume=False)
+    first.write_chunk(_full_rows()[:1])
+    with pytest.raises(ConfigError, match="another scoring run is writing it"):
+        ResultStore(out, SCHEMA).lock()
+    first.finalize({})
+    assert not first.lock_path.exists()
+    again = ResultStore(out, SCHEMA)
+    again.lock()  # free once the first run is done
+    again.begin(RUN_KEY, resume=True)
+    assert again.finalize({}) == {"ok": 1}
+
+
 def test_finalize_keep_drops_rows_of_changed_files(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "out.jsonl", SCHEMA)
     store.begin(RUN_KEY, resume=False)

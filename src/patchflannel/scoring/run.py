@@ -120,6 +120,7 @@ def score(
     bundle = load_bundle(options.bundle, verify=engine is None)
     k = options.k if options.k is not None else int(bundle.preprocessing["k"])
     store = ResultStore(out, output_schema([e.name for e in bundle.learners], extra_columns(items)))
+    store.lock()
     if overwrite:
         store.clear()
     store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)

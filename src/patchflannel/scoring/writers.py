@@ -15,7 +15,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -69,8 +69,30 @@ class ResultStore:
         self.parts_dir = self.out.with_name(self.out.name + ".parts")
         self.meta_path = self.out.with_name(self.out.name + ".meta.json")
         self._run_file = self.parts_dir / "run.json"
+        self.lock_path = self.out.with_name(self.out.name + ".lock")
+        self._lock: IO[str] | None = None
         self.run_key: dict[str, Any] = {}
         self._next_part: int | None = None
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the output until :meth:`finalize` (or this process ends): a second run
+        into the same output is refused rather than mixing its parts with this one's. (Not on Windows.)"""
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_path, "a+")  # noqa: SIM115 - held open for the run
+        except OSError as exc:
+            raise ConfigError(f"{self.out}: cannot write the output there ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"{self.out}: another scoring run is writing it ({self.lock_path} is locked); "
+                              "wait for it to finish, or score to another output") from None
+        self._lock = handle
 
     def exists(self) -> bool:
         """True when an output or the parts of an unfinished run are already there."""
@@ -153,6 +175,10 @@ class ResultStore:
         _atomic_write_text(self.meta_path, json.dumps({**metadata, "counts": dict(counts)}, indent=2, sort_keys=True))
         os.replace(tmp, self.out)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
+        if self._lock is not None:
+            self.lock_path.unlink(missing_ok=True)
+            self._lock.close()  # releases the lock
+            self._lock = None
         return dict(counts)
 
     def _parts(self) -> list[Path]:
