@@ -109,6 +109,8 @@ def score(
         raise ConfigError("resume and overwrite exclude each other: continue the output, or replace it")
     if actors is not None and ray is False:
         raise ConfigError("actors is a Ray setting: score with Ray (--ray or --ray-address) or leave it out")
+    if actors is not None and actors < 1:
+        raise ConfigError(f"actors must be at least 1, got {actors}")
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
