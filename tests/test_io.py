@@ -377,7 +377,7 @@ def test_exif_orientation_is_applied(tmp_path: Path, real_u8: np.ndarray) -> Non
     Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif)
     Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)
     image, meta = read_image_with_meta(tmp_path / "turned.jpg")
-    assert image.shape == (128, 96) and meta["exif_orientation"] == 6 and meta["shape"] == (96, 128)
+    assert image.shape == meta["shape"] == (128, 96) and meta["exif_orientation"] == 6
     np.testing.assert_array_equal(image, np.rot90(read_image(tmp_path / "plain.jpg"), k=-1))
 
 

@@ -206,3 +206,18 @@ def test_inception_from_imagenet_weights_transforms_its_input_and_records_it(tmp
     assert arch_config(cfg, "inception_v3") == {"transform_input": True} and arch_config(cfg, "resnet18") == {}
     assert build_learner(cfg, "inception_v3").net.transform_input
     assert not build_learner(load_config({}), "inception_v3").net.transform_input
+
+
+def test_a_finished_run_is_rebuilt_with_the_options_its_run_json_records(tmp_path: Path) -> None:
+    """A run trained before its options were recorded (arch_config {}) keeps them: the run, not the config."""
+    import json
+
+    from patchflannel.models import get_model
+
+    cfg = load_config({"arch": "inception_v3", "learner": {"imagenet_weights": {"inception_v3": "/nowhere.pth"}}})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    torch.save(get_model("inception_v3").state_dict(), tmp_path / "best.pt")
+    assert load_learner(tmp_path)[0].net.transform_input  # no run.json: the config says
+    for recorded in ({}, {"transform_input": True}):
+        (tmp_path / "run.json").write_text(json.dumps({"arch_config": recorded}))
+        assert load_learner(tmp_path)[0].net.transform_input == bool(recorded)

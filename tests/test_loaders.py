@@ -56,6 +56,11 @@ def test_routing_by_header():
     assert not eight_bit_image(grey16, ("png",)) and not eight_bit_image(tiny, ("png",))
     assert not eight_bit_image(b"\x89PNG\r\n\x1a\ntruncated", ("png",))
     assert eight_bit_image(_tiff(1), ("tiff",)) and not eight_bit_image(_tiff(2), ("tiff",))  # pages: the cpu loader
+    exif = Image.Exif()
+    exif[0x0112] = 6  # to be turned upright: the GPU decoders would not, the cpu loader does
+    turned = io.BytesIO()
+    Image.fromarray(np.zeros((64, 96), np.uint8)).save(turned, "JPEG", exif=exif)
+    assert not eight_bit_image(turned.getvalue(), ("jpeg",))
     assert make_loader("auto", torch.device("cpu")).name == "cpu"
     with pytest.raises(ConfigError, match="unknown loader"):
         make_loader("magic", torch.device("cpu"))

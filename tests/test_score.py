@@ -15,6 +15,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
+from patchflannel.errors import ConfigError
 from patchflannel.cli.score import EXIT_INPUT_ERRORS, EXIT_USAGE, register
 from patchflannel.export.bundle import Bundle, default_preprocessing, entry_from_module, write_bundle
 from patchflannel.models import get_model
@@ -161,10 +162,13 @@ def test_a_resume_says_which_stored_rows_it_drops(mixed_folder: Path, bundle: Pa
     files = sorted(p for p in mixed_folder.iterdir() if p.suffix == ".dcm")[:2]
     options = EngineOptions(bundle=str(bundle), k=K)
     score(files, tmp_path / "s.csv", options=options, quiet=True)
+    with pytest.raises(ConfigError, match="already exists"):  # refused: its lock must not outlive the call
+        score(files, tmp_path / "s.csv", options=options, quiet=True)
     log = Console(file=io.StringIO(), width=200)
     again = score(files[:1], tmp_path / "s.csv", options=options, resume=True, console=log)
     assert again.rows == 1 and again.scored_now == 0
     assert "resume: 1 stored rows of files not among these inputs will be dropped" in log.file.getvalue()
+    assert not (tmp_path / "s.csv.lock").exists()
 
 
 def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:

@@ -219,9 +219,10 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
         for name, config in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-            if name in files:  # a TensorRT engine in fp16 where the bundle has one, else the one it has
+            if name in files:  # ONNX: the fp32 file; TensorRT: the fp16 engine where the bundle has one
                 wanted = [f for f in files[name].files if f.format == learner_format and f.precision == "fp16"]
-                chosen = wanted[0] if learner_format == "tensorrt" and wanted else files[name].file(learner_format)
+                chosen = (files[name].file("onnx", "fp32") if learner_format == "onnx"
+                          else wanted[0] if wanted else files[name].file(learner_format))
                 shutil.copyfile(b.path_of(chosen), tmp / name / "1" / PLATFORMS[learner_format][1])
             elif config.backend == "python":
                 (tmp / name / "1" / "model.py").write_text(MODEL_PY)

@@ -49,7 +49,8 @@ def read_image_with_meta(source: Source, *, name: str | None = None) -> tuple[np
     """Read ``source`` like :func:`read_image` and also return what the file says about itself.
 
     The meta always holds ``format`` ('png' | 'jpeg' | 'tiff' | 'dicom'), ``shape`` (rows, columns of the
-    original), ``channels`` and ``bit_depth``; DICOM adds its identifying attributes under their keywords.
+    image returned, upright), ``channels`` and ``bit_depth`` (and ``exif_orientation`` when one was applied);
+    DICOM adds its identifying attributes under their keywords.
     """
     data, label = _load_bytes(source, name)
     if not data:
@@ -153,7 +154,7 @@ def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, 
             raise
         except Exception as exc:  # truncated or corrupt data surfaces here
             raise ImageReadError(label, f"cannot decode {fmt.upper()}: {exc}") from None
-        meta = {"format": fmt, "shape": (rows, columns), "channels": len(img.getbands()), "bit_depth": bit_depth}
+        meta = {"format": fmt, "shape": grey.shape, "channels": len(img.getbands()), "bit_depth": bit_depth}
         if orientation != 1:
             meta["exif_orientation"] = int(orientation)
     return grey, meta

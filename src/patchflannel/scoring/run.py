@@ -122,67 +122,70 @@ def score(
     bundle = load_bundle(options.bundle, verify=engine is None)
     k = options.k if options.k is not None else int(bundle.preprocessing["k"])
     store = ResultStore(out, output_schema([e.name for e in bundle.learners], extra_columns(items)))
-    store.lock()
-    if overwrite:
-        store.clear()
-    store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)
+    store.lock()  # released by finalize, or below when the run stops early
+    try:
+        if overwrite:
+            store.clear()
+        store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)
 
-    console = console or Console(stderr=True)
-    todo, keep = (items, None)
-    if resume:
-        stored = store.scored_keys()
-        todo, keep = _resume_plan(items, stored)
-        paths = {i.path for i in items}
-        gone = sum(1 for path, _ in stored if path not in paths)
-        changed = sum(1 for key in stored if not keep(key)) - gone
-        if (gone or changed) and not quiet:
-            console.print(f"resume: {gone} stored rows of files not among these inputs will be dropped from "
-                          f"{store.out}; {changed} of files changed since are scored again", markup=False,
-                          highlight=False, soft_wrap=True)
-    if engine is not None:
-        description = describe_engine(engine)
-        rows = _local_rows(engine, todo)
-    else:
-        from patchflannel.scoring.ray_runner import ray_rows
+        console = console or Console(stderr=True)
+        todo, keep = (items, None)
+        if resume:
+            stored = store.scored_keys()
+            todo, keep = _resume_plan(items, stored)
+            paths = {i.path for i in items}
+            gone = sum(1 for path, _ in stored if path not in paths)
+            changed = sum(1 for key in stored if not keep(key)) - gone
+            if (gone or changed) and not quiet:
+                console.print(f"resume: {gone} stored rows of files not among these inputs will be dropped from "
+                              f"{store.out}; {changed} of files changed since are scored again", markup=False,
+                              highlight=False, soft_wrap=True)
+        if engine is not None:
+            description = describe_engine(engine)
+            rows = _local_rows(engine, todo)
+        else:
+            from patchflannel.scoring.ray_runner import ray_rows
 
-        rows, description = ray_rows(todo, store.schema, options, address=ray, actors=actors,
-                                     batch_size=ray_batch_size)
-    log_lines = not quiet and not console.is_terminal  # no bar (a log file): a line a chunk written instead
-    done, errors, loop_start = 0, 0, time.perf_counter()
+            rows, description = ray_rows(todo, store.schema, options, address=ray, actors=actors,
+                                         batch_size=ray_batch_size)
+        log_lines = not quiet and not console.is_terminal  # no bar (a log file): a line a chunk written instead
+        done, errors, loop_start = 0, 0, time.perf_counter()
 
-    def flush(chunk: list[dict[str, Any]]) -> None:
-        store.write_chunk(chunk)
-        if log_lines:
-            rate = done / max(time.perf_counter() - loop_start, 1e-9)
-            console.print(f"scored {done}/{len(todo)} ({rate:.2f} img/s, {errors} errors so far)",
-                          markup=False, highlight=False)
+        def flush(chunk: list[dict[str, Any]]) -> None:
+            store.write_chunk(chunk)
+            if log_lines:
+                rate = done / max(time.perf_counter() - loop_start, 1e-9)
+                console.print(f"scored {done}/{len(todo)} ({rate:.2f} img/s, {errors} errors so far)",
+                              markup=False, highlight=False)
 
-    with _progress(console, quiet) as progress:
-        task = progress.add_task("scoring", total=len(todo))
-        chunk: list[dict[str, Any]] = []
-        for row in rows:
-            chunk.append(row)
-            done += 1
-            errors += row["status"] == "error"
-            progress.advance(task)
-            if len(chunk) >= chunk_size:
+        with _progress(console, quiet) as progress:
+            task = progress.add_task("scoring", total=len(todo))
+            chunk: list[dict[str, Any]] = []
+            for row in rows:
+                chunk.append(row)
+                done += 1
+                errors += row["status"] == "error"
+                progress.advance(task)
+                if len(chunk) >= chunk_size:
+                    flush(chunk)
+                    chunk = []
+            if chunk:
                 flush(chunk)
-                chunk = []
-        if chunk:
-            flush(chunk)
 
-    metadata = {
-        "bundle": {"id": bundle.bundle_id, "name": bundle.name, "path": str(bundle.root.resolve())},
-        "engine": description,
-        "versions": library_versions(),
-        "config": {"inputs": [os.fspath(i) for i in sources], "seed": options.seed, "k": k,
-                   "chunk_size": chunk_size, "ray": ray, "actors": actors, "device": options.device,
-                   "backend": options.backend, "loader": options.loader, "sampler": options.sampler,
-                   "precision": options.precision},
-        "started": started_at,
-        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    counts = store.finalize(metadata, keep=keep)
+        metadata = {
+            "bundle": {"id": bundle.bundle_id, "name": bundle.name, "path": str(bundle.root.resolve())},
+            "engine": description,
+            "versions": library_versions(),
+            "config": {"inputs": [os.fspath(i) for i in sources], "seed": options.seed, "k": k,
+                       "chunk_size": chunk_size, "ray": ray, "actors": actors, "device": options.device,
+                       "backend": options.backend, "loader": options.loader, "sampler": options.sampler,
+                       "precision": options.precision},
+            "started": started_at,
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        counts = store.finalize(metadata, keep=keep)
+    finally:
+        store.unlock()
     return ScoreSummary(out=store.out, rows=sum(counts.values()), ok=counts.get("ok", 0),
                         flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
                         skipped=len(items) - len(todo), scored_now=len(todo),

@@ -75,24 +75,39 @@ class ResultStore:
         self._next_part: int | None = None
 
     def lock(self) -> None:
-        """Hold an exclusive lock on the output until :meth:`finalize` (or this process ends): a second run
-        into the same output is refused rather than mixing its parts with this one's. (Not on Windows.)"""
+        """Hold an exclusive lock on the output until :meth:`unlock` (or this process ends): a second run into
+        the same output is refused rather than mixing its parts with this one's. (Not on Windows.)"""
         try:
             import fcntl
         except ImportError:  # Windows
             return
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.lock_path, "a+")  # noqa: SIM115 - held open for the run
-        except OSError as exc:
-            raise ConfigError(f"{self.out}: cannot write the output there ({exc.strerror or exc})") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(f"{self.out}: another scoring run is writing it ({self.lock_path} is locked); "
-                              "wait for it to finish, or score to another output") from None
-        self._lock = handle
+        while self._lock is None:
+            try:
+                self.out.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.lock_path, "a+")  # noqa: SIM115 - held open for the run
+            except OSError as exc:
+                raise ConfigError(f"{self.out}: cannot write the output there ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise ConfigError(f"{self.out}: another scoring run is writing it ({self.lock_path} is locked); "
+                                  "wait for it to finish, or score to another output") from None
+            try:  # the file locked must still be the one at the path (a finishing run removes it)
+                current = os.stat(self.lock_path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._lock = handle
+            else:
+                handle.close()
+
+    def unlock(self) -> None:
+        """Release the lock of :meth:`lock` and remove its file (nothing when not held)."""
+        if self._lock is not None:
+            self.lock_path.unlink(missing_ok=True)  # while still held: a newcomer then locks a new file
+            self._lock.close()
+            self._lock = None
 
     def exists(self) -> bool:
         """True when an output or the parts of an unfinished run are already there."""
@@ -175,10 +190,7 @@ class ResultStore:
         _atomic_write_text(self.meta_path, json.dumps({**metadata, "counts": dict(counts)}, indent=2, sort_keys=True))
         os.replace(tmp, self.out)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
-        if self._lock is not None:
-            self.lock_path.unlink(missing_ok=True)
-            self._lock.close()  # releases the lock
-            self._lock = None
+        self.unlock()
         return dict(counts)
 
     def _parts(self) -> list[Path]:

@@ -165,11 +165,15 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
         hold = fold_of == fold
         # What it is trained on: redone learner runs give other out-of-fold confidences, hence a new ensemble.
         inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes()).hexdigest()
-        done = _read_done(run_dir)
+        done, started = _read_done(run_dir), run_dir / "inputs.sha256"
         if not resume or done is None or done.get("inputs") != inputs:
             _console.print(f"ensemble fold {fold}", markup=False, highlight=False)
+            # An unfinished run continues only on the inputs it started with.
+            again = resume and done is None and started.is_file() and started.read_text() == inputs
+            run_dir.mkdir(parents=True, exist_ok=True)
+            started.write_text(inputs)
             train_ensemble(oof[~hold], labels[~hold], oof[hold], labels[hold], cfg, run_dir, learners=names,
-                           resume=resume and done is None)
+                           resume=again)
             _write_done(run_dir, {"fold": fold, "inputs": inputs})
         model = load_ensemble(run_dir)
         predictions += _rows_out([r for r, h in zip(order, hold) if h], predict_ensemble(model, oof[hold]),

@@ -11,6 +11,7 @@ Configs are YAML files (see recipes/); :func:`load_config` fills the defaults of
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +31,7 @@ from patchflannel.models import get_model
 from patchflannel.models.classifiers import pretrained_config
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
-from patchflannel.training.loop import BEST_FILE, LAST_FILE, Trainer, seed_everything
+from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
 from patchflannel.training.mask_cache import MaskCache
 
 DEFAULTS: dict[str, Any] = {
@@ -119,15 +120,17 @@ def prepare(cfg: dict[str, Any], rows: list[dict[str, str]], device: torch.devic
     return prepare_items(rows, cfg["mode"], cfg["cache_dir"], default_preprocessing(), masks)
 
 
-def build_learner(cfg: dict[str, Any], arch: str) -> nn.Module:
-    """``arch`` with a 4-class head, from the config's ImageNet weights file for it when one is named.
+def build_learner(cfg: dict[str, Any], arch: str, options: dict[str, Any] | None = None) -> nn.Module:
+    """``arch`` with a 4-class head, from the config's ImageNet weights file for it when one is named, built
+    with ``options`` (default: :func:`arch_config`).
 
     ``learner.bn_momentum`` (when set) replaces every BatchNorm's momentum: torchvision's mobilenet_v3
     (0.01) and mnasnet (0.0003) keep running statistics that barely move in a few hundred steps from
     scratch, so their eval-mode output stays constant (docs/results/README.md).
     """
     weights = (cfg["learner"]["imagenet_weights"] or {}).get(arch)
-    model = get_model(arch, **({"imagenet_weights": weights} if weights else {}), **arch_config(cfg, arch))
+    options = arch_config(cfg, arch) if options is None else options
+    model = get_model(arch, **({"imagenet_weights": weights} if weights else {}), **options)
     momentum = cfg["learner"]["bn_momentum"]
     if momentum is not None:
         for m in model.modules():
@@ -140,6 +143,12 @@ def arch_config(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
     """The options ``arch`` is built with under ``cfg`` (recorded in run.json, hence in bundles): those its
     ImageNet weights need when the config names a weights file for it."""
     return pretrained_config(arch) if (cfg["learner"]["imagenet_weights"] or {}).get(arch) else {}
+
+
+def recorded_arch_config(run_dir: Path) -> dict[str, Any] | None:
+    """The options a run's model was built with, as its run.json recorded them (None before its first epoch)."""
+    run_file = run_dir / RUN_FILE
+    return json.loads(run_file.read_text()).get("arch_config", {}) if run_file.is_file() else None
 
 
 def _memory_format(cfg: dict[str, Any]) -> torch.memory_format:
@@ -219,7 +228,9 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_items, val_items = prepare(cfg, train_rows, device), prepare(cfg, val_rows, device)
     fmt = _memory_format(cfg)
-    model = build_learner(cfg, cfg["arch"]).to(device, memory_format=fmt)
+    recorded = recorded_arch_config(run_dir) if resume else None
+    options = recorded if recorded is not None else arch_config(cfg, cfg["arch"])  # a resume keeps the run's own
+    model = build_learner(cfg, cfg["arch"], options).to(device, memory_format=fmt)
     lc = cfg["learner"]
     optimizer = torch.optim.Adam(model.parameters(), lr=lc["lr"], weight_decay=lc["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=lc["lr_factor"],
@@ -255,7 +266,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         return {"macro_f1": float(f1_score(val_labels, pred, labels=[0, 1, 2, 3], average="macro", zero_division=0)),
                 "accuracy": float((pred == val_labels).mean())}
 
-    info = {"task": "learner", "arch": cfg["arch"], "arch_config": arch_config(cfg, cfg["arch"]), "mode": cfg["mode"],
+    info = {"task": "learner", "arch": cfg["arch"], "arch_config": options, "mode": cfg["mode"],
             "preprocessing": default_preprocessing(), "config": cfg, "val_fold": val_fold,
             "n_train": len(train_items), "n_val": len(val_items), "device": str(device),
             "amp": str(dtype) if dtype else "off"}
@@ -270,6 +281,7 @@ def load_learner(run_dir: str | Path, device: torch.device | str = "cpu") -> tup
     cfg = load_config(run_dir / "config.yaml")
     if not (run_dir / BEST_FILE).is_file():
         raise ConfigError(f"{run_dir}: no {BEST_FILE}; the run has not finished an epoch")
-    model = get_model(cfg["arch"], **arch_config(cfg, cfg["arch"]))
+    recorded = recorded_arch_config(run_dir)
+    model = get_model(cfg["arch"], **(recorded if recorded is not None else arch_config(cfg, cfg["arch"])))
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True))
     return model.to(device, memory_format=_memory_format(cfg)).eval(), cfg

@@ -31,7 +31,8 @@ class Loader(Protocol):
 
 
 def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
-    """True when ``data`` is a single 8-bit grey or RGB image of one of ``formats`` whose size the readers accept.
+    """True when ``data`` is a single, upright 8-bit grey or RGB image of one of ``formats`` whose size the
+    readers accept.
 
     Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
     every format and gives the precise error for a bad input.
@@ -40,7 +41,7 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
 
     from PIL import Image
 
-    from patchflannel.io.readers import MAX_PIXELS, MIN_SIDE, detect_format
+    from patchflannel.io.readers import EXIF_ORIENTATION, MAX_PIXELS, MIN_SIDE, detect_format
 
     if detect_format(data) not in formats:
         return False
@@ -48,7 +49,8 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             single = getattr(img, "n_frames", 1) == 1  # multi-page TIFFs: the cpu loader refuses them
-            return img.mode in ("L", "RGB") and single and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
+            upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1  # the cpu loader turns the others upright
+            return img.mode in ("L", "RGB") and single and upright and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
     except Exception:  # noqa: BLE001 - unreadable header: the cpu loader reports why
         return False
 
