@@ -156,7 +156,7 @@ def kermany(tmp_path: Path) -> Path:
         "train/NORMAL/IM-0115-0002.jpeg",
         "train/NORMAL/NORMAL2-IM-1427-0001.jpeg",
         "train/PNEUMONIA/person1_bacteria_1.jpeg",
-        "train/PNEUMONIA/person1_virus_6.jpeg",
+        "train/PNEUMONIA/Person1_virus_6.jpeg",  # the same patient as person1_: one patient id
         "test/PNEUMONIA/person22_virus_55.jpeg",
         "test/PNEUMONIA/person3_bacteria_10.png",
         "test/NORMAL/IM-0001-0001.jpeg",
@@ -177,7 +177,7 @@ def test_kermany_labels_patients_and_report(kermany: Path) -> None:
         "train/NORMAL/IM-0115-0002.jpeg": ("normal", "kermany:IM-0115"),
         "train/NORMAL/NORMAL2-IM-1427-0001.jpeg": ("normal", "kermany:NORMAL2-IM-1427"),
         "train/PNEUMONIA/person1_bacteria_1.jpeg": ("bacterial", "kermany:person1"),
-        "train/PNEUMONIA/person1_virus_6.jpeg": ("viral", "kermany:person1"),
+        "train/PNEUMONIA/Person1_virus_6.jpeg": ("viral", "kermany:person1"),
         "test/PNEUMONIA/person22_virus_55.jpeg": ("viral", "kermany:person22"),
         "test/PNEUMONIA/person3_bacteria_10.png": ("bacterial", "kermany:person3"),
         "test/NORMAL/IM-0001-0001.jpeg": ("normal", "kermany:IM-0001"),
@@ -197,7 +197,7 @@ def test_kermany_build_writes_a_valid_manifest(kermany: Path) -> None:
     manifest = read_manifest(write_manifest(build.rows, kermany / "manifest.csv", build.columns))
     assert manifest.columns == build.columns
     assert manifest.rows == build.rows
-    assert "train/PNEUMONIA/person1_virus_6.jpeg" in (kermany / "manifest.csv").read_text()
+    assert "train/PNEUMONIA/Person1_virus_6.jpeg" in (kermany / "manifest.csv").read_text()
 
 
 def test_kermany_without_images_is_an_error(tmp_path: Path) -> None:

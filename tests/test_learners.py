@@ -147,6 +147,17 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         load_config({"learner": {"lr_rate": 1}})
     assert load_config({"mode": "patch"})["learner"]["l1"] == 1e-5
     assert load_config({"mode": "global"})["learner"]["l1"] == 0.0
+    # Checked as the config is read, before any image is segmented or cached:
+    with pytest.raises(ConfigError, match="unknown learner architecture 'foo'"):
+        load_config({"arch": "foo"})
+    with pytest.raises(ConfigError, match="unknown learner architecture 'fcdensenet56'"):
+        load_config({"learners": ["resnet18", "fcdensenet56"]})
+    with pytest.raises(ConfigError, match="k must be >= 1"):
+        load_config({"k": 0})
+    with pytest.raises(ConfigError, match="learner.batch_size must be a whole number"):
+        load_config({"learner": {"batch_size": 2.5}})
+    assert load_config({"learner": {"lr": "1e-3"}})["learner"]["lr"] == 1e-3  # YAML reads 1e-3 as a string
+    assert load_config({"predictions": "p.csv", "learners": ["m1_patch", "m2_patch"]})["learners"] == ["m1_patch", "m2_patch"]
     bad = tmp_path / "manifest.csv"
     bad.write_text("path,label,patient_id,view,source\n")
     with pytest.raises(ManifestError, match="missing column 'split'"):

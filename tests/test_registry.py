@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from patchflannel.classes import NUM_CLASSES
+from patchflannel.errors import ConfigError
 from patchflannel.models import get_model, list_models, model_family, register_model
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
@@ -36,8 +37,10 @@ def test_inception_trains_with_auxiliary_head_on_224_patches() -> None:
 
 
 def test_unknown_and_duplicate_names_are_refused() -> None:
-    with pytest.raises(KeyError, match="unknown model 'nope'"):
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
         get_model("nope")
+    with pytest.raises(ConfigError, match="model 'fcdensenet56' does not take these options \\(growth\\)"):
+        get_model("fcdensenet56", growth=3)
     with pytest.raises(ValueError, match="registered twice"):
         register_model("classifier", "resnet18")(lambda: torch.nn.Identity())
     with pytest.raises(ValueError, match="unknown model family"):

@@ -107,13 +107,16 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
 def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     row = {c: "" for c in PREDICTION_COLUMNS} | {"label": "covid", "pred": "flu", "split": "val", "p_covid": "x"}
+    nan = {c: "0.25" for c in PREDICTION_COLUMNS} | {"label": "covid", "pred": "covid", "split": "val", "p_covid": "nan",
+                                                   "patient_id": "p1"}
     with open(bad, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
         w.writeheader()
-        w.writerow(row)
+        w.writerows([row, nan])
     result = CliRunner().invoke(_app(), ["eval", str(bad), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 1
     assert "bad.csv" in result.output and "unknown pred 'flu'" in result.output and "not a number" in result.output
+    assert "line 2: empty patient_id" in result.output and "line 3: a probability is not within [0, 1]" in result.output
     missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
     assert missing.exit_code == 1 and "file not found" in missing.output
     assert not (tmp_path / "rep" / "report.json").exists()

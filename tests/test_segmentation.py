@@ -164,6 +164,14 @@ def test_config_refuses_unknown_keys_bad_arch_and_bad_weights(lungseg_dir: Path,
     recipe.write_text("arch: fcdensenet56\n")
     with pytest.raises(ConfigError, match="manifest"):
         SegConfig.from_file(recipe)
+    assert SegConfig(manifest="m.csv", lr="1e-4").lr == 1e-4  # YAML reads 1e-4 as a string
+    for bad, match in ((dict(batch_size=0), "batch_size must be >= 1"), (dict(max_epochs="ten"), "max_epochs must be a number"),
+                       (dict(scale=1.1), r"scale must be a pair \[low, high\]"), (dict(val_fraction=0.99), "val_fraction must be <= 0.9"),
+                       (dict(lr=-1), "lr must be > 0")):
+        with pytest.raises(ConfigError, match=match):
+            SegConfig(manifest="m.csv", **bad)
+    with pytest.raises(ConfigError, match="does not take these options"):
+        train_segmentation(SegConfig(manifest="nowhere.csv", arch="fcdensenet56", arch_config={"growth": 3}), tmp_path / "r2")
 
 
 @pytest.mark.parametrize("recipe", ["segmentation.yaml", "segmentation_gpu.yaml"])
@@ -328,3 +336,15 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
 
     res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "neither a bundle" in res.output
+
+    # A finished run is not trained over by mistake, and a resume keeps the split it started with.
+    again = ["train", "seg", "--config", str(recipe), "--manifest", str(manifest), "--out", str(run)]
+    res = runner.invoke(app, again)
+    assert res.exit_code == 1 and "already holds a training run" in res.output
+    res = runner.invoke(app, again + ["--resume", "--epochs", "2"])
+    assert res.exit_code == 0, res.output
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "seed": 7}))
+    res = runner.invoke(app, again + ["--resume", "--epochs", "3"])
+    assert res.exit_code == 1 and "cannot resume with another seed" in res.output
+    res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(image), "--device", "cuda:7"])
+    assert res.exit_code == 2 and "cuda:7" in res.output and "Traceback" not in res.output

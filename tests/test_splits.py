@@ -96,6 +96,7 @@ def test_splits_file_round_trips_and_validates(tmp_path: Path, split_rows: list[
     [
         ({"test_frac": 0.0}, "test_frac must be in"),
         ({"test_frac": 0.7}, "test_frac must be in"),
+        ({"test_frac": 0.3}, "test_frac must be 1/n .* 0.3 would give 1/3 = 0.333"),
         ({"folds": 1}, "folds must be at least 2"),
     ],
 )

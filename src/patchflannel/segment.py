@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
+from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.export.bundle import BUNDLE_FILE, load_bundle, load_torch_model
 from patchflannel.io import read_image
@@ -63,6 +64,9 @@ class Segmenter:
 
 def load_segmenter(model: str | Path | None = None, device: str = "cpu", batch_size: int = 8) -> Segmenter:
     """A Segmenter from a bundle folder, a segmentation run folder (run.json + best.pt), or the default bundle."""
+    device = str(resolve_device(device))
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if model is None or (Path(model) / BUNDLE_FILE).is_file() or Path(model).name == BUNDLE_FILE:
         bundle = load_bundle(model)
         seg = bundle.preprocessing["segmentation"]

@@ -321,6 +321,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if not config.backends or not config.precisions:
         raise ConfigError("bench needs at least one backend and one precision")
+    Path(config.out).mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the timing
     inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
     report: dict[str, Any] = {"label": config.label, "config": {**asdict(config), "out": str(config.out)},
                               "engines": [], "inputs": source, "environment": {}, "compile_errors": {},

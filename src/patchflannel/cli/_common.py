@@ -1,23 +1,40 @@
-"""What every command module shares: clean error exits."""
+"""What every command module shares: clean error exits, and not overwriting a training run by mistake."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
-from patchflannel.errors import PatchflannelError
+from patchflannel.errors import ConfigError, PatchflannelError
 
 errors = Console(stderr=True)
 
 
 @contextmanager
 def fail_cleanly(code: int = 1) -> Iterator[None]:
-    """A PatchflannelError becomes its message on stderr and exit status ``code`` (no traceback)."""
+    """A PatchflannelError, or an operating-system error on a path (a file where a folder is wanted, no
+    permission, a full disk), becomes its message on stderr and exit status ``code`` (no traceback)."""
     try:
         yield
-    except PatchflannelError as exc:
+    except (PatchflannelError, OSError) as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code) from None
+
+
+def fresh_run(out: Path, resume: bool) -> None:
+    """Refuse to train into a folder that holds a run already, unless resuming it."""
+    from patchflannel.training.loop import LAST_FILE
+
+    if not resume and (Path(out) / LAST_FILE).is_file():
+        raise ConfigError(f"{out} already holds a training run ({LAST_FILE}): --resume continues it; to start again, "
+                          "remove it or train into another --out")
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """``name value`` pairs of a run's metrics, four decimals."""
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

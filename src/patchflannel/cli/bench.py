@@ -57,7 +57,7 @@ def bench(
         config.modes = ("loop", "batched", "packed", "global")
     try:
         report = run_bench(config, progress=lambda line: typer.echo(line, err=True))
-    except PatchflannelError as exc:
+    except (PatchflannelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(markdown(report))

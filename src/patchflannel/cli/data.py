@@ -50,7 +50,7 @@ def split(
     manifest: ManifestArg,
     out: Annotated[Path, typer.Option("--out", help="Splits CSV to write (manifest + split, fold).")],
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    test_frac: Annotated[float, typer.Option(help="Fraction of patients held out as the test set.")] = 0.2,
+    test_frac: Annotated[float, typer.Option(help="Fraction of patients held out as the test set: 1/n (0.5, 0.25, 0.2, ...).")] = 0.2,
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the rest.")] = 5,
 ) -> None:
     """Patient-grouped, label-stratified test set and cross-validation folds."""

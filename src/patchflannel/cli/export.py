@@ -62,7 +62,9 @@ def onnx_cmd(
 
     with fail_cleanly():
         if preset is not None or random:
-            if preset not in (None, "flannel5") or bundle is not None or out is None:
+            if preset not in (None, "flannel5"):
+                raise PatchflannelError(f"unknown preset {preset!r}: the one preset is flannel5")
+            if bundle is not None or out is None:
                 raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
             learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
             bundle = random_bundle(out, segmentation="fcdensenet103" if preset else "fcdensenet56", learners=learners,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import fail_cleanly
+from patchflannel.cli._common import fail_cleanly, fresh_run, metrics_text
 
 console = Console()
 
@@ -23,8 +24,9 @@ def train_learner_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False)
     from patchflannel.training.learners import train_learner
 
     with fail_cleanly():
+        fresh_run(out, resume)
         summary = train_learner(config, out, resume=resume)
-    console.print(f"best epoch {summary['best_epoch']}: {summary['best']}", markup=False, highlight=False)
+    console.print(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])}", markup=False, highlight=False)
 
 
 def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False) -> None:
@@ -33,8 +35,9 @@ def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False
     from patchflannel.training.ensemble import train_ensemble_from_predictions
 
     with fail_cleanly():
+        fresh_run(out, resume)
         summary = train_ensemble_from_predictions(config, out, resume=resume)
-    console.print(f"best epoch {summary['best_epoch']}: {summary['best']}", markup=False, highlight=False)
+    console.print(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])}", markup=False, highlight=False)
 
 
 def cv_cmd(config: ConfigArg,
@@ -56,7 +59,7 @@ def cv_cmd(config: ConfigArg,
 
 def eval_cmd(predictions: Annotated[Path, typer.Argument(help="predictions.csv written by `patchflannel cv`.")],
              out: Annotated[Path, typer.Option("--out", help="Report folder (report.json, report.md, PNGs).")],
-             bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for the 95% intervals.")] = 1000,
+             bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for the 95% intervals.", min=0)] = 1000,
              seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0) -> None:
     """Evaluation report of a predictions file: per-class metrics, fold mean (std), confusion, AUC, bootstrap, per source."""
     from patchflannel.training.report import evaluate_predictions
@@ -77,13 +80,21 @@ def register_train(train_app: typer.Typer) -> None:
     train_app.command("ensemble")(train_ensemble_cmd)
 
 
+class Split(str, Enum):
+    """The splits a report holds."""
+
+    test = "test"
+    val = "val"
+    train = "train"
+
+
 def eval_table_cmd(reports: Annotated[list[Path], typer.Argument(help="Report folders (or report.json files) of `eval`/`cv`.")],
-                   split: Annotated[str, typer.Option(help="Split to tabulate: test, val or train.")] = "test") -> None:
+                   split: Annotated[Split, typer.Option(help="Split to tabulate.")] = Split.test) -> None:
     """Print one markdown table over report folders (modes side by side, per-class F1, macro-F1, per source)."""
     from patchflannel.training.report import read_report, results_table
 
     with fail_cleanly():
-        print(results_table([read_report(path) for path in reports], split), end="")
+        print(results_table([read_report(path) for path in reports], split.value), end="")
 
 
 def register(app: typer.Typer) -> None:

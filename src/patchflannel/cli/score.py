@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from patchflannel.cli._common import fail_cleanly
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
 
@@ -82,12 +83,13 @@ def phantoms(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write synthetic_phantom_NN.png and README.txt into.")],
     n: Annotated[int, typer.Option("-n", help="How many phantoms.", min=1)] = 4,
     size: Annotated[int, typer.Option(help="Side in pixels.", min=64)] = 512,
-    seed: Annotated[int, typer.Option(help="Seed of the first phantom.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the first phantom.", min=0)] = 0,
 ) -> None:
     """Write SYNTHETIC chest-X-ray-like phantoms (not medical images) to try `score` on a fresh clone."""
     from patchflannel.phantoms import write_phantoms
 
-    paths = write_phantoms(out_dir, n, size=size, seed=seed)
+    with fail_cleanly(EXIT_USAGE):
+        paths = write_phantoms(out_dir, n, size=size, seed=seed)
     Console(stderr=True).print(f"wrote {len(paths)} synthetic phantoms (not medical images) to {out_dir}",
                                markup=False, highlight=False)
 

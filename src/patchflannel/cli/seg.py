@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import fail_cleanly
+from patchflannel.cli._common import fail_cleanly, fresh_run, metrics_text
 
 console = Console()
 
@@ -36,10 +36,11 @@ def train_seg_cmd(
 
     overrides = {"manifest": manifest, "arch": arch, "max_epochs": epochs, "device": device}
     with fail_cleanly():
+        fresh_run(out, resume)
         cfg = (SegConfig.from_file(config, **overrides) if config is not None
                else SegConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="options"))
         summary = train_segmentation(cfg, out, resume=resume)
-    _say(f"best epoch {summary['best_epoch']}: {summary['best']} ({summary['epochs_run']} epochs run)")
+    _say(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])} ({summary['epochs_run']} epochs run)")
 
 
 def seg_eval_cmd(
@@ -76,7 +77,7 @@ def segment_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and segment_report.csv.")],
     model: ModelOpt = None,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write overlays/<stem>.png.")] = False,
-    min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.")] = 0.05,
+    min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.", min=0.0, max=1.0)] = 0.05,
     device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
 ) -> None:

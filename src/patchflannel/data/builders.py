@@ -278,7 +278,8 @@ def build_kermany(root: str | Path) -> Build:
                 "label": label,
                 "view": "AP",
                 "source": "kermany",
-                "patient_id": f"kermany:{match.group(1)}",
+                # The names match whatever their case: one patient id for Person1_ and person1_ (IM-/im-).
+                "patient_id": f"kermany:{match.group(1).upper() if label == 'normal' else match.group(1).lower()}",
                 "original_name": name,
             }
         )

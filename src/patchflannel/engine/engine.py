@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from patchflannel.classes import CLASSES
+from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import Backend, make_backend, resolve_backend, resolve_precision
 from patchflannel.engine.backends.torch_backend import TorchBackend
 from patchflannel.engine.loaders import Loader, make_loader
@@ -162,20 +163,6 @@ class _Group:
         for t in (self.global_view, self.fallback, self.centres, self.patches):
             if t is not None and t.is_cuda:
                 t.record_stream(torch.cuda.current_stream(t.device))
-
-
-def _device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if d.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available")
-    return d
 
 
 def _count(name: str, value: Any) -> int:
@@ -351,7 +338,7 @@ class Engine:
         at each shape compiles (:meth:`warm_up` does it up front).
         """
         bundle = load_bundle(path)
-        dev = _device(device)
+        dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         name = resolve_backend(backend, bundle, dev)
         seg = make_backend(name, bundle, bundle.segmentation, dev, prec, compile=compile)
@@ -371,7 +358,7 @@ class Engine:
                      images_per_call: int | str = "auto", patch_batch: int | str = "auto",
                      compile: bool = False, name: str = "modules") -> Engine:
         """An engine over in-memory modules (torch backend), e.g. random weights for timing."""
-        dev = _device(device)
+        dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         seg = TorchBackend(segmentation, dev, prec, compile=compile)
         ls = [Learner(n, mode, TorchBackend(m, dev, prec, compile=compile)) for n, m in learners.items()]

@@ -88,7 +88,7 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
         want = families.get(key, "classifier")
         try:
             family = model_family(info["arch"])
-        except KeyError as exc:
+        except ConfigError as exc:
             raise ConfigError(f"{runs[key]}: unknown architecture {info['arch']!r}") from exc
         if family != want:
             raise ConfigError(f"{runs[key]}: {info['arch']!r} is a {family} model, given as {key}")

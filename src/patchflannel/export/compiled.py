@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
+from patchflannel.devices import resolve_device
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import (
     Bundle,
     StagedFiles,
@@ -63,11 +64,10 @@ def export_compiled(bundle: Bundle | str | Path | None = None, out: str | Path |
                     data_dir: str | Path | None = None, max_batch: int = MAX_BATCH) -> Bundle:
     """Add an AOTInductor package for each network of ``bundle`` (or of ``models``), parity-checked on ``device``.
 
-    Raises BackendUnavailableError when ``device`` is a GPU that is not there, BundleError when the package
+    Raises ConfigError when ``device`` is not one this machine has, BundleError when the package
     does not reproduce eager torch (fp32) within the tolerance of ``precision``.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"cannot compile for {device}: no CUDA device visible")
+    device = str(resolve_device(device))
     if precision not in DTYPES:
         raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     rtol, atol = TOLERANCES[precision]

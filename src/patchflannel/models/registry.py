@@ -7,9 +7,12 @@ Builders register themselves when their module is imported; :func:`get_model` im
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 from torch import nn
+
+from patchflannel.errors import ConfigError
 
 FAMILIES = ("segmentation", "classifier", "ensemble")
 _BUILDER_MODULES = ("fcdensenet", "classifiers", "ensemble")
@@ -36,11 +39,17 @@ def _load_builders() -> None:
 
 
 def get_model(name: str, **cfg: object) -> nn.Module:
-    """Build the registered architecture ``name`` with its options (random weights)."""
+    """Build the registered architecture ``name`` with its options (random weights); ConfigError for an
+    unknown name or options its builder does not take."""
     _load_builders()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][1](**cfg)
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    builder = _REGISTRY[name][1]
+    try:
+        inspect.signature(builder).bind(**cfg)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r} does not take these options ({', '.join(cfg)}): {exc}") from None
+    return builder(**cfg)
 
 
 def list_models(family: str | None = None) -> list[str]:
@@ -53,5 +62,5 @@ def model_family(name: str) -> str:
     """The family a registered name belongs to."""
     _load_builders()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}")
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name][0]

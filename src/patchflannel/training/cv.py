@@ -35,7 +35,8 @@ from patchflannel.classes import CLASSES
 from patchflannel.errors import ConfigError
 from patchflannel.training.datasets import read_splits
 from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
-from patchflannel.training.learners import load_config, load_learner, predict_items, prepare, resolve_device, train_learner
+from patchflannel.devices import resolve_device
+from patchflannel.training.learners import load_config, load_learner, predict_items, prepare, train_learner
 from patchflannel.training.report import evaluate_predictions, write_predictions
 
 DONE_FILE = "done.json"

@@ -27,8 +27,10 @@ from torch.utils.data import DataLoader
 
 from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_preprocessing
-from patchflannel.models import get_model
+from patchflannel.devices import resolve_device
+from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
+from patchflannel.settings import number
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
@@ -84,14 +86,35 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
     if cfg["learner"]["l1"] is None:
         cfg["learner"]["l1"] = L1_PATCH if cfg["mode"] == "patch" else 0.0
+    _check_numbers(cfg)
+    known = list_models("classifier")
+    archs = list(cfg.get("learners") or []) if cfg.get("predictions") is None else []  # an ensemble's: model names
+    for arch in ([cfg["arch"]] if cfg.get("arch") is not None else []) + archs:
+        if arch not in known:
+            raise ConfigError(f"unknown learner architecture {arch!r}; choose one of {', '.join(known)}")
     return cfg
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+_RANGES: dict[str, dict[str, dict[str, Any]]] = {
+    # section -> key -> number() options; "" is the top level
+    "": {"seed": dict(integer=True), "k": dict(integer=True, low=1), "k_val": dict(integer=True, low=1)},
+    "learner": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=0),
+                "batch_size": dict(integer=True, low=1), "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0),
+                "l1": dict(low=0), "lr_factor": dict(low=0, low_open=True, high=1), "lr_patience": dict(integer=True, low=0),
+                "num_workers": dict(integer=True, low=0), "eval_batch": dict(integer=True, low=1),
+                "bn_momentum": dict(low=0, high=1, optional=True)},
+    "ensemble": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=0),
+                 "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0), "batch_size": dict(integer=True, low=1),
+                 "gamma": dict(low=0)},
+}
+
+
+def _check_numbers(cfg: dict[str, Any]) -> None:
+    """Every numeric setting a number within its range (in place: numeric strings become numbers)."""
+    for section, keys in _RANGES.items():
+        values = cfg[section] if section else cfg
+        for key, options in keys.items():
+            values[key] = number(f"{section + '.' if section else ''}{key}", values[key], **options)
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:

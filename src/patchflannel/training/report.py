@@ -61,6 +61,10 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             bad.append("a probability is not a number")
             probs = []
+        if probs and not all(0.0 <= p <= 1.0 for p in probs):  # NaN fails this too
+            bad.append("a probability is not within [0, 1]")
+        if not (r.get("patient_id") or "").strip():
+            bad.append("empty patient_id (the bootstrap resamples patients)")
         problems.extend(f"line {i}: {b}" for b in bad)
         if not bad:
             rows.append({**r, "probs": probs})
@@ -271,4 +275,11 @@ def read_report(path: str | Path) -> dict[str, Any]:
     f = p / "report.json" if p.is_dir() else p
     if not f.is_file():
         raise ConfigError(f"{path}: no report.json there (write one with `patchflannel eval`)")
-    return json.loads(f.read_text())
+    try:
+        report = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{f}: not valid JSON ({exc})") from None
+    missing = [k for k in ("groups", "sources", "models", "classes") if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ConfigError(f"{f}: not an `eval` report (no {', '.join(missing)})")
+    return report

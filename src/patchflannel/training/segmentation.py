@@ -28,11 +28,13 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
 from patchflannel.ops.preprocess import GAMMA, SEG_SIZE, resize_mask, segmentation_input
+from patchflannel.settings import number
 from patchflannel.training.loop import BEST_FILE, RUN_FILE, Trainer, seed_everything
 
 
@@ -70,7 +72,13 @@ class SegConfig:
     """A state_dict file (e.g. another run's best.pt) to start from instead of random weights."""
 
     def __post_init__(self) -> None:
-        self.scale, self.aspect = tuple(self.scale), tuple(self.aspect)  # YAML gives lists
+        for name, options in _RANGES.items():
+            setattr(self, name, number(name, getattr(self, name), **options))
+        for name in ("scale", "aspect"):  # YAML gives lists
+            pair = getattr(self, name)
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ConfigError(f"{name} must be a pair [low, high], got {pair!r}")
+            setattr(self, name, tuple(number(f"{name}[{i}]", v, low=0, low_open=True) for i, v in enumerate(pair)))
         if self.arch not in _segmentation_archs():
             raise ConfigError(f"arch {self.arch!r} is not a segmentation model; choose one of {_segmentation_archs()}")
         if not 0 < self.val_fraction < 1:
@@ -100,6 +108,17 @@ class SegConfig:
         if "manifest" not in data:
             raise ConfigError(f"{source}: 'manifest' (the image,mask pairs CSV) is required")
         return cls(**data)
+
+
+_RANGES: dict[str, dict[str, Any]] = {
+    "seed": dict(integer=True), "val_fraction": dict(low=0, low_open=True, high=0.9), "size": dict(integer=True, low=32),
+    "gamma": dict(low=0, low_open=True), "threshold": dict(low=0, high=1), "batch_size": dict(integer=True, low=1),
+    "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0), "max_epochs": dict(integer=True, low=1),
+    "patience": dict(integer=True, low=0), "plateau_patience": dict(integer=True, low=0), "dice_weight": dict(low=0),
+    "rotate": dict(low=0), "shift": dict(low=0), "crop_scale": dict(low=0, low_open=True, high=1),
+    "brightness": dict(low=0), "contrast": dict(low=0), "threads": dict(integer=True, low=1, optional=True),
+}
+"""The numbers of a recipe and their ranges (``settings.number`` options)."""
 
 
 def _segmentation_archs() -> list[str]:
@@ -224,6 +243,29 @@ def _forward(model: nn.Module, x: torch.Tensor, cfg: SegConfig) -> torch.Tensor:
         return model(_to_device(x, cfg)).float()
 
 
+_SPLIT_AND_MODEL = ("manifest", "seed", "val_fraction", "arch", "arch_config", "size", "gamma")
+"""What a resumed run must keep: another value would change its validation split or its network."""
+
+
+def _check_resumable(cfg: SegConfig, run_dir: Path) -> None:
+    """Refuse to resume a run under settings that would change its split or its network (a changed split
+    would validate on images the first epochs trained on)."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        return  # nothing recorded yet: the Trainer says whether there is anything to resume
+    recorded = json.loads(run_file.read_text()).get("config", {})
+    now = asdict(cfg)
+    changed = [k for k in _SPLIT_AND_MODEL if k in recorded and _comparable(recorded[k]) != _comparable(now[k])]
+    if changed:
+        raise ConfigError(f"{run_dir}: cannot resume with another {', '.join(changed)} than the run started with "
+                          f"({', '.join(f'{k}: {recorded[k]!r} -> {now[k]!r}' for k in changed)}); "
+                          "train into a new --out instead")
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = False) -> dict:
     """Train ``config.arch`` on the manifest's pairs into ``run_dir``; returns the Trainer's summary.
 
@@ -232,6 +274,10 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
     """
     cfg = config
     run_dir = Path(run_dir)
+    cfg.device = str(resolve_device(cfg.device))
+    if resume:
+        _check_resumable(cfg, run_dir)
+    get_model(cfg.arch, **cfg.arch_config)  # refuse bad options before the pairs are loaded
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pairs_paths = read_pairs_manifest(cfg.manifest)
@@ -239,6 +285,9 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
     data = load_pairs(pairs_paths, cfg.size, cfg.gamma)
     load_seconds = time.perf_counter() - t0
     train_idx, val_idx = split_indices(len(pairs_paths), cfg.val_fraction, cfg.seed)
+    if not train_idx:
+        raise ConfigError(f"{cfg.manifest}: val_fraction {cfg.val_fraction} of {len(pairs_paths)} pairs leaves none "
+                          "to train on")
     seed_everything(cfg.seed)
     model = get_model(cfg.arch, **cfg.arch_config)
     if cfg.init_from:

@@ -1,0 +1,37 @@
+"""Checks of the numbers in settings read from YAML recipes, with errors that name the setting.
+
+YAML 1.1 reads ``1e-4`` (no dot) as a string; such strings are taken as the number they spell.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from patchflannel.errors import ConfigError
+
+
+def number(name: str, value: Any, *, integer: bool = False, low: float | None = None, high: float | None = None,
+           low_open: bool = False, optional: bool = False) -> int | float | None:
+    """``value`` as an int (``integer``) or float within [``low``, ``high``] (``low_open``: above ``low``);
+    None only when ``optional``. ConfigError naming ``name`` otherwise."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{name} must be <= {high:g}, got {value!r}")
+    return value
