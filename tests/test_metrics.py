@@ -74,6 +74,8 @@ def test_mean_std_over_folds() -> None:
     mean, std = mean_std([{"a": 0.5, "b": None}, {"a": 0.7, "b": 0.2}, {"a": 0.9, "b": 0.4}])
     assert mean["a"] == pytest.approx(0.7) and std["a"] == pytest.approx(0.2)
     assert mean["b"] == pytest.approx(0.3) and std["b"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
+    mean, std = mean_std([{"a": 0.5}])
+    assert mean["a"] == 0.5 and std["a"] is None  # one fold: no spread to report
 
 
 def test_bootstrap_resamples_patients_and_brackets_the_estimate() -> None:

@@ -68,8 +68,9 @@ def eval_cmd(predictions: Annotated[Path, typer.Argument(help="predictions.csv w
         report = evaluate_predictions(predictions, out, n_boot=bootstrap, seed=seed)
     for g in report["groups"]:
         if g["source"] == "all":
+            std = g["fold_std"]["macro_f1"]  # None for a single fold
             console.print(f"{g['split']:5s} {g['model']:32s} macro-F1 {g['pooled']['macro_f1']:.3f} "
-                          f"(folds {g['fold_mean']['macro_f1']:.3f} +- {g['fold_std']['macro_f1']:.3f})",
+                          f"(folds {g['fold_mean']['macro_f1']:.3f} +- {'n/a' if std is None else f'{std:.3f}'})",
                           markup=False, highlight=False)
     console.print(f"report: {out / 'report.md'}", markup=False, highlight=False)
 

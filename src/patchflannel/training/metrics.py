@@ -62,7 +62,7 @@ def flat_scores(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 
 def mean_std(values: list[dict[str, float | None]]) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    """Mean and sample standard deviation (ddof=1; 0 for one value) of each flat score over folds.
+    """Mean and sample standard deviation (ddof=1; None for one value: undefined) of each flat score over folds.
 
     A score undefined in some fold (None) is averaged over the folds where it is defined.
     """
@@ -72,7 +72,7 @@ def mean_std(values: list[dict[str, float | None]]) -> tuple[dict[str, float | N
     for k in keys:
         xs = np.array([v[k] for v in values if v.get(k) is not None], dtype=np.float64)
         mean[k] = float(xs.mean()) if len(xs) else None
-        std[k] = (float(xs.std(ddof=1)) if len(xs) > 1 else 0.0) if len(xs) else None
+        std[k] = float(xs.std(ddof=1)) if len(xs) > 1 else None
     return mean, std
 
 

@@ -131,7 +131,7 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def _ms(g: dict[str, Any], key: str) -> str:
     m, s = g["fold_mean"].get(key), g["fold_std"].get(key)
-    return "n/a" if m is None else f"{m:.3f} ({s:.3f})"
+    return "n/a" if m is None else f"{m:.3f} ({_fmt(s)})"
 
 
 def _ci(g: dict[str, Any], key: str) -> str:
