@@ -239,5 +239,5 @@ def summary_text(summary: ScoreSummary) -> str:
     resumed = f", {summary.skipped} already scored" if summary.skipped else ""
     return (f"{summary.out}: {summary.rows} rows: {summary.ok} ok, {summary.flagged} flagged, {summary.errors} "
             f"errors{resumed}; scored {summary.scored_now} in {summary.seconds:.1f} s "
-            f"({summary.images_per_second:.2f} img/s)")
+            f"({summary.images_per_second:.2f} img/s, loading the engine and writing the output included)")
 
