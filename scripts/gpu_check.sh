@@ -8,6 +8,7 @@
 # run can go in two calls: SECTIONS="env tests eager_fp16 targets" first, then SECTIONS="compiled_fp16 targets".
 # targets also reads the bench.json files under PREVIOUS, a folder of earlier results on the same machine.
 # CN and CPACK: images and images a call of the compiled run (default 16 and 4).
+# LSTREAMS: learner-stream counts every bench run compares (default "1, 5" on a GPU; the loop runs on one).
 # overlap (named in SECTIONS only): the learners on one stream against 2 and 5 streams and a CUDA graph;
 # OVERLAP_ARGS=--compile times them compiled (OVERLAP_LIMIT seconds, default 150).
 set -u
@@ -60,9 +61,9 @@ fi
 
 if [ "$GPU" = "1" ]; then
   PRESET=flannel5; KS="${KS:-100, 50, 16}"; N=${N:-24}; LOOP_N=${LOOP_N:-2}; REPEATS=${REPEATS:-3}
-  EAGER_LIMIT=${EAGER_LIMIT:-220}; COMPILE_LIMIT=${COMPILE_LIMIT:-160}; CN=${CN:-16}; PACK=4
+  EAGER_LIMIT=${EAGER_LIMIT:-220}; COMPILE_LIMIT=${COMPILE_LIMIT:-160}; CN=${CN:-16}; PACK=4; LSTREAMS="${LSTREAMS:-1, 5}"
 else
-  PRESET=tiny; KS="4,"; N=2; LOOP_N=1; REPEATS=1; EAGER_LIMIT=120; COMPILE_LIMIT=5; CN=2; PACK=2
+  PRESET=tiny; KS="4,"; N=2; LOOP_N=1; REPEATS=1; EAGER_LIMIT=120; COMPILE_LIMIT=5; CN=2; PACK=2; LSTREAMS="1,"
 fi
 
 bench() {  # bench NAME LIMIT PYTHON_CONFIG_KWARGS
@@ -84,9 +85,9 @@ except Exception:
 PYEOF
 }
 
-bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, pack=$PACK, loop_n=$LOOP_N, repeats=$REPEATS, precisions=('fp16' if $GPU else 'fp32',), modes=('loop', 'batched', 'packed', 'global')"
+bench eager_fp16 "$EAGER_LIMIT" "ks=($KS), n=$N, pack=$PACK, loop_n=$LOOP_N, repeats=$REPEATS, precisions=('fp16' if $GPU else 'fp32',), modes=('loop', 'batched', 'packed', 'global'), learner_streams=($LSTREAMS)"
 if [ "$GPU" = "1" ] && [ "$COMPILE_LIMIT" -gt 0 ]; then
-  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, pack=${CPACK:-4}, repeats=2, precisions=('fp16',), modes=('packed',), compile=True"
+  bench compiled_fp16 "$COMPILE_LIMIT" "ks=(100,), n=$CN, pack=${CPACK:-4}, repeats=2, precisions=('fp16',), modes=('packed',), learner_streams=($LSTREAMS), compile=True"
 else
   echo "== compiled_fp16: skipped (no CUDA; torch.compile is timed on the GPU only)" | tee -a "$SUMMARY"
 fi
@@ -110,8 +111,9 @@ kmax = max((r["k"] for r in rows if r["k"] is not None), default=None)
 at = [r for r in rows if r["k"] == kmax]
 loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
 best = min((r for r in at if r["mode"] in ("batched", "packed")), key=lambda r: r["seconds_per_image_median"], default=None)
-summary = {"k": kmax, "best": best and {k: best.get(k) for k in ("section", "mode", "images_per_second", "images_per_call",
-                                                                "preprocess_fraction", "preprocess_busy_fraction")}}
+summary = {"k": kmax, "best": best and {k: best.get(k) for k in ("section", "mode", "learner_streams", "images_per_second",
+                                                                "images_per_call", "preprocess_fraction",
+                                                                "preprocess_busy_fraction")}}
 if best:
     summary["targets"] = {
         "images_per_second>=25": best["images_per_second"] >= 25,

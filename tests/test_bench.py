@@ -46,9 +46,9 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
     assert [e["bundle"] for e in report["engines"]] == ["preset:tiny"] and "synthetic phantom" in report["inputs"]
     assert report["environment"]["torch"]
     md = (out / "bench.md").read_text()
-    assert "| torch | fp32 | loop | 4 | 1 | 1 | 1 |" in md and "| torch | fp32 | packed | 4 | 2 | 8 | 2 |" in md
-    assert "| backend | precision | mode | K | shufflenet_v2_x0_5 | mobilenet_v3_small |" in md
-    assert "| torch | fp32 | global | - | 2 | 2 | 2 |" in md
+    assert "| torch | fp32 | 1 | loop | 4 | 1 | 1 | 1 |" in md and "| torch | fp32 | 1 | packed | 4 | 2 | 8 | 2 |" in md
+    assert "| backend | precision | streams | mode | K | shufflenet_v2_x0_5 | mobilenet_v3_small |" in md
+    assert "| torch | fp32 | 1 | global | - | 2 | 2 | 2 |" in md
     assert runs["global"]["k"] is None and ("torch fp32", "global", None) not in speedups(report["runs"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "bench.md and bench.png" in result.output
     assert speedups(report["runs"])[("torch fp32", "loop", 4)] == 1.0
@@ -72,7 +72,7 @@ def test_bench_compares_precisions_each_against_its_own_loop(tmp_path):
             runs["loop"]["seconds_per_image_median"] / runs["batched"]["seconds_per_image_median"])
     assert "backend auto, precision auto: torch fp32, already timed" in lines
     md = (tmp_path / "bench.md").read_text()
-    assert md.count("- engine: bundle preset:tiny") == 2 and "| torch | bf16 | batched | 3 | 1 | 3 | 2 |" in md
+    assert md.count("- engine: bundle preset:tiny") == 2 and "| torch | bf16 | 1 | batched | 3 | 1 | 3 | 2 |" in md
 
 
 def test_phantoms_are_deterministic_jpegs():
@@ -96,6 +96,9 @@ def test_bad_bench_settings_are_refused(tmp_path):
         image_files(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="unknown precision"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, precisions=("fp8",)))
+    with pytest.raises(ConfigError, match="learner_streams=2 needs a CUDA device"):
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, device="cpu", learner_streams=(1, 2)))
+    assert not (tmp_path / "bench.json").exists()  # refused before the one-stream runs were timed
     with pytest.raises(ConfigError, match="presets hold in-memory torch modules"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, backends=("onnxruntime",)))
     for bad, match in ((dict(n=0), "n >= 1"), (dict(repeats=0), "repeats >= 1"), (dict(warmup=-1), "warmup >= 0"),

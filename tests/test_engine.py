@@ -359,7 +359,7 @@ def test_one_engine_shared_by_threads(engine, jpegs, baseline):
 def test_describe_and_choices(engine, bundle_dir):
     d = engine.describe()
     assert (d["device"], d["loader"], d["backend"], d["sampler"], d["precision"]) == ("cpu", "cpu", "torch", "torch", "fp32")
-    assert d["patch_batch"] == 8 and d["images_per_call"] == 1 and len(d["learners"]) == 2
+    assert d["patch_batch"] == 8 and d["images_per_call"] == 1 and d["learner_streams"] == 1 and len(d["learners"]) == 2
     assert d["folded_batchnorms"] == 56 + 34  # all conv -> BatchNorm pairs of shufflenet_v2_x0_5, mobilenet_v3_small
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         Engine.from_bundle(bundle_dir, device="cpu", backend="tensorrt")
@@ -368,7 +368,8 @@ def test_describe_and_choices(engine, bundle_dir):
     for bad, match in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(device="meta"), "not supported"),
                        (dict(patch_batch="many"), "patch_batch must be"), (dict(images_per_call=0), "images_per_call"),
                        (dict(patch_batch=2.5), "patch_batch must be"), (dict(images_per_call=True), "images_per_call"),
-                       (dict(k=0), "k must be")):
+                       (dict(k=0), "k must be"), (dict(learner_streams=0), "learner_streams must be"),
+                       (dict(learner_streams=2), "learner_streams=2 needs a CUDA device")):
         with pytest.raises(ConfigError, match=match):
             Engine.from_bundle(bundle_dir, **{"device": "cpu", **bad})
 

@@ -79,3 +79,33 @@ def test_gpu_preparation_does_not_wait_for_the_learners_stream(tmp_path):
         assert prep < 0.5, f"prefetch {prefetch}: preparation took {prep:.2f} s, waiting for the busy stream"
         for a, b in zip(idle, busy):
             np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-5)
+
+
+def test_gpu_learners_on_several_streams_give_the_one_stream_results(tmp_path):
+    """learner_streams deals the learners' calls over side streams that wait for the normalised patches; the
+    caller's stream waits for them all: the same results as one stream, in the stream and one at a time."""
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5", "resnet18", "mobilenet_v3_small"))
+    engine = Engine.from_bundle(tmp_path, device="cuda", precision="fp32", k=32)
+    items = phantom_jpegs(10, size=768)
+    one = list(engine.stream(items))
+    for streams in (2, 3):
+        side = engine.configured(learner_streams=streams)
+        assert side.describe()["learner_streams"] == streams
+        for got in (list(side.stream(items)), side.predict_many(items)):
+            for a, b in zip(one, got):
+                assert b.ok and a.content_hash == b.content_hash
+                np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-5)
+                for name, conf in a.learner_confidences.items():
+                    assert conf == b.learner_confidences[name]
+
+
+def test_gpu_bench_compares_learner_streams(tmp_path):
+    """bench --learner-streams 1,2: every mode for each count, the loop on one stream only, speed-ups over it."""
+    from patchflannel.bench.harness import BenchConfig, run_bench
+    from patchflannel.bench.report import speedups
+
+    report = run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, n=2, loop_n=1, ks=(4,), pack=2,
+                                   modes=("loop", "packed"), device="cuda", learner_streams=(1, 2), repeats=1, warmup=1))
+    assert [(r["learner_streams"], r["mode"]) for r in report["runs"]] == [(1, "loop"), (1, "packed"), (2, "packed")]
+    assert ("torch fp16, 2 learner streams", "packed", 4) in speedups(report["runs"])
+    assert "| torch | fp16 | 2 | packed | 4 |" in (tmp_path / "bench.md").read_text()

@@ -8,7 +8,9 @@ Modes (one engine, different call structure):
   ``global``   the FLANNEL baseline: one whole-image call per image batch per learner (no segmentation, no
                patches: one run, whatever the K sweep; its K is None).
 Every mode runs for each backend x precision asked for (``--backend torch,onnxruntime --precision
-fp32,fp16``); a speed-up is over the loop of the same backend and precision. Every run is end to end from
+fp32,fp16``) and, on a GPU, for each number of learner streams (``--learner-streams 1,5``: the learners'
+calls dealt over that many CUDA streams; the loop runs on one); a speed-up is over the loop of the same
+backend and precision. Every run is end to end from
 encoded bytes; per-stage times (decode, segment, mask, sample, gather, infer,
 ensemble) come from CUDA events on a GPU and ``perf_counter`` on a CPU. Medians and p95 over repeats, after
 a warm-up run (loop mode runs once: its K*N calls are slow).
@@ -52,7 +54,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
 @dataclass
 class BenchConfig:
     """What to time. ``bundle`` is used when ``preset`` is None (None there: the default bundle). Every mode
-    and K runs for each backend x precision."""
+    and K runs for each backend x precision x learner streams (but ``loop`` on one stream only)."""
 
     out: Path
     preset: str | None = None
@@ -66,6 +68,7 @@ class BenchConfig:
     pack: int = 4
     precisions: tuple[str, ...] = ("auto",)
     backends: tuple[str, ...] = ("auto",)
+    learner_streams: tuple[int, ...] = (1,)
     loader: str = "auto"
     device: str = "auto"
     compile: bool = False
@@ -319,8 +322,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     for mode in config.modes:
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    if not config.backends or not config.precisions:
-        raise ConfigError("bench needs at least one backend and one precision")
+    if not config.backends or not config.precisions or not config.learner_streams:
+        raise ConfigError("bench needs at least one backend, one precision and one learner-streams count")
     Path(config.out).mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the timing
     inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
     report: dict[str, Any] = {"label": config.label, "config": {**asdict(config), "out": str(config.out)},
@@ -329,15 +332,18 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     for backend in config.backends:
         for precision in config.precisions:
             engine = build_engine(config, backend, precision)
-            described = engine.describe()
-            if any(variant(e) == variant(described) for e in report["engines"]):
-                if progress is not None:
-                    progress(f"backend {backend}, precision {precision}: {variant(described)}, already timed")
-                continue
-            report["engines"].append(described)
-            report["environment"] = report["environment"] or device_info(engine)
-            _time_engine(engine, described, config, inputs, report, progress)
-            del engine
+            # Every stream count set up before any timing: a count the device cannot take fails now.
+            engines = [engine.configured(learner_streams=s) for s in config.learner_streams]
+            for eng in engines:
+                described = eng.describe()
+                if any(variant(e) == variant(described) for e in report["engines"]):
+                    if progress is not None:
+                        progress(f"backend {backend}, precision {precision}: {variant(described)}, already timed")
+                    continue
+                report["engines"].append(described)
+                report["environment"] = report["environment"] or device_info(eng)
+                _time_engine(eng, described, config, inputs, report, progress)
+            del engine, engines
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return report
@@ -354,6 +360,8 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
         for mode in config.modes:
             if mode == "global" and k != config.ks[0]:
                 continue  # no patches: one run serves every K
+            if mode == "loop" and engine.learner_streams > 1:
+                continue  # the reference's loop: one stream (speed-ups are over it)
             eng = mode_engine(engine, mode, k, config.pack)
             subset = inputs[: config.loop_n] if mode == "loop" else inputs[: config.n]
             # The loop's call shapes do not depend on K: warm it up cheaply.
@@ -364,7 +372,8 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
             report["runs"].append({
                 "mode": mode, "k": None if mode == "global" else k, "backend": described["backend"],
-                "precision": described["precision"], "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
+                "precision": described["precision"], "learner_streams": eng.learner_streams,
+                "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
                 "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
                 progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "

@@ -9,17 +9,24 @@ from typing import Any
 from patchflannel.engine.engine import STAGES
 
 
-def variant(run_or_engine: dict[str, Any]) -> str:
+def pair(run_or_engine: dict[str, Any]) -> str:
     """A run's (or an engine description's) backend and precision, e.g. 'torch fp16'."""
     return f"{run_or_engine['backend']} {run_or_engine['precision']}"
 
 
+def variant(run_or_engine: dict[str, Any]) -> str:
+    """:func:`pair`, and the learner streams where there are several, e.g. 'torch fp16, 5 learner streams'."""
+    streams = run_or_engine["learner_streams"]
+    return pair(run_or_engine) + (f", {streams} learner streams" if streams > 1 else "")
+
+
 def speedups(runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], float]:
-    """Each run's speed-up over the ``loop`` run of the same backend and precision at the same K, keyed by
-    (variant, mode, K) (where there is such a loop run)."""
-    loop = {(variant(r), r["k"]): r["seconds_per_image_median"] for r in runs if r["mode"] == "loop"}
-    return {(variant(r), r["mode"], r["k"]): loop[variant(r), r["k"]] / r["seconds_per_image_median"]
-            for r in runs if r["k"] is not None and (variant(r), r["k"]) in loop}
+    """Each run's speed-up over the ``loop`` run of the same backend and precision at the same K (the loop is
+    the reference's one stream, whatever the run's learner streams), keyed by (variant, mode, K) (where there
+    is such a loop run)."""
+    loop = {(pair(r), r["k"]): r["seconds_per_image_median"] for r in runs if r["mode"] == "loop"}
+    return {(variant(r), r["mode"], r["k"]): loop[pair(r), r["k"]] / r["seconds_per_image_median"]
+            for r in runs if r["k"] is not None and (pair(r), r["k"]) in loop}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -33,29 +40,32 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['torch_threads']} torch threads)",
         *(f"- engine: bundle {eng['bundle']}, backend {eng['backend']}, precision {eng['precision']}, "
           f"compiled {eng['compiled']}, loader {eng['loader']}, sampler {eng['sampler']}, "
+          f"learner streams {eng['learner_streams']}, "
           f"learners {', '.join(lr['name'] for lr in eng['learners'])}" for eng in report["engines"]),
         f"- inputs: {report['inputs']}",
         "",
-        "| backend | precision | mode | K | images/call | patches/call | N | ms/image (median) | p95 | images/s | x loop | "
-        "preprocess % | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
-        "|" + "---|" * (12 + len(STAGES)),
+        "| backend | precision | streams | mode | K | images/call | patches/call | N | ms/image (median) | p95 | images/s | "
+        "x loop | preprocess % | " + " | ".join(f"{s} ms" for s in STAGES) + " |",
+        "|" + "---|" * (13 + len(STAGES)),
     ]
     for r in report["runs"]:
         st = r["stage_seconds_per_image"]
         up = ups.get((variant(r), r["mode"], r["k"]))
         lines.append(
-            f"| {r['backend']} | {r['precision']} | {r['mode']} | {'-' if r['k'] is None else r['k']} | "
-            f"{r['images_per_call']} | {r['patch_batch']} | {r['n_images']} | "
+            f"| {r['backend']} | {r['precision']} | {r['learner_streams']} | {r['mode']} | "
+            f"{'-' if r['k'] is None else r['k']} | {r['images_per_call']} | {r['patch_batch']} | {r['n_images']} | "
             f"{1000 * r['seconds_per_image_median']:.1f} | {1000 * r['seconds_per_image_p95']:.1f} | "
             f"{r['images_per_second']:.2f} | {'' if up is None else f'{up:.1f}'} | {100 * r['preprocess_fraction']:.1f} | "
             + " | ".join(f"{1000 * st[s]:.1f}" if s in st else "" for s in STAGES) + " |")
     learners = list(dict.fromkeys(name for r in report["runs"] for name in r.get("learner_seconds_per_image", {})))
     if learners:
         lines += ["", "Inference ms an image, per learner:", "",
-                  "| backend | precision | mode | K | " + " | ".join(learners) + " |", "|" + "---|" * (4 + len(learners))]
+                  "| backend | precision | streams | mode | K | " + " | ".join(learners) + " |",
+                  "|" + "---|" * (5 + len(learners))]
         for r in report["runs"]:
             per = r.get("learner_seconds_per_image", {})
-            lines.append(f"| {r['backend']} | {r['precision']} | {r['mode']} | {'-' if r['k'] is None else r['k']} | "
+            lines.append(f"| {r['backend']} | {r['precision']} | {r['learner_streams']} | {r['mode']} | "
+                         f"{'-' if r['k'] is None else r['k']} | "
                          + " | ".join(f"{1000 * per[n]:.1f}" if n in per else "" for n in learners) + " |")
     if report.get("compile_seconds"):
         lines += ["", "torch.compile time (all shapes): "
@@ -74,7 +84,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    several = len(report["engines"]) > 1
+    several = len({variant(r) for r in report["runs"]}) > 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, key in enumerate(dict.fromkeys((variant(r), r["mode"]) for r in report["runs"])):

@@ -33,6 +33,8 @@ def bench(
     pack: int = typer.Option(4, help="Images a call in packed and global modes."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16; comma-separated to compare."),
     backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt; comma-separated to compare."),
+    learner_streams: str = typer.Option("1", help="CUDA streams the learners' calls are dealt over (GPU only); "
+                                        "comma-separated to compare, e.g. 1,5."),
     loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile with frozen weights (falls back to eager)."),
@@ -49,7 +51,7 @@ def bench(
 
     config = BenchConfig(out=out, preset=preset, bundle=bundle, images=images, synthetic=synthetic, n=n, loop_n=loop_n, ks=_ints(k),
                          modes=_words(modes), pack=pack, precisions=_words(precision),
-                         backends=_words(backend), loader=loader, device=device, compile=compile, repeats=repeats,
+                         backends=_words(backend), learner_streams=_ints(learner_streams), loader=loader, device=device, compile=compile, repeats=repeats,
                          warmup=warmup, label=label)
     if smoke:
         config.preset = config.preset or "tiny"

@@ -14,7 +14,9 @@ ahead: decode, segmentation, mask post-processing on the host, centre sampling a
 GPU on the engine's own high-priority CUDA stream. The caller's thread only launches the learners and the
 ensemble on its stream, then reads back the previous group's results while they run. So on a GPU the
 preprocessing (small kernels and host work) runs beside the learners instead of between them; on a CPU the
-same order runs in two threads sharing the cores.
+same order runs in two threads sharing the cores. With ``learner_streams`` > 1 (GPU only) the caller's thread
+deals the learners' calls over that many CUDA streams, so that a learner that leaves SMs idle (densenet161's
+memory-bound layers) may share the GPU with another; the caller's stream waits for all of them.
 
 Thread safety: an engine may be shared by threads. Preparation (loader, segmenter) is serialised by one
 lock and the learners by another, so a thread's preparation overlaps another's inference; for parallel
@@ -291,7 +293,7 @@ class Engine:
     def __init__(self, *, segmenter: Backend, learners: list[Learner], ensemble: nn.Module | None,
                  preprocessing: Mapping[str, Any], device: torch.device, loader: Loader, sampler: Sampler,
                  precision: str, seed: int = 0, k: int | None = None, return_centres: bool = False,
-                 images_per_call: int | str = "auto", patch_batch: int | str = "auto",
+                 images_per_call: int | str = "auto", patch_batch: int | str = "auto", learner_streams: int = 1,
                  bundle_id: str = "", bundle_name: str = "", backend: str = "torch") -> None:
         if not learners:
             raise BundleError("the bundle has no base learners: it can segment but not classify")
@@ -313,6 +315,9 @@ class Engine:
             1 if images_per_call == "auto" else _count("images_per_call", images_per_call))
         self.patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else (
             _count("patch_batch", patch_batch))
+        self.learner_streams = _count("learner_streams", learner_streams)
+        if self.learner_streams > 1 and not cuda:
+            raise ConfigError(f"learner_streams={self.learner_streams} needs a CUDA device (this engine runs on {device})")
         self.bundle_id = bundle_id
         self.bundle_name = bundle_name
         self.backend = backend
@@ -323,6 +328,7 @@ class Engine:
         self._prep_lock = threading.Lock()
         # High priority: the preparation's small kernels take free SMs first, between the learners' blocks.
         self._prep_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
+        self._side_streams = [torch.cuda.Stream(device) for _ in range(self.learner_streams)] if self.learner_streams > 1 else []
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
         self._global_mode = any(lr.mode == "global" for lr in learners)
 
@@ -331,11 +337,12 @@ class Engine:
     def from_bundle(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", backend: str = "auto",
                     loader: str = "auto", sampler: str = "auto", precision: str = "auto", seed: int = 0,
                     k: int | None = None, return_centres: bool = False, images_per_call: int | str = "auto",
-                    patch_batch: int | str = "auto", compile: bool = False) -> Engine:
+                    patch_batch: int | str = "auto", learner_streams: int = 1, compile: bool = False) -> Engine:
         """An engine over the bundle at ``path`` (None: the package's default bundle).
 
         ``compile`` applies ``torch.compile`` (frozen weights) to every network (torch backend); the first call
-        at each shape compiles (:meth:`warm_up` does it up front).
+        at each shape compiles (:meth:`warm_up` does it up front). ``learner_streams`` > 1 (a GPU only) deals
+        the learners' calls over that many CUDA streams so that they may run side by side.
         """
         bundle = load_bundle(path)
         dev = resolve_device(device)
@@ -348,14 +355,14 @@ class Engine:
         return cls(segmenter=seg, learners=learners, ensemble=ens, preprocessing=bundle.preprocessing, device=dev,
                    loader=make_loader(loader, dev), sampler=make_sampler(sampler, dev), precision=prec, seed=seed,
                    k=k, return_centres=return_centres, images_per_call=images_per_call, patch_batch=patch_batch,
-                   bundle_id=bundle.bundle_id, bundle_name=bundle.name, backend=name)
+                   learner_streams=learner_streams, bundle_id=bundle.bundle_id, bundle_name=bundle.name, backend=name)
 
     @classmethod
     def from_modules(cls, segmentation: nn.Module, learners: Mapping[str, nn.Module], ensemble: nn.Module | None, *,
                      mode: str = "patch", preprocessing: Mapping[str, Any] | None = None,
                      device: str | torch.device = "auto", loader: str = "auto", sampler: str = "auto",
                      precision: str = "auto", seed: int = 0, k: int | None = None, return_centres: bool = False,
-                     images_per_call: int | str = "auto", patch_batch: int | str = "auto",
+                     images_per_call: int | str = "auto", patch_batch: int | str = "auto", learner_streams: int = 1,
                      compile: bool = False, name: str = "modules") -> Engine:
         """An engine over in-memory modules (torch backend), e.g. random weights for timing."""
         dev = resolve_device(device)
@@ -365,16 +372,16 @@ class Engine:
         return cls(segmenter=seg, learners=ls, ensemble=ensemble, preprocessing=preprocessing or default_preprocessing(),
                    device=dev, loader=make_loader(loader, dev), sampler=make_sampler(sampler, dev), precision=prec,
                    seed=seed, k=k, return_centres=return_centres, images_per_call=images_per_call,
-                   patch_batch=patch_batch, bundle_name=name, backend="torch")
+                   patch_batch=patch_batch, learner_streams=learner_streams, bundle_name=name, backend="torch")
 
     def configured(self, *, k: int | None = None, images_per_call: int | str | None = None,
                    patch_batch: int | str | None = None, learner_mode: str | None = None,
-                   return_centres: bool | None = None) -> Engine:
+                   return_centres: bool | None = None, learner_streams: int | None = None) -> Engine:
         """A new engine sharing this one's networks, loader and sampler (and the locks and preparation stream
         that guard them, so both engines may be used from different threads), with other settings.
 
-        ``k`` and ``return_centres`` default to this engine's; ``images_per_call`` and ``patch_batch`` to
-        'auto' (the device's choice). ``learner_mode`` ('patch' or 'global') overrides every learner's mode
+        ``k``, ``return_centres`` and ``learner_streams`` default to this engine's; ``images_per_call`` and
+        ``patch_batch`` to 'auto' (the device's choice). ``learner_mode`` ('patch' or 'global') overrides every learner's mode
         (bench's global baseline).
         """
         learners = [Learner(lr.name, learner_mode or lr.mode, lr.backend) for lr in self.learners]
@@ -384,6 +391,7 @@ class Engine:
                           return_centres=self.return_centres if return_centres is None else return_centres,
                           images_per_call=images_per_call if images_per_call is not None else "auto",
                           patch_batch=patch_batch if patch_batch is not None else "auto",
+                          learner_streams=self.learner_streams if learner_streams is None else learner_streams,
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
         engine._compute_lock, engine._prep_lock, engine._prep_stream = self._compute_lock, self._prep_lock, self._prep_stream
         return engine
@@ -404,7 +412,7 @@ class Engine:
             "compiled": any(getattr(b, "compiled", False) for b in backends),
             "folded_batchnorms": sum(getattr(b, "folded_batchnorms", 0) for b in backends),
             "k": self.k, "seed": self.seed, "images_per_call": self.images_per_call,
-            "patch_batch": self.patch_batch, "bundle": self.bundle_name, "bundle_id": self.bundle_id,
+            "patch_batch": self.patch_batch, "learner_streams": self.learner_streams, "bundle": self.bundle_name, "bundle_id": self.bundle_id,
             "learners": [{"name": lr.name, "mode": lr.mode} for lr in self.learners],
             "ensemble": self.ensemble is not None,
         }
@@ -610,16 +618,22 @@ class Engine:
             inputs = {"patch": self._normalise(group.patches)} if "patch" in modes else {}
             if "global" in modes:
                 inputs["global"] = self._normalise(group.global_view)
-            for learner in self.learners:
-                with timer.stage(LEARNER_STAGE + learner.name):
-                    if learner.mode == "global":
-                        probs = self._run_learner(learner, inputs["global"]).softmax(-1)
-                        confidences.append(probs)
-                        softmaxes.append(probs)
-                    else:
-                        logits = self._run_learner(learner, inputs["patch"]).reshape(n, self.k, -1)
-                        confidences.append(vote_fractions(logits))
-                        softmaxes.append(mean_softmax(logits))
+            ready = _record_event(self.device) if self._side_streams else None
+            for i, learner in enumerate(self.learners):
+                side = self._side_streams[i % len(self._side_streams)] if self._side_streams else None
+                with _on_stream(side):
+                    if side is not None:
+                        side.wait_event(ready)
+                    with timer.stage(LEARNER_STAGE + learner.name):
+                        if learner.mode == "global":
+                            probs = self._run_learner(learner, inputs["global"]).softmax(-1)
+                            confidences.append(probs)
+                            softmaxes.append(probs)
+                        else:
+                            logits = self._run_learner(learner, inputs["patch"]).reshape(n, self.k, -1)
+                            confidences.append(vote_fractions(logits))
+                            softmaxes.append(mean_softmax(logits))
+            self._join_side_streams(confidences + softmaxes)
         with timer.stage("ensemble"):
             conf = torch.stack(confidences, 1)
             if self.ensemble is not None:
@@ -630,6 +644,17 @@ class Engine:
             extra = (group.centres,) if self.return_centres and group.centres is not None else ()
             group.results = _to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
         group.global_view = group.patches = None
+
+    def _join_side_streams(self, outputs: list[torch.Tensor]) -> None:
+        """The current stream waits for the learners' side streams; their outputs are marked as used by it, so
+        that their memory is not reused before it is done with them."""
+        if not self._side_streams:
+            return
+        current = torch.cuda.current_stream(self.device)
+        for side in self._side_streams:
+            current.wait_stream(side)
+        for t in outputs:
+            t.record_stream(current)
 
     def _results(self, group: _Group) -> list[Prediction]:
         """The group's predictions in input order (error results for inputs that failed to decode)."""
