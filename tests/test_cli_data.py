@@ -46,27 +46,35 @@ def test_dataset_stats_match_an_independent_count(cxr4_dir: Path) -> None:
     for key in ("source", "view"):
         counts = Counter((record[key], record["label"]) for record in raw)
         table = stats[key]
-        assert list(table)[-1] == TOTAL
-        assert set(table) - {TOTAL} == {record[key] for record in raw}
-        for group, cell in table.items():
-            if group == TOTAL:
-                continue
+        assert set(table.groups) == {record[key] for record in raw}
+        for group, cell in table.groups.items():
             assert cell == {**{c: counts[group, c] for c in CLASSES}, TOTAL: sum(counts[group, c] for c in CLASSES)}
-        assert table[TOTAL] == {**Counter(record["label"] for record in raw), TOTAL: len(raw)}
+        assert table.total == {**Counter(record["label"] for record in raw), TOTAL: len(raw)}
 
 
 def test_crosstab_by_function_and_percent_table() -> None:
     rows = [{"label": label, "x": x} for label, x in [("covid", "a"), ("normal", "b"), ("normal", "b"), ("viral", "a")]]
     counts = crosstab(rows, lambda row: row["x"].upper())
-    assert counts == {
+    assert counts.groups == {
         "A": {"covid": 1, "viral": 1, "bacterial": 0, "normal": 0, TOTAL: 2},
         "B": {"covid": 0, "viral": 0, "bacterial": 0, "normal": 2, TOTAL: 2},
-        TOTAL: {"covid": 1, "viral": 1, "bacterial": 0, "normal": 2, TOTAL: 4},
     }
+    assert counts.total == {"covid": 1, "viral": 1, "bacterial": 0, "normal": 2, TOTAL: 4}
     table = counts_table(counts, title="t", group_name="x", percent=True)
     assert table.row_count == 3
     assert list(table.columns[4].cells) == ["0 (0.0%)", "2 (100.0%)", "2 (50.0%)"]
-    assert crosstab([], "x") == {TOTAL: dict.fromkeys((*CLASSES, TOTAL), 0)}
+    empty = crosstab([], "x")
+    assert empty.groups == {} and empty.total == dict.fromkeys((*CLASSES, TOTAL), 0)
+
+
+def test_a_group_named_total_keeps_its_own_row() -> None:
+    """A source literally named 'total' is a group like any other, apart from the totals row."""
+    rows = [{"label": "covid", "source": "total"}, {"label": "normal", "source": "kermany"}]
+    counts = crosstab(rows, "source")
+    assert counts.groups["total"] == {"covid": 1, "viral": 0, "bacterial": 0, "normal": 0, TOTAL: 1}
+    assert counts.total[TOTAL] == 2 and counts.total["covid"] == 1
+    table = counts_table(counts, title="t", group_name="source")
+    assert list(table.columns[0].cells) == ["total", "kermany", "total"] and list(table.columns[5].cells) == ["1", "1", "2"]
 
 
 def test_stats_command(app: typer.Typer, cxr4_dir: Path) -> None:

@@ -45,6 +45,17 @@ def test_gradients_reach_the_first_layer() -> None:
     assert model.first.weight.grad is not None and model.first.weight.grad.abs().sum() > 0
 
 
+def test_dropout_drops_single_values_not_whole_feature_maps() -> None:
+    """SPEC/Jégou et al.: Dropout(0.2) in each dense layer and transition down, element-wise (Lasagne's
+    DropoutLayer), not whole channels (Dropout2d, a much stronger regulariser with 16 new maps a layer)."""
+    torch.manual_seed(0)
+    model = get_model("fcdensenet56").train()
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    assert drops and all(type(m) is torch.nn.Dropout and m.p == 0.2 for m in drops)
+    out = drops[0](torch.ones(2, 16, 32, 32))
+    assert 0.15 < (out == 0).float().mean() < 0.25 and (out != 0).flatten(2).any(-1).all()
+
+
 def test_input_side_not_multiple_of_32_is_refused() -> None:
     with pytest.raises(ValueError, match="multiples of 32"):
         get_model("fcdensenet56")(torch.randn(1, 1, 48, 64))

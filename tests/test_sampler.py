@@ -104,6 +104,8 @@ def test_cupy_sampler_agrees_with_torch_on_gpu():
     assert make_sampler("auto", torch.device("cuda")).name == "cupy"
     assert torch.equal(direct, ref) and torch.equal(via_engine, ref)
     np.testing.assert_array_equal(ref.cpu().numpy(), naive_centres(masks.cpu().numpy(), u.numpy()))
+    none = centres_from_uniforms_cupy(cupy.from_dlpack(masks[:0]), cupy.from_dlpack(u[:0].cuda()))
+    assert none.shape == tuple(centres_from_uniforms(masks[:0], u[:0].cuda()).shape) == (0, 100, 2)
 
 
 @pytest.mark.gpu

@@ -164,6 +164,9 @@ def test_a_resume_says_which_stored_rows_it_drops(mixed_folder: Path, bundle: Pa
     score(files, tmp_path / "s.csv", options=options, quiet=True)
     with pytest.raises(ConfigError, match="already exists"):  # refused: its lock must not outlive the call
         score(files, tmp_path / "s.csv", options=options, quiet=True)
+    with pytest.raises(ConfigError, match="ray_batch_size must be at least 1, got 0"):  # before Ray starts
+        score(files, tmp_path / "r.csv", options=options, ray=True, ray_batch_size=0, quiet=True)
+    assert not (tmp_path / "r.csv").exists()
     log = Console(file=io.StringIO(), width=200)
     again = score(files[:1], tmp_path / "s.csv", options=options, resume=True, console=log)
     assert again.rows == 1 and again.scored_now == 0

@@ -28,7 +28,8 @@ def local_ray() -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_ray_run_equals_local_run(local_ray: None, cxr4_dir: Path, tmp_path: Path) -> None:
+def test_ray_run_equals_local_run(local_ray: None, cxr4_dir: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = str(mixed_bundle(tmp_path / "bundle"))
     images = tmp_path / "images"
     images.mkdir()
@@ -52,7 +53,8 @@ def test_ray_run_equals_local_run(local_ray: None, cxr4_dir: Path, tmp_path: Pat
     assert (local.rows, local.errors) == (on_ray.rows, on_ray.errors) == (4, 1)
     app = typer.Typer()
     register(app)
-    cli = CliRunner().invoke(app, ["score", str(manifest), "--out", str(tmp_path / "cli.jsonl"), "--bundle", bundle,
+    monkeypatch.chdir(tmp_path)  # a relative bundle path: the actors work in Ray's own working directory
+    cli = CliRunner().invoke(app, ["score", str(manifest), "--out", str(tmp_path / "cli.jsonl"), "--bundle", "bundle",
                                    "-k", str(K), "--ray", "--actors", "2", "--chunk-size", "3"])
     assert cli.exit_code == 1 and "4 rows: 3 ok, 0 flagged, 1 errors" in cli.output, cli.output
     local_rows, _ = read_output(tmp_path / "local.parquet")

@@ -99,7 +99,7 @@ def overlay_image(image: np.ndarray, mask: np.ndarray) -> Image.Image:
 
 def _flag_message(fraction: float, min_fraction: float) -> tuple[str, str]:
     if fraction < min_fraction:
-        return "flagged", f"mask covers {fraction:.1%} of the image (< {min_fraction:.0%}): check the input"
+        return "flagged", f"mask covers {fraction:.1%} of the image (< {min_fraction:.1%}): check the input"
     return "ok", ""
 
 

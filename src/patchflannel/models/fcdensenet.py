@@ -16,7 +16,7 @@ class DenseLayer(nn.Sequential):
 
     def __init__(self, cin: int, growth: int, dropout: float) -> None:
         super().__init__(nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
-                         nn.Conv2d(cin, growth, 3, padding=1, bias=True), nn.Dropout2d(dropout))
+                         nn.Conv2d(cin, growth, 3, padding=1, bias=True), nn.Dropout(dropout))
 
 
 class DenseBlock(nn.Module):
@@ -40,7 +40,7 @@ class TransitionDown(nn.Sequential):
 
     def __init__(self, c: int, dropout: float) -> None:
         super().__init__(nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.Conv2d(c, c, 1),
-                         nn.Dropout2d(dropout), nn.MaxPool2d(2))
+                         nn.Dropout(dropout), nn.MaxPool2d(2))
 
 
 class FCDenseNet(nn.Module):

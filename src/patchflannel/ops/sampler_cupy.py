@@ -23,6 +23,8 @@ def centres_from_uniforms_cupy(masks: Any, uniforms: Any) -> Any:
     cp = _cupy()
     masks = cp.asarray(masks)
     b, h, w = masks.shape
+    if b == 0:  # as the torch version: no images, no centres
+        return cp.empty((0, uniforms.shape[1], 2), dtype=cp.int64)
     counts = cp.cumsum(masks.reshape(b, h * w).astype(cp.int64), axis=1)
     n = counts[:, -1:]
     if bool((n == 0).any()):

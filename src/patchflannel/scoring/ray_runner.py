@@ -9,11 +9,13 @@ bundle path must be readable on every node (a shared file system), see docs/scor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import socket
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -55,6 +57,8 @@ def ray_rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions,
     description).
     """
     description: dict[str, Any] = {"ray": {"address": address}, "engines": []}
+    if options.bundle is not None:  # the actors run in other working directories (input paths are absolute too)
+        options = dataclasses.replace(options, bundle=str(Path(options.bundle).resolve()))
     return _rows(items, schema, options, address, actors, batch_size, description), description
 
 

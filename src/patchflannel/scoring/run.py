@@ -111,6 +111,8 @@ def score(
         raise ConfigError("actors is a Ray setting: score with Ray (--ray or --ray-address) or leave it out")
     if actors is not None and actors < 1:
         raise ConfigError(f"actors must be at least 1, got {actors}")
+    if ray_batch_size < 1:
+        raise ConfigError(f"ray_batch_size must be at least 1, got {ray_batch_size}")
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
