@@ -109,3 +109,15 @@ def test_gpu_bench_compares_learner_streams(tmp_path):
     assert [(r["learner_streams"], r["mode"]) for r in report["runs"]] == [(1, "loop"), (1, "packed"), (2, "packed")]
     assert ("torch fp16, 2 learner streams", "packed", 4) in speedups(report["runs"])
     assert "| torch | fp16 | 2 | packed | 4 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_gpu_scoring_engines_use_cudnn_benchmark(tmp_path):
+    """score's engines (local and on Ray actors) run one call shape, as bench: cuDNN picks its kernels by timing."""
+    from patchflannel.scoring.run import EngineOptions
+
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",))
+    torch.backends.cudnn.benchmark = False
+    EngineOptions(bundle=str(tmp_path), device="cpu").engine()
+    assert not torch.backends.cudnn.benchmark
+    EngineOptions(bundle=str(tmp_path), device="cuda").engine()
+    assert torch.backends.cudnn.benchmark

@@ -41,11 +41,17 @@ class EngineOptions:
     k: int | None = None
 
     def engine(self) -> Any:
-        """Build the engine these options describe."""
+        """Build the engine these options describe. On a GPU this sets ``cudnn.benchmark`` for the process (a
+        scoring run's calls all have one shape, as in bench, whose figures are measured with it)."""
+        import torch
+
         from patchflannel.engine.engine import Engine
 
-        return Engine.from_bundle(self.bundle, device=self.device, backend=self.backend, loader=self.loader,
-                                  sampler=self.sampler, precision=self.precision, seed=self.seed, k=self.k)
+        engine = Engine.from_bundle(self.bundle, device=self.device, backend=self.backend, loader=self.loader,
+                                    sampler=self.sampler, precision=self.precision, seed=self.seed, k=self.k)
+        if engine.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        return engine
 
 
 @dataclass
