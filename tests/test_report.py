@@ -125,6 +125,20 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     assert not (tmp_path / "rep" / "report.json").exists()
 
 
+def test_eval_names_a_scoring_output_and_how_to_get_predictions(tmp_path: Path) -> None:
+    """score's own output (Parquet, JSONL or CSV) is not a predictions file: eval says so, no traceback."""
+    (tmp_path / "s.parquet").write_bytes(b"PAR1\x15\x04\xf2\x00 binary")
+    (tmp_path / "s.csv").write_text("path,content_hash,status,pred,p_covid\na.png,ab12,ok,covid,0.9\n")
+    (tmp_path / "binary.csv").write_bytes(b"PAR1\x15\x04\xf2\x00 binary")
+    for name, needle in (("s.parquet", "a scoring output, not a predictions CSV"), ("s.csv", "this is a scoring output"),
+                         ("binary.csv", "not a UTF-8 text CSV")):
+        result = CliRunner().invoke(_app(), ["eval", str(tmp_path / name), "--out", str(tmp_path / "rep")])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert needle in result.output
+        if name != "binary.csv":
+            assert "score MANIFEST --out OUT --predictions FILE.csv" in result.output
+
+
 def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path) -> None:
     rows = _predictions(cxr4_dir, tmp_path / "predictions.csv")
     assert CliRunner().invoke(_app(), ["eval", str(tmp_path / "predictions.csv"), "--out", str(tmp_path / "rep"),

@@ -57,7 +57,7 @@ def cv_cmd(config: ConfigArg,
         console.print(f"report: {result['report']}/report.md", markup=False, highlight=False)
 
 
-def eval_cmd(predictions: Annotated[Path, typer.Argument(help="predictions.csv written by `patchflannel cv`.")],
+def eval_cmd(predictions: Annotated[Path, typer.Argument(help="Predictions CSV written by `patchflannel cv` or `patchflannel score --predictions`.")],
              out: Annotated[Path, typer.Option("--out", help="Report folder (report.json, report.md, PNGs).")],
              bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for the 95% intervals.", min=0)] = 1000,
              seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0) -> None:

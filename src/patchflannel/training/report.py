@@ -24,6 +24,7 @@ from patchflannel.training.metrics import bootstrap_ci, classification_metrics, 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "patient_id", "source", "label", "model", "fold", "split", *PROB_COLUMNS, "pred")
 SPLITS = ("val", "test", "train")
+SCORE_HINT = "`patchflannel score MANIFEST --out OUT --predictions FILE.csv` writes one from a labelled manifest"
 
 
 def write_predictions(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -44,12 +45,18 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, ["file not found"])
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(path, [f"missing column '{c}'" for c in missing])
-        raw = list(reader)
+    if path.suffix.lower() in (".parquet", ".jsonl"):
+        raise ManifestError(path, [f"a scoring output, not a predictions CSV: {SCORE_HINT}"])
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                hint = [f"this is a scoring output: {SCORE_HINT}"] if "content_hash" in (reader.fieldnames or []) else []
+                raise ManifestError(path, [f"missing column '{c}'" for c in missing] + hint)
+            raw = list(reader)
+    except UnicodeDecodeError:
+        raise ManifestError(path, ["not a UTF-8 text CSV"]) from None
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     for i, r in enumerate(raw, start=2):
