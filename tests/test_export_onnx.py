@@ -17,7 +17,7 @@ from patchflannel.bench.report import variant
 from patchflannel.cli.export import register
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import default_bundle_path, load_bundle, random_bundle
-from patchflannel.export.onnx import OPSET, export_onnx, onnx_session, parity_report
+from patchflannel.export.onnx import DATA_ENV, OPSET, export_onnx, onnx_session, parity_report
 from patchflannel.models.classifiers import FLANNEL_LEARNERS
 
 
@@ -109,10 +109,45 @@ def test_a_precision_without_files_runs_fp32_and_bench_times_it_once(exported: P
     assert "backend onnxruntime, precision fp32: onnxruntime fp32, already timed" in lines
 
 
-def test_without_real_data_inputs_are_synthetic_and_say_so(source: Path, tmp_path: Path) -> None:
-    b = export_onnx(source, tmp_path / "b", models=["shufflenet_v2_x0_5_patch"], data_dir=tmp_path / "nowhere")
+def test_without_real_data_inputs_are_synthetic_and_say_so(source: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
+    b = export_onnx(source, tmp_path / "b", models=["shufflenet_v2_x0_5_patch"])
     assert b.learners[0].file("onnx").extra["parity"]["inputs"].startswith("synthetic")
     assert b.segmentation.files[0].format == "torch" and len(b.segmentation.files) == 1
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["export", "onnx", str(source), "--out", str(tmp_path / "c"),
+                                      "--model", "shufflenet_v2_x0_5_patch", "--model", "ensemble"])
+    assert result.exit_code == 0, result.output  # the ensemble's inputs are vote fractions: never "synthetic"
+    assert "note: the parity checks of shufflenet_v2_x0_5_patch ran on synthetic inputs" in result.output.replace("\n", " ")
+
+
+def test_a_failed_export_leaves_no_copy_behind(source: Path, tmp_path: Path, cxr4_dir: Path) -> None:
+    """Bad --model, --data or --random: a one-line error naming the cause; --out is not left half-made, so the
+    corrected command runs at once."""
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    out = tmp_path / "o"
+    for args, needle in (
+            (["--model", "nothere"], f"bundle {source} has no model(s) nothere"),
+            (["--data", str(tmp_path / "nope")], "nope: not a data folder with lungseg/ and cxr4/"),
+    ):
+        result = runner.invoke(app, ["export", "onnx", str(source), "--out", str(out), *args])
+        assert result.exit_code == 1 and needle in result.output, result.output
+        assert not out.exists()
+    with pytest.raises(BundleError, match="max abs diff"):  # a parity failure after the copy was made
+        export_onnx(source, out, models=["ensemble"], rtol=0.0, atol=0.0, data_dir=cxr4_dir.parent)
+    assert not out.exists()
+    out.mkdir()
+    result = runner.invoke(app, ["export", "onnx", "--random", "resnet9000", "--out", str(out)])
+    assert result.exit_code == 1 and "resnet9000" in result.output and out.exists() is False
+    result = runner.invoke(app, ["export", "onnx", str(source), "--out", str(out), "--model", "ensemble",
+                                 "--data", str(cxr4_dir.parent)])
+    assert result.exit_code == 0, result.output
+    assert load_bundle(out).ensemble.file("onnx").extra["parity"]["passed"]
 
 
 def test_cli_exports_random_architectures_and_verifies(tmp_path: Path, cxr4_dir: Path) -> None:

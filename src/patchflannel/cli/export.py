@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from patchflannel.cli._common import fail_cleanly
 from patchflannel.errors import PatchflannelError
+from patchflannel.export.onnx import DATA_ENV
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()
@@ -27,6 +29,11 @@ def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
                                            f" <= {parity['tolerance']:.2g}, labels {parity['label_agreement']:.3f}")
             table.add_row(m.name, m.arch, f.format, f.precision, f.path, shown)
     console.print(table)
+    synthetic = sorted({m.name for m in bundle.models() for f in m.files
+                        if str(f.extra.get("parity", {}).get("inputs", "")).startswith("synthetic")})
+    if synthetic:
+        console.print(f"note: the parity checks of {', '.join(synthetic)} ran on synthetic inputs (no real data found: "
+                      f"--data DIR or ${DATA_ENV} names a folder with lungseg/ and cxr4/)", markup=False, highlight=False)
 
 
 @export_app.command("bundle")
@@ -61,16 +68,23 @@ def onnx_cmd(
     from patchflannel.models.classifiers import FLANNEL_LEARNERS
 
     with fail_cleanly():
-        if preset is not None or random:
-            if preset not in (None, "flannel5"):
-                raise PatchflannelError(f"unknown preset {preset!r}: the one preset is flannel5")
-            if bundle is not None or out is None:
-                raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
-            learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
-            bundle = random_bundle(out, segmentation="fcdensenet103" if preset else "fcdensenet56", learners=learners,
-                                   name=preset or "random").root
-            out = None
-        _summary(export_onnx(bundle, out, models=model or None, opset=opset, data_dir=data, precision=precision))
+        if preset is None and not random:
+            _summary(export_onnx(bundle, out, models=model or None, opset=opset, data_dir=data, precision=precision))
+            return
+        if preset not in (None, "flannel5"):
+            raise PatchflannelError(f"unknown preset {preset!r}: the one preset is flannel5")
+        if bundle is not None or out is None:
+            raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
+        if out.exists() and any(out.iterdir()):
+            raise PatchflannelError(f"{out}: not empty; choose a new or empty folder for the random bundle")
+        learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
+        try:
+            made = random_bundle(out, segmentation="fcdensenet103" if preset else "fcdensenet56", learners=learners,
+                                 name=preset or "random")
+            _summary(export_onnx(made.root, None, models=model or None, opset=opset, data_dir=data, precision=precision))
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left behind
+            raise
 
 
 @export_app.command("tensorrt")

@@ -20,6 +20,7 @@ from patchflannel.devices import resolve_device
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import (
     Bundle,
+    ModelEntry,
     StagedFiles,
     add_file,
     library_versions,
@@ -28,7 +29,7 @@ from patchflannel.export.bundle import (
     role_of,
     write_bundle,
 )
-from patchflannel.export.onnx import TOLERANCES, _as_bundle, _select, parity_report, reference_inputs, shared_data_dir
+from patchflannel.export.onnx import TOLERANCES, export_target, parity_report, reference_inputs, shared_data_dir
 
 MAX_BATCH = 4096
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -71,12 +72,18 @@ def export_compiled(bundle: Bundle | str | Path | None = None, out: str | Path |
     if precision not in DTYPES:
         raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     rtol, atol = TOLERANCES[precision]
-    b = _as_bundle(bundle, out)
     data = shared_data_dir(data_dir)
+    with export_target(bundle, out, models) as (b, entries):
+        _compile_entries(b, entries, data, device, precision, rtol, atol, max_batch)
+    return load_bundle(b.root)
+
+
+def _compile_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, device: str, precision: str,
+                     rtol: float, atol: float, max_batch: int) -> None:
     kind = torch.device(device).type
     done = []
     with StagedFiles(b.root) as stage:
-        for entry in _select(b, models):
+        for entry in entries:
             module = load_torch_model(b, entry)
             x, source = reference_inputs(b, entry, data)
             with torch.no_grad():
@@ -102,5 +109,4 @@ def export_compiled(bundle: Bundle | str | Path | None = None, out: str | Path |
         entry.files.append(new)
     b.versions.update(library_versions())
     write_bundle(b)
-    return load_bundle(b.root)
 

@@ -14,11 +14,12 @@ the registry with the same numerics as the dynamo exporter and several times fas
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,13 @@ DATA_ENV = "PATCHFLANNEL_SHARED_DATA"
 
 
 def shared_data_dir(path: str | Path | None = None) -> Path | None:
-    """The real-data folder: ``path`` if given, else $PATCHFLANNEL_SHARED_DATA, else ``../shared/data``; None if absent."""
-    candidates = [path] if path is not None else [os.environ.get(DATA_ENV), Path.cwd().parent / "shared" / "data"]
+    """The real-data folder: ``path`` if given (ConfigError unless it holds ``lungseg/`` and ``cxr4/``), else
+    $PATCHFLANNEL_SHARED_DATA, else ``../shared/data``; None if absent."""
+    if path is not None:
+        if not all((Path(path) / sub).is_dir() for sub in ("lungseg", "cxr4")):
+            raise ConfigError(f"{path}: not a data folder with lungseg/ and cxr4/ (the parity check's real images)")
+        return Path(path)
+    candidates = [os.environ.get(DATA_ENV), Path.cwd().parent / "shared" / "data"]
     found = [Path(c) for c in candidates if c and Path(c).is_dir()]
     return found[0] if found else None
 
@@ -227,17 +233,34 @@ def onnx_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _as_bundle(bundle: Bundle | str | Path | None, out: str | Path | None) -> Bundle:
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if out is None or Path(out).resolve() == b.root.resolve():
-        if b.root.resolve() == default_bundle_path().resolve():
+@contextlib.contextmanager
+def export_target(bundle: Bundle | str | Path | None, out: str | Path | None,
+                  models: Sequence[str] | None) -> Iterator[tuple[Bundle, list[ModelEntry]]]:
+    """The bundle an export writes into and the entries it exports: ``bundle`` itself, or a copy of it at
+    ``out`` (a new or empty folder), which is removed again when the export fails. Unknown ``models`` are
+    refused before anything is copied."""
+    source = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    _select(source, models)
+    if out is None or Path(out).resolve() == source.root.resolve():
+        if source.root.resolve() == default_bundle_path().resolve():
             raise BundleError("the default bundle is part of the installed package: export into a copy (--out DIR)")
-        return b
+        yield source, _select(source, models)
+        return
     out = Path(out)
     if (out / "bundle.json").exists():
         raise BundleError(f"{out}: already holds a bundle; choose an empty folder or export in place")
-    shutil.copytree(b.root, out, dirs_exist_ok=True)
-    return load_bundle(out)
+    if out.exists() and any(out.iterdir()):
+        raise BundleError(f"{out}: not empty; choose a new or empty folder for the bundle's copy")
+    existed = out.exists()
+    shutil.copytree(source.root, out, dirs_exist_ok=True)
+    try:
+        copy = load_bundle(out)
+        yield copy, _select(copy, models)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left behind
+        if existed:
+            out.mkdir()
+        raise
 
 
 def _select(bundle: Bundle, models: Sequence[str] | None) -> list[ModelEntry]:
@@ -266,11 +289,17 @@ def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | Non
         raise ConfigError(f"precision must be one of {', '.join(TOLERANCES)}, got {precision!r}")
     rtol = TOLERANCES[precision][0] if rtol is None else rtol
     atol = TOLERANCES[precision][1] if atol is None else atol
-    b = _as_bundle(bundle, out)
     data = shared_data_dir(data_dir)
+    with export_target(bundle, out, models) as (b, entries):
+        _export_entries(b, entries, data, opset, precision, rtol, atol)
+    return load_bundle(b.root)
+
+
+def _export_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, opset: int, precision: str,
+                    rtol: float, atol: float) -> None:
     failures, done = [], []
     with StagedFiles(b.root) as stage:
-        for entry in _select(b, models):
+        for entry in entries:
             role = role_of(b, entry)
             sig = io_signature(role, b.preprocessing, int(entry.arch_config.get("n_learners", len(b.learners))))
             in_name, out_name = sig["inputs"][0]["name"], sig["outputs"][0]["name"]
@@ -300,4 +329,3 @@ def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | Non
         entry.inputs, entry.outputs = sig["inputs"], sig["outputs"]
     b.versions.update(library_versions())
     write_bundle(b)
-    return load_bundle(b.root)
