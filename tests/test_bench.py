@@ -117,3 +117,17 @@ def test_bench_refuses_inputs_that_do_not_score(tmp_path):
     with pytest.raises(ConfigError, match=r"1 of 2 bench inputs gave no result \(first: .*broken.jpg"):
         run_bench(BenchConfig(out=tmp_path / "out", preset="tiny", images=folder, n=2, ks=(2,), modes=("batched",),
                               repeats=1, warmup=0))
+
+
+def test_smoke_runs_the_bundle_it_is_given(app, tmp_path):
+    """--smoke --bundle B smoke-tests B (not the tiny preset); a missing bundle is an error."""
+    from patchflannel.export.bundle import random_bundle
+
+    random_bundle(tmp_path / "b", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",), name="mine")
+    result = CliRunner().invoke(app, ["bench", "--smoke", "--synthetic", "--bundle", str(tmp_path / "b"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [e["bundle"] for e in report["engines"]] == ["mine"] and report["config"]["preset"] is None
+    missing = CliRunner().invoke(app, ["bench", "--smoke", "--bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
+    assert missing.exit_code == 2 and "nope" in missing.output

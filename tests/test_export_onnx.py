@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,16 +10,18 @@ import numpy as np
 import onnx
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 from patchflannel import Engine
-from patchflannel.bench.harness import BenchConfig, run_bench
+from patchflannel.bench.harness import BenchConfig, phantom_jpegs, run_bench
 from patchflannel.bench.report import variant
 from patchflannel.cli.export import register
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import default_bundle_path, load_bundle, random_bundle
 from patchflannel.export.onnx import DATA_ENV, OPSET, export_onnx, onnx_session, parity_report
 from patchflannel.models.classifiers import FLANNEL_LEARNERS
+from patchflannel.scoring.run import EngineOptions, score
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,12 @@ def test_a_precision_without_files_runs_fp32_and_bench_times_it_once(exported: P
                                    device="cpu", repeats=1, warmup=0), progress=lines.append)
     assert [variant(e) for e in report["engines"]] == [variant(r) for r in report["runs"]] == ["onnxruntime fp32"]
     assert "backend onnxruntime, precision fp32: onnxruntime fp32, already timed" in lines
+    log = Console(file=io.StringIO(), width=300)
+    image = tmp_path / "x.jpg"
+    image.write_bytes(phantom_jpegs(1, size=256)[0][1])
+    score([image], tmp_path / "s.csv", options=EngineOptions(bundle=str(exported), device="cpu", backend="onnxruntime",
+                                                             precision="bf16", k=2), console=log)
+    assert "note: precision bf16 was asked for; the networks run at fp32" in log.file.getvalue()
 
 
 def test_without_real_data_inputs_are_synthetic_and_say_so(source: Path, tmp_path: Path,

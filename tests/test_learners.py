@@ -164,6 +164,18 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         read_splits(bad)
 
 
+def test_a_refused_learner_config_leaves_no_run_folder(tmp_path: Path) -> None:
+    splits = tmp_path / "splits.csv"
+    splits.write_text("path,label,patient_id,view,source,split,fold\n"
+                      "a.png,covid,p1,PA,s,train,0\nb.png,normal,p2,PA,s,train,1\n")
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")  # only their existence is checked before the folds
+    cfg = {"splits": str(splits), "arch": "squeezenet1_1", "val_fold": 7}
+    with pytest.raises(ConfigError, match="fold 7 leaves 2 training and 0 validation images"):
+        train_learner(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path: Path) -> None:
     splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)

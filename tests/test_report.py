@@ -166,3 +166,5 @@ def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path
                 assert cell == "-"
     missing = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "no report.json" in missing.output
+    no_train = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), "--split", "train"])
+    assert no_train.exit_code == 1 and "no report has train rows (they have: test, val)" in no_train.output

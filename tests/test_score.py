@@ -231,6 +231,8 @@ def test_phantoms_command_and_a_clean_run_exits_0(tmp_path: Path, bundle: Path) 
     b = np.asarray(Image.open(tmp_path / "demo" / "synthetic_phantom_01.png"))
     assert a.shape == (256, 256) and a.dtype == np.uint8 and not np.array_equal(a, b)
     assert a[128, 40:80].mean() + 60 < a[128, 118:138].mean()  # dark lung field beside the bright spine
+    clash = CliRunner().invoke(_app(), ["phantoms", str(tmp_path / "demo" / "README.txt")])
+    assert clash.exit_code == 2 and "README.txt: a file is in the way where a folder is wanted" in clash.output
     again = write_phantoms(tmp_path / "again", 1, size=256)
     assert again[0].read_bytes() == (tmp_path / "demo" / "synthetic_phantom_00.png").read_bytes()  # deterministic
     result = CliRunner().invoke(_app(), ["score", str(tmp_path / "again"), "--out", str(tmp_path / "s.parquet"),

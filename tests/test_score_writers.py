@@ -142,10 +142,10 @@ def test_resume_refuses_another_run_key_or_schema(tmp_path: Path) -> None:
     store = ResultStore(out, SCHEMA)
     store.begin(RUN_KEY, resume=False)
     store.write_chunk(_full_rows())
-    with pytest.raises(ConfigError, match="different seed"):
+    with pytest.raises(ConfigError, match=r"different seed \(seed 0 there, 1 now\)"):
         ResultStore(out, SCHEMA).begin({**RUN_KEY, "seed": 1}, resume=True)
     store.finalize({})
-    with pytest.raises(ConfigError, match="different bundle_id, k"):
+    with pytest.raises(ConfigError, match=r"different bundle_id, k \(bundle_id abc there, other now; k 4 there, 8 now\)"):
         ResultStore(out, SCHEMA).begin({**RUN_KEY, "bundle_id": "other", "k": 8}, resume=True)
     with pytest.raises(ConfigError, match="different columns"):
         ResultStore(out, output_schema(["vgg19_bn_patch"], ["label"])).begin(RUN_KEY, resume=True)

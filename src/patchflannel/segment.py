@@ -62,7 +62,7 @@ class Segmenter:
         return out
 
 
-def load_segmenter(model: str | Path | None = None, device: str = "cpu", batch_size: int = 8) -> Segmenter:
+def load_segmenter(model: str | Path | None = None, device: str = "auto", batch_size: int = 8) -> Segmenter:
     """A Segmenter from a bundle folder, a segmentation run folder (run.json + best.pt), or the default bundle."""
     device = str(resolve_device(device))
     if batch_size < 1:

@@ -22,8 +22,18 @@ def fail_cleanly(code: int = 1) -> Iterator[None]:
     try:
         yield
     except (PatchflannelError, OSError) as exc:
-        errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"error: {_reason(exc)}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code) from None
+
+
+def _reason(exc: Exception) -> str:
+    """``path: reason`` for an OS error on a path (a file where a folder is wanted reads 'not a folder')."""
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return str(exc)
+    path = Path(exc.filename)
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and not path.is_dir():
+        return f"{path}: a file is in the way where a folder is wanted"
+    return f"{path}: {exc.strerror or exc}"
 
 
 def fresh_run(out: Path, resume: bool) -> None:

@@ -41,8 +41,9 @@ def bench(
     repeats: int = typer.Option(3, help="Timed repeats a run (loop mode: one; it is slow)."),
     warmup: int = typer.Option(1, help="Warm-up runs before timing."),
     label: str = typer.Option("", help="A title for the report."),
-    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run: preset tiny (unless --preset), and it sets N=2, "
-                               "K=4, pack 2, one repeat, no warm-up, modes loop,batched,packed,global."),
+    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run of --preset or --bundle (neither: preset tiny); it "
+                               "replaces N, K, pack, repeats, warm-up and modes with N=2 (loop 1), K=4, pack 2, one "
+                               "repeat, no warm-up, modes loop,batched,packed,global."),
 ) -> None:
     """Time the engine's ways of classifying N images with K patches each and write a report."""
     from patchflannel.bench.harness import BenchConfig, run_bench
@@ -54,7 +55,7 @@ def bench(
                          backends=_words(backend), learner_streams=_ints(learner_streams), loader=loader, device=device, compile=compile, repeats=repeats,
                          warmup=warmup, label=label)
     if smoke:
-        config.preset = config.preset or "tiny"
+        config.preset = config.preset or (None if bundle is not None else "tiny")
         config.n, config.loop_n, config.ks, config.repeats, config.warmup, config.pack = 2, 1, (4,), 1, 0, 2
         config.modes = ("loop", "batched", "packed", "global")
     try:

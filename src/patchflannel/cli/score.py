@@ -46,9 +46,11 @@ def score(
     """Score images into one table: one row per input (path, hash, status, error, pred, p_covid..p_normal,
     per-learner confidences, K, seed, bundle id, backend, DICOM UIDs).
 
-    Exit status: 0 every input scored (ok or flagged); 1 some inputs are error rows (the run still
-    completed); 2 bad options, sources, manifest or bundle (nothing scored); 3 an unexpected failure stopped
-    the run (the chunks written are kept: --resume continues).
+    Exit status:
+    0 every input scored (ok or flagged);
+    1 some inputs are error rows (the run still completed);
+    2 bad options, sources, manifest or bundle (nothing scored);
+    3 an unexpected failure stopped the run (the chunks written are kept: --resume continues).
     """
     from patchflannel.scoring.run import EngineOptions, score as run_score, summary_text
     from patchflannel.scoring.writers import export_predictions

@@ -14,7 +14,7 @@ console = Console()
 
 ModelOpt = Annotated[Optional[Path], typer.Option(
     "--model", help="A bundle folder or a segmentation run folder; default: the package's default bundle.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:1, ...")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")]
 
 
 
@@ -46,7 +46,7 @@ def train_seg_cmd(
 def seg_eval_cmd(
     manifest: Annotated[Path, typer.Option("--manifest", help="The image,mask pairs CSV the model was trained on.")],
     model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Mean Jaccard of the model's masks (post-processed, full resolution) on its recorded validation pairs."""
     from patchflannel.segment import load_segmenter
@@ -78,7 +78,7 @@ def segment_cmd(
     model: ModelOpt = None,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write overlays/<stem>.png.")] = False,
     min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.", min=0.0, max=1.0)] = 0.05,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
 ) -> None:
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.

@@ -212,6 +212,12 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
     if b.ensemble is not None:
         configs["flannel"] = _network(pb, "flannel", b.ensemble, learner_format, max_images)
         files["flannel"] = b.ensemble
+    missing = [e.name for e in files.values() if not any(
+        f.format == learner_format and (learner_format != "onnx" or f.precision == "fp32") for f in e.files)]
+    if missing:
+        kind = "fp32 onnx" if learner_format == "onnx" else learner_format
+        raise BundleError(f"{b.root}: no {kind} file for {', '.join(missing)}; make them with "
+                          f"`patchflannel export {learner_format}` (into a copy of the bundle: --out DIR)")
     configs[ENSEMBLE] = _ensemble(pb, b, names)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)

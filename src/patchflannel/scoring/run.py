@@ -150,6 +150,10 @@ def score(
                               highlight=False, soft_wrap=True)
         if engine is not None:
             description = describe_engine(engine)
+            if options.precision != "auto" and description["precision"] != options.precision and not quiet:
+                console.print(f"note: precision {options.precision} was asked for; the networks run at "
+                              f"{description['precision']} (an exported backend runs the bundle's fp32 files where "
+                              f"it has none in {options.precision})", markup=False, highlight=False, soft_wrap=True)
             rows = _local_rows(engine, todo)
         else:
             from patchflannel.scoring.ray_runner import ray_rows

@@ -129,8 +129,11 @@ class ResultStore:
             for source, previous in self._previous_run_keys():
                 if previous != run_key:
                     changed = sorted(k for k in set(run_key) | set(previous) if run_key.get(k) != previous.get(k))
+                    values = "; ".join(f"{k} {_shown(previous.get(k))} there, {_shown(run_key.get(k))} now"
+                                       for k in changed if k != "columns")
                     raise ConfigError(f"cannot resume into {self.out}: {source} was made with a different "
-                                      f"{', '.join(changed)}; score to a new output or pass --overwrite")
+                                      f"{', '.join(changed)}{f' ({values})' if values else ''}; score to a new output "
+                                      "or pass --overwrite")
         elif self.exists():
             raise ConfigError(f"{self.out}: output (or the parts of an unfinished run) already exists; "
                               "pass --resume to continue it or --overwrite to replace it")
@@ -211,6 +214,12 @@ class ResultStore:
                 yield self.meta_path, json.loads(self.meta_path.read_text())["run_key"]
             elif not self._run_file.exists():  # with run.json (above) the unfinished run's key is known
                 raise ConfigError(f"cannot resume into {self.out}: its metadata {self.meta_path} is missing")
+
+
+def _shown(value: Any) -> str:
+    """A run-key value in a message: short ids stay whole, long ones (bundle ids) are cut to 12 characters."""
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 16 else text[:12] + "..."
 
 
 def read_batches(path: str | os.PathLike[str], fmt: str, schema: pa.Schema,

@@ -235,9 +235,6 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     for key in ("arch", "splits", "val_fold"):
         if cfg.get(key) is None:
             raise ConfigError(f"a learner config needs '{key}'")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     rows = [r for r in read_splits(cfg["splits"]) if r["split"] == "train"]
     val_fold = str(cfg["val_fold"])
     train_rows = [r for r in rows if r["fold"] != val_fold]
@@ -246,6 +243,9 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         raise ConfigError(f"{cfg['splits']}: fold {val_fold} leaves {len(train_rows)} training and "
                           f"{len(val_rows)} validation images; both must be non-empty")
     device = resolve_device(cfg["device"])
+    run_dir = Path(run_dir)  # made once the config is known to be good: a refused one leaves nothing behind
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     seed_everything(cfg["seed"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -233,7 +233,11 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
 def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
     """One markdown table over several reports (e.g. global and patch runs), laid out like the seed paper's
     Table 3: a row per model with its mode (the ``_global``/``_patch`` suffix of its name), per-class F1 and
-    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source."""
+    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source. ConfigError when no
+    report has rows of ``split``."""
+    if not any(g["split"] == split for r in reports for g in r["groups"]):
+        have = sorted({g["split"] for r in reports for g in r["groups"]})
+        raise ConfigError(f"no report has {split} rows (they have: {', '.join(have) or 'none'}); pick another --split")
     sources = sorted({s for r in reports for s in r["sources"]})
     lines = ["| mode | model | " + " | ".join(f"{c} F1" for c in CLASSES) + " | macro-F1 | " + " | ".join(sources) + " |",
              "|---|---|" + "---|" * (len(CLASSES) + 1 + len(sources))]
