@@ -33,8 +33,8 @@ def _raw(manifest: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _assert_clean_failure(result: Result, *needles: str) -> None:
-    assert result.exit_code == 1, result.output
+def _assert_clean_failure(result: Result, *needles: str, code: int = 2) -> None:
+    assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in result.output
@@ -102,9 +102,9 @@ def test_validate_command_ok_and_bad(app: typer.Typer, cxr4_dir: Path, tmp_path:
         writer.writeheader()
         writer.writerows(records)
     result = runner.invoke(app, ["data", "validate", str(bad)])
-    _assert_clean_failure(result, str(bad), "2 problem(s)", "line 3: unknown label 'pneumonia'", "line 4:")
+    _assert_clean_failure(result, str(bad), "2 problem(s)", "line 3: unknown label 'pneumonia'", "line 4:", code=1)
     result = runner.invoke(app, ["data", "validate", "--no-check-files", str(bad)])
-    _assert_clean_failure(result, "1 problem(s)")
+    _assert_clean_failure(result, "1 problem(s)", code=1)
 
 
 def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:

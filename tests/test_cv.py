@@ -114,7 +114,7 @@ def test_cv_refuses_a_splits_file_without_folds(cxr4_dir: Path, tmp_path: Path) 
     register(app)
     result = CliRunner().invoke(app, ["cv", str(_config(tmp_path, cxr4_dir / "manifest.csv", "global")),
                                       "--out", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "missing column 'split'" in result.output and "manifest.csv" in result.output
+    assert result.exit_code == 2 and "missing column 'split'" in result.output and "manifest.csv" in result.output
 
 
 def test_recipes_are_valid_configs() -> None:

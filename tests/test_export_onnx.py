@@ -145,14 +145,14 @@ def test_a_failed_export_leaves_no_copy_behind(source: Path, tmp_path: Path, cxr
             (["--data", str(tmp_path / "nope")], "nope: not a data folder with lungseg/ and cxr4/"),
     ):
         result = runner.invoke(app, ["export", "onnx", str(source), "--out", str(out), *args])
-        assert result.exit_code == 1 and needle in result.output, result.output
+        assert result.exit_code == 2 and needle in result.output, result.output
         assert not out.exists()
     with pytest.raises(BundleError, match="max abs diff"):  # a parity failure after the copy was made
         export_onnx(source, out, models=["ensemble"], rtol=0.0, atol=0.0, data_dir=cxr4_dir.parent)
     assert not out.exists()
     out.mkdir()
     result = runner.invoke(app, ["export", "onnx", "--random", "resnet9000", "--out", str(out)])
-    assert result.exit_code == 1 and "resnet9000" in result.output and out.exists() is False
+    assert result.exit_code == 2 and "resnet9000" in result.output and out.exists() is False
     result = runner.invoke(app, ["export", "onnx", str(source), "--out", str(out), "--model", "ensemble",
                                  "--data", str(cxr4_dir.parent)])
     assert result.exit_code == 0, result.output

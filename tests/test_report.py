@@ -117,11 +117,11 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
         w.writeheader()
         w.writerows([row, nan])
     result = CliRunner().invoke(_app(), ["eval", str(bad), "--out", str(tmp_path / "rep")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "bad.csv" in result.output and "unknown pred 'flu'" in result.output and "not a number" in result.output
     assert "line 2: empty patient_id" in result.output and "line 3: a probability is not within [0, 1]" in result.output
     missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
-    assert missing.exit_code == 1 and "file not found" in missing.output
+    assert missing.exit_code == 2 and "file not found" in missing.output
     assert not (tmp_path / "rep" / "report.json").exists()
 
 
@@ -133,7 +133,7 @@ def test_eval_names_a_scoring_output_and_how_to_get_predictions(tmp_path: Path) 
     for name, needle in (("s.parquet", "a scoring output, not a predictions CSV"), ("s.csv", "this is a scoring output"),
                          ("binary.csv", "not a UTF-8 text CSV")):
         result = CliRunner().invoke(_app(), ["eval", str(tmp_path / name), "--out", str(tmp_path / "rep")])
-        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert needle in result.output
         if name != "binary.csv":
             assert "score MANIFEST --out OUT --predictions FILE.csv" in result.output
@@ -165,6 +165,6 @@ def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path
             else:
                 assert cell == "-"
     missing = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "none")])
-    assert missing.exit_code == 1 and "no report.json" in missing.output
+    assert missing.exit_code == 2 and "no report.json" in missing.output
     no_train = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), "--split", "train"])
-    assert no_train.exit_code == 1 and "no report has train rows (they have: test, val)" in no_train.output
+    assert no_train.exit_code == 2 and "no report has train rows (they have: test, val)" in no_train.output

@@ -340,11 +340,11 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     # A finished run is not trained over by mistake, and a resume keeps the split it started with.
     again = ["train", "seg", "--config", str(recipe), "--manifest", str(manifest), "--out", str(run)]
     res = runner.invoke(app, again)
-    assert res.exit_code == 1 and "already holds a training run" in res.output
+    assert res.exit_code == 2 and "already holds a training run" in res.output
     res = runner.invoke(app, again + ["--resume", "--epochs", "2"])
     assert res.exit_code == 0, res.output
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "seed": 7}))
     res = runner.invoke(app, again + ["--resume", "--epochs", "3"])
-    assert res.exit_code == 1 and "cannot resume with another seed" in res.output
+    assert res.exit_code == 2 and "cannot resume with another seed" in res.output
     res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(image), "--device", "cuda:7"])
     assert res.exit_code == 2 and "cuda:7" in res.output and "Traceback" not in res.output

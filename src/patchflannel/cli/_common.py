@@ -16,9 +16,11 @@ errors = Console(stderr=True)
 
 
 @contextmanager
-def fail_cleanly(code: int = 1) -> Iterator[None]:
+def fail_cleanly(code: int = 2) -> Iterator[None]:
     """A PatchflannelError, or an operating-system error on a path (a file where a folder is wanted, no
-    permission, a full disk), becomes its message on stderr and exit status ``code`` (no traceback)."""
+    permission, a full disk), becomes its message on stderr and exit status ``code`` (no traceback): 2, nothing
+    done (bad options, inputs or files, as for click's usage errors), for every command but the checks
+    (``data validate``, ``export verify``), whose finding is exit status 1."""
     try:
         yield
     except (PatchflannelError, OSError) as exc:

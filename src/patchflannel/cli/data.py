@@ -41,7 +41,7 @@ def validate(
     check_files: Annotated[bool, typer.Option(help="Also check that every image file exists.")] = True,
 ) -> None:
     """Check a manifest and list every bad row (exit status 1 when there is any)."""
-    with fail_cleanly():
+    with fail_cleanly(1):
         rows = read_manifest(manifest, check_files=check_files).rows
     console.print(f"{manifest}: OK, {len(rows)} rows", markup=False, highlight=False, soft_wrap=True)
 

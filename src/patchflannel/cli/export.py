@@ -135,10 +135,10 @@ def triton_cmd(
 
 @export_app.command("verify")
 def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
-    """Check a bundle (schema, files, hashes, formats) and list its files."""
+    """Check a bundle (schema, files, hashes, formats) and list its files (exit status 1 when it fails)."""
     from patchflannel.export.bundle import load_bundle
 
-    with fail_cleanly():
+    with fail_cleanly(1):
         _summary(load_bundle(bundle))
     console.print("[green]bundle verified[/green]")
 

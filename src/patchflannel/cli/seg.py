@@ -87,7 +87,7 @@ def segment_cmd(
     """
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
-    with fail_cleanly(2):
+    with fail_cleanly():
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
         rows = segment_images(inputs, segmenter, out, overlays=overlay, min_fraction=min_fraction)
     counts = report_summary(rows)
