@@ -96,6 +96,8 @@ def test_bad_bench_settings_are_refused(tmp_path):
         image_files(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="unknown precision"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, precisions=("fp8",)))
+    with pytest.raises(ConfigError, match="loop mode runs on one learner stream"):
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, learner_streams=(5,)))
     with pytest.raises(ConfigError, match="learner_streams=2 needs a CUDA device"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, device="cpu", learner_streams=(1, 2)))
     assert not (tmp_path / "bench.json").exists()  # refused before the one-stream runs were timed

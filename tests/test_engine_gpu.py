@@ -91,7 +91,19 @@ def test_gpu_learners_on_several_streams_give_the_one_stream_results(tmp_path):
     for streams in (2, 3):
         side = engine.configured(learner_streams=streams)
         assert side.describe()["learner_streams"] == streams
-        for got in (list(side.stream(items)), side.predict_many(items)):
+        assert side.configured(k=32)._side_streams is side._side_streams  # copies share the streams
+        # The first learner's calls start late on its side stream: a caller's stream that did not wait for it
+        # would stack and read back unfinished confidences.
+        first = side.learners[0].backend
+        run = first.run
+        first.run = lambda batch: (torch.cuda._sleep(500_000_000), run(batch))[1]
+        got_stream = []
+        for _ in range(2):
+            torch.cuda._sleep(1_000_000_000)  # the caller's stream busy: normalising lands late on it
+            got_stream.append(list(side.stream(items)))
+        del first.run
+        torch.cuda._sleep(1_000_000_000)
+        for got in (*got_stream, side.predict_many(items)):
             for a, b in zip(one, got):
                 assert b.ok and a.content_hash == b.content_hash
                 np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-5)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchflannel.bench.report import variant, write_report
+from patchflannel.bench.report import pair, variant, write_report
 from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
 from patchflannel.errors import ConfigError
 from patchflannel.export.bundle import default_preprocessing
@@ -324,6 +324,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if not config.backends or not config.precisions or not config.learner_streams:
         raise ConfigError("bench needs at least one backend, one precision and one learner-streams count")
+    if "loop" in config.modes and 1 not in config.learner_streams:
+        raise ConfigError("loop mode runs on one learner stream (the reference's way): include 1 in the learner "
+                          "streams (e.g. 1,5) or leave loop out of the modes")
     Path(config.out).mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the timing
     inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
     report: dict[str, Any] = {"label": config.label, "config": {**asdict(config), "out": str(config.out)},
@@ -379,8 +382,9 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
                 progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "
                          f"images/s (warm-up {result['warmup_seconds']:.1f} s, run {report['runs'][-1]['wall_seconds']:.1f} s)")
             backends = {"segmentation": engine.segmenter, **{lr.name: lr.backend for lr in engine.learners}}
-            report["compile_errors"].update({f"{name} {n}": b.compile_error for n, b in backends.items()
+            # Networks are shared by every stream count: keyed by backend and precision, recorded once.
+            report["compile_errors"].update({f"{pair(described)} {n}": b.compile_error for n, b in backends.items()
                                              if getattr(b, "compile_error", None)})
-            report["compile_seconds"].update({f"{name} {n}": b.compile_seconds for n, b in backends.items()
+            report["compile_seconds"].update({f"{pair(described)} {n}": b.compile_seconds for n, b in backends.items()
                                               if getattr(b, "compiled", False)})
             write_report(report, Path(config.out))

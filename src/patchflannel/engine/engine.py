@@ -394,6 +394,8 @@ class Engine:
                           learner_streams=self.learner_streams if learner_streams is None else learner_streams,
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
         engine._compute_lock, engine._prep_lock, engine._prep_stream = self._compute_lock, self._prep_lock, self._prep_stream
+        if engine.learner_streams == self.learner_streams:  # the same side streams (every use is under the lock)
+            engine._side_streams = self._side_streams
         return engine
 
     def describe(self) -> dict[str, Any]:
@@ -619,21 +621,23 @@ class Engine:
             if "global" in modes:
                 inputs["global"] = self._normalise(group.global_view)
             ready = _record_event(self.device) if self._side_streams else None
-            for i, learner in enumerate(self.learners):
-                side = self._side_streams[i % len(self._side_streams)] if self._side_streams else None
-                with _on_stream(side):
-                    if side is not None:
-                        side.wait_event(ready)
-                    with timer.stage(LEARNER_STAGE + learner.name):
-                        if learner.mode == "global":
-                            probs = self._run_learner(learner, inputs["global"]).softmax(-1)
-                            confidences.append(probs)
-                            softmaxes.append(probs)
-                        else:
-                            logits = self._run_learner(learner, inputs["patch"]).reshape(n, self.k, -1)
-                            confidences.append(vote_fractions(logits))
-                            softmaxes.append(mean_softmax(logits))
-            self._join_side_streams(confidences + softmaxes)
+            try:
+                for i, learner in enumerate(self.learners):
+                    side = self._side_streams[i % len(self._side_streams)] if self._side_streams else None
+                    with _on_stream(side):
+                        if side is not None:
+                            side.wait_event(ready)
+                        with timer.stage(LEARNER_STAGE + learner.name):
+                            if learner.mode == "global":
+                                probs = self._run_learner(learner, inputs["global"]).softmax(-1)
+                                confidences.append(probs)
+                                softmaxes.append(probs)
+                            else:
+                                logits = self._run_learner(learner, inputs["patch"]).reshape(n, self.k, -1)
+                                confidences.append(vote_fractions(logits))
+                                softmaxes.append(mean_softmax(logits))
+            finally:  # also after a failed call: the inputs must outlive the side streams' reads
+                self._join_side_streams(confidences + softmaxes)
         with timer.stage("ensemble"):
             conf = torch.stack(confidences, 1)
             if self.ensemble is not None:
