@@ -151,6 +151,11 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
         ("booleans", np.ones((64, 64), bool)),
         ("huge", np.zeros((10_001, 10_000), np.uint8)),
         ("big_endian", np.full((300, 300), 0.5, ">f4")),
+        ("nul_path", "scan\0.png"),
+        ("meta_tensor", torch.zeros(64, 64, device="meta")),
+        ("sparse", torch.zeros(64, 64).to_sparse()),
+        ("zero_d", np.array(0.5, np.float32)),
+        ("garbage_tiff", b"II*\x00" + b"\x00" * 40),
     ]
     preds = {p.item_id: p for p in engine.predict_many(inputs)}
     assert list(preds) == [name for name, _ in inputs]
@@ -170,8 +175,13 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     assert "unsupported array dtype torch.bool" in preds["booleans"].error
     assert "huge: image too large: 10000x10001 pixels" in preds["huge"].error
     assert preds["big_endian"].probabilities == preds["grey"].probabilities  # byte order does not matter
+    assert "nul_path: cannot read the input: ValueError: embedded null byte" == preds["nul_path"].error  # no exception out of the batch
+    assert "meta_tensor: cannot read the input" in preds["meta_tensor"].error
+    assert "sparse: cannot read the input" in preds["sparse"].error
+    assert "got shape ()" in preds["zero_d"].error
+    assert "garbage_tiff: cannot decode TIFF: not a readable TIFF file" == preds["garbage_tiff"].error
     for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "a_dict", "objects", "strings",
-                 "booleans", "huge"):
+                 "booleans", "huge", "nul_path", "meta_tensor", "sparse", "zero_d", "garbage_tiff"):
         assert preds[name].status == "error" and preds[name].probabilities is None and preds[name].label is None
 
 
@@ -221,7 +231,7 @@ def test_inputs_are_taken_as_they_are_handed_over(engine, jpegs):
     assert engine.predict_many([(Path("a/b.png"), frames[0])])[0].item_id == "a/b.png"
 
 
-def test_real_image_end_to_end_and_row(jpegs, baseline):
+def test_real_image_end_to_end_and_row(engine, jpegs, baseline):
     p = baseline[0]
     assert p.status == "ok" and p.label in CLASSES and p.centres.shape == (K, 2)
     row = p.to_row()
@@ -230,6 +240,28 @@ def test_real_image_end_to_end_and_row(jpegs, baseline):
     assert abs(sum(row[f"p_{c}"] for c in CLASSES) - 1) < 1e-5
     assert {f"shufflenet_v2_x0_5_patch_{c}" for c in CLASSES} <= set(row)
     assert p.meta["format"] == "jpeg"
+    error = engine.predict(b"not an image").to_row()
+    assert list(error) == list(row) and error["shufflenet_v2_x0_5_patch_covid"] is None  # the same columns
+
+
+def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, baseline):
+    """The caller's generator fails after three inputs: their results come first (any prefetch, any grouping),
+    then its own exception; a single string is refused as an iterable of inputs."""
+    def source():
+        yield from jpegs
+        raise RuntimeError("producer failed")
+
+    for images_per_call, prefetch in ((1, 0), (2, 0), (2, 2), (4, 1)):
+        got = []
+        with pytest.raises(RuntimeError, match="producer failed"):
+            for p in engine.configured(images_per_call=images_per_call).stream(source(), prefetch=prefetch):
+                got.append(p)
+        assert [p.item_id for p in got] == [str(j) for j in jpegs]
+        for a, b in zip(got, baseline):
+            np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
+    assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
+    with pytest.raises(TypeError, match=r"use predict\(\) for one input"):
+        engine.predict_many(str(jpegs[0]))
 
 
 def test_stream_pairs_and_prefetch(engine, jpegs, baseline):
@@ -363,12 +395,15 @@ def test_describe_and_choices(engine, bundle_dir):
     assert d["folded_batchnorms"] == 56 + 34  # all conv -> BatchNorm pairs of shufflenet_v2_x0_5, mobilenet_v3_small
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         Engine.from_bundle(bundle_dir, device="cpu", backend="tensorrt")
+    with pytest.raises(ConfigError, match="learner mode must be 'patch' or 'global', got 'Patch'"):
+        engine.configured(learner_mode="Patch")
     with pytest.raises(BackendUnavailableError, match="cupy"):
         Engine.from_bundle(bundle_dir, device="cpu", sampler="cupy")
     for bad, match in ((dict(device="gpu"), "unknown device 'gpu'"), (dict(device="meta"), "not supported"),
                        (dict(patch_batch="many"), "patch_batch must be"), (dict(images_per_call=0), "images_per_call"),
                        (dict(patch_batch=2.5), "patch_batch must be"), (dict(images_per_call=True), "images_per_call"),
-                       (dict(k=0), "k must be"), (dict(learner_streams=0), "learner_streams must be"),
+                       (dict(k=0), "k must be"), (dict(k=8.9), "k must be an integer >= 1, got 8.9"),
+                       (dict(learner_streams=0), "learner_streams must be"),
                        (dict(learner_streams=2), "learner_streams=2 needs a CUDA device")):
         with pytest.raises(ConfigError, match=match):
             Engine.from_bundle(bundle_dir, **{"device": "cpu", **bad})

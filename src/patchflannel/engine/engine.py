@@ -167,16 +167,14 @@ class _Group:
                 t.record_stream(torch.cuda.current_stream(t.device))
 
 
-def _count(name: str, value: Any) -> int:
-    """A setting that must be a positive integer (or 'auto', handled by the caller)."""
+def _count(name: str, value: Any, auto: bool = True) -> int:
+    """A setting that must be a positive integer (or, where ``auto``, 'auto', handled by the caller)."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
-    n = int(value)
-    if n < 1:
-        raise ConfigError(f"{name} must be 'auto' or an integer >= 1, got {value!r}")
-    return n
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        allowed = "'auto' or an integer >= 1" if auto else "an integer >= 1"
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+    return int(value)
 
 
 def array_hash(image: torch.Tensor) -> str:
@@ -193,7 +191,7 @@ def _as_tensor(x: Any, label: str) -> torch.Tensor:
         if isinstance(x, np.ndarray):
             if not x.dtype.isnative:  # big-endian data: torch only takes the machine's byte order
                 x = x.astype(x.dtype.newbyteorder("="))
-            return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(x if x.flags.c_contiguous else x.copy(order="C"))  # keeps a 0-d array 0-d
         return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
     except (TypeError, ValueError, RuntimeError, BufferError) as exc:  # object/str arrays, unsupported dtypes
         raise ImageReadError(label, f"cannot read the array: {exc}") from None
@@ -220,26 +218,34 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
 
 
 def _prepare(x: Any, item_id: str | None) -> _Item:
-    """Turn one input into bytes or a tensor, with its content hash; a bad input becomes an error item."""
+    """Turn one input into bytes or a tensor, with its content hash; a bad input becomes an error item, whatever
+    the failure (a path with a NUL byte, a sparse or meta tensor, a DLPack producer that raises)."""
     if isinstance(x, (str, os.PathLike)):
         label = item_id or os.fspath(x)
-        try:
-            data = read_file_bytes(x)
-        except ImageReadError as exc:
-            return _Item(label, error=str(exc))
+    elif isinstance(x, (bytes, bytearray, memoryview)):
+        label = item_id or "<bytes>"
+    else:
+        label = item_id or f"<{type(x).__name__}>"
+    try:
+        return _read_input(x, label)
+    except ImageReadError as exc:
+        return _Item(label, error=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the batch's
+        return _Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: {exc}")))
+
+
+def _read_input(x: Any, label: str) -> _Item:
+    if isinstance(x, (str, os.PathLike)):
+        data = read_file_bytes(x)
         return _Item(label, hashlib.sha256(data).hexdigest(), data=data)
     if isinstance(x, (bytes, bytearray, memoryview)):
         data = bytes(x)
-        return _Item(item_id or "<bytes>", hashlib.sha256(data).hexdigest(), data=data)
-    label = item_id or f"<{type(x).__name__}>"
+        return _Item(label, hashlib.sha256(data).hexdigest(), data=data)
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
-        try:
-            image = _array_image(x, label)
-        except ImageReadError as exc:
-            return _Item(label, error=str(exc))
+        image = _array_image(x, label)
         return _Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})
-    return _Item(label, error=str(ImageReadError(label, f"unsupported input type {type(x).__name__} "
-                                                        "(expected a path, bytes, or a 2-D array/tensor)")))
+    raise ImageReadError(label, f"unsupported input type {type(x).__name__} (expected a path, bytes, or a 2-D "
+                                "array/tensor)")
 
 
 def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -258,6 +264,14 @@ def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tens
             chunk = torch.cat([chunk, chunk.new_zeros((size - n, *chunk.shape[1:]))])
         outs.append(backend.run(chunk)[:n])
     return torch.cat(outs)
+
+
+class _SourceFailure(Exception):
+    """The caller's input iterable raised ``error``: carried past the engine's own groups to the caller."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _split_pair(x: Any) -> tuple[str | None, Any]:
@@ -306,16 +320,17 @@ class Engine:
         self.sampler = sampler
         self.precision = precision
         self.seed = int(seed)
-        self.k = int(k if k is not None else self.pre["k"])
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
+        self.k = _count("k", k if k is not None else self.pre["k"], auto=False)
+        bad = sorted({lr.mode for lr in learners} - {"patch", "global"})
+        if bad:
+            raise ConfigError(f"learner mode must be 'patch' or 'global', got {', '.join(map(repr, bad))}")
         self.return_centres = return_centres
         cuda = device.type == "cuda"
         self.images_per_call = GPU_IMAGES_PER_CALL if images_per_call == "auto" and cuda else (
             1 if images_per_call == "auto" else _count("images_per_call", images_per_call))
         self.patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else (
             _count("patch_batch", patch_batch))
-        self.learner_streams = _count("learner_streams", learner_streams)
+        self.learner_streams = _count("learner_streams", learner_streams, auto=False)
         if self.learner_streams > 1 and not cuda:
             raise ConfigError(f"learner_streams={self.learner_streams} needs a CUDA device (this engine runs on {device})")
         self.bundle_id = bundle_id
@@ -462,25 +477,43 @@ class Engine:
 
         ``prefetch`` is how many groups may be prepared (decoded, segmented, patches gathered) ahead (0: no
         worker thread). While the learners classify one group, the one before is read back (see the module
-        docstring).
+        docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
+        then its exception is raised.
         """
+        if isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)):
+            raise TypeError(f"expected an iterable of inputs, got one {type(xs).__name__}: use predict() for one input")
         timer = timer or _NoTimer()
         # Device work stays on the stream current when the run starts, whatever the consumer does in between.
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         prev: _Group | None = None  # classified, waiting to be read back
-        for group in self._prepared(xs, prefetch, timer):
-            with self._compute_lock, _on_stream(compute):
-                self._classify(group, timer)
+        try:
+            for group in self._prepared(xs, prefetch, timer):
+                with self._compute_lock, _on_stream(compute):
+                    self._classify(group, timer)
+                if prev is not None:
+                    yield from self._results(prev)
+                prev = group
+        except _SourceFailure as failure:
             if prev is not None:
                 yield from self._results(prev)
-            prev = group
+            raise failure.error from None
         if prev is not None:
             yield from self._results(prev)
 
     # ---------------------------------------------------------------------------------------- internals
     def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str | None, Any]]]:
+        """Groups of ``images_per_call`` inputs; when ``xs`` raises, the inputs taken so far, then _SourceFailure."""
         group: list[tuple[str | None, Any]] = []
-        for x in xs:
+        items = iter(xs)
+        while True:
+            try:
+                x = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - the caller's iterable failed: carried out to the caller
+                if group:
+                    yield group
+                raise _SourceFailure(exc) from exc
             item_id, x = _split_pair(x)
             group.append((item_id, _snapshot(x)))
             if len(group) == self.images_per_call:
@@ -504,8 +537,17 @@ class Engine:
             return
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-prepare") as pool:
             pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
+            failure: _SourceFailure | None = None
             try:
-                for group in self._groups(xs):
+                groups = self._groups(xs)
+                while True:
+                    try:
+                        group = next(groups)
+                    except StopIteration:
+                        break
+                    except _SourceFailure as exc:  # the groups already taken are still delivered first
+                        failure = exc
+                        break
                     pending.append(pool.submit(self._prepare_group, group, timer, ready(group)))
                     if len(pending) > prefetch:
                         yield pending.popleft().result()
@@ -513,6 +555,8 @@ class Engine:
                     yield pending.popleft().result()
             finally:  # an error or a consumer that stops early: groups not yet started are dropped
                 pool.shutdown(cancel_futures=True)
+            if failure is not None:
+                raise failure
 
     def _prepare_group(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
                        inputs_ready: torch.cuda.Event | None) -> _Group:
@@ -673,7 +717,8 @@ class Engine:
 
     def _error(self, it: _Item) -> Prediction:
         return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
-                          k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend)
+                          k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend,
+                          learners=tuple(lr.name for lr in self.learners))
 
     def _prediction(self, it: _Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
         flags = []
@@ -691,4 +736,4 @@ class Engine:
                                   for j, lr in enumerate(self.learners)},
             k=self.k, seed=self.seed, content_hash=it.content_hash, flags=flags,
             centres=host["centres"][i].copy() if "centres" in host else None, meta=it.meta or {},
-            bundle_id=self.bundle_id, backend=self.backend)
+            bundle_id=self.bundle_id, backend=self.backend, learners=tuple(lr.name for lr in self.learners))

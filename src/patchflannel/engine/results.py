@@ -23,6 +23,7 @@ class Prediction:
     learner to its per-class vote fractions and ``learner_mean_softmax`` to its mean softmax over the K
     patches. ``centres`` is the (K, 2) array of patch centres (row, col at the image size) when requested and
     patches were drawn (an engine whose learners are all global draws none, nor segments: no ``mask_fallback``).
+    ``learners`` names the engine's learners (an error result has no confidences, but the same row columns).
     """
 
     item_id: str
@@ -40,6 +41,7 @@ class Prediction:
     meta: dict[str, Any] = field(default_factory=dict)
     bundle_id: str = ""
     backend: str = ""
+    learners: tuple[str, ...] = ()
 
     @property
     def probability_array(self) -> np.ndarray | None:
@@ -55,7 +57,8 @@ class Prediction:
 
     def to_row(self) -> dict[str, Any]:
         """A flat dict for tabular output (``score``'s columns): the predicted class as ``pred`` (``label`` is
-        left to a manifest's true label), one column per class and per learner confidence, DICOM UIDs."""
+        left to a manifest's true label), one column per class and per learner confidence (None for an error),
+        DICOM UIDs: the same columns for every result of one engine."""
         row: dict[str, Any] = {
             "path": self.item_id,
             "content_hash": self.content_hash,
@@ -66,9 +69,10 @@ class Prediction:
         }
         for c in CLASSES:
             row[f"p_{c}"] = None if self.probabilities is None else self.probabilities[c]
-        for learner, conf in self.learner_confidences.items():
+        for learner in self.learners or tuple(self.learner_confidences):
+            conf = self.learner_confidences.get(learner)
             for c in CLASSES:
-                row[f"{learner}_{c}"] = conf[c]
+                row[f"{learner}_{c}"] = None if conf is None else conf[c]
         row.update({"k": self.k, "seed": self.seed, "bundle_id": self.bundle_id, "backend": self.backend})
         row.update({column: self.meta.get(keyword) for column, keyword in DICOM_COLUMNS.items()})
         return row

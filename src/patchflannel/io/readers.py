@@ -139,6 +139,8 @@ def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, 
             img = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
     except Image.DecompressionBombError as exc:
         raise ImageReadError(label, f"image too large: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError(label, f"cannot decode {fmt.upper()}: not a readable {fmt.upper()} file") from None
     except Exception as exc:  # any parser failure on untrusted bytes is a bad input
         raise ImageReadError(label, f"cannot decode {fmt.upper()}: {exc}") from None
     with img:
