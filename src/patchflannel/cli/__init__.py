@@ -26,7 +26,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _app_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."),
 ) -> None:
     """Patched FLANNEL chest X-ray classification: data, training, export, scoring and benchmarks."""
 

@@ -25,7 +25,7 @@ def bench(
     preset: Optional[str] = typer.Option(None, help="Random-weight networks: flannel5 (paper), cpu5, tiny."),
     bundle: Optional[Path] = typer.Option(None, help="Bundle folder (default: the package's bundle) when no preset."),
     images: Optional[Path] = typer.Option(None, help="Image folder or manifest (default: shared cxr4 if present, else phantoms)."),
-    synthetic: bool = typer.Option(False, "--synthetic", help="Use deterministic synthetic phantom JPEGs."),
+    synthetic: bool = typer.Option(False, "--synthetic", metavar="", help="Use deterministic synthetic phantom JPEGs."),
     n: int = typer.Option(8, "--n", "-n", help="Images a run."),
     loop_n: int = typer.Option(2, help="Images a run in loop mode (it is slow)."),
     k: str = typer.Option("16,50,100", "--k", "-k", help="Comma-separated K values."),
@@ -37,11 +37,11 @@ def bench(
                                         "comma-separated to compare, e.g. 1,5."),
     loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile with frozen weights (falls back to eager)."),
+    compile: bool = typer.Option(False, "--compile", metavar="", help="torch.compile with frozen weights (falls back to eager)."),
     repeats: int = typer.Option(3, help="Timed repeats a run (loop mode: one; it is slow)."),
     warmup: int = typer.Option(1, help="Warm-up runs before timing."),
     label: str = typer.Option("", help="A title for the report."),
-    smoke: bool = typer.Option(False, "--smoke", help="A seconds-long run of --preset or --bundle (neither: preset tiny); it "
+    smoke: bool = typer.Option(False, "--smoke", metavar="", help="A seconds-long run of --preset or --bundle (neither: preset tiny); it "
                                "replaces N, K, pack, repeats, warm-up and modes with N=2 (loop 1), K=4, pack 2, one "
                                "repeat, no warm-up, modes loop,batched,packed,global."),
 ) -> None:

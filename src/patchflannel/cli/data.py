@@ -38,7 +38,7 @@ def stats(manifest: ManifestArg) -> None:
 
 def validate(
     manifest: ManifestArg,
-    check_files: Annotated[bool, typer.Option(help="Also check that every image file exists.")] = True,
+    check_files: Annotated[bool, typer.Option(metavar="", help="Also check that every image file exists.")] = True,
 ) -> None:
     """Check a manifest and list every bad row (exit status 1 when there is any)."""
     with fail_cleanly(1):

@@ -92,7 +92,7 @@ def tensorrt_cmd(
     bundle: Optional[Path] = typer.Argument(None, help="Bundle folder with ONNX files (default: the package's bundle)."),
     k_max: Optional[int] = typer.Option(None, help="Largest learner batch (default 4 K)."),
     k_opt: Optional[int] = typer.Option(None, help="Learner batch the engine is tuned for (default K)."),
-    fp16: bool = typer.Option(True, help="FP16 engines."),
+    fp16: bool = typer.Option(True, metavar="", help="FP16 engines."),
     model: list[str] = typer.Option([], help="Build only these model names (repeat)."),
 ) -> None:
     """Build TensorRT engines (needs TensorRT and an NVIDIA GPU) and record them in the bundle."""

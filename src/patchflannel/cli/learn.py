@@ -15,7 +15,7 @@ console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see recipes/ and docs/training.md).")]
 RunOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, a copy of the config).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out.")]
 
 
 
@@ -42,8 +42,8 @@ def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False
 
 def cv_cmd(config: ConfigArg,
            out: Annotated[Path, typer.Option("--out", help="Output folder of the whole protocol.")] = Path("runs/cv"),
-           resume: Annotated[bool, typer.Option("--resume/--restart", help="Skip finished runs, resume the interrupted one.")] = True,
-           report: Annotated[bool, typer.Option("--report/--no-report", help="Write the evaluation report at the end.")] = True,
+           resume: Annotated[bool, typer.Option("--resume/--restart", metavar="", help="Skip finished runs, resume the interrupted one.")] = True,
+           report: Annotated[bool, typer.Option("--report/--no-report", metavar="", help="Write the evaluation report at the end.")] = True,
            jobs: Annotated[int, typer.Option("--jobs", "-j", min=1,
                                              help="Learner runs at a time, in separate processes (GPU or many cores).")] = 1,
            ) -> None:

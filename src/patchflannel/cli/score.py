@@ -24,8 +24,8 @@ def score(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns or manifest CSVs (column 'path').", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .parquet, .csv or .jsonl.")],
     bundle: Annotated[Path | None, typer.Option(help="Model bundle folder (default: the package's bundle).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run: skip inputs already in OUT (same path and content hash).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT (and unfinished parts).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue a killed run: skip inputs already in OUT (same path and content hash).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace an existing OUT (and unfinished parts).")] = False,
     seed: Annotated[int, typer.Option(help="Run seed; per-image patch seeds derive from it and the content hash.")] = 0,
     k: Annotated[int | None, typer.Option("--k", "-k", help="Patches per image (default: the bundle's).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Rows per atomically written part (the most a kill can lose).")] = DEFAULT_CHUNK_SIZE,
@@ -34,14 +34,14 @@ def score(
     loader: Annotated[str, typer.Option(help="auto, cpu, dali or nvjpeg.")] = "auto",
     sampler: Annotated[str, typer.Option(help="auto, torch or cupy.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16.")] = "auto",
-    ray: Annotated[bool, typer.Option("--ray", help="Score on a Ray cluster (one engine per actor).")] = False,
+    ray: Annotated[bool, typer.Option("--ray", metavar="", help="Score on a Ray cluster (one engine per actor).")] = False,
     ray_address: Annotated[str | None, typer.Option(
         help="Ray cluster for --ray: 'auto', 'HOST:6379', 'ray://HOST:10001' or 'local' (a new local instance); "
              "default: RAY_ADDRESS, else a running local cluster, else a new local instance. Implies --ray.")] = None,
     actors: Annotated[int | None, typer.Option(help="Ray: engines (actors); default one per GPU, else one per CPU.")] = None,
     predictions: Annotated[Path | None, typer.Option(
         help="Also write the rows with a result and a manifest label as a predictions CSV for `patchflannel eval`.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar and no summary.")] = False,
 ) -> None:
     """Score images into one table: one row per input (path, hash, status, error, pred, p_covid..p_normal,
     per-learner confidences, K, seed, bundle id, backend, DICOM UIDs).

@@ -29,7 +29,7 @@ def train_seg_cmd(
     arch: Annotated[Optional[str], typer.Option("--arch", help="fcdensenet103 | fcdensenet67 | fcdensenet56.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (overrides the recipe).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="torch device (overrides the recipe).")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out.")] = False,
 ) -> None:
     """Train a lung segmentation network on image/mask pairs (seeded 80/20 split, early stopping on Jaccard)."""
     from patchflannel.training.segmentation import SegConfig, train_segmentation
@@ -76,7 +76,7 @@ def segment_cmd(
     inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF, DICOM).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and segment_report.csv.")],
     model: ModelOpt = None,
-    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write overlays/<stem>.png.")] = False,
+    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", metavar="", help="Also write overlays/<stem>.png.")] = False,
     min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.", min=0.0, max=1.0)] = 0.05,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
