@@ -264,6 +264,13 @@ def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, ba
         engine.predict_many(str(jpegs[0]))
 
 
+
+def test_inputs_without_an_id_are_named_by_kind_and_position(engine, jpegs):
+    preds = engine.predict_many([b"junk", np.zeros((3, 3, 3)), ("mine", b"x"), jpegs[0]])
+    assert [p.item_id for p in preds] == ["<bytes #0>", "<ndarray #1>", "mine", str(jpegs[0])]
+    assert preds[1].error.startswith("<ndarray #1>: expected a 2-D grey image array")
+
+
 def test_stream_pairs_and_prefetch(engine, jpegs, baseline):
     pairs = [(f"id{i}", p) for i, p in enumerate(jpegs)] + [("bad", b"xx")]
     streamed = list(engine.configured(images_per_call=1).stream(pairs, prefetch=2))

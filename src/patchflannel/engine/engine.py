@@ -217,15 +217,21 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
     return t
 
 
-def _prepare(x: Any, item_id: str | None) -> _Item:
+def _default_id(x: Any, index: int) -> str:
+    """The id of an input given without one: a path names itself; in-memory data is named by its kind and its
+    position in the input (``<bytes #3>``, ``<ndarray #0>``)."""
+    if isinstance(x, (str, os.PathLike)):
+        try:
+            return os.fspath(x)
+        except TypeError:  # a PathLike whose __fspath__ misbehaves: named by position, refused when read
+            return f"<{type(x).__name__} #{index}>"
+    kind = "bytes" if isinstance(x, (bytes, bytearray, memoryview)) else type(x).__name__
+    return f"<{kind} #{index}>"
+
+
+def _prepare(x: Any, label: str) -> _Item:
     """Turn one input into bytes or a tensor, with its content hash; a bad input becomes an error item, whatever
     the failure (a path with a NUL byte, a sparse or meta tensor, a DLPack producer that raises)."""
-    if isinstance(x, (str, os.PathLike)):
-        label = item_id or os.fspath(x)
-    elif isinstance(x, (bytes, bytearray, memoryview)):
-        label = item_id or "<bytes>"
-    else:
-        label = item_id or f"<{type(x).__name__}>"
     try:
         return _read_input(x, label)
     except ImageReadError as exc:
@@ -501,10 +507,11 @@ class Engine:
             yield from self._results(prev)
 
     # ---------------------------------------------------------------------------------------- internals
-    def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str | None, Any]]]:
+    def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str, Any]]]:
         """Groups of ``images_per_call`` inputs; when ``xs`` raises, the inputs taken so far, then _SourceFailure."""
-        group: list[tuple[str | None, Any]] = []
+        group: list[tuple[str, Any]] = []
         items = iter(xs)
+        index = 0
         while True:
             try:
                 x = next(items)
@@ -515,7 +522,8 @@ class Engine:
                     yield group
                 raise _SourceFailure(exc) from exc
             item_id, x = _split_pair(x)
-            group.append((item_id, _snapshot(x)))
+            group.append((item_id if item_id is not None else _default_id(x, index), _snapshot(x)))
+            index += 1
             if len(group) == self.images_per_call:
                 yield group
                 group = []
@@ -528,7 +536,7 @@ class Engine:
         A group with inputs in device memory records an event on the caller's stream as it is handed over:
         its preparation waits for the caller's kernels up to then, not for the engine's later ones.
         """
-        def ready(group: list[tuple[str | None, Any]]) -> torch.cuda.Event | None:
+        def ready(group: list[tuple[str, Any]]) -> torch.cuda.Event | None:
             return _record_event(self.device) if any(_on_device(x) for _, x in group) else None
 
         if prefetch <= 0:
@@ -558,7 +566,7 @@ class Engine:
             if failure is not None:
                 raise failure
 
-    def _prepare_group(self, inputs: list[tuple[str | None, Any]], timer: StageTimer,
+    def _prepare_group(self, inputs: list[tuple[str, Any]], timer: StageTimer,
                        inputs_ready: torch.cuda.Event | None) -> _Group:
         """Decode one group, segment it and gather its patches: on a GPU on the engine's preparation stream,
         so that it overlaps the learners, and finished there before the group is handed over."""
