@@ -139,12 +139,26 @@ def test_covid_collection_missing_column_is_named(tmp_path: Path) -> None:
         ("Pneumonia/Aspiration", None),
         ("Tuberculosis", None),
         ("", None),
+        # flat names of early versions, read by their words (the collection's SCHEMA.md lists these)
+        ("Herpes pneumonia", "viral"),
+        ("Herpes pneumonia, ARDS", "viral"),
+        ("Swine-Origin Influenza A (H1N1) Viral Pneumonia", "viral"),
+        ("Invasive Aspergillosis", None),
+        ("Allergic bronchopulmonary aspergillosis", None),
+        ("Pneumonia/Viral/COVID-19/", "covid"),  # a trailing slash: no empty leaf
+        ("No Finding, ARDS", None),  # ARDS contradicts "No Finding"
+        ("COVID-19, ARDS", "covid"),
     ],
 )
 def test_collection_label(finding: str, label: str | None) -> None:
     got, reason = collection_label(finding)
     assert got == label
     assert (reason == "") == (label is not None)
+
+
+def test_flat_fungal_findings_are_counted_as_fungal() -> None:
+    assert collection_label("Invasive Aspergillosis") == (None, "fungal")
+    assert collection_label("No Finding, ARDS") == (None, "combined findings")
 
 
 @pytest.fixture
@@ -163,6 +177,7 @@ def kermany(tmp_path: Path) -> Path:
         "test/PNEUMONIA/scan_0001.jpeg",
         "test/NORMAL/unnamed.jpeg",
         "__MACOSX/train/NORMAL/IM-0115-0001.jpeg",
+        "chest_xray/train/NORMAL/IM-0115-0001.jpeg",  # the Kaggle archive's second copy of the set
     ]:
         _image(root / name)
     (root / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\0")
@@ -185,10 +200,12 @@ def test_kermany_labels_patients_and_report(kermany: Path) -> None:
     assert {(row["view"], row["source"]) for row in build.rows} == {("AP", "kermany")}
     report = build.report.to_dict()
     assert report["kept"] == {"covid": 0, "viral": 2, "bacterial": 2, "normal": 4}
-    assert report["left_out_total"] == 2
+    assert report["left_out_total"] == 3
     assert report["examples"] == {
         "PNEUMONIA/ file name not personN_bacteria_M or personN_virus_M": ["test/PNEUMONIA/scan_0001.jpeg"],
         "NORMAL/ file name without an IM-number": ["test/NORMAL/unnamed.jpeg"],
+        "another copy of an image already kept (same split, class and file name)":
+            ["chest_xray/train/NORMAL/IM-0115-0001.jpeg"],
     }
 
 

@@ -254,6 +254,14 @@ def test_dicom_rescale_then_window(tmp_path: Path, real_u16: np.ndarray) -> None
     assert (image == 0.0).mean() > 0.02 and (image == 1.0).mean() > 0.02  # the window clips both ends
 
 
+def test_dicom_with_an_invalid_window_shows_the_full_range(tmp_path: Path, real_u16: np.ndarray) -> None:
+    """WindowWidth 0 is invalid (PS3.3 C.11.2.1.2): the pixels are still good, read as if no window were set."""
+    pixels = real_u16 >> 4
+    plain = read_image(_save(_dicom(pixels, "MONOCHROME2", 12), tmp_path / "plain.dcm"))
+    zero = read_image(_save(_dicom(pixels, "MONOCHROME2", 12, WindowCenter=2000.0, WindowWidth=0.0), tmp_path / "w0.dcm"))
+    np.testing.assert_array_equal(zero, plain)
+
+
 def test_dicom_rgb_and_ybr_to_luma(tmp_path: Path, real_u8: np.ndarray) -> None:
     from pydicom.pixels import convert_color_space
 

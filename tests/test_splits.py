@@ -10,7 +10,7 @@ import pytest
 from patchflannel.classes import CLASSES
 from patchflannel.data.manifest import REQUIRED_COLUMNS, Row, read_manifest, write_manifest
 from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
-from patchflannel.errors import ConfigError
+from patchflannel.errors import ConfigError, ManifestError
 
 FOLDS = 5
 
@@ -110,3 +110,34 @@ def test_too_few_patients_is_a_clear_error(rows: list[Row]) -> None:
     few = [row for row in rows if row["patient_id"] in three]
     with pytest.raises(ConfigError, match="needs at least 9 patients; the manifest has 3"):
         make_splits(few)
+
+
+def _synthetic(per_class: dict[str, int], images: int = 1) -> list[Row]:
+    return [{"path": f"{label}{p}_{i}.png", "label": label, "patient_id": f"{label}{p}"}
+            for label, n in per_class.items() for p in range(n) for i in range(images)]
+
+
+def test_a_class_too_small_for_every_partition_is_named() -> None:
+    """One viral patient cannot be in the test set and in five folds: refused by name, not left out silently."""
+    rows = _synthetic({"covid": 20, "bacterial": 20, "normal": 20}) + _synthetic({"viral": 1}, images=3)
+    with pytest.raises(ConfigError, match=r"class viral \(1 patients\) is missing from the test set, fold"):
+        make_splits(rows)
+    tiny = _synthetic({"covid": 3, "viral": 3, "bacterial": 3, "normal": 3})  # 12 patients, 3 a class
+    with pytest.raises(ConfigError, match="too few images a class for a test set of 1/5 and 5 folds"):
+        make_splits(tiny)
+    assert {r["split"] for r in make_splits(_synthetic(dict.fromkeys(("covid", "viral", "bacterial", "normal"), 12)))} \
+        == {"train", "test"}
+
+
+def test_a_splits_file_with_a_patient_in_two_partitions_is_refused(tmp_path: Path) -> None:
+    """A hand-edited or merged splits file that leaks a patient across partitions is named, line by line."""
+    rows = [{"path": f"{i}.png", "label": "covid", "patient_id": p, "view": "PA", "source": "s", "split": s, "fold": f}
+            for i, (p, s, f) in enumerate([("p0", "train", "0"), ("p0", "test", ""), ("p1", "train", "1"),
+                                          ("p1", "train", "1"), ("p2", "train", "0"), ("p2", "train", "2")])]
+    path = write_manifest(rows, tmp_path / "leaky.csv", [*REQUIRED_COLUMNS, *SPLIT_COLUMNS])
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path, check_files=False)
+    problems = caught.value.problems
+    assert "patient p0 is in 2 partitions (fold 0 from line 2, test from line 3): a split must keep each patient in one" in problems
+    assert any(p.startswith("patient p2 is in 2 partitions (fold 0 from line 6, fold 2 from line 7)") for p in problems)
+    assert not any("p1" in p for p in problems)

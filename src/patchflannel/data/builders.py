@@ -33,12 +33,13 @@ COLLECTION_VIEWS: dict[str, str] = {
     "ap supine": "AP Supine",
     "ap semi erect": "AP",
 }
-# Flat (early-version) finding names, lower case, by what they are.
-FLAT_VIRAL = frozenset({"sars", "mers", "mers-cov", "influenza", "h1n1", "varicella", "herpes", "viral"})
+# Words of flat (early-version) finding names, lower case, by what they name: "Herpes pneumonia" and
+# "Swine-Origin Influenza A (H1N1) Viral Pneumonia" are viral, "Invasive Aspergillosis" fungal.
+FLAT_VIRAL = frozenset({"sars", "mers", "influenza", "h1n1", "varicella", "herpes", "viral"})
 FLAT_BACTERIAL = frozenset(
     {
-        "streptococcus", "klebsiella", "legionella", "chlamydophila", "e.coli", "mycoplasma",
-        "mycoplasma bacterial pneumonia", "staphylococcus", "mrsa", "nocardia", "bacterial",
+        "streptococcus", "klebsiella", "legionella", "chlamydophila", "e.coli", "mycoplasma", "staphylococcus",
+        "mrsa", "nocardia", "bacterial",
     }
 )  # fmt: skip
 FLAT_FUNGAL = frozenset({"pneumocystis", "aspergillosis", "fungal"})
@@ -119,12 +120,13 @@ def collection_label(finding: str) -> tuple[str | None, str]:
         mapped = [collection_label(part) for part in parts]
         labels = {label for label, _ in mapped if label}
         others = {reason for label, reason in mapped if not label}
-        if len(labels) == 1 and others <= {"ARDS"}:
+        # ARDS rides along with a cause of pneumonia, never with "No Finding".
+        if len(labels) == 1 and others <= {"ARDS"} and labels != {"normal"}:
             return labels.pop(), ""
         return None, "combined findings"
     if not parts:
         return None, "no finding recorded"
-    levels = [level.strip().lower() for level in parts[0].split("/")]
+    levels = [level.strip().lower() for level in parts[0].split("/") if level.strip()]  # "a/b/" is "a/b"
     if levels[0] == "pneumonia" and len(levels) > 1:
         kind, leaf = levels[1], levels[-1]
         if kind == "viral" and len(levels) > 2:
@@ -136,20 +138,28 @@ def collection_label(finding: str) -> tuple[str | None, str]:
         if kind == "lipoid":
             return None, "lipoid"
         return None, "other finding"
-    name = levels[0]
-    if name == "covid-19":
+    return _flat_label(levels[0])
+
+
+def _flat_label(name: str) -> tuple[str | None, str]:
+    """A flat finding name (lower case) by the words in it."""
+    words = set(re.findall(r"[a-z0-9.]+", name))
+    if name == "covid-19" or "covid" in name or "sars-cov-2" in name:
         return "covid", ""
-    if name in FLAT_VIRAL:
+    if words & FLAT_FUNGAL or any(w.startswith("aspergill") for w in words):
+        return None, "fungal"
+    viral, bacterial = bool(words & FLAT_VIRAL), bool(words & FLAT_BACTERIAL)
+    if viral and bacterial:
+        return None, "combined findings"
+    if viral:
         return "viral", ""
-    if name in FLAT_BACTERIAL:
+    if bacterial:
         return "bacterial", ""
     if name == "no finding":
         return "normal", ""
-    if name in FLAT_FUNGAL:
-        return None, "fungal"
     if name == "ards":
         return None, "ARDS"
-    if name == "lipoid":
+    if "lipoid" in words:
         return None, "lipoid"
     if name == "pneumonia":
         return None, "unspecified pneumonia"
@@ -254,13 +264,21 @@ def build_kermany(root: str | Path) -> Build:
         and not any(part.startswith((".", "__MACOSX")) for part in path.relative_to(root).parts)
         and path.is_file()
     )
+    files.sort(key=lambda p: len(p.parts))  # stable: shallowest copy of each image first, else sorted by path
     if not files:
         raise ManifestError(root, ["no images found in NORMAL/ or PNEUMONIA/ folders under it"])
 
     report = BuildReport(source="kermany")
     rows: list[Row] = []
+    seen: set[tuple[str, ...]] = set()
     for path in files:
         name = path.relative_to(root).as_posix()
+        # The Kaggle archive holds a second full copy under chest_xray/chest_xray/: one image a split/class/name.
+        key = tuple(part.lower() for part in path.parts[-3:])
+        if key in seen:
+            report.leave_out("another copy of an image already kept (same split, class and file name)", name)
+            continue
+        seen.add(key)
         if path.parent.name.upper() == "NORMAL":
             match, label = KERMANY_NORMAL.match(path.name), "normal"
             reason = "NORMAL/ file name without an IM-number"

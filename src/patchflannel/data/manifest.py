@@ -77,7 +77,7 @@ def _problems(rows: list[Row], columns: list[str], lines: list[int], *, check_fi
 
     ``lines[i]`` is the CSV line number reported for ``rows[i]``. A ``split`` column,
     when present, must hold ``train`` or ``test``, and a ``fold`` column a non-negative integer for
-    training rows and nothing for test rows.
+    training rows and nothing for test rows; no patient may be in two partitions (test, or fold k).
     """
     problems = [f"missing required column '{name}'" for name in REQUIRED_COLUMNS if name not in columns]
     present = [name for name in REQUIRED_COLUMNS if name in columns]
@@ -102,7 +102,20 @@ def _problems(rows: list[Row], columns: list[str], lines: list[int], *, check_fi
         problems.append(
             f"duplicate path {file} on lines {', '.join(str(n) for n in [first_line[file], *lines])}"
         )
+    if "split" in columns and "patient_id" in columns:
+        problems.extend(_leaks(rows, lines))
     return problems
+
+
+def _leaks(rows: list[Row], lines: list[int]) -> list[str]:
+    """Patients whose images are in more than one partition (the test set, or a training fold)."""
+    where: dict[str, dict[str, int]] = defaultdict(dict)
+    for line, row in zip(lines, rows):
+        if row.get("patient_id") and row.get("split") in SPLIT_VALUES:
+            part = "test" if row["split"] == "test" else f"fold {row.get('fold', '')}"
+            where[row["patient_id"]].setdefault(part, line)
+    return [f"patient {patient} is in {len(parts)} partitions (" + ", ".join(f"{p} from line {n}" for p, n in parts.items())
+            + "): a split must keep each patient in one" for patient, parts in where.items() if len(parts) > 1]
 
 
 def _split_problems(row: Row, columns: list[str]) -> list[str]:

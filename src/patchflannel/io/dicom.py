@@ -123,7 +123,11 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     if pixels.ndim == 3:
         full_scale = np.float32(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
         return np.ascontiguousarray(np.clip(luma(pixels) / full_scale, 0.0, 1.0))
-    values = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+    modality = apply_modality_lut(pixels, ds)
+    try:
+        values = apply_voi_lut(modality, ds).astype(np.float64)
+    except ValueError:  # an invalid window (WindowWidth 0): the pixels are good, the full range is shown
+        values = modality.astype(np.float64)
     padding = _padding(pixels, ds)  # outside the image: left out of the range, shown black
     real = values[~padding] if padding.any() and not padding.all() else values
     lo, hi = float(real.min()), float(real.max())
