@@ -75,6 +75,29 @@ def test_bench_compares_precisions_each_against_its_own_loop(tmp_path):
     assert md.count("- engine: bundle preset:tiny") == 2 and "| torch | bf16 | 1 | batched | 3 | 1 | 3 | 2 |" in md
 
 
+def test_each_backend_and_precision_frees_its_networks_before_the_next_is_built(tmp_path, monkeypatch):
+    """Two precisions: the first engine's networks are gone when the second is built (peak memory is one set)."""
+    import gc
+    import weakref
+
+    from patchflannel.bench import harness
+
+    built, alive_at_build = [], []
+    real = harness.build_engine
+
+    def tracking(config, backend="auto", precision="auto"):  # noqa: ANN001, ANN202
+        gc.collect()
+        alive_at_build.append([ref() is not None for ref in built])
+        engine = real(config, backend, precision)
+        built.append(weakref.ref(engine.learners[0].backend))
+        return engine
+
+    monkeypatch.setattr(harness, "build_engine", tracking)
+    run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, n=2, loop_n=1, ks=(2,), pack=2,
+                          modes=("batched",), precisions=("fp32", "bf16"), device="cpu", repeats=1, warmup=0))
+    assert alive_at_build == [[], [False]]
+
+
 def test_phantoms_are_deterministic_jpegs():
     a, b = phantom_jpegs(2, size=128, seed=5), phantom_jpegs(2, size=128, seed=5)
     assert a == b and a[0][1][:2] == b"\xff\xd8" and a[0][1] != a[1][1]

@@ -148,6 +148,7 @@ def test_covid_collection_missing_column_is_named(tmp_path: Path) -> None:
         ("Pneumonia/Viral/COVID-19/", "covid"),  # a trailing slash: no empty leaf
         ("No Finding, ARDS", None),  # ARDS contradicts "No Finding"
         ("COVID-19, ARDS", "covid"),
+        ("/", None),
     ],
 )
 def test_collection_label(finding: str, label: str | None) -> None:

@@ -249,19 +249,45 @@ def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, ba
     then its own exception; a single string is refused as an iterable of inputs."""
     def source():
         yield from jpegs
-        raise RuntimeError("producer failed")
+        raise RuntimeError("producer failed") from OSError("disk gone")
 
     for images_per_call, prefetch in ((1, 0), (2, 0), (2, 2), (4, 1)):
         got = []
-        with pytest.raises(RuntimeError, match="producer failed"):
+        with pytest.raises(RuntimeError, match="producer failed") as caught:
             for p in engine.configured(images_per_call=images_per_call).stream(source(), prefetch=prefetch):
                 got.append(p)
+        assert isinstance(caught.value.__cause__, OSError)  # the caller's exception as the caller raised it
         assert [p.item_id for p in got] == [str(j) for j in jpegs]
         for a, b in zip(got, baseline):
             np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
     assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
     with pytest.raises(TypeError, match=r"use predict\(\) for one input"):
         engine.predict_many(str(jpegs[0]))
+    with pytest.raises(TypeError, match=r"got one bytes"):
+        engine.stream(b"\xff\xd8")  # at the call, not at the first result
+
+
+def test_inputs_that_fail_as_they_are_taken_are_their_own_errors(engine, jpegs, baseline):
+    """A PathLike whose __fspath__ raises and a DLPack producer that raises are error results; the images
+    around them are still scored."""
+    class BadPath:
+        def __fspath__(self) -> str:
+            raise ValueError("no such mount")
+
+    class BadDLPack:
+        def __dlpack__(self, stream=None):  # noqa: ANN001, ANN204
+            raise KeyError("device lost")
+
+        def __dlpack_device__(self):  # noqa: ANN204
+            return (1, 0)
+
+    for prefetch in (0, 2):
+        got = list(engine.configured(images_per_call=2).stream([jpegs[0], BadPath(), BadDLPack(), jpegs[1]],
+                                                              prefetch=prefetch))
+        assert [p.status for p in got] == [baseline[0].status, "error", "error", baseline[1].status]
+        assert got[1].item_id == "<BadPath #1>" and "ValueError: no such mount" in got[1].error
+        assert got[2].item_id == "<BadDLPack #2>" and "KeyError" in got[2].error
+        np.testing.assert_allclose(got[3].probability_array, baseline[1].probability_array, atol=1e-6)
 
 
 

@@ -150,9 +150,17 @@ def test_a_failed_export_leaves_no_copy_behind(source: Path, tmp_path: Path, cxr
     with pytest.raises(BundleError, match="max abs diff"):  # a parity failure after the copy was made
         export_onnx(source, out, models=["ensemble"], rtol=0.0, atol=0.0, data_dir=cxr4_dir.parent)
     assert not out.exists()
+    given, link = tmp_path / "given", tmp_path / "link"  # an empty folder of the user's, and a link to it
+    given.mkdir()
+    link.symlink_to(given)
+    for target in (given, link):
+        with pytest.raises(BundleError, match="max abs diff"):  # the real error, not a cleanup error
+            export_onnx(source, target, models=["ensemble"], rtol=0.0, atol=0.0, data_dir=cxr4_dir.parent)
+        assert given.is_dir() and not any(given.iterdir()) and link.is_symlink()  # emptied, kept
     out.mkdir()
     result = runner.invoke(app, ["export", "onnx", "--random", "resnet9000", "--out", str(out)])
-    assert result.exit_code == 2 and "resnet9000" in result.output and out.exists() is False
+    assert result.exit_code == 2 and "resnet9000" in result.output
+    assert out.is_dir() and not any(out.iterdir())  # the user's empty folder: emptied again, not removed
     result = runner.invoke(app, ["export", "onnx", str(source), "--out", str(out), "--model", "ensemble",
                                  "--data", str(cxr4_dir.parent)])
     assert result.exit_code == 0, result.output

@@ -334,22 +334,26 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                               "compile_seconds": {}, "runs": []}
     for backend in config.backends:
         for precision in config.precisions:
-            engine = build_engine(config, backend, precision)
-            # Every stream count set up before any timing: a count the device cannot take fails now.
-            engines = [engine.configured(learner_streams=s) for s in config.learner_streams]
-            for eng in engines:
-                described = eng.describe()
-                if any(variant(e) == variant(described) for e in report["engines"]):
-                    if progress is not None:
-                        progress(f"backend {backend}, precision {precision}: {variant(described)}, already timed")
-                    continue
-                report["engines"].append(described)
-                report["environment"] = report["environment"] or device_info(eng)
-                _time_engine(eng, described, config, inputs, report, progress)
-            del engine, engines
-            if torch.cuda.is_available():
+            _time_pair(config, backend, precision, inputs, report, progress)
+            if torch.cuda.is_available():  # the pair's networks are gone with _time_pair's frame
                 torch.cuda.empty_cache()
     return report
+
+
+def _time_pair(config: BenchConfig, backend: str, precision: str, inputs: list[tuple[str, bytes]],
+               report: dict[str, Any], progress: Callable[[str], None] | None) -> None:
+    """Every learner-stream count of one backend x precision (one set of networks, shared by the counts)."""
+    engine = build_engine(config, backend, precision)
+    # Every stream count set up before any timing: a count the device cannot take fails now.
+    for eng in [engine.configured(learner_streams=s) for s in config.learner_streams]:
+        described = eng.describe()
+        if any(variant(e) == variant(described) for e in report["engines"]):
+            if progress is not None:
+                progress(f"backend {backend}, precision {precision}: {variant(described)}, already timed")
+            continue
+        report["engines"].append(described)
+        report["environment"] = report["environment"] or device_info(eng)
+        _time_engine(eng, described, config, inputs, report, progress)
 
 
 def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig, inputs: list[tuple[str, bytes]],

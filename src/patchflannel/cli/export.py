@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +11,7 @@ from rich.table import Table
 
 from patchflannel.cli._common import fail_cleanly
 from patchflannel.errors import PatchflannelError
-from patchflannel.export.onnx import DATA_ENV
+from patchflannel.export.onnx import DATA_ENV, remove_written
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()
@@ -78,12 +77,13 @@ def onnx_cmd(
         if out.exists() and any(out.iterdir()):
             raise PatchflannelError(f"{out}: not empty; choose a new or empty folder for the random bundle")
         learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
+        existed = out.exists()
         try:
             made = random_bundle(out, segmentation="fcdensenet103" if preset else "fcdensenet56", learners=learners,
                                  name=preset or "random")
             _summary(export_onnx(made.root, None, models=model or None, opset=opset, data_dir=data, precision=precision))
         except BaseException:
-            shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left behind
+            remove_written(out, existed)  # nothing half-made is left behind
             raise
 
 

@@ -127,6 +127,8 @@ def collection_label(finding: str) -> tuple[str | None, str]:
     if not parts:
         return None, "no finding recorded"
     levels = [level.strip().lower() for level in parts[0].split("/") if level.strip()]  # "a/b/" is "a/b"
+    if not levels:  # "/" alone
+        return None, "no finding recorded"
     if levels[0] == "pneumonia" and len(levels) > 1:
         kind, leaf = levels[1], levels[-1]
         if kind == "viral" and len(levels) > 2:

@@ -223,7 +223,7 @@ def _default_id(x: Any, index: int) -> str:
     if isinstance(x, (str, os.PathLike)):
         try:
             return os.fspath(x)
-        except TypeError:  # a PathLike whose __fspath__ misbehaves: named by position, refused when read
+        except Exception:  # noqa: BLE001 - a PathLike whose __fspath__ fails: named by position, refused when read
             return f"<{type(x).__name__} #{index}>"
     kind = "bytes" if isinstance(x, (bytes, bytearray, memoryview)) else type(x).__name__
     return f"<{kind} #{index}>"
@@ -302,8 +302,8 @@ def _snapshot(x: Any) -> Any:
     if hasattr(x, "__dlpack__"):
         try:
             return torch.from_dlpack(x).clone()
-        except (TypeError, ValueError, RuntimeError, BufferError):
-            return x  # its preparation names the input and the reason
+        except Exception:  # noqa: BLE001 - its preparation names the input and the reason
+            return x
     return x
 
 
@@ -488,7 +488,9 @@ class Engine:
         """
         if isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)):
             raise TypeError(f"expected an iterable of inputs, got one {type(xs).__name__}: use predict() for one input")
-        timer = timer or _NoTimer()
+        return self._stream(xs, prefetch, timer or _NoTimer())
+
+    def _stream(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[Prediction]:
         # Device work stays on the stream current when the run starts, whatever the consumer does in between.
         compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         prev: _Group | None = None  # classified, waiting to be read back
@@ -500,11 +502,13 @@ class Engine:
                     yield from self._results(prev)
                 prev = group
         except _SourceFailure as failure:
-            if prev is not None:
-                yield from self._results(prev)
-            raise failure.error from None
+            error = failure.error  # raised below, outside this block: its cause and context stay the caller's
+        else:
+            error = None
         if prev is not None:
             yield from self._results(prev)
+        if error is not None:
+            raise error
 
     # ---------------------------------------------------------------------------------------- internals
     def _groups(self, xs: Iterable[Any]) -> Iterator[list[tuple[str, Any]]]:

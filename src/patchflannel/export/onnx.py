@@ -252,15 +252,28 @@ def export_target(bundle: Bundle | str | Path | None, out: str | Path | None,
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out}: not empty; choose a new or empty folder for the bundle's copy")
     existed = out.exists()
-    shutil.copytree(source.root, out, dirs_exist_ok=True)
     try:
+        shutil.copytree(source.root, out, dirs_exist_ok=True)
         copy = load_bundle(out)
         yield copy, _select(copy, models)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # nothing half-made is left behind
-        if existed:
-            out.mkdir()
+        remove_written(out, existed)  # nothing half-made is left behind
         raise
+
+
+def remove_written(out: Path, existed: bool) -> None:
+    """Undo what a failed command wrote into ``out``: the folder itself when the command made it, else (an empty
+    folder, or a link to one, given by the user) only its contents. Never raises: the command's own error is the
+    one to report."""
+    with contextlib.suppress(OSError):
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
 
 
 def _select(bundle: Bundle, models: Sequence[str] | None) -> list[ModelEntry]:
