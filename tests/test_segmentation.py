@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -328,11 +329,20 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     assert "validation pairs: 2" in res.output and "mean Jaccard" in res.output
 
     image = read_pairs_manifest(manifest)[0][0]
-    res = runner.invoke(app, ["segment", str(image), str(tmp_path / "nothing.png"), "--model", str(run),
+    (tmp_path / "notes.png").write_text("not an image")
+    res = runner.invoke(app, ["segment", str(image), str(tmp_path / "notes.png"), "--model", str(run),
                               "--out", str(tmp_path / "masks")])
     assert res.exit_code == 1, res.output  # done, with an input that gave no mask
-    assert "error(s)" in res.output and "nothing.png" in res.output
+    assert "error(s)" in res.output and "notes.png" in res.output
     assert (tmp_path / "masks" / f"{image.stem}.png").is_file()
+    folder = tmp_path / "films"  # folders (and globs, manifests) as for score
+    folder.mkdir()
+    shutil.copy(image, folder / image.name)
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(tmp_path / "from_folder")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "from_folder" / f"{image.stem}.png").is_file()
+    res = runner.invoke(app, ["segment", str(tmp_path / "nothing.png"), "--model", str(run), "--out", str(tmp_path / "y")])
+    assert res.exit_code == 2 and "nothing.png: no such file or folder" in res.output  # nothing done
 
     res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "neither a bundle" in res.output

@@ -73,7 +73,8 @@ def seg_bundle_cmd(
 
 
 def segment_cmd(
-    inputs: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, TIFF, DICOM).")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files (PNG, JPEG, TIFF, DICOM), folders (recursive), glob "
+                                                "patterns or manifest CSVs (column 'path'), as for `score`.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and segment_report.csv.")],
     model: ModelOpt = None,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", metavar="", help="Also write overlays/<stem>.png.")] = False,
@@ -85,11 +86,13 @@ def segment_cmd(
 
     Exit status: 0 all masks written, 1 done but some inputs gave no mask, 2 nothing done (bad options or model).
     """
+    from patchflannel.scoring.inputs import discover_inputs
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
     with fail_cleanly():
+        paths = [item.path for item in discover_inputs(inputs)]
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
-        rows = segment_images(inputs, segmenter, out, overlays=overlay, min_fraction=min_fraction)
+        rows = segment_images(paths, segmenter, out, overlays=overlay, min_fraction=min_fraction)
     counts = report_summary(rows)
     _say(f"{counts['ok']} ok, {counts['flagged']} flagged, {counts['error']} error(s); report: {out / REPORT_FILE}")
     for r in rows:
