@@ -250,8 +250,9 @@ def _read_input(x: Any, label: str) -> _Item:
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
         image = _array_image(x, label)
         return _Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})
+    pair = " or an (item_id, x) pair with a string, number or path id" if isinstance(x, tuple) else ""
     raise ImageReadError(label, f"unsupported input type {type(x).__name__} (expected a path, bytes, or a 2-D "
-                                "array/tensor)")
+                                f"array/tensor{pair})")
 
 
 def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -281,13 +282,19 @@ class _SourceFailure(Exception):
 
 
 def _split_pair(x: Any) -> tuple[str | None, Any]:
-    """``(item_id, input)`` from a pair (any id: a string, a number, a path) or a bare input."""
-    if isinstance(x, tuple) and len(x) == 2:
+    """``(item_id, input)`` from a pair (its id a string, a number or a path) or a bare input. A 2-tuple whose
+    first element is not such an id (image bytes first, say) is not a pair: it is refused as an input."""
+    if isinstance(x, tuple) and len(x) == 2 and _is_id(x[0]):
         item_id, x = x
         if item_id is not None:
             item_id = os.fspath(item_id) if isinstance(item_id, os.PathLike) else str(item_id)
         return item_id, x
     return None, x
+
+
+def _is_id(value: Any) -> bool:
+    return value is None or isinstance(value, (str, os.PathLike, np.integer)) or (
+        isinstance(value, int) and not isinstance(value, bool))
 
 
 def _snapshot(x: Any) -> Any:
