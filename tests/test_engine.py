@@ -296,7 +296,7 @@ def test_inputs_without_an_id_are_named_by_kind_and_position(engine, jpegs):
     assert [p.item_id for p in preds] == ["<bytes #0>", "<ndarray #1>", "mine", str(jpegs[0])]
     assert preds[1].error.startswith("<ndarray #1>: expected a 2-D grey image array")
     swapped = engine.predict_many([(b"\xff\xd8 image bytes", "name"), (7, b"junk")])  # data first is no pair
-    assert swapped[0].item_id == "<tuple #0>" and "an (item_id, x) pair with a string, number or path id" in swapped[0].error
+    assert swapped[0].item_id == "<tuple #0>" and "an (item_id, x) pair with a string, integer or path id" in swapped[0].error
     assert swapped[1].item_id == "7" and "not a recognised image format" in swapped[1].error
 
 

@@ -60,7 +60,7 @@ def test_repository_parses_and_chains(repo: Path, onnx_bundle: Path) -> None:
         export_triton(onnx_bundle, repo)
     with pytest.raises(ConfigError, match="learner_format"):
         export_triton(onnx_bundle, repo.parent / "x", learner_format="tflite")
-    with pytest.raises(BundleError, match=r"no tensorrt file for segmentation, .*; make them with `patchflannel export tensorrt`"):
+    with pytest.raises(BundleError, match=r"no tensorrt file for segmentation, .*; make them with `patchflannel export tensorrt BUNDLE` \(builds in place"):
         export_triton(onnx_bundle, repo.parent / "y", learner_format="tensorrt")
     assert not (repo.parent / "y").exists()
 

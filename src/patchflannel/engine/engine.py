@@ -250,7 +250,7 @@ def _read_input(x: Any, label: str) -> _Item:
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
         image = _array_image(x, label)
         return _Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})
-    pair = " or an (item_id, x) pair with a string, number or path id" if isinstance(x, tuple) else ""
+    pair = " or an (item_id, x) pair with a string, integer or path id" if isinstance(x, tuple) else ""
     raise ImageReadError(label, f"unsupported input type {type(x).__name__} (expected a path, bytes, or a 2-D "
                                 f"array/tensor{pair})")
 
@@ -282,7 +282,7 @@ class _SourceFailure(Exception):
 
 
 def _split_pair(x: Any) -> tuple[str | None, Any]:
-    """``(item_id, input)`` from a pair (its id a string, a number or a path) or a bare input. A 2-tuple whose
+    """``(item_id, input)`` from a pair (its id a string, an integer or a path) or a bare input. A 2-tuple whose
     first element is not such an id (image bytes first, say) is not a pair: it is refused as an input."""
     if isinstance(x, tuple) and len(x) == 2 and _is_id(x[0]):
         item_id, x = x

@@ -22,6 +22,7 @@ import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import Bundle, ModelEntry, load_bundle
+from patchflannel.engine.backends import export_hint
 
 ENSEMBLE = "patchflannel"
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
@@ -217,7 +218,7 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
     if missing:
         kind = "fp32 onnx" if learner_format == "onnx" else learner_format
         raise BundleError(f"{b.root}: no {kind} file for {', '.join(missing)}; make them with "
-                          f"`patchflannel export {learner_format}` (into a copy of the bundle: --out DIR)")
+                          f"{export_hint(learner_format)}")
     configs[ENSEMBLE] = _ensemble(pb, b, names)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)

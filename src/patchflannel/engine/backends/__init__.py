@@ -89,4 +89,11 @@ def _pick(entry: ModelEntry, fmt: str, precision: str):  # noqa: ANN202 - ModelF
     try:
         return entry.file(fmt)
     except BundleError as exc:  # fmt is also the export command's name
-        raise BundleError(f"{exc}; make one with `patchflannel export {fmt}` (into a copy of the bundle: --out DIR)") from None
+        raise BundleError(f"{exc}; make one with {export_hint(fmt)}") from None
+
+
+def export_hint(fmt: str) -> str:
+    """How to add files of ``fmt`` to a bundle (tensorrt builds in place; onnx and compiled write a copy)."""
+    if fmt == "tensorrt":
+        return "`patchflannel export tensorrt BUNDLE` (builds in place, on a GPU with TensorRT)"
+    return f"`patchflannel export {fmt} BUNDLE --out DIR` (a copy of the bundle with them added)"
