@@ -29,7 +29,7 @@ def fail_cleanly(code: int = 2) -> Iterator[None]:
 
 
 def _reason(exc: Exception) -> str:
-    """``path: reason`` for an OS error on a path (a file where a folder is wanted reads 'not a folder')."""
+    """``path: reason`` for an OS error on a path (a file where a folder is wanted is said in those words)."""
     if not isinstance(exc, OSError) or exc.filename is None:
         return str(exc)
     path = Path(exc.filename)

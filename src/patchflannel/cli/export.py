@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from patchflannel.cli._common import fail_cleanly
 from patchflannel.errors import PatchflannelError
-from patchflannel.export.onnx import DATA_ENV, remove_written
+from patchflannel.export.onnx import DATA_ENV
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()
@@ -74,17 +75,13 @@ def onnx_cmd(
             raise PatchflannelError(f"unknown preset {preset!r}: the one preset is flannel5")
         if bundle is not None or out is None:
             raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
-        if out.exists() and any(out.iterdir()):
-            raise PatchflannelError(f"{out}: not empty; choose a new or empty folder for the random bundle")
         learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
-        existed = out.exists()
-        try:
-            made = random_bundle(out, segmentation="fcdensenet103" if preset else "fcdensenet56", learners=learners,
-                                 name=preset or "random")
-            _summary(export_onnx(made.root, None, models=model or None, opset=opset, data_dir=data, precision=precision))
-        except BaseException:
-            remove_written(out, existed)  # nothing half-made is left behind
-            raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Made beside --out, then exported into it as any bundle is (a failed export leaves nothing there).
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as made:
+            source = random_bundle(made, segmentation="fcdensenet103" if preset else "fcdensenet56",
+                                   learners=learners, name=preset or "random")
+            _summary(export_onnx(source, out, models=model or None, opset=opset, data_dir=data, precision=precision))
 
 
 @export_app.command("tensorrt")

@@ -326,6 +326,7 @@ class Engine:
             raise BundleError("the bundle has no base learners: it can segment but not classify")
         self.segmenter = segmenter
         self.learners = learners
+        self._learner_names = tuple(lr.name for lr in learners)  # every result carries them
         self.ensemble = ensemble.eval().to(device) if ensemble is not None else None
         self.pre = dict(preprocessing)
         self.device = device
@@ -737,7 +738,7 @@ class Engine:
     def _error(self, it: _Item) -> Prediction:
         return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
                           k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend,
-                          learners=tuple(lr.name for lr in self.learners))
+                          learners=self._learner_names)
 
     def _prediction(self, it: _Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
         flags = []
@@ -749,10 +750,10 @@ class Engine:
         return Prediction(
             item_id=it.item_id, status="flagged" if flags else "ok", label=CLASSES[int(np.argmax(p))],
             probabilities={c: float(v) for c, v in zip(CLASSES, p)},
-            learner_confidences={lr.name: {c: float(v) for c, v in zip(CLASSES, host["conf"][i, j])}
-                                 for j, lr in enumerate(self.learners)},
-            learner_mean_softmax={lr.name: {c: float(v) for c, v in zip(CLASSES, host["soft"][i, j])}
-                                  for j, lr in enumerate(self.learners)},
+            learner_confidences={name: {c: float(v) for c, v in zip(CLASSES, host["conf"][i, j])}
+                                 for j, name in enumerate(self._learner_names)},
+            learner_mean_softmax={name: {c: float(v) for c, v in zip(CLASSES, host["soft"][i, j])}
+                                  for j, name in enumerate(self._learner_names)},
             k=self.k, seed=self.seed, content_hash=it.content_hash, flags=flags,
             centres=host["centres"][i].copy() if "centres" in host else None, meta=it.meta or {},
-            bundle_id=self.bundle_id, backend=self.backend, learners=tuple(lr.name for lr in self.learners))
+            bundle_id=self.bundle_id, backend=self.backend, learners=self._learner_names)

@@ -257,11 +257,11 @@ def export_target(bundle: Bundle | str | Path | None, out: str | Path | None,
         copy = load_bundle(out)
         yield copy, _select(copy, models)
     except BaseException:
-        remove_written(out, existed)  # nothing half-made is left behind
+        _remove_written(out, existed)  # nothing half-made is left behind
         raise
 
 
-def remove_written(out: Path, existed: bool) -> None:
+def _remove_written(out: Path, existed: bool) -> None:
     """Undo what a failed command wrote into ``out``: the folder itself when the command made it, else (an empty
     folder, or a link to one, given by the user) only its contents. Never raises: the command's own error is the
     one to report."""
