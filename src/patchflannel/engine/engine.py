@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import hashlib
 import os
 import threading
 import time
@@ -45,12 +44,13 @@ from patchflannel.classes import CLASSES
 from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import Backend, make_backend, resolve_backend, resolve_precision
 from patchflannel.engine.backends.torch_backend import TorchBackend
+from patchflannel.engine.inputs import Item, default_id, on_device, prepare, snapshot, split_pair
 from patchflannel.engine.loaders import Loader, make_loader
 from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
+from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_host
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
 from patchflannel.export.bundle import default_preprocessing, load_bundle, load_torch_model
-from patchflannel.io.readers import check_size, read_file_bytes
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, resize, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
@@ -88,73 +88,17 @@ class Learner:
 
 
 @dataclass
-class _Item:
-    item_id: str
-    content_hash: str | None = None
-    data: bytes | None = None
-    image: torch.Tensor | None = None
-    shape: tuple[int, ...] = ()
-    meta: dict[str, Any] | None = None
-    error: str | None = None
-    result: Prediction | None = None
-
-
-_HOST_INPUTS = (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)
-
-
-def _on_device(x: Any) -> bool:
-    """Whether an input may hold device memory that the caller's CUDA stream is still writing."""
-    if isinstance(x, torch.Tensor):
-        return x.is_cuda
-    return not isinstance(x, _HOST_INPUTS)  # DLPack producers (CuPy) and anything unknown
-
-
-@dataclass
-class _HostCopy:
-    """Tensors on their way from the device to host memory; :meth:`wait` returns them once they are there."""
-
-    tensors: tuple[torch.Tensor, ...]
-    done: torch.cuda.Event | None
-
-    def wait(self) -> tuple[torch.Tensor, ...]:
-        if self.done is not None:
-            self.done.synchronize()
-        return self.tensors
-
-
-def _to_host(*tensors: torch.Tensor) -> _HostCopy:
-    """Start copying ``tensors`` into pinned host memory without waiting (on a CPU they are already there)."""
-    cuda = [t for t in tensors if t.is_cuda]
-    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) if t.is_cuda
-                 else t for t in tensors)
-    return _HostCopy(host, _record_event(cuda[0].device) if cuda else None)
-
-
-def _record_event(device: torch.device) -> torch.cuda.Event | None:
-    """An event recorded on ``device``'s current stream (None on a CPU)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
-
-
-def _on_stream(stream: torch.cuda.Stream | None) -> ContextManager[Any]:
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-@dataclass
 class _Group:
     """Inputs decoded together and carried through the device together (``images_per_call`` of them)."""
 
-    items: list[_Item]
-    masks: _HostCopy | None = None
+    items: list[Item]
+    masks: HostCopy | None = None
     global_view: torch.Tensor | None = None
     fallback: torch.Tensor | None = None
     centres: torch.Tensor | None = None
     patches: torch.Tensor | None = None
-    results: _HostCopy | None = None
-    good: list[_Item] = field(init=False)
+    results: HostCopy | None = None
+    good: list[Item] = field(init=False)
 
     def __post_init__(self) -> None:
         self.good = [it for it in self.items if it.error is None]
@@ -175,84 +119,6 @@ def _count(name: str, value: Any, auto: bool = True) -> int:
         allowed = "'auto' or an integer >= 1" if auto else "an integer >= 1"
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
-
-
-def array_hash(image: torch.Tensor) -> str:
-    """Content hash of an array input: sha256 of its float32 bytes and its shape."""
-    arr = image.detach().to("cpu", torch.float32).contiguous().numpy()
-    h = hashlib.sha256(arr.tobytes())
-    h.update(repr(tuple(arr.shape)).encode())
-    return h.hexdigest()
-
-
-def _as_tensor(x: Any, label: str) -> torch.Tensor:
-    """A numpy array, torch tensor or DLPack producer (CuPy) as a torch tensor, sharing its memory."""
-    try:
-        if isinstance(x, np.ndarray):
-            if not x.dtype.isnative:  # big-endian data: torch only takes the machine's byte order
-                x = x.astype(x.dtype.newbyteorder("="))
-            return torch.from_numpy(x if x.flags.c_contiguous else x.copy(order="C"))  # keeps a 0-d array 0-d
-        return x if isinstance(x, torch.Tensor) else torch.from_dlpack(x)
-    except (TypeError, ValueError, RuntimeError, BufferError) as exc:  # object/str arrays, unsupported dtypes
-        raise ImageReadError(label, f"cannot read the array: {exc}") from None
-
-
-def _array_image(x: Any, label: str) -> torch.Tensor:
-    """A 2-D grey array (numpy, torch, or anything with ``__dlpack__`` such as CuPy) as float32 in [0, 1]."""
-    t = _as_tensor(x, label)
-    if t.ndim != 2:
-        raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}")
-    check_size(label, *t.shape)
-    if t.dtype in (torch.uint8, torch.uint16):
-        # Through a table made on the CPU: the same float32 values (so the same content hash and seed) on any
-        # device, where dividing on a GPU may round differently from the CPU.
-        top = 255 if t.dtype == torch.uint8 else 65535
-        table = (torch.arange(top + 1, dtype=torch.float32) / top).to(t.device)
-        return table[t.to(torch.int64)]
-    if not t.is_floating_point():
-        raise ImageReadError(label, f"unsupported array dtype {t.dtype} (expected uint8, uint16 or float in [0, 1])")
-    t = t.to(torch.float32)
-    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:
-        raise ImageReadError(label, "float image must be finite and within [0, 1]")
-    return t
-
-
-def _default_id(x: Any, index: int) -> str:
-    """The id of an input given without one: a path names itself; in-memory data is named by its kind and its
-    position in the input (``<bytes #3>``, ``<ndarray #0>``)."""
-    if isinstance(x, (str, os.PathLike)):
-        try:
-            return os.fspath(x)
-        except Exception:  # noqa: BLE001 - a PathLike whose __fspath__ fails: named by position, refused when read
-            return f"<{type(x).__name__} #{index}>"
-    kind = "bytes" if isinstance(x, (bytes, bytearray, memoryview)) else type(x).__name__
-    return f"<{kind} #{index}>"
-
-
-def _prepare(x: Any, label: str) -> _Item:
-    """Turn one input into bytes or a tensor, with its content hash; a bad input becomes an error item, whatever
-    the failure (a path with a NUL byte, a sparse or meta tensor, a DLPack producer that raises)."""
-    try:
-        return _read_input(x, label)
-    except ImageReadError as exc:
-        return _Item(label, error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the batch's
-        return _Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: {exc}")))
-
-
-def _read_input(x: Any, label: str) -> _Item:
-    if isinstance(x, (str, os.PathLike)):
-        data = read_file_bytes(x)
-        return _Item(label, hashlib.sha256(data).hexdigest(), data=data)
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        data = bytes(x)
-        return _Item(label, hashlib.sha256(data).hexdigest(), data=data)
-    if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
-        image = _array_image(x, label)
-        return _Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})
-    pair = " or an (item_id, x) pair with a string, integer or path id" if isinstance(x, tuple) else ""
-    raise ImageReadError(label, f"unsupported input type {type(x).__name__} (expected a path, bytes, or a 2-D "
-                                f"array/tensor{pair})")
 
 
 def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
@@ -279,39 +145,6 @@ class _SourceFailure(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def _split_pair(x: Any) -> tuple[str | None, Any]:
-    """``(item_id, input)`` from a pair (its id a string, an integer or a path) or a bare input. A 2-tuple whose
-    first element is not such an id (image bytes first, say) is not a pair: it is refused as an input."""
-    if isinstance(x, tuple) and len(x) == 2 and _is_id(x[0]):
-        item_id, x = x
-        if item_id is not None:
-            item_id = os.fspath(item_id) if isinstance(item_id, os.PathLike) else str(item_id)
-        return item_id, x
-    return None, x
-
-
-def _is_id(value: Any) -> bool:
-    return value is None or isinstance(value, (str, os.PathLike, np.integer)) or (
-        isinstance(value, int) and not isinstance(value, bool))
-
-
-def _snapshot(x: Any) -> Any:
-    """An in-memory input copied as it is handed over: it is read only when its group is prepared, later, so
-    a producer refilling one buffer for every item would otherwise change the items already queued."""
-    if isinstance(x, np.ndarray):
-        return x.copy()
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()  # on the caller's current stream, before the group's "inputs ready" event
-    if isinstance(x, (bytearray, memoryview)):
-        return bytes(x)
-    if hasattr(x, "__dlpack__"):
-        try:
-            return torch.from_dlpack(x).clone()
-        except Exception:  # noqa: BLE001 - its preparation names the input and the reason
-            return x
-    return x
 
 
 class Engine:
@@ -504,7 +337,7 @@ class Engine:
         prev: _Group | None = None  # classified, waiting to be read back
         try:
             for group in self._prepared(xs, prefetch, timer):
-                with self._compute_lock, _on_stream(compute):
+                with self._compute_lock, on_stream(compute):
                     self._classify(group, timer)
                 if prev is not None:
                     yield from self._results(prev)
@@ -533,8 +366,8 @@ class Engine:
                 if group:
                     yield group
                 raise _SourceFailure(exc) from exc
-            item_id, x = _split_pair(x)
-            group.append((item_id if item_id is not None else _default_id(x, index), _snapshot(x)))
+            item_id, x = split_pair(x)
+            group.append((item_id if item_id is not None else default_id(x, index), snapshot(x)))
             index += 1
             if len(group) == self.images_per_call:
                 yield group
@@ -549,7 +382,7 @@ class Engine:
         its preparation waits for the caller's kernels up to then, not for the engine's later ones.
         """
         def ready(group: list[tuple[str, Any]]) -> torch.cuda.Event | None:
-            return _record_event(self.device) if any(_on_device(x) for _, x in group) else None
+            return record_event(self.device) if any(on_device(x) for _, x in group) else None
 
         if prefetch <= 0:
             for group in self._groups(xs):
@@ -583,10 +416,10 @@ class Engine:
         """Decode one group, segment it and gather its patches: on a GPU on the engine's preparation stream,
         so that it overlaps the learners, and finished there before the group is handed over."""
         # Under the lock from the start: array inputs already queue work on the shared preparation stream.
-        with _on_stream(self._prep_stream), self._prep_lock:
+        with on_stream(self._prep_stream), self._prep_lock:
             if inputs_ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(inputs_ready)
-            items = [_prepare(x, item_id) for item_id, x in inputs]
+            items = [prepare(x, item_id) for item_id, x in inputs]
             group = _Group(self._decode(items, timer))
             self._segment(group, timer)
             self._patches(group, timer)
@@ -596,7 +429,7 @@ class Engine:
             it.shape, it.image = tuple(it.image.shape), None
         return group
 
-    def _decode(self, items: list[_Item], timer: StageTimer) -> list[_Item]:
+    def _decode(self, items: list[Item], timer: StageTimer) -> list[Item]:
         """Decode the items' bytes onto the device (failures become error items).
 
         The GPU decoders allocate on the current stream but write through streams of their own, without
@@ -633,7 +466,7 @@ class Engine:
         with timer.stage("segment"):
             inputs = torch.stack([segmentation_input(it.image, seg["size"], seg["gamma"]) for it in group.good])
             logits = _run_batched(self.segmenter, inputs, self.images_per_call)
-            group.masks = _to_host(lung_masks(logits, seg["threshold"]))
+            group.masks = to_host(lung_masks(logits, seg["threshold"]))
 
     def _patches(self, group: _Group, timer: StageTimer) -> None:
         """Post-process the group's masks on the host, then sample centres and gather the K patches."""
@@ -684,11 +517,11 @@ class Engine:
             inputs = {"patch": self._normalise(group.patches)} if "patch" in modes else {}
             if "global" in modes:
                 inputs["global"] = self._normalise(group.global_view)
-            ready = _record_event(self.device) if self._side_streams else None
+            ready = record_event(self.device) if self._side_streams else None
             try:
                 for i, learner in enumerate(self.learners):
                     side = self._side_streams[i % len(self._side_streams)] if self._side_streams else None
-                    with _on_stream(side):
+                    with on_stream(side):
                         if side is not None:
                             side.wait_event(ready)
                         with timer.stage(LEARNER_STAGE + learner.name):
@@ -710,7 +543,7 @@ class Engine:
             else:
                 probs = conf.mean(1)
             extra = (group.centres,) if self.return_centres and group.centres is not None else ()
-            group.results = _to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
+            group.results = to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
         group.global_view = group.patches = None
 
     def _join_side_streams(self, outputs: list[torch.Tensor]) -> None:
@@ -735,12 +568,12 @@ class Engine:
                 it.result = self._prediction(it, i, host)
         return [it.result if it.result is not None else self._error(it) for it in group.items]
 
-    def _error(self, it: _Item) -> Prediction:
+    def _error(self, it: Item) -> Prediction:
         return Prediction(item_id=it.item_id, status="error", error=it.error, content_hash=it.content_hash,
                           k=self.k, seed=self.seed, meta=it.meta or {}, bundle_id=self.bundle_id, backend=self.backend,
                           learners=self._learner_names)
 
-    def _prediction(self, it: _Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
+    def _prediction(self, it: Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
         flags = []
         if bool(host["fallback"][i]):
             flags.append("mask_fallback")
