@@ -14,6 +14,7 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
+from patchflannel.errors import ConfigError
 from patchflannel.cli.learn import register
 from patchflannel.export.bundle import random_bundle
 from patchflannel.training.cv import run_cv
@@ -83,6 +84,31 @@ def test_cv_global_end_to_end_and_resume(cxr4_dir: Path, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert log.stat().st_mtime_ns == stamp  # finished runs are skipped, not retrained
     assert _read(tmp_path / "out" / "predictions.csv") == preds
+
+    # Other settings are refused before any work, and config.yaml keeps the ones the runs were made under.
+    recorded = (tmp_path / "out" / "config.yaml").read_text()
+    changed = _config(tmp_path, splits, "global", learner={"epochs": 1, "patience": 1, "batch_size": 8, "lr": 1e-2})
+    result = CliRunner().invoke(app, ["cv", str(changed), "--out", str(tmp_path / "out"), "--no-report"])
+    assert result.exit_code == 2 and "learner.lr: 0.001 -> 0.01" in result.output and "--restart" in result.output
+    assert (tmp_path / "out" / "config.yaml").read_text() == recorded and log.stat().st_mtime_ns == stamp
+
+    # Another K predicts the trained learners again (global mode: the same confidences), no training.
+    run_cv(_config(tmp_path, splits, "global", k=5), tmp_path / "out", report=False)
+    assert log.stat().st_mtime_ns == stamp
+    assert json.loads((log.parent / "done.json").read_text())["k"] == 5
+    assert _read(tmp_path / "out" / "predictions.csv") == preds
+
+    # A retrain that fails removes the run's old done.json: the next resume trains it, never takes it as done.
+    weights = {LEARNERS[0]: str(tmp_path / "absent.pt")}
+    broken = _config(tmp_path, splits, "global", k=5, learner={"epochs": 1, "patience": 1, "batch_size": 8,
+                                                               "lr": 1e-3, "imagenet_weights": weights})
+    with pytest.raises(ConfigError, match="not found: squeezenet1_1: .*absent.pt"):  # before any work
+        run_cv(broken, tmp_path / "out", resume=False)
+    assert (log.parent / "done.json").is_file()
+    (tmp_path / "absent.pt").write_text("not a state dict")
+    with pytest.raises(ConfigError, match="absent.pt: not a .* state dict"):
+        run_cv(broken, tmp_path / "out", resume=False)
+    assert not (log.parent / "done.json").exists()
 
 
 @pytest.mark.slow

@@ -154,6 +154,12 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         load_config({"learners": ["resnet18", "fcdensenet56"]})
     with pytest.raises(ConfigError, match="k must be >= 1"):
         load_config({"k": 0})
+    with pytest.raises(ConfigError, match="learner.patience must be >= 1, got 0"):  # the Trainer's own rule
+        load_config({"learner": {"patience": 0}})
+    with pytest.raises(ConfigError, match="ensemble.patience must be >= 1"):
+        load_config({"ensemble": {"patience": 0}})
+    with pytest.raises(ConfigError, match="seed must be <= 4294967295"):  # per-epoch seeds stay within 64 bits
+        load_config({"seed": 2**62})
     with pytest.raises(ConfigError, match="learner.batch_size must be a whole number"):
         load_config({"learner": {"batch_size": 2.5}})
     assert load_config({"learner": {"lr": "1e-3"}})["learner"]["lr"] == 1e-3  # YAML reads 1e-3 as a string
@@ -189,7 +195,9 @@ def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path
         log = list(csv.DictReader(fh))
     assert [r["epoch"] for r in log] == ["0", "1"] and "train_loss" in log[0] and "val_macro_f1" in log[0]
     train_learner({**cfg, "learner": {**cfg["learner"], "epochs": 1}}, tmp_path / "part")
-    train_learner(cfg, tmp_path / "part", resume=True)
+    train_learner(cfg, tmp_path / "part", resume=True)  # a resume may train longer
+    with pytest.raises(ConfigError, match=r"made under other settings than these \(learner.lr: 0.001 -> 0.01\)"):
+        train_learner({**cfg, "learner": {**cfg["learner"], "lr": 1e-2}}, tmp_path / "part", resume=True)
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     part = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(full[k], part[k]) for k in full)
@@ -200,6 +208,21 @@ def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path
     out = predict_items(model, prepare(mcfg, val, torch.device("cpu")), mcfg, 1, torch.device("cpu"))
     assert out["confidence"].shape == (len(val), 4) and np.allclose(out["confidence"].sum(1), 1, atol=1e-5)
     assert np.array_equal(out["pred"], out["confidence"].argmax(1))
+
+
+@pytest.mark.slow
+def test_train_learner_patch_starts_the_same_with_a_cold_or_a_warm_mask_cache(cxr4_dir: Path, tmp_path: Path) -> None:
+    """Building the segmenter for a cold mask cache draws from the global RNG: the learner is seeded after it."""
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=5)
+    bundle = random_bundle(tmp_path / "bundle", seed=0)
+    cfg = {"splits": str(splits), "arch": "squeezenet1_1", "mode": "patch", "val_fold": 0, "k_val": 1,
+           "cache_dir": str(tmp_path / "cache"), "segmentation_bundle": str(bundle.root),
+           "learner": {"epochs": 1, "patience": 1, "batch_size": 4, "lr": 1e-3}}
+    train_learner(cfg, tmp_path / "cold")
+    train_learner(cfg, tmp_path / "warm")
+    cold = torch.load(tmp_path / "cold" / "last.pt", weights_only=True)["model"]
+    warm = torch.load(tmp_path / "warm" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)
 
 
 @pytest.mark.parametrize("arch", ["mnasnet0_5", "mobilenet_v3_small"])

@@ -60,3 +60,8 @@ def test_imagenet_weights_come_from_a_local_file_only(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="not found"):
         get_model("resnet18", imagenet_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="resnet18_imagenet.pth: not a SqueezeNet state dict"):  # another network's
+        get_model("squeezenet1_1", imagenet_weights=str(path))
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(ConfigError, match="notes.pth: not a ResNet state dict"):
+        get_model("resnet18", imagenet_weights=str(tmp_path / "notes.pth"))

@@ -11,6 +11,10 @@ from typing import Any
 from patchflannel.errors import ConfigError
 
 
+SEED_RANGE: dict[str, Any] = dict(integer=True, low=0, high=2**32 - 1)
+"""The :func:`number` options of a seed (per-epoch seeds are ``seed * 1_000_003 + epoch``, within 64 bits)."""
+
+
 def number(name: str, value: Any, *, integer: bool = False, low: float | None = None, high: float | None = None,
            low_open: bool = False, optional: bool = False) -> int | float | None:
     """``value`` as an int (``integer``) or float within [``low``, ``high``] (``low_open``: above ``low``);
@@ -31,7 +35,11 @@ def number(name: str, value: Any, *, integer: bool = False, low: float | None = 
     else:
         value = float(value)
     if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+        raise ConfigError(f"{name} must be {'>' if low_open else '>='} {_bound(low)}, got {value!r}")
     if high is not None and value > high:
-        raise ConfigError(f"{name} must be <= {high:g}, got {value!r}")
+        raise ConfigError(f"{name} must be <= {_bound(high)}, got {value!r}")
     return value
+
+
+def _bound(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"

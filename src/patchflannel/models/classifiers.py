@@ -29,7 +29,11 @@ def _imagenet(model: nn.Module, path: str | Path | None) -> nn.Module:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"ImageNet weights file not found: {p}")
-        model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - not a state dict, or one of another architecture
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"ImageNet weights file {p}: not a {type(model).__name__} state dict ({reason})") from None
     return model
 
 

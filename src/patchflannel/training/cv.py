@@ -36,10 +36,15 @@ from patchflannel.errors import ConfigError
 from patchflannel.training.datasets import read_splits
 from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
 from patchflannel.devices import resolve_device
-from patchflannel.training.learners import load_config, load_learner, predict_items, prepare, train_learner
+from patchflannel.training.learners import (ENSEMBLE_SETTINGS, LEARNER_SETTINGS, check_resumable, check_weights_files,
+                                            load_config, load_learner, predict_items, prepare, train_learner)
 from patchflannel.training.report import evaluate_predictions, write_predictions
 
 DONE_FILE = "done.json"
+CV_SETTINGS = tuple(k for k in dict.fromkeys(LEARNER_SETTINGS + ENSEMBLE_SETTINGS) if k != "learners")
+"""The settings a cv folder's runs were made under: a resume under others is refused. Not among them: K (a
+run whose predictions were made at another K is predicted again, not retrained) and the list of learners (a
+new one is trained; the ensembles, whose inputs change, are trained again)."""
 _console = Console(stderr=True)
 
 
@@ -66,10 +71,13 @@ def _rows_out(rows: list[dict[str, str]], probs: np.ndarray, model: str, fold: s
 def _learner_run(cfg: dict[str, Any], arch: str, fold: str, run_dir: Path, val_rows: list, test_rows: list,
                  resume: bool) -> dict[str, Any]:
     """Train (or resume) one learner on the folds other than ``fold`` and predict fold ``fold`` and the test set."""
-    done = _read_done(run_dir)
-    if done is not None and resume:
+    done = _read_done(run_dir) if resume else None
+    if done is not None and done.get("k") == cfg["k"]:
         return done
-    train_learner({**cfg, "arch": arch, "val_fold": fold}, run_dir, resume=resume)
+    if done is None:  # trained (again): a marker left from before would pass an interrupted retrain for finished
+        (run_dir / DONE_FILE).unlink(missing_ok=True)
+        train_learner({**cfg, "arch": arch, "val_fold": fold}, run_dir, resume=resume)
+    # else: trained, its predictions made at another K: only predicted again
     device = resolve_device(cfg["device"])
     model, _ = load_learner(run_dir, device)
     preds = {}
@@ -114,7 +122,10 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     for key in ("splits", "learners"):
         if not cfg.get(key):
             raise ConfigError(f"a cv config needs '{key}'")
+    check_weights_files(cfg, list(cfg["learners"]))
     out = Path(out_dir)
+    if resume:  # before any work, and before config.yaml records the new settings
+        check_resumable(out, cfg, CV_SETTINGS, "pass --restart to retrain every run, or use another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     rows = read_splits(cfg["splits"])
@@ -172,6 +183,7 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
             # An unfinished run continues only on the inputs it started with.
             again = resume and done is None and started.is_file() and started.read_text() == inputs
             run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / DONE_FILE).unlink(missing_ok=True)  # see _learner_run
             started.write_text(inputs)
             train_ensemble(oof[~hold], labels[~hold], oof[hold], labels[hold], cfg, run_dir, learners=names,
                            resume=again)

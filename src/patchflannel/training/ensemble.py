@@ -22,7 +22,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.models import get_model
 from patchflannel.models.ensemble import NeuralWeightModule
 from patchflannel.models.losses import class_alpha, focal_loss
-from patchflannel.training.learners import load_config
+from patchflannel.training.learners import ENSEMBLE_SETTINGS, HOW_LONG, SPEED_ONLY, check_resumable, load_config
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, Trainer, seed_everything
 from patchflannel.training.report import read_predictions
 
@@ -41,6 +41,8 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     if len(train_x) == 0 or len(val_x) == 0:
         raise ConfigError("the ensemble needs non-empty training and validation sets")
     run_dir = Path(run_dir)
+    if resume:
+        check_resumable(run_dir, cfg, ENSEMBLE_SETTINGS, "train into a new --out instead", SPEED_ONLY + HOW_LONG)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     seed_everything(cfg["seed"])

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import f1_score
 from torch import nn
@@ -30,7 +31,7 @@ from patchflannel.export.bundle import default_preprocessing
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
-from patchflannel.settings import number
+from patchflannel.settings import SEED_RANGE, number
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
@@ -50,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "ensemble": {"epochs": 200, "patience": 20, "lr": 1e-5, "weight_decay": 1e-4, "batch_size": 20, "gamma": 2.0},
 }
 L1_PATCH = 1e-5
+_console = Console(stderr=True)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -97,16 +99,53 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 _RANGES: dict[str, dict[str, dict[str, Any]]] = {
     # section -> key -> number() options; "" is the top level
-    "": {"seed": dict(integer=True), "k": dict(integer=True, low=1), "k_val": dict(integer=True, low=1)},
-    "learner": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=0),
+    "": {"seed": SEED_RANGE, "k": dict(integer=True, low=1), "k_val": dict(integer=True, low=1)},
+    "learner": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=1),
                 "batch_size": dict(integer=True, low=1), "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0),
                 "l1": dict(low=0), "lr_factor": dict(low=0, low_open=True, high=1), "lr_patience": dict(integer=True, low=0),
                 "num_workers": dict(integer=True, low=0), "eval_batch": dict(integer=True, low=1),
                 "bn_momentum": dict(low=0, high=1, optional=True)},
-    "ensemble": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=0),
+    "ensemble": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=1),
                  "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0), "batch_size": dict(integer=True, low=1),
                  "gamma": dict(low=0)},
 }
+
+
+LEARNER_SETTINGS = ("mode", "seed", "k_val", "segmentation_bundle", "arch", "val_fold", "learner")
+"""What a learner run's weights depend on."""
+ENSEMBLE_SETTINGS = ("seed", "val_fold", "learners", "ensemble")
+"""What an ensemble run's weights depend on, besides its inputs."""
+SPEED_ONLY = ("learner.num_workers", "learner.eval_batch")
+"""Settings under those scopes that change how fast a run goes, not its result."""
+HOW_LONG = ("learner.epochs", "learner.patience", "ensemble.epochs", "ensemble.patience")
+"""Settings an unfinished run may be resumed under anew (to train it longer)."""
+
+
+def changed_settings(recorded: dict[str, Any], now: dict[str, Any], scopes: tuple[str, ...],
+                     skip: tuple[str, ...] = SPEED_ONLY) -> list[str]:
+    """``'name: recorded -> now'`` for each setting under ``scopes`` (top-level keys; a section key by key, but
+    those in ``skip``) whose value differs between two resolved configs."""
+    changed = []
+    for scope in scopes:
+        old, new = recorded.get(scope), now.get(scope)
+        if isinstance(old, dict) and isinstance(new, dict) and isinstance(DEFAULTS.get(scope), dict):
+            pairs = [(f"{scope}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
+        else:
+            pairs = [(scope, old, new)]
+        changed += [f"{name}: {a!r} -> {b!r}" for name, a, b in pairs if a != b and name not in skip]
+    return changed
+
+
+def check_resumable(run_dir: Path, cfg: dict[str, Any], scopes: tuple[str, ...], hint: str,
+                    skip: tuple[str, ...] = SPEED_ONLY) -> None:
+    """Refuse to continue the run in ``run_dir`` under other settings (of ``scopes``, but ``skip``) than its
+    config.yaml records: its checkpoints and predictions were made under those."""
+    recorded_file = run_dir / "config.yaml"
+    if not recorded_file.is_file():
+        return
+    changed = changed_settings(load_config(recorded_file), cfg, scopes, skip)
+    if changed:
+        raise ConfigError(f"{run_dir}: made under other settings than these ({'; '.join(changed)}); {hint}")
 
 
 def _check_numbers(cfg: dict[str, Any]) -> None:
@@ -160,6 +199,14 @@ def build_learner(cfg: dict[str, Any], arch: str, options: dict[str, Any] | None
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = float(momentum)
     return model
+
+
+def check_weights_files(cfg: dict[str, Any], archs: list[str]) -> None:
+    """Every ImageNet weights file the config names for ``archs`` exists (checked before any image is read)."""
+    files = cfg["learner"]["imagenet_weights"] or {}
+    missing = [f"{a}: {files[a]}" for a in archs if files.get(a) and not Path(files[a]).is_file()]
+    if missing:
+        raise ConfigError(f"ImageNet weights file(s) not found: {'; '.join(missing)}")
 
 
 def arch_config(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
@@ -242,19 +289,27 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     if not train_rows or not val_rows:
         raise ConfigError(f"{cfg['splits']}: fold {val_fold} leaves {len(train_rows)} training and "
                           f"{len(val_rows)} validation images; both must be non-empty")
+    check_weights_files(cfg, [cfg["arch"]])
+    lc = cfg["learner"]
+    if not (lc["imagenet_weights"] or {}).get(cfg["arch"]) and lc["lr"] < 1e-4:
+        _console.print(f"note: {cfg['arch']} starts from random weights (no learner.imagenet_weights file for it) at "
+                       f"lr {lc['lr']:g}, a rate for ImageNet-initialised learners: it will learn slowly "
+                       "(docs/training.md)", markup=False, highlight=False)
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)  # made once the config is known to be good: a refused one leaves nothing behind
+    if resume:
+        check_resumable(run_dir, cfg, LEARNER_SETTINGS, "train into a new --out instead", SPEED_ONLY + HOW_LONG)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    seed_everything(cfg["seed"])
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_items, val_items = prepare(cfg, train_rows, device), prepare(cfg, val_rows, device)
     fmt = _memory_format(cfg)
     recorded = recorded_arch_config(run_dir) if resume else None
     options = recorded if recorded is not None else arch_config(cfg, cfg["arch"])  # a resume keeps the run's own
+    # Seeded after the masks: building the segmenter for a cold mask cache draws from the global RNG.
+    seed_everything(cfg["seed"])
     model = build_learner(cfg, cfg["arch"], options).to(device, memory_format=fmt)
-    lc = cfg["learner"]
     optimizer = torch.optim.Adam(model.parameters(), lr=lc["lr"], weight_decay=lc["weight_decay"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=lc["lr_factor"],
                                                            patience=lc["lr_patience"])

@@ -182,7 +182,8 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
              f"{report['n_rows']} prediction rows; classes {', '.join(report['classes'])}. Mean (std) over folds; "
              f"intervals: 95% percentile bootstrap over patients ({report['bootstrap']['resamples']} resamples) "
              "of the pooled rows. `val` = out-of-fold predictions, `test` = held-out test set, `train` = images "
-             "the model trained on (a fit figure, not generalisation).", ""]
+             "the model trained on (a fit figure, not generalisation). `n` counts rows: each fold's models score "
+             "the whole test set, so a test image counts once per fold.", ""]
     for split in SPLITS:
         gs = [g for g in report["groups"] if g["split"] == split]
         if not gs:

@@ -34,7 +34,7 @@ from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
 from patchflannel.ops.preprocess import GAMMA, SEG_SIZE, resize_mask, segmentation_input
-from patchflannel.settings import number
+from patchflannel.settings import SEED_RANGE, number
 from patchflannel.training.loop import BEST_FILE, RUN_FILE, Trainer, seed_everything
 
 
@@ -111,10 +111,10 @@ class SegConfig:
 
 
 _RANGES: dict[str, dict[str, Any]] = {
-    "seed": dict(integer=True), "val_fraction": dict(low=0, low_open=True, high=0.9), "size": dict(integer=True, low=32),
+    "seed": SEED_RANGE, "val_fraction": dict(low=0, low_open=True, high=0.9), "size": dict(integer=True, low=32),
     "gamma": dict(low=0, low_open=True), "threshold": dict(low=0, high=1), "batch_size": dict(integer=True, low=1),
     "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0), "max_epochs": dict(integer=True, low=1),
-    "patience": dict(integer=True, low=0), "plateau_patience": dict(integer=True, low=0), "dice_weight": dict(low=0),
+    "patience": dict(integer=True, low=1), "plateau_patience": dict(integer=True, low=0), "dice_weight": dict(low=0),
     "rotate": dict(low=0), "shift": dict(low=0), "crop_scale": dict(low=0, low_open=True, high=1),
     "brightness": dict(low=0), "contrast": dict(low=0), "threads": dict(integer=True, low=1, optional=True),
 }
