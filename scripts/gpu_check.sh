@@ -11,7 +11,11 @@
 # LSTREAMS: learner-stream counts every bench run compares (default "1, 5" on a GPU; the loop runs on one).
 # overlap (named in SECTIONS only): the learners on one stream against 2 and 5 streams and a CUDA graph;
 # OVERLAP_ARGS=--compile times them compiled (OVERLAP_LIMIT seconds, default 150).
+# At the end, on a GPU (or with PACK_OUT=1), every file but summary.txt and targets.json goes into
+# $OUT/gpu_check.tgz (the device tool returns at most 8 files). Targets over two calls' results, worked out afterwards on any machine:
+#   SECTIONS=targets PREVIOUS=<first call's files, unpacked> OUT=<second call's, unpacked> bash scripts/gpu_check.sh
 set -u
+export PYTHONUNBUFFERED=1  # a section stopped at its limit still leaves its log
 OUT="${OUT:-/tmp/gpu_check}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -53,7 +57,7 @@ for mod in ("torchvision", "numpy", "scipy", "PIL", "cupy", "onnxruntime", "onnx
 PYEOF
 
 if $PY -c "import pytest" 2>/dev/null; then
-  section tests "${TESTS_LIMIT:-120}" $PY -m pytest -p no:cacheprovider -q -rs \
+  section tests "${TESTS_LIMIT:-120}" $PY -m pytest -p no:cacheprovider -v -rs --durations=0 \
     -m gpu tests/test_sampler.py tests/test_backends.py tests/test_loaders.py tests/test_engine_gpu.py
 else
   echo "   pytest missing: tests skipped" | tee -a "$SUMMARY"
@@ -102,11 +106,13 @@ from pathlib import Path
 out = Path("$OUT")
 rows = []
 for folder in [Path(p) for p in ("${PREVIOUS:-}", "$OUT") if p]:
-    for name in ("eager_fp16", "compiled_fp16"):
-        f = folder / name / "bench.json"
+    found = [folder / name / "bench.json" for name in ("eager_fp16", "compiled_fp16")]
+    for f in found:
         if f.is_file():
-            rows += [dict(r, section=name) for r in json.loads(f.read_text())["runs"]]
+            rows += [dict(r, section=f.parent.name) for r in json.loads(f.read_text())["runs"]]
             print("read", f)
+    if not any(f.is_file() for f in found):
+        print(f"WARNING: no eager_fp16/bench.json or compiled_fp16/bench.json under {folder}")
 kmax = max((r["k"] for r in rows if r["k"] is not None), default=None)
 at = [r for r in rows if r["k"] == kmax]
 loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
@@ -125,3 +131,7 @@ if best:
 print(json.dumps(summary, indent=1))
 PYEOF
 echo "done in $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
+if [ "${PACK_OUT:-$GPU}" = "1" ]; then  # one archive (on the GPU machine): the device tool returns at most 8 files
+  ( cd "$OUT" && files=$(ls -A | grep -v -x -e summary.txt -e targets.json -e gpu_check.tgz) \
+    && [ -n "$files" ] && tar czf gpu_check.tgz $files && rm -rf $files )
+fi

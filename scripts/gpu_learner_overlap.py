@@ -5,7 +5,8 @@ over 2 and 5 streams, and against one CUDA graph replaying all five (no launch c
 Evidence for the engine's next step toward 25 images/s (docs/benchmarks.md): the learners run at very
 different rates (compiled on an H100: densenet161 near 130 TFLOP/s, vgg19_bn near 470), so one learner's
 kernels might fill the SMs another leaves idle. Outputs are checked against the one-stream run.
-Prints one JSON object (milliseconds a group and an image, median of ``--repeats``).
+Prints one JSON object at the end (milliseconds a group and an image, median of ``--repeats``), and a line of
+JSON for each step as it goes.
 
 Usage (a GPU): python scripts/gpu_learner_overlap.py [--compile] [--images 4 --k 100 --repeats 10]
 On a CPU it times the one-stream run of small learners only (a dry run of the script).
@@ -49,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    torch.backends.cudnn.benchmark = cuda  # as bench and score run: the per-learner times compare with theirs
     names = FLANNEL_LEARNERS if cuda else ("shufflenet_v2_x0_5", "mobilenet_v3_small")
     n = args.images * args.k if cuda else 8
     torch.manual_seed(0)
@@ -65,8 +67,10 @@ def main() -> None:
     started = time.perf_counter()
     reference = one_stream()  # compiles here with --compile
     report["first_call_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report), flush=True)  # partial reports as it goes: a run stopped at its limit keeps them
     report["per_learner_ms"] = {name: round(median_ms(lambda b=b: b.run(x), args.repeats, cuda), 2)
                                 for name, b in backends.items()}
+    print(json.dumps(report["per_learner_ms"]), flush=True)
     variants: dict[str, Callable[[], list[torch.Tensor]]] = {"1 stream": one_stream}
     if cuda:
         for count in (2, len(backends)):
@@ -82,6 +86,7 @@ def main() -> None:
         group_ms = median_ms(fn, args.repeats, cuda)
         results[label] = {"ms_group": round(group_ms, 2), "ms_image": round(group_ms / args.images, 2),
                           "max_abs_diff": diff}
+        print(json.dumps({label: results[label]}), flush=True)
     report["variants"] = results
     print(json.dumps(report, indent=1))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchflannel.errors import BackendUnavailableError
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import random_bundle
 from patchflannel.export.onnx import export_onnx
 
@@ -21,6 +21,29 @@ def test_missing_tensorrt_or_gpu_is_refused_clearly(tmp_path: Path) -> None:
 
     random_bundle(tmp_path, segmentation="fcdensenet56", learners=("squeezenet1_1",))
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed|need a CUDA device"):
+        build_engines(tmp_path)
+
+
+def test_bundle_and_batch_range_are_checked_before_tensorrt_is_needed(tmp_path: Path) -> None:
+    from patchflannel.export.tensorrt import build_engines
+
+    with pytest.raises(BundleError, match="default bundle is part of the installed package"):
+        build_engines(None)
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("squeezenet1_1",))
+    with pytest.raises(ConfigError, match="k_opt 200, k_max 100"):
+        build_engines(tmp_path, k_opt=200, k_max=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package and a CUDA GPU (not available here)")
+def test_a_missing_onnx_file_names_the_export_command(tmp_path: Path) -> None:
+    import tensorrt as trt
+
+    from patchflannel.export.tensorrt import build_engines, trt_major
+
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("resnet18",))
+    needed = "fp16" if trt_major(trt) >= 11 else "fp32"
+    with pytest.raises(BundleError, match=f"no {needed} ONNX file for segmentation, .*--precision {needed}"):
         build_engines(tmp_path)
 
 

@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from patchflannel.errors import BackendUnavailableError, BundleError
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import (
     Bundle,
     ModelEntry,
     StagedFiles,
     add_file,
+    default_bundle_path,
     library_versions,
     load_bundle,
     role_of,
@@ -74,6 +75,8 @@ def build_engine(onnx_path: Path, plan_path: Path, input_name: str, shape: Seque
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     if fp16 and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    elif not fp16 and hasattr(trt.BuilderFlag, "TF32"):  # on by default: fp32 engines compute in fp32
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, *[(b, *shape) for b in batch])
     config.add_optimization_profile(profile)
@@ -91,11 +94,14 @@ def run_engine(plan_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.n
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-    context = engine.create_execution_context()
+    context = engine.create_execution_context() if engine is not None else None
+    if context is None:
+        raise BundleError(f"{plan_path}: TensorRT could not load the engine it built (see its log above)")
     buffers: dict[str, torch.Tensor] = {}
     for name, array in inputs.items():
         buffers[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-        context.set_input_shape(name, tuple(array.shape))
+        if not context.set_input_shape(name, tuple(array.shape)):
+            raise BundleError(f"{plan_path}: the engine refused input {name!r} of shape {tuple(array.shape)}")
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     for name in outputs:
@@ -118,17 +124,28 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
     the ensemble 1..``max_images``. Each engine is checked against the ONNX export's saved reference outputs
     and the result recorded (``extra.parity``). Raises BackendUnavailableError without TensorRT or a GPU.
     """
-    trt = _tensorrt()
-    import torch
-
     from patchflannel.export.onnx import parity_report
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if b.root.resolve() == default_bundle_path().resolve():
+        raise BundleError("the default bundle is part of the installed package and has no ONNX files: export "
+                          "a copy with `patchflannel export onnx --out DIR`, then build its engines")
     k = int(b.preprocessing["k"])
     k_opt, k_max = k_opt or k, k_max or 4 * k
+    if not 1 <= k_opt <= k_max or max_images < 1:
+        raise ConfigError(f"need 1 <= k_opt <= k_max and max_images >= 1 (got k_opt {k_opt}, k_max {k_max}, "
+                          f"max_images {max_images})")
+    trt = _tensorrt()
+    import torch
+
     precision = "fp16" if fp16 else "fp32"
     onnx_precision = "fp16" if fp16 and trt_major(trt) >= 11 else "fp32"
     entries = [m for m in b.models() if not models or m.name in models]
+    missing = [m.name for m in entries if not any(f.format == "onnx" and f.precision == onnx_precision for f in m.files)]
+    if missing:
+        why = " (TensorRT 11 builds fp16 engines from fp16 ONNX files)" if onnx_precision == "fp16" else ""
+        raise BundleError(f"{b.root}: no {onnx_precision} ONNX file for {', '.join(missing)}{why}; make them with "
+                          f"`patchflannel export onnx {b.root} --precision {onnx_precision}`")
     done = []
     with StagedFiles(b.root) as stage:
         for entry in entries:
@@ -138,10 +155,11 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
             rel = str(Path(src.path).with_suffix("")).removesuffix(".fp16") + f".{precision}.plan"
             path = stage.path(rel)
             build_engine(b.path_of(src), path, inp["name"], inp["shape"][1:], batch, fp16)
-            ref = np.load(b.root / entry.file("onnx", "fp32").extra["reference"])
-            got = run_engine(path, {inp["name"]: ref[inp["name"]]})[out["name"]]
+            ref = np.load(b.root / src.extra["reference"])
+            rows = batch[2]  # the reference inputs the profile takes
+            got = run_engine(path, {inp["name"]: ref[inp["name"]][:rows]})[out["name"]]
             tol = {"rtol": 5e-2, "atol": 1e-2} if fp16 else {}
-            report = {**parity_report(ref[out["name"]], got, role_of(b, entry), **tol),
+            report = {**parity_report(ref[out["name"]][:rows], got, role_of(b, entry), **tol),
                       "runtime": f"TensorRT {trt.__version__}"}
             if not report["passed"]:
                 raise BundleError(f"{rel}: TensorRT output differs from torch: {report['failure']}; "

@@ -41,6 +41,8 @@ class TensorRTBackend:
             if self.engine is None:
                 raise BundleError(f"{path}: TensorRT could not deserialise this engine (built for another card or version?)")
             self.context = self.engine.create_execution_context()
+            if self.context is None:
+                raise BundleError(f"{path}: TensorRT could not make an execution context (out of device memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -58,6 +60,11 @@ class TensorRTBackend:
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
         """Float32 outputs for a float (N, ...) batch on the CUDA device."""
+        # The engine's GPU must be the thread's current device (the preparation thread's is cuda:0).
+        with torch.cuda.device(self.device):
+            return self._run(batch)
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
         x = batch.to(device=self.device, dtype=self.input_dtype).contiguous()
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise ConfigError(f"{self.path}: TensorRT refused input shape {tuple(x.shape)} (its optimisation profile "
