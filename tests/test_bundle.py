@@ -114,6 +114,21 @@ def test_missing_file_is_refused(bundle_dir: Path) -> None:
     assert "learners/1_squeezenet1_1.pt: file missing" in _refused(bundle_dir)
 
 
+def test_a_file_outside_the_bundle_folder_is_refused(bundle_dir: Path) -> None:
+    """A bundle names its files relative to its folder: one elsewhere (a copy or a Triton export would depend
+    on it silently) is refused, even with the right hash."""
+    import json
+    import shutil
+
+    outside = bundle_dir.parent / f"{bundle_dir.name}-ensemble.pt"
+    shutil.copyfile(bundle_dir / "ensemble.pt", outside)
+    spec = json.loads((bundle_dir / "bundle.json").read_text())
+    for path in (f"../{outside.name}", str(outside)):
+        spec["ensemble"]["files"][0]["path"] = path
+        (bundle_dir / "bundle.json").write_text(json.dumps(spec))
+        assert f"{path}: outside the bundle folder" in _refused(bundle_dir)
+
+
 def test_every_problem_is_reported_at_once(bundle_dir: Path) -> None:
     (bundle_dir / "segmentation.pt").unlink()
     (bundle_dir / "ensemble.pt").write_bytes(b"PK\x03\x04 changed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
 
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import load_bundle, random_bundle
+from patchflannel.export.bundle import add_file, load_bundle, random_bundle, write_bundle
 from patchflannel.export.onnx import DATA_ENV, _normalise, export_onnx
 from patchflannel.export.triton import (
     ENSEMBLE,
@@ -63,6 +64,38 @@ def test_repository_parses_and_chains(repo: Path, onnx_bundle: Path) -> None:
     with pytest.raises(BundleError, match=r"no tensorrt file for segmentation, .*; make them with `patchflannel export tensorrt BUNDLE` \(builds in place"):
         export_triton(onnx_bundle, repo.parent / "y", learner_format="tensorrt")
     assert not (repo.parent / "y").exists()
+
+
+def _record_engines(root: Path, learner_max: list[int]) -> None:
+    """Record a TensorRT engine for every network of the bundle at ``root`` as `export tensorrt` records one
+    (its profile). The .plan files are stand-ins (copies of the ONNX files; TensorRT is absent here): the
+    Triton export copies them and configures from the records, it never runs them."""
+    b = load_bundle(root)
+    for i, entry in enumerate(b.models()):
+        src = entry.file("onnx", "fp32")
+        rel = src.path.removesuffix(".onnx") + ".fp16.plan"
+        shutil.copyfile(b.path_of(src), root / rel)
+        largest = learner_max[i - 1] if entry in b.learners else 16
+        entry.files.append(add_file(root, rel, "tensorrt", precision="fp16",
+                                    profile={entry.inputs[0]["name"]: {"min": 1, "opt": 1, "max": largest}}))
+    write_bundle(b)
+
+
+def test_tensorrt_learners_take_at_most_their_engines_batch(onnx_bundle: Path, tmp_path: Path) -> None:
+    """Triton refuses a TensorRT model whose max_batch_size is above its engine's profile."""
+    root = tmp_path / "bundle"
+    shutil.copytree(onnx_bundle, root)
+    k = load_bundle(root).preprocessing["k"]
+    _record_engines(root, [4 * k, 2 * k])
+    configs = validate_repository(export_triton(root, tmp_path / "repo", learner_format="tensorrt", k_max=8 * k))
+    assert configs["learner_0_squeezenet1_1"].platform == "tensorrt_plan"
+    assert [configs[f"learner_{i}_squeezenet1_1"].max_batch_size for i in range(2)] == [4 * k, 2 * k]
+    assert configs["segmentation"].max_batch_size == 16 and configs["flannel"].max_batch_size == 16
+    shutil.rmtree(root)
+    shutil.copytree(onnx_bundle, root)
+    _record_engines(root, [k - 1, 4 * k])
+    with pytest.raises(BundleError, match=f"takes at most {k - 1} patches, fewer than an image's K={k}.*--k-max"):
+        export_triton(root, tmp_path / "repo2", learner_format="tensorrt")
 
 
 def test_broken_chains_and_bad_configs_are_reported(repo: Path) -> None:

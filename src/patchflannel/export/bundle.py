@@ -255,12 +255,15 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
 def verify_bundle(bundle: Bundle) -> None:
     """Check every file: known format, present, sha256 as recorded, content of the declared format."""
     problems: list[str] = []
+    root = bundle.root.resolve()
     for model in bundle.models():
         if not model.files:
             problems.append(f"model {model.name!r} lists no file")
         for f in model.files:
             p = bundle.path_of(f)
-            if f.format not in FORMATS:
+            if Path(f.path).is_absolute() or not p.resolve().is_relative_to(root):
+                problems.append(f"{f.path}: outside the bundle folder (a bundle's files are named relative to it)")
+            elif f.format not in FORMATS:
                 problems.append(f"{f.path}: unknown format {f.format!r} (known: {', '.join(FORMATS)})")
             elif not p.is_file():
                 problems.append(f"{f.path}: file missing")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import Bundle, ModelEntry, load_bundle
+from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, load_bundle, role_of
 from patchflannel.engine.backends import export_hint
 
 ENSEMBLE = "patchflannel"
@@ -174,12 +174,38 @@ def _ensemble(pb: Any, bundle: Bundle, names: list[str]) -> Any:
                    output=outputs, ensemble_scheduling={"step": steps})
 
 
+def _network_file(entry: ModelEntry, fmt: str) -> ModelFile | None:
+    """The file a network is served from: ONNX, the fp32 file; TensorRT, the fp16 engine where there is one."""
+    files = sorted((f for f in entry.files if f.format == fmt and (fmt != "onnx" or f.precision == "fp32")),
+                   key=lambda f: f.precision != "fp16")
+    return files[0] if files else None
+
+
+def _max_batch(bundle: Bundle, entry: ModelEntry, chosen: ModelFile, k_max: int, max_images: int) -> int:
+    """A network's ``max_batch_size``: patch learners ``k_max`` patches, the others ``max_images`` images; a
+    TensorRT engine's the largest batch its profile takes (Triton refuses a model configured above it), which
+    for a patch learner must hold an image's K patches."""
+    patch = role_of(bundle, entry) == "patch"
+    wanted = k_max if patch else max_images
+    if chosen.format != "tensorrt":
+        return wanted
+    largest = (chosen.extra.get("profile") or {}).get(entry.inputs[0]["name"], {}).get("max")
+    if largest is None:
+        return wanted
+    k = int(bundle.preprocessing["k"])
+    if patch and largest < k:
+        raise BundleError(f"{chosen.path}: its engine takes at most {largest} patches, fewer than an image's K={k}; "
+                          "rebuild it with `patchflannel export tensorrt BUNDLE --k-max N` (N >= K)")
+    return min(wanted, int(largest))
+
+
 def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learner_format: str = "onnx",
                   k_max: int | None = None, max_images: int = 16) -> Path:
     """Write a Triton model repository for ``bundle`` at ``out`` and validate it; returns ``out``.
 
-    ``learner_format`` picks the network files (``onnx`` or ``tensorrt``; the bundle must hold them). Learners
-    take batches up to ``k_max`` (default 4 K, at least K) patches.
+    ``learner_format`` picks the network files (``onnx`` or ``tensorrt``; the bundle must hold them). Patch
+    learners take batches up to ``k_max`` (default 4 K, at least K) patches, the other networks ``max_images``
+    images; TensorRT engines at most what their profile takes.
     """
     pb, text_format = _pb()
     if learner_format not in PLATFORMS:
@@ -206,19 +232,17 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
                                  [_tensor("PATCHES", "float32", [-1, 3, p, p]), _tensor("FALLBACK", "bool", [1])], pre, modes),
         "votes": _python_model(pb, "votes", [_tensor(f"LOGITS_{i}", "float32", [-1, c]) for i in range(n)],
                                [_tensor("CONFIDENCES", "float32", [1, n, c])], pre, modes),
-        "segmentation": _network(pb, "segmentation", b.segmentation, learner_format, max_images),
-        **{name: _network(pb, name, e, learner_format, k_max) for name, e in zip(names, b.learners)},
     }
-    files = {"segmentation": b.segmentation, **dict(zip(names, b.learners))}
-    if b.ensemble is not None:
-        configs["flannel"] = _network(pb, "flannel", b.ensemble, learner_format, max_images)
-        files["flannel"] = b.ensemble
-    missing = [e.name for e in files.values() if not any(
-        f.format == learner_format and (learner_format != "onnx" or f.precision == "fp32") for f in e.files)]
+    networks = {"segmentation": b.segmentation, **dict(zip(names, b.learners)),
+                **({"flannel": b.ensemble} if b.ensemble is not None else {})}
+    files = {name: _network_file(e, learner_format) for name, e in networks.items()}
+    missing = [networks[name].name for name, f in files.items() if f is None]
     if missing:
         kind = "fp32 onnx" if learner_format == "onnx" else learner_format
         raise BundleError(f"{b.root}: no {kind} file for {', '.join(missing)}; make them with "
                           f"{export_hint(learner_format)}")
+    for name, e in networks.items():
+        configs[name] = _network(pb, name, e, learner_format, _max_batch(b, e, files[name], k_max, max_images))
     configs[ENSEMBLE] = _ensemble(pb, b, names)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -226,11 +250,8 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
         for name, config in configs.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-            if name in files:  # ONNX: the fp32 file; TensorRT: the fp16 engine where the bundle has one
-                wanted = [f for f in files[name].files if f.format == learner_format and f.precision == "fp16"]
-                chosen = (files[name].file("onnx", "fp32") if learner_format == "onnx"
-                          else wanted[0] if wanted else files[name].file(learner_format))
-                shutil.copyfile(b.path_of(chosen), tmp / name / "1" / PLATFORMS[learner_format][1])
+            if name in files:
+                shutil.copyfile(b.path_of(files[name]), tmp / name / "1" / PLATFORMS[learner_format][1])
             elif config.backend == "python":
                 (tmp / name / "1" / "model.py").write_text(MODEL_PY)
         validate_repository(tmp)
