@@ -267,3 +267,7 @@ def test_a_finished_run_is_rebuilt_with_the_options_its_run_json_records(tmp_pat
     for recorded in ({}, {"transform_input": True}):
         (tmp_path / "run.json").write_text(json.dumps({"arch_config": recorded}))
         assert load_learner(tmp_path)[0].net.transform_input == bool(recorded)
+    for broken, reason in (('{"arch_config": ', "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        (tmp_path / "run.json").write_text(broken)  # a run.json cut short (or edited by hand) is named
+        with pytest.raises(ConfigError, match=f"run.json: {reason}"):
+            load_learner(tmp_path)

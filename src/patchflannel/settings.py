@@ -1,14 +1,28 @@
-"""Checks of the numbers in settings read from YAML recipes, with errors that name the setting.
+"""Settings read from files: JSON records, and the numbers of YAML recipes checked, with errors that name the
+file or the setting.
 
 YAML 1.1 reads ``1e-4`` (no dot) as a string; such strings are taken as the number they spell.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
-from patchflannel.errors import ConfigError
+from patchflannel.errors import ConfigError, PatchflannelError
+
+
+def read_json(path: str | Path, error: type[PatchflannelError] = ConfigError) -> dict[str, Any]:
+    """The JSON object in the file at ``path``; ``error`` naming the file when it holds anything else."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 SEED_RANGE: dict[str, Any] = dict(integer=True, low=0, high=2**32 - 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from patchflannel.export.bundle import (
     write_bundle,
 )
 from patchflannel.models import list_models, model_family
+from patchflannel.settings import read_json
 
 MODES = ("patch", "global")
 RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val",
@@ -35,11 +35,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     for p in (info_file, best):
         if not p.is_file():
             raise ConfigError(f"{run_dir}: not a finished training run ({p.name} missing)")
-    try:
-        info = json.loads(info_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{info_file}: not valid JSON ({exc})") from exc
-    if not isinstance(info, dict) or "arch" not in info:
+    info = read_json(info_file)
+    if "arch" not in info:
         raise ConfigError(f"{info_file}: no 'arch' recorded")
     return info
 

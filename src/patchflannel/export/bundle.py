@@ -22,6 +22,7 @@ from torch import nn
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import BundleError
+from patchflannel.settings import read_json
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
@@ -216,12 +217,7 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     spec_file = root / BUNDLE_FILE
     if not spec_file.is_file():
         raise BundleError(f"{root}: no {BUNDLE_FILE} found (not a patchflannel bundle)")
-    try:
-        data = json.loads(spec_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{spec_file}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise BundleError(f"{spec_file}: expected a JSON object, got {type(data).__name__}")
+    data = read_json(spec_file, BundleError)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{spec_file}: schema version {version!r} is not supported (this patchflannel reads {SCHEMA_VERSION})")

@@ -39,6 +39,7 @@ from patchflannel.devices import resolve_device
 from patchflannel.training.learners import (ENSEMBLE_SETTINGS, LEARNER_SETTINGS, check_resumable, check_weights_files,
                                             load_config, load_learner, predict_items, prepare, train_learner)
 from patchflannel.training.report import evaluate_predictions, write_predictions
+from patchflannel.settings import read_json
 
 DONE_FILE = "done.json"
 CV_SETTINGS = tuple(k for k in dict.fromkeys(LEARNER_SETTINGS + ENSEMBLE_SETTINGS) if k != "learners")
@@ -56,7 +57,7 @@ def _write_done(run_dir: Path, payload: dict[str, Any]) -> None:
 
 def _read_done(run_dir: Path) -> dict[str, Any] | None:
     f = run_dir / DONE_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+    return read_json(f) if f.is_file() else None
 
 
 def _rows_out(rows: list[dict[str, str]], probs: np.ndarray, model: str, fold: str, split: str) -> list[dict[str, Any]]:

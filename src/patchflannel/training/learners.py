@@ -11,7 +11,6 @@ Configs are YAML files (see recipes/); :func:`load_config` fills the defaults of
 from __future__ import annotations
 
 import copy
-import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +30,7 @@ from patchflannel.export.bundle import default_preprocessing
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
-from patchflannel.settings import SEED_RANGE, number
+from patchflannel.settings import SEED_RANGE, number, read_json
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
@@ -218,7 +217,7 @@ def arch_config(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
 def recorded_arch_config(run_dir: Path) -> dict[str, Any] | None:
     """The options a run's model was built with, as its run.json recorded them (None before its first epoch)."""
     run_file = run_dir / RUN_FILE
-    return json.loads(run_file.read_text()).get("arch_config", {}) if run_file.is_file() else None
+    return read_json(run_file).get("arch_config", {}) if run_file.is_file() else None
 
 
 def _memory_format(cfg: dict[str, Any]) -> torch.memory_format:

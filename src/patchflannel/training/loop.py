@@ -32,6 +32,7 @@ from rich.console import Console
 from torch import nn
 
 from patchflannel.errors import ConfigError
+from patchflannel.settings import read_json
 
 RUN_FILE = "run.json"
 BEST_FILE = "best.pt"
@@ -172,7 +173,7 @@ class Trainer:
                 _atomic_save(ckpt["model"], self.run_dir / BEST_FILE)
             run_file = self.run_dir / RUN_FILE
             if run_file.is_file():
-                self.run_info = {**json.loads(run_file.read_text()), **self.run_info}
+                self.run_info = {**read_json(run_file), **self.run_info}
         rows: list[dict[str, Any]] = self._log_rows(start) if resume else []
         epochs_run = start
         for epoch in range(start, self.max_epochs if not stopped else start):

@@ -20,6 +20,7 @@ import numpy as np
 from patchflannel.classes import CLASS_INDEX, CLASSES
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, mean_std
+from patchflannel.settings import read_json
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "patient_id", "source", "label", "model", "fold", "split", *PROB_COLUMNS, "pred")
@@ -287,11 +288,8 @@ def read_report(path: str | Path) -> dict[str, Any]:
     f = p / "report.json" if p.is_dir() else p
     if not f.is_file():
         raise ConfigError(f"{path}: no report.json there (write one with `patchflannel eval`)")
-    try:
-        report = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{f}: not valid JSON ({exc})") from None
-    missing = [k for k in ("groups", "sources", "models", "classes") if not isinstance(report, dict) or k not in report]
+    report = read_json(f)
+    missing = [k for k in ("groups", "sources", "models", "classes") if k not in report]
     if missing:
         raise ConfigError(f"{f}: not an `eval` report (no {', '.join(missing)})")
     return report

@@ -34,7 +34,7 @@ from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
 from patchflannel.ops.preprocess import GAMMA, SEG_SIZE, resize_mask, segmentation_input
-from patchflannel.settings import SEED_RANGE, number
+from patchflannel.settings import SEED_RANGE, number, read_json
 from patchflannel.training.loop import BEST_FILE, RUN_FILE, Trainer, seed_everything
 
 
@@ -253,7 +253,7 @@ def _check_resumable(cfg: SegConfig, run_dir: Path) -> None:
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         return  # nothing recorded yet: the Trainer says whether there is anything to resume
-    recorded = json.loads(run_file.read_text()).get("config", {})
+    recorded = read_json(run_file).get("config", {})
     now = asdict(cfg)
     changed = [k for k in _SPLIT_AND_MODEL if k in recorded and _comparable(recorded[k]) != _comparable(now[k])]
     if changed:
@@ -343,7 +343,7 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
                       max_epochs=cfg.max_epochs, scheduler=scheduler, scheduler_metric="val_loss", run_info=run_info)
     t1 = time.perf_counter()
     summary = trainer.fit(train_one_epoch, evaluate, resume=resume)
-    info = json.loads((run_dir / RUN_FILE).read_text())
+    info = read_json(run_dir / RUN_FILE)
     info["train_seconds"] = round(info.get("train_seconds", 0.0) + time.perf_counter() - t1, 1)
     (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return summary
@@ -355,7 +355,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     run_file, best = run_dir / RUN_FILE, run_dir / BEST_FILE
     if not run_file.is_file() or not best.is_file():
         raise ConfigError(f"{run_dir}: not a finished segmentation run (needs {RUN_FILE} and {BEST_FILE})")
-    info = json.loads(run_file.read_text())
+    info = read_json(run_file)
     if info.get("task") != "segmentation":
         raise ConfigError(f"{run_dir}: run.json task is {info.get('task')!r}, not 'segmentation'")
     model = get_model(info["arch"], **info.get("arch_config", {}))
