@@ -76,9 +76,8 @@ def test_existing_output_refused_without_resume(tmp_path: Path) -> None:
     ResultStore(tmp_path / "out.parquet", SCHEMA).begin(RUN_KEY, resume=False)
 
 
-def test_resume_keys_from_parts_and_output_and_dedup(tmp_path: Path) -> None:
-    rows = _full_rows()
-    out = tmp_path / "out.csv"
+def _resumed(out: Path, rows: list[dict]) -> ResultStore:
+    """A store resuming a finished run of ``rows[:2]`` into ``out``, with ``rows[2]`` written since."""
     first = ResultStore(out, SCHEMA)
     first.begin(RUN_KEY, resume=False)
     first.write_chunk(rows[:2])
@@ -86,6 +85,13 @@ def test_resume_keys_from_parts_and_output_and_dedup(tmp_path: Path) -> None:
     second = ResultStore(out, SCHEMA)
     second.begin(RUN_KEY, resume=True)
     second.write_chunk(rows[2:3])
+    return second
+
+
+def test_resume_keys_from_parts_and_output_and_dedup(tmp_path: Path) -> None:
+    rows = _full_rows()
+    out = tmp_path / "out.csv"
+    second = _resumed(out, rows)
     (second.parts_dir / "part-000009.parquet.tmp").write_bytes(b"half a file")  # a killed write: ignored
     assert second.scored_keys() == {("/data/img,0.png", "h0"), ("/data/bad1.png", "e1"), ("/data/img,2.png", "h2")}
     second.write_chunk(rows[1:2] + rows[3:])  # a duplicate of a stored row is kept once
@@ -97,14 +103,7 @@ def test_resume_without_the_sidecar_uses_the_unfinished_runs_key(tmp_path: Path)
     """Stopped while finishing (the output written, its sidecar not): a resume still knows the run."""
     rows = _full_rows()
     out = tmp_path / "out.parquet"
-    first = ResultStore(out, SCHEMA)
-    first.begin(RUN_KEY, resume=False)
-    first.write_chunk(rows[:2])
-    first.finalize({})
-    second = ResultStore(out, SCHEMA)
-    second.begin(RUN_KEY, resume=True)
-    second.write_chunk(rows[2:3])
-    second.meta_path.unlink()
+    _resumed(out, rows).meta_path.unlink()
     third = ResultStore(out, SCHEMA)
     third.begin(RUN_KEY, resume=True)
     third.write_chunk(rows[3:])
