@@ -91,7 +91,7 @@ def test_gpu_learners_on_several_streams_give_the_one_stream_results(tmp_path):
     for streams in (2, 3):
         side = engine.configured(learner_streams=streams)
         assert side.describe()["learner_streams"] == streams
-        assert side.configured(k=32)._side_streams is side._side_streams  # copies share the streams
+        assert side.configured(k=32)._side_streams() is side._side_streams()  # copies share the streams
         # The first learner's calls start late on its side stream: a caller's stream that did not wait for it
         # would stack and read back unfinished confidences.
         first = side.learners[0].backend

@@ -190,7 +190,10 @@ class Engine:
         self._prep_lock = threading.Lock()
         # High priority: the preparation's small kernels take free SMs first, between the learners' blocks.
         self._prep_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
-        self._side_streams = [torch.cuda.Stream(device) for _ in range(self.learner_streams)] if self.learner_streams > 1 else []
+        # The learners' side streams, one set per count, made at first use and shared by configured() copies:
+        # torch hands out streams from a small pool round-robin, so sets made and dropped would wrap it around
+        # onto the streams of others (the GPU decoder's).
+        self._stream_sets: dict[int, list[torch.cuda.Stream]] = {}
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
         self._global_mode = any(lr.mode == "global" for lr in learners)
 
@@ -256,8 +259,7 @@ class Engine:
                           learner_streams=self.learner_streams if learner_streams is None else learner_streams,
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
         engine._compute_lock, engine._prep_lock, engine._prep_stream = self._compute_lock, self._prep_lock, self._prep_stream
-        if engine.learner_streams == self.learner_streams:  # the same side streams (every use is under the lock)
-            engine._side_streams = self._side_streams
+        engine._stream_sets = self._stream_sets  # every use is under the compute lock
         return engine
 
     def describe(self) -> dict[str, Any]:
@@ -517,10 +519,11 @@ class Engine:
             inputs = {"patch": self._normalise(group.patches)} if "patch" in modes else {}
             if "global" in modes:
                 inputs["global"] = self._normalise(group.global_view)
-            ready = record_event(self.device) if self._side_streams else None
+            sides = self._side_streams()
+            ready = record_event(self.device) if sides else None
             try:
                 for i, learner in enumerate(self.learners):
-                    side = self._side_streams[i % len(self._side_streams)] if self._side_streams else None
+                    side = sides[i % len(sides)] if sides else None
                     with on_stream(side):
                         if side is not None:
                             side.wait_event(ready)
@@ -534,7 +537,7 @@ class Engine:
                                 confidences.append(vote_fractions(logits))
                                 softmaxes.append(mean_softmax(logits))
             finally:  # also after a failed call: the inputs must outlive the side streams' reads
-                self._join_side_streams(confidences + softmaxes)
+                self._join_side_streams(sides, confidences + softmaxes)
         with timer.stage("ensemble"):
             conf = torch.stack(confidences, 1)
             if self.ensemble is not None:
@@ -546,13 +549,21 @@ class Engine:
             group.results = to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
         group.global_view = group.patches = None
 
-    def _join_side_streams(self, outputs: list[torch.Tensor]) -> None:
+    def _side_streams(self) -> list[torch.cuda.Stream]:
+        """The ``learner_streams`` side streams (none for one stream); called under the compute lock."""
+        if self.learner_streams == 1:
+            return []
+        if self.learner_streams not in self._stream_sets:
+            self._stream_sets[self.learner_streams] = [torch.cuda.Stream(self.device) for _ in range(self.learner_streams)]
+        return self._stream_sets[self.learner_streams]
+
+    def _join_side_streams(self, sides: list[torch.cuda.Stream], outputs: list[torch.Tensor]) -> None:
         """The current stream waits for the learners' side streams; their outputs are marked as used by it, so
         that their memory is not reused before it is done with them."""
-        if not self._side_streams:
+        if not sides:
             return
         current = torch.cuda.current_stream(self.device)
-        for side in self._side_streams:
+        for side in sides:
             current.wait_stream(side)
         for t in outputs:
             t.record_stream(current)
