@@ -93,6 +93,19 @@ def test_dali_hands_other_inputs_to_cpu_and_keeps_order(real_items):
     assert dali.decode([real_items[0]])[0][1]["decoder"] == "dali-cpu"
 
 
+@needs_dali
+def test_a_truncated_jpeg_never_reaches_dali(real_items, capfd):
+    """A JPEG without its end marker goes to the cpu loader, which names it: DALI would fail the whole batch
+    (decoded again on the host) and print libjpeg's message; the good images stay on DALI."""
+    data = real_items[0][1]
+    assert not eight_bit_image(data[: len(data) // 3], ("jpeg",)) and eight_bit_image(data + b"\0\0", ("jpeg",))
+    capfd.readouterr()
+    out = make_loader("dali", torch.device("cpu")).decode([("cut", data[: len(data) // 3]), real_items[1]])
+    assert isinstance(out[0], ImageReadError) and "cut: cannot decode JPEG: image file is truncated" in str(out[0])
+    assert out[1][1]["decoder"] == "dali-cpu"
+    assert "libjpeg" not in capfd.readouterr().err
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_nvjpeg_matches_cpu_loader_on_gpu():

@@ -32,7 +32,7 @@ class Loader(Protocol):
 
 def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
     """True when ``data`` is a single, upright 8-bit grey or RGB image of one of ``formats`` whose size the
-    readers accept.
+    readers accept (a JPEG ending with its end-of-image marker).
 
     Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
     every format and gives the precise error for a bad input.
@@ -43,7 +43,12 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
 
     from patchflannel.io.readers import EXIF_ORIENTATION, MAX_PIXELS, MIN_SIDE, detect_format
 
-    if detect_format(data) not in formats:
+    fmt = detect_format(data)
+    if fmt not in formats:
+        return False
+    if fmt == "jpeg" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        # No end-of-image marker last: cut short (or data after it). A GPU decoder may return a partly grey
+        # image, and DALI fails its whole batch (decoded again on the host) and logs libjpeg's complaint.
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:
