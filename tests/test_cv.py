@@ -92,16 +92,22 @@ def test_cv_global_end_to_end_and_resume(cxr4_dir: Path, tmp_path: Path) -> None
     assert result.exit_code == 2 and "learner.lr: 0.001 -> 0.01" in result.output and "--restart" in result.output
     assert (tmp_path / "out" / "config.yaml").read_text() == recorded and log.stat().st_mtime_ns == stamp
 
-    # Another K predicts the trained learners again (global mode: the same confidences), no training.
-    run_cv(_config(tmp_path, splits, "global", k=5), tmp_path / "out", report=False)
-    assert log.stat().st_mtime_ns == stamp
-    assert json.loads((log.parent / "done.json").read_text())["k"] == 5
-    assert _read(tmp_path / "out" / "predictions.csv") == preds
+    # Other ensemble settings train the ensembles again, not the learners; global mode keeps its predictions
+    # at another K (they do not depend on it).
+    ens_log = tmp_path / "out" / "ensemble" / "fold0" / "log.csv"
+    ens_stamp = ens_log.stat().st_mtime_ns
+    run_cv(_config(tmp_path, splits, "global", k=5, ensemble={"epochs": 2, "patience": 2, "lr": 1e-2}),
+           tmp_path / "out", report=False)
+    assert log.stat().st_mtime_ns == stamp and ens_log.stat().st_mtime_ns != ens_stamp
+    assert json.loads((log.parent / "done.json").read_text())["k"] == 3
+    again = _read(tmp_path / "out" / "predictions.csv")
+    assert [r for r in again if not r["model"].startswith("flannel")] == [
+        r for r in preds if not r["model"].startswith("flannel")]
 
     # A retrain that fails removes the run's old done.json: the next resume trains it, never takes it as done.
     weights = {LEARNERS[0]: str(tmp_path / "absent.pt")}
-    broken = _config(tmp_path, splits, "global", k=5, learner={"epochs": 1, "patience": 1, "batch_size": 8,
-                                                               "lr": 1e-3, "imagenet_weights": weights})
+    broken = _config(tmp_path, splits, "global", learner={"epochs": 1, "patience": 1, "batch_size": 8,
+                                                          "lr": 1e-3, "imagenet_weights": weights})
     with pytest.raises(ConfigError, match="not found: squeezenet1_1: .*absent.pt"):  # before any work
         run_cv(broken, tmp_path / "out", resume=False)
     assert (log.parent / "done.json").is_file()
@@ -132,6 +138,12 @@ def test_cv_patch_end_to_end(cxr4_dir: Path, tmp_path: Path) -> None:
     bundle = random_bundle(tmp_path / "bundle", seed=0)
     run_cv(_config(tmp_path, splits, "patch", segmentation_bundle=str(bundle.root)), tmp_path / "out")
     _check_protocol(tmp_path / "out", splits, "patch")
+    # Another K predicts the trained learners again at that K: no training.
+    log = tmp_path / "out" / "learners" / LEARNERS[0] / "fold0" / "log.csv"
+    stamp = log.stat().st_mtime_ns
+    run_cv(_config(tmp_path, splits, "patch", segmentation_bundle=str(bundle.root), k=5), tmp_path / "out",
+           report=False)
+    assert log.stat().st_mtime_ns == stamp and json.loads((log.parent / "done.json").read_text())["k"] == 5
     assert any((tmp_path / "cache" / "masks").rglob("*.npz")) and any((tmp_path / "cache" / "patch").rglob("*.npy"))
 
 

@@ -170,6 +170,28 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         read_splits(bad)
 
 
+def test_a_resume_compares_the_settings_that_make_the_run() -> None:
+    """Recorded (config.yaml) and current configs compare after the YAML round trip; a learner's ImageNet
+    weights count for its own runs only; speed settings not at all."""
+    from patchflannel.training.learners import LEARNER_SETTINGS, SPEED_ONLY, changed_settings
+
+    now = load_config({"learners": ("resnet18", "squeezenet1_1"), "val_fold": 0,
+                       "learner": {"lr": "1e-4", "imagenet_weights": {"resnet18": "r.pth"}}})
+    recorded = load_config(yaml.safe_load(yaml.safe_dump(now)))
+    assert changed_settings(recorded, now, LEARNER_SETTINGS + ("learners",)) == []
+    more = load_config({**now, "learners": [*now["learners"], "densenet161"], "learner": {
+        **now["learner"], "eval_batch": 2, "channels_last": False,
+        "imagenet_weights": {"resnet18": "r.pth", "densenet161": "d.pth"}}})
+    assert changed_settings(recorded, more, LEARNER_SETTINGS) == []  # an added learner, its weights, speed
+    moved = load_config({**now, "learner": {**now["learner"], "imagenet_weights": {"resnet18": "elsewhere.pth"}}})
+    assert changed_settings(recorded, moved, LEARNER_SETTINGS) == [
+        "learner.imagenet_weights.resnet18: 'r.pth' -> 'elsewhere.pth'"]
+    run = load_config({**now, "arch": "squeezenet1_1"})
+    assert changed_settings(load_config({**run, "learner": {**run["learner"], "imagenet_weights": {}}}), run,
+                            LEARNER_SETTINGS) == []  # another architecture's weights: not this run's
+    assert "learner.eval_batch" in SPEED_ONLY
+
+
 def test_a_refused_learner_config_leaves_no_run_folder(tmp_path: Path) -> None:
     splits = tmp_path / "splits.csv"
     splits.write_text("path,label,patient_id,view,source,split,fold\n"

@@ -36,16 +36,17 @@ from patchflannel.errors import ConfigError
 from patchflannel.training.datasets import read_splits
 from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
 from patchflannel.devices import resolve_device
-from patchflannel.training.learners import (ENSEMBLE_SETTINGS, LEARNER_SETTINGS, check_resumable, check_weights_files,
+from patchflannel.training.learners import (LEARNER_SETTINGS, check_resumable, check_weights_files,
                                             load_config, load_learner, predict_items, prepare, train_learner)
 from patchflannel.training.report import evaluate_predictions, write_predictions
 from patchflannel.settings import read_json
 
 DONE_FILE = "done.json"
-CV_SETTINGS = tuple(k for k in dict.fromkeys(LEARNER_SETTINGS + ENSEMBLE_SETTINGS) if k != "learners")
-"""The settings a cv folder's runs were made under: a resume under others is refused. Not among them: K (a
-run whose predictions were made at another K is predicted again, not retrained) and the list of learners (a
-new one is trained; the ensembles, whose inputs change, are trained again)."""
+CV_SETTINGS = LEARNER_SETTINGS
+"""The settings a cv folder's learner runs were made under: a resume under others is refused. Not among
+them: K (a run whose predictions were made at another K is predicted again, not retrained), the list of
+learners (a new one is trained) and the ensemble's settings (the ensembles are trained again, as when their
+inputs change)."""
 _console = Console(stderr=True)
 
 
@@ -58,6 +59,11 @@ def _write_done(run_dir: Path, payload: dict[str, Any]) -> None:
 def _read_done(run_dir: Path) -> dict[str, Any] | None:
     f = run_dir / DONE_FILE
     return read_json(f) if f.is_file() else None
+
+
+def _serves(done: dict[str, Any] | None, cfg: dict[str, Any]) -> bool:
+    """Whether a learner run's done.json holds the predictions ``cfg`` asks for (global mode: at any K)."""
+    return done is not None and (done.get("k") == cfg["k"] or cfg["mode"] == "global")
 
 
 def _rows_out(rows: list[dict[str, str]], probs: np.ndarray, model: str, fold: str, split: str) -> list[dict[str, Any]]:
@@ -73,7 +79,7 @@ def _learner_run(cfg: dict[str, Any], arch: str, fold: str, run_dir: Path, val_r
                  resume: bool) -> dict[str, Any]:
     """Train (or resume) one learner on the folds other than ``fold`` and predict fold ``fold`` and the test set."""
     done = _read_done(run_dir) if resume else None
-    if done is not None and done.get("k") == cfg["k"]:
+    if _serves(done, cfg):
         return done
     if done is None:  # trained (again): a marker left from before would pass an interrupted retrain for finished
         (run_dir / DONE_FILE).unlink(missing_ok=True)
@@ -123,7 +129,6 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     for key in ("splits", "learners"):
         if not cfg.get(key):
             raise ConfigError(f"a cv config needs '{key}'")
-    check_weights_files(cfg, list(cfg["learners"]))
     out = Path(out_dir)
     if resume:  # before any work, and before config.yaml records the new settings
         check_resumable(out, cfg, CV_SETTINGS, "pass --restart to retrain every run, or use another --out")
@@ -140,13 +145,14 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     names = [f"{a}_{cfg['mode']}" for a in archs]
     _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "
                    f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
+    run_dirs = {(a, f): out / "learners" / a / f"fold{f}" for a in archs for f in folds}
+    check_weights_files(cfg, sorted({a for (a, _), d in run_dirs.items() if not (resume and _read_done(d))}))
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
     val_by_fold = {fold: [r for r in train_rows if r["fold"] == fold] for fold in folds}
     pooled: set[Path] = set()  # runs the worker processes just made: read below, never trained again
     if jobs > 1:
-        tasks = [(cfg, arch, fold, out / "learners" / arch / f"fold{fold}", val_by_fold[fold], test_rows, resume)
-                 for fold in folds for arch in archs
-                 if not (resume and _read_done(out / "learners" / arch / f"fold{fold}"))]
+        tasks = [(cfg, arch, fold, run_dirs[(arch, fold)], val_by_fold[fold], test_rows, resume)
+                 for fold in folds for arch in archs if not (resume and _serves(_read_done(run_dirs[(arch, fold)]), cfg))]
         if tasks:
             _parallel_learner_runs(tasks, min(jobs, len(tasks)))
         pooled = {task[3] for task in tasks}
@@ -157,7 +163,7 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
         val_rows = val_by_fold[fold]
         for arch, name in zip(archs, names):
             _console.print(f"learner {arch} fold {fold}", markup=False, highlight=False)
-            run_dir = out / "learners" / arch / f"fold{fold}"
+            run_dir = run_dirs[(arch, fold)]
             done = _learner_run(cfg, arch, fold, run_dir, val_rows, test_rows, resume or run_dir in pooled)
             for split, split_rows in (("val", val_rows), ("test", test_rows)):
                 if done["predictions"][split]["paths"] != [r["path"] for r in split_rows]:
@@ -176,8 +182,10 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     for fold in folds:
         run_dir = out / "ensemble" / f"fold{fold}"
         hold = fold_of == fold
-        # What it is trained on: redone learner runs give other out-of-fold confidences, hence a new ensemble.
-        inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes()).hexdigest()
+        # What it is trained on and how: redone learner runs give other out-of-fold confidences, and other
+        # ensemble settings another training, hence a new ensemble.
+        how = json.dumps({"ensemble": cfg["ensemble"], "seed": cfg["seed"]}, sort_keys=True).encode()
+        inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes() + how).hexdigest()
         done, started = _read_done(run_dir), run_dir / "inputs.sha256"
         if not resume or done is None or done.get("inputs") != inputs:
             _console.print(f"ensemble fold {fold}", markup=False, highlight=False)

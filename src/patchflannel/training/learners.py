@@ -83,6 +83,10 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
         if bad:
             raise ConfigError(f"unknown key(s) in '{section}': {', '.join(bad)}")
     cfg = _merge(DEFAULTS, raw)
+    if isinstance(cfg.get("learners"), tuple):  # as config.yaml records them
+        cfg["learners"] = list(cfg["learners"])
+    if cfg.get("val_fold") is not None:  # folds are named by strings in splits files
+        cfg["val_fold"] = str(cfg["val_fold"])
     if cfg["mode"] not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
     if cfg["learner"]["l1"] is None:
@@ -111,19 +115,21 @@ _RANGES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 LEARNER_SETTINGS = ("mode", "seed", "k_val", "segmentation_bundle", "arch", "val_fold", "learner")
-"""What a learner run's weights depend on."""
+"""What a learner run's weights depend on (``learner.imagenet_weights``: the entries of its learners only)."""
 ENSEMBLE_SETTINGS = ("seed", "val_fold", "learners", "ensemble")
 """What an ensemble run's weights depend on, besides its inputs."""
-SPEED_ONLY = ("learner.num_workers", "learner.eval_batch")
+SPEED_ONLY = ("learner.num_workers", "learner.eval_batch", "learner.channels_last")
 """Settings under those scopes that change how fast a run goes, not its result."""
 HOW_LONG = ("learner.epochs", "learner.patience", "ensemble.epochs", "ensemble.patience")
 """Settings an unfinished run may be resumed under anew (to train it longer)."""
+_PER_LEARNER = "learner.imagenet_weights"
 
 
 def changed_settings(recorded: dict[str, Any], now: dict[str, Any], scopes: tuple[str, ...],
                      skip: tuple[str, ...] = SPEED_ONLY) -> list[str]:
     """``'name: recorded -> now'`` for each setting under ``scopes`` (top-level keys; a section key by key, but
-    those in ``skip``) whose value differs between two resolved configs."""
+    those in ``skip``) whose value differs between two resolved configs. ImageNet weights files are compared
+    for the learners of both (the run's ``arch``, or the ``learners`` they share)."""
     changed = []
     for scope in scopes:
         old, new = recorded.get(scope), now.get(scope)
@@ -131,7 +137,13 @@ def changed_settings(recorded: dict[str, Any], now: dict[str, Any], scopes: tupl
             pairs = [(f"{scope}.{k}", old.get(k), new.get(k)) for k in sorted(set(old) | set(new))]
         else:
             pairs = [(scope, old, new)]
-        changed += [f"{name}: {a!r} -> {b!r}" for name, a, b in pairs if a != b and name not in skip]
+        changed += [f"{name}: {a!r} -> {b!r}" for name, a, b in pairs if a != b and name not in skip + (_PER_LEARNER,)]
+    if "learner" in scopes:
+        archs = [now["arch"]] if now.get("arch") else [a for a in now.get("learners") or []
+                                                       if a in (recorded.get("learners") or [])]
+        old_w, new_w = (recorded["learner"]["imagenet_weights"] or {}), (now["learner"]["imagenet_weights"] or {})
+        changed += [f"{_PER_LEARNER}.{a}: {old_w.get(a)!r} -> {new_w.get(a)!r}" for a in archs
+                    if old_w.get(a) != new_w.get(a)]
     return changed
 
 
