@@ -132,6 +132,9 @@ print(json.dumps(summary, indent=1))
 PYEOF
 echo "done in $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 if [ "${PACK_OUT:-$GPU}" = "1" ]; then  # one archive (on the GPU machine): the device tool returns at most 8 files
-  ( cd "$OUT" && files=$(ls -A | grep -v -x -e summary.txt -e targets.json -e gpu_check.tgz) \
-    && [ -n "$files" ] && tar czf gpu_check.tgz $files && rm -rf $files )
+  ARCHIVE=gpu_check.tgz; i=1
+  while [ -e "$OUT/$ARCHIVE" ]; do i=$((i + 1)); ARCHIVE="gpu_check.$i.tgz"; done  # a second run into OUT
+  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name targets.json ! -name 'gpu_check*.tgz' -print0 \
+      | tar --null -T - -czf "$ARCHIVE" --remove-files ) || echo "packing failed: the files stay as they are"
 fi
+exit 0

@@ -30,9 +30,13 @@ class Loader(Protocol):
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]: ...
 
 
+JPEG_TAIL = 4096
+"""Bytes at the end of a JPEG searched for its end-of-image marker (trailers after it are allowed)."""
+
+
 def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
     """True when ``data`` is a single, upright 8-bit grey or RGB image of one of ``formats`` whose size the
-    readers accept (a JPEG ending with its end-of-image marker).
+    readers accept (a JPEG with its end-of-image marker in its last :data:`JPEG_TAIL` bytes).
 
     Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
     every format and gives the precise error for a bad input.
@@ -46,9 +50,10 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
     fmt = detect_format(data)
     if fmt not in formats:
         return False
-    if fmt == "jpeg" and data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        # No end-of-image marker last: cut short (or data after it). A GPU decoder may return a partly grey
-        # image, and DALI fails its whole batch (decoded again on the host) and logs libjpeg's complaint.
+    if fmt == "jpeg" and data.rfind(b"\xff\xd9", max(2, len(data) - JPEG_TAIL)) < 0:
+        # No end-of-image marker near the end: cut short. A GPU decoder may return a partly grey image, and
+        # DALI fails its whole batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot
+        # occur inside the entropy-coded data, which stuffs every FF; a trailer after the marker is allowed.)
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:
