@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
-from patchflannel.errors import ConfigError
+from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.cli.score import EXIT_INPUT_ERRORS, EXIT_USAGE, register
 from patchflannel.export.bundle import Bundle, default_preprocessing, entry_from_module, write_bundle
 from patchflannel.models import get_model
@@ -196,6 +197,56 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
     assert pred["pred"] == row["pred"] and pred["probs"] == pytest.approx([row[f"p_{c}"] for c in CLASSES], abs=1e-6)
     result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle)])
     assert result.exit_code == EXIT_USAGE and "already exists" in result.output
+
+
+def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:
+    image = real_images(cxr4_dir, 1)[0]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,label\n{image},covid\n")
+    kept = manifest.read_text()
+    (tmp_path / "old.csv").write_text("a predictions file of another run\n")
+    runner = CliRunner()
+    base = ["score", str(manifest), "--bundle", str(bundle), "-k", str(K)]
+    cases = [
+        (["--out", str(tmp_path / "o.csv"), "--predictions", str(tmp_path / "o.csv")], "o.csv: is the output"),
+        (["--out", str(tmp_path / "o.csv"), "--predictions", str(manifest)], "m.csv: is one of the inputs"),
+        (["--out", str(manifest), "--overwrite"], "m.csv: is one of the inputs"),
+        (["--out", str(tmp_path / "o.csv"), "--predictions", str(tmp_path / "old.csv")], "old.csv: already exists"),
+        (["--out", str(tmp_path / "o.csv"), "--predictions", str(tmp_path / "old.csv" / "p.csv")],
+         "p.csv: cannot be written there"),  # checked before scoring, not after
+        (["--out", str(tmp_path / "folder.csv")], "folder.csv: a folder is in the way where the output file goes"),
+        (["--out", str(tmp_path / "folder.csv"), "--overwrite"], "a folder is in the way"),
+    ]
+    (tmp_path / "folder.csv").mkdir()
+    for args, message in cases:
+        result = runner.invoke(_app(), base + args)
+        assert result.exit_code == EXIT_USAGE and message in result.output, (args, result.output)
+    assert manifest.read_text() == kept and not (tmp_path / "o.csv").exists()
+
+
+def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:
+    """Stored rows take the manifest's columns as they are now; a file name that is not valid UTF-8 is scored
+    (read by its own name, written escaped) and resumed like any other."""
+    images = real_images(cxr4_dir, 2)
+    odd = tmp_path / os.fsdecode(b"scan-\xff.jpg")
+    shutil.copy(images[1], odd)
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"path,label\n" + os.fsencode(images[0]) + b",covid\n" + os.fsencode(odd) + b",normal\n")
+    with pytest.raises(ManifestError):  # the manifest is UTF-8 text: such a name cannot be listed there
+        score([manifest], tmp_path / "x.parquet", options=EngineOptions(bundle=str(bundle), k=K), quiet=True)
+    manifest.write_text(f"path,label\n{images[0]},covid\n")
+    options = EngineOptions(bundle=str(bundle), k=K)
+    first = score([manifest, tmp_path], tmp_path / "o.parquet", options=options, quiet=True,
+                  predictions=tmp_path / "p.csv")
+    assert (first.rows, first.ok + first.flagged, first.predictions) == (2, 2, (1, 1))
+    table, _ = read_output(tmp_path / "o.parquet")
+    assert table.column("path").to_pylist() == [str(images[0]), str(tmp_path / "scan-\\xff.jpg")]
+    manifest.write_text(f"path,label\n{images[0]},viral\n")  # corrected
+    again = score([manifest, tmp_path], tmp_path / "o.parquet", options=options, resume=True, quiet=True,
+                  predictions=tmp_path / "p.csv")
+    assert (again.scored_now, again.rows) == (0, 2)
+    assert read_output(tmp_path / "o.parquet")[0].column("label").to_pylist() == ["viral", ""]
+    assert [r["label"] for r in read_predictions(tmp_path / "p.csv")] == ["viral"]
 
 
 def test_usage_errors_exit_2(tmp_path: Path, bundle: Path, mixed_folder: Path) -> None:

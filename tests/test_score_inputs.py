@@ -146,3 +146,44 @@ def test_real_images_in_a_folder(cxr4_dir: Path, tmp_path: Path) -> None:
     for p in src:
         shutil.copy(p, tmp_path / p.name)
     assert [Path(i.path).name for i in discover_inputs([tmp_path])] == sorted(p.name for p in src)
+
+
+def test_linked_folders_are_followed_once_and_dangling_links_kept(tmp_path: Path) -> None:
+    """A folder reached through a link is walked (as a pattern would reach it), a loop is not; a link to
+    nowhere is kept (its row says why it was not read)."""
+    _touch(tmp_path / "real" / "a.png")
+    _touch(tmp_path / "top" / "b.png")
+    os.symlink(tmp_path / "real", tmp_path / "top" / "linked")
+    os.symlink(tmp_path / "top", tmp_path / "top" / "loop")  # a link back up the tree
+    os.symlink(tmp_path / "gone.png", tmp_path / "top" / "dangling.png")
+    found = [Path(i.path).relative_to(tmp_path / "top").as_posix() for i in discover_inputs([tmp_path / "top"])]
+    assert found == ["b.png", "dangling.png", "linked/a.png"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: permissions do not stop listing a folder")
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path) -> None:
+    _touch(tmp_path / "b.png")
+    locked = tmp_path / "locked"
+    _touch(locked / "c.png")
+    locked.chmod(0)
+    try:
+        with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder"):
+            discover_inputs([tmp_path])
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_name_that_is_not_utf8_is_written_escaped_and_read_as_it_is(tmp_path: Path) -> None:
+    name = os.fsdecode(b"scan-\xff\xfe.png")
+    _touch(tmp_path / name)
+    (item,) = discover_inputs([tmp_path])
+    assert item.path == str(tmp_path / "scan-\\xff\\xfe.png") and item.source == str(tmp_path / name)
+    item.path.encode("utf-8")  # the outputs hold UTF-8 text only
+    assert os.path.isfile(item.source)
+
+
+def test_a_manifest_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("path,label,label\na.png,covid,normal\n")
+    with pytest.raises(ManifestError, match="column\\(s\\) named twice: label"):
+        read_score_manifest(tmp_path / "m.csv")
+

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from patchflannel.export.bundle import random_bundle
@@ -63,3 +64,32 @@ def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Pa
     assert (fixed.scored_now, fixed.rows, fixed.errors) == (1, N_IMAGES + 1, 0)
     rows = {r["path"]: r for r in read_output(out)[0].to_pylist()}
     assert rows[str(images / "broken.png")]["status"] == "ok" and len(rows) == N_IMAGES + 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_path: Path) -> None:
+    bundle = random_bundle(tmp_path / "bundle", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",)).root
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((cxr4_dir / "images" / "viral").iterdir())[:N_IMAGES + 2]:
+        shutil.copy(p, images / p.name)
+    out, parts = tmp_path / "scores.parquet", tmp_path / "scores.parquet.parts"
+    args = [sys.executable, "-c", CLI, "score", str(images), "--out", str(out), "--bundle", str(bundle),
+            "-k", "2", "--chunk-size", "2", "--quiet"]
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not list(parts.glob("part-*.parquet")):
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "no part written in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130 and "interrupted: any rows scored so far are kept" in output, output
+    assert "--resume" in output and not out.exists() and not (tmp_path / "scores.parquet.lock").exists()
+    kept = sum(pq.read_table(p).num_rows for p in parts.glob("part-*.parquet"))
+    summary = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, quiet=True)
+    assert summary.skipped == kept and summary.rows == N_IMAGES + 2
+    paths = read_output(out)[0].column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in images.iterdir())
+

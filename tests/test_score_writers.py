@@ -151,3 +151,16 @@ def test_resume_refuses_another_run_key_or_schema(tmp_path: Path) -> None:
     store.meta_path.unlink()
     with pytest.raises(ConfigError, match="metadata .*meta.json is missing"):
         ResultStore(out, SCHEMA).begin(RUN_KEY, resume=True)
+
+
+def test_a_csv_output_with_newlines_in_paths_reads_back_across_blocks(tmp_path: Path) -> None:
+    """Quoted newlines may fall on a boundary of the CSV reader's 1 MiB blocks: read with that in mind."""
+    rows = [{name: None for name in SCHEMA.names} | {"path": f"/data/line\nbreak {i}.png", "content_hash": f"{i:064d}",
+                                                       "status": "ok", "flags": "", "k": 4, "seed": 0}
+            for i in range(20_000)]
+    store = ResultStore(tmp_path / "out.csv", SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    store.write_chunk(rows)
+    store.finalize({})
+    assert (tmp_path / "out.csv").stat().st_size > 2 << 20  # several blocks
+    assert read_output(tmp_path / "out.csv")[0].column("path").to_pylist() == [r["path"] for r in rows]

@@ -18,6 +18,8 @@ EXIT_USAGE = 2
 """Exit status for bad options, inputs that name nothing, bad manifests or bundles (nothing scored)."""
 EXIT_STOPPED = 3
 """Exit status when an unexpected failure stopped the run: the chunks written so far are kept (``--resume``)."""
+EXIT_INTERRUPTED = 130
+"""Exit status when the run was interrupted (Ctrl-C): the rows scored so far are kept (``--resume``)."""
 
 
 def score(
@@ -50,10 +52,10 @@ def score(
     0 every input scored (ok or flagged);
     1 some inputs are error rows (the run still completed);
     2 bad options, sources, manifest or bundle (nothing scored);
-    3 an unexpected failure stopped the run (the chunks written are kept: --resume continues).
+    3 an unexpected failure stopped the run (the chunks written are kept: --resume continues);
+    130 interrupted (Ctrl-C; the rows scored so far are kept: --resume continues).
     """
     from patchflannel.scoring.run import EngineOptions, score as run_score, summary_text
-    from patchflannel.scoring.writers import export_predictions
 
     errors = Console(stderr=True)
     options = EngineOptions(bundle=str(bundle) if bundle else None, device=device, backend=backend, loader=loader,
@@ -61,7 +63,11 @@ def score(
     try:
         summary = run_score(inputs, out, options=options, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
                             ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
-                            console=errors)
+                            console=errors, predictions=predictions)
+    except KeyboardInterrupt:
+        errors.print(f"interrupted: any rows scored so far are kept in {out}.parts; rerun with --resume to "
+                     "continue.", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except PatchflannelError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
@@ -73,11 +79,10 @@ def score(
         raise typer.Exit(EXIT_STOPPED) from None
     if not quiet:
         errors.print(summary_text(summary), markup=False, highlight=False, soft_wrap=True)
-    if predictions is not None:
-        written, left_out = export_predictions(out, predictions)
-        if not quiet:
-            errors.print(f"{predictions}: {written} predictions for `patchflannel eval` ({left_out} rows without a "
-                         "result or a label left out)", markup=False, highlight=False, soft_wrap=True)
+    if summary.predictions is not None and not quiet:
+        written, left_out = summary.predictions
+        errors.print(f"{predictions}: {written} predictions for `patchflannel eval` ({left_out} rows without a "
+                     "result or a label left out)", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)
 
 

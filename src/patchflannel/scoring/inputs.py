@@ -38,10 +38,28 @@ _GLOB_CHARS = frozenset("*?[")
 
 @dataclass(frozen=True)
 class ScoreInput:
-    """One input of a scoring run: its absolute path and the manifest columns carried with it."""
+    """One input of a scoring run: its absolute path (its name in the output) and the manifest columns carried
+    with it; ``file``, where it differs from ``path``, the name to read."""
 
     path: str
     extra: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+    file: str = field(default="", hash=False, compare=False)
+    """Set for a file name that is not valid UTF-8: ``path`` shows its bytes as ``\\x..`` escapes (the outputs
+    hold UTF-8 text only), ``file`` is the name the operating system knows."""
+
+    @property
+    def source(self) -> str:
+        """The name to open."""
+        return self.file or self.path
+
+
+def _named(path: str, extra: dict[str, str]) -> ScoreInput:
+    """An input whose output name is valid UTF-8 (see :attr:`ScoreInput.file`)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name, held as surrogates
+        return ScoreInput(os.fsencode(path).decode("utf-8", "backslashreplace"), extra, file=path)
+    return ScoreInput(path, extra)
 
 
 def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[ScoreInput]:
@@ -75,7 +93,7 @@ def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike
         raise ConfigError("no inputs: the sources named no image files")
     # Every input carries the same manifest columns (empty where its source had none).
     columns = [c for c in MANIFEST_COLUMNS if c in carried]
-    return [ScoreInput(i.path, {c: i.extra.get(c, "") for c in columns}) for i in found]
+    return [_named(i.path, {c: i.extra.get(c, "") for c in columns}) for i in found]
 
 
 def extra_columns(inputs: list[ScoreInput]) -> list[str]:
@@ -117,11 +135,25 @@ def _expand(source: str) -> Iterator[ScoreInput]:
 
 
 def _walk(folder: str) -> Iterator[str]:
-    for root, dirs, files in os.walk(folder):
+    """The image files below ``folder``, linked folders followed (once each); a folder that cannot be listed
+    is an error naming it (its images would be missing silently). A link to nowhere with an image extension is
+    kept: it becomes an error row."""
+    def refuse(exc: OSError) -> None:
+        raise ConfigError(f"{exc.filename}: cannot list this folder ({exc.strerror or exc}); make it readable, "
+                          "or name the inputs another way (a manifest, a pattern)")
+
+    visited: set[str] = set()
+    for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree, or a second way to one folder
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             path = os.path.join(root, name)
-            if is_image_name(path):
+            dangling = os.path.islink(path) and not os.path.exists(path)
+            if is_image_name(path) or (dangling and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS):
                 yield path
 
 
@@ -137,6 +169,9 @@ def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:
             columns = [c.strip() for c in next(reader, None) or []]
             if "path" not in columns:
                 raise ManifestError(path, [f"no 'path' column (columns: {', '.join(columns)})"])
+            repeated = sorted({c for c in columns if columns.count(c) > 1})
+            if repeated:
+                raise ManifestError(path, [f"column(s) named twice: {', '.join(repeated)}"])
             records = [(reader.line_num, record) for record in reader if record]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None

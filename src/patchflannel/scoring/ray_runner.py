@@ -39,8 +39,8 @@ class EngineActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Score one batch; returns the output rows (same schema as a local run) plus the engine column."""
         items = batch.to_pylist()
-        preds = self.engine.predict_many([(item["path"], item["path"]) for item in items])
-        rows = [prediction_row(pred, {k: v for k, v in item.items() if k != "path"})
+        preds = self.engine.predict_many([(item["path"], os.fsdecode(item["file"])) for item in items])
+        rows = [prediction_row(pred, {k: v for k, v in item.items() if k not in ("path", "file")})
                 for item, pred in zip(items, preds)]
         table = pa.Table.from_pylist(rows, schema=self.schema)
         return table.append_column(ENGINE_COLUMN, pa.array([self.description] * table.num_rows, pa.string()))
@@ -80,7 +80,8 @@ def _rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions, ad
                                    "cluster_resources": {k: resources[k] for k in ("CPU", "GPU") if k in resources}})
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the driver shows its own bar
-        records = [{"path": i.path, **i.extra} for i in items]
+        # The name to open as bytes (it need not be valid UTF-8, which Arrow's strings must be).
+        records = [{"path": i.path, "file": os.fsencode(i.source), **i.extra} for i in items]
         blocks = min(len(records), max(size, math.ceil(len(records) / batch_size)))
         dataset = ray.data.from_items(records, override_num_blocks=blocks).map_batches(
             EngineActor, fn_constructor_kwargs={"options": options, "schema": schema}, batch_size=batch_size,

@@ -24,7 +24,7 @@ from patchflannel.export.bundle import library_versions, load_bundle
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import content_hash
 from patchflannel.scoring.inputs import ScoreInput, discover_inputs, extra_columns
-from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, Key, ResultStore, output_format,
+from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, Key, ResultStore, export_predictions, output_format,
                                          output_schema)
 
 @dataclass
@@ -66,6 +66,8 @@ class ScoreSummary:
     skipped: int
     scored_now: int
     seconds: float
+    predictions: tuple[int, int] | None = None
+    """With a predictions CSV: the rows written to it, and those left out (no result or no label)."""
 
     @property
     def images_per_second(self) -> float:
@@ -99,14 +101,17 @@ def score(
     ray_batch_size: int = 16,
     quiet: bool = False,
     console: Console | None = None,
+    predictions: str | os.PathLike[str] | None = None,
 ) -> ScoreSummary:
     """Score every input into ``out`` (.parquet, .csv or .jsonl) and return the summary.
 
     ``ray``: False scores in this process; True runs on Ray wherever ``ray.init()`` connects (RAY_ADDRESS, a
     running local cluster, else a new local instance), a string on the cluster at that address ('local',
     'auto', 'HOST:6379', 'ray://HOST:10001'); with ``actors`` engines (see ray_runner).
+    ``predictions``: also write a predictions CSV for ``patchflannel eval`` there (see
+    :func:`~patchflannel.scoring.writers.export_predictions`).
     Raises ConfigError/BundleError/ManifestError for bad options, bundles or manifests; bad images become
-    error rows.
+    error rows. Interrupted (KeyboardInterrupt), it writes the rows it holds before the interrupt goes on.
     """
     options = options or EngineOptions()
     if chunk_size < 1:
@@ -124,14 +129,18 @@ def score(
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover_inputs(sources)
     output_format(out)
-    # Everything that can refuse the run does so before anything is written: a local engine verifies the
-    # bundle as it loads it; for Ray the driver verifies it (the actors load it again).
-    engine = options.engine() if ray is False else None
-    bundle = load_bundle(options.bundle, verify=engine is None)
+    _check_files(out, predictions, sources, resume or overwrite)
+    # Everything that can refuse the run does so before anything is written: the output is locked first (a
+    # second run into it is refused at once), then a local engine verifies the bundle as it loads it; for Ray
+    # the driver verifies it (the actors load it again).
+    bundle = load_bundle(options.bundle, verify=False)
     k = options.k if options.k is not None else int(bundle.preprocessing["k"])
     store = ResultStore(out, output_schema([e.name for e in bundle.learners], extra_columns(items)))
     store.lock()  # released by finalize, or below when the run stops early
     try:
+        engine = options.engine() if ray is False else None
+        if engine is None:
+            load_bundle(options.bundle)
         if overwrite:
             store.clear()
         store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)
@@ -173,14 +182,19 @@ def score(
         with _progress(console, quiet) as progress:
             task = progress.add_task("scoring", total=len(todo))
             chunk: list[dict[str, Any]] = []
-            for row in rows:
-                chunk.append(row)
-                done += 1
-                errors += row["status"] == "error"
-                progress.advance(task)
-                if len(chunk) >= chunk_size:
-                    flush(chunk)
-                    chunk = []
+            try:
+                for row in rows:
+                    chunk.append(row)
+                    done += 1
+                    errors += row["status"] == "error"
+                    progress.advance(task)
+                    if len(chunk) >= chunk_size:
+                        flush(chunk)
+                        chunk = []
+            except KeyboardInterrupt:
+                if chunk:  # the rows scored so far are kept: --resume continues after them
+                    store.write_chunk(chunk)
+                raise
             if chunk:
                 flush(chunk)
 
@@ -195,18 +209,45 @@ def score(
             "started": started_at,
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        counts = store.finalize(metadata, keep=keep)
+        # A resumed run's stored rows take the manifest columns of the inputs as they are now.
+        extras = {i.path: i.extra for i in items} if resume and extra_columns(items) else None
+        counts = store.finalize(metadata, keep=keep, extras=extras)
     finally:
         store.unlock()
+    exported = export_predictions(store.out, predictions) if predictions is not None else None
     return ScoreSummary(out=store.out, rows=sum(counts.values()), ok=counts.get("ok", 0),
                         flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
                         skipped=len(items) - len(todo), scored_now=len(todo),
-                        seconds=time.perf_counter() - started)
+                        seconds=time.perf_counter() - started, predictions=exported)
+
+
+def _check_files(out: str | os.PathLike[str], predictions: str | os.PathLike[str] | None,
+                 sources: list[str | os.PathLike[str]], replace: bool) -> None:
+    """Refuse outputs that would overwrite an input (a manifest) or each other, and a predictions file that
+    exists (unless ``replace``: a resumed or overwritten run) or cannot be written."""
+    inputs = {os.path.realpath(s) for s in sources if os.path.isfile(s)}
+    if os.path.realpath(out) in inputs:
+        raise ConfigError(f"{out}: is one of the inputs; write the output elsewhere")
+    if predictions is None:
+        return
+    target = os.path.realpath(predictions)
+    if target in inputs or target == os.path.realpath(out):
+        raise ConfigError(f"{predictions}: is {'the output' if target == os.path.realpath(out) else 'one of the inputs'}; "
+                          "write the predictions CSV elsewhere")
+    if os.path.isdir(target):
+        raise ConfigError(f"{predictions}: a folder is in the way where the predictions CSV goes")
+    if os.path.exists(target) and not replace:
+        raise ConfigError(f"{predictions}: already exists; choose another file, or pass --overwrite")
+    folder = os.path.dirname(target)
+    while not os.path.exists(folder):  # made when it is written: the nearest folder that exists decides
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ConfigError(f"{predictions}: cannot be written there ({folder} is not a writable folder)")
 
 
 def _local_rows(engine: Any, items: list[ScoreInput]) -> Iterator[dict[str, Any]]:
     """Rows from one in-process engine, in input order."""
-    preds = engine.stream((i.path, i.path) for i in items)
+    preds = engine.stream((i.path, i.source) for i in items)
     for item, pred in zip(items, preds):
         yield prediction_row(pred, item.extra)
 
@@ -218,7 +259,7 @@ def _resume_plan(items: list[ScoreInput], done: set[Key]) -> tuple[list[ScoreInp
     longer among the inputs, or of files changed since (another hash), are dropped at the end.
     """
     done_paths = {path for path, _ in done}
-    current: dict[str, str | None] = {i.path: _hash_or_none(i.path) for i in items if i.path in done_paths}
+    current: dict[str, str | None] = {i.path: _hash_or_none(i.source) for i in items if i.path in done_paths}
     todo = [i for i in items if i.path not in current or (i.path, current[i.path]) not in done]
     paths = {i.path for i in items}
     stale = {key for key in done if key[0] not in paths or current.get(key[0]) != key[1]}

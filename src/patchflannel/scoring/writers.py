@@ -115,6 +115,7 @@ class ResultStore:
 
     def clear(self) -> None:
         """Remove the output, its sidecar and any parts (``--overwrite``)."""
+        self._refuse_folder()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         for p in (self.out, self.meta_path):
             p.unlink(missing_ok=True)
@@ -125,6 +126,7 @@ class ResultStore:
         The run key (what the rows depend on: bundle, seed, K, ...) is stored with the output columns added.
         """
         run_key = {**run_key, "columns": self.schema.names}
+        self._refuse_folder()
         if resume:
             for source, previous in self._previous_run_keys():
                 if previous != run_key:
@@ -163,14 +165,17 @@ class ResultStore:
         pq.write_table(table, tmp)
         _fsync(tmp)
         os.replace(tmp, part)
+        _fsync(self.parts_dir)  # the rename itself on disk: a power cut then keeps the part
         return part
 
-    def finalize(self, metadata: dict[str, Any], keep: Callable[[Key], bool] | None = None) -> dict[str, int]:
+    def finalize(self, metadata: dict[str, Any], keep: Callable[[Key], bool] | None = None,
+                 extras: dict[str, dict[str, str]] | None = None) -> dict[str, int]:
         """Stream the previous output and every part into the output file; returns the row count per status.
 
         Rows keep their stored order; a (path, content_hash) seen twice is kept once, and with ``keep``
-        only rows whose key it accepts (a resumed run drops rows of files changed since).
-        ``metadata`` (plus the run key and the columns) goes to the sidecar and the Parquet metadata.
+        only rows whose key it accepts (a resumed run drops rows of files changed since). ``extras`` (path ->
+        manifest columns) replaces the stored rows' manifest columns (a resumed run's manifest may have been
+        corrected). ``metadata`` (plus the run key and the columns) goes to the sidecar and the Parquet metadata.
         """
         metadata = {**metadata, "run_key": self.run_key, "columns": schema_columns(self.schema)}
         schema = self.schema.with_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
@@ -184,6 +189,8 @@ class ResultStore:
                     mask.append(key not in seen and (keep is None or keep(key)))
                     seen.add(key)
                 kept = batch.filter(pa.array(mask, pa.bool_()))
+                if kept.num_rows and extras:
+                    kept = _with_extras(kept, extras)
                 if kept.num_rows:
                     write(kept)
                     counts.update(kept.column("status").to_pylist())
@@ -192,9 +199,15 @@ class ResultStore:
         # resume needs (and the parts, merged again then).
         _atomic_write_text(self.meta_path, json.dumps({**metadata, "counts": dict(counts)}, indent=2, sort_keys=True))
         os.replace(tmp, self.out)
+        for part in self._parts():  # the parts before run.json: a kill in between leaves a resumable state
+            part.unlink()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.unlock()
         return dict(counts)
+
+    def _refuse_folder(self) -> None:
+        if self.out.is_dir():
+            raise ConfigError(f"{self.out}: a folder is in the way where the output file goes")
 
     def _parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.parquet")) if self.parts_dir.is_dir() else []
@@ -216,6 +229,17 @@ class ResultStore:
                 raise ConfigError(f"cannot resume into {self.out}: its metadata {self.meta_path} is missing")
 
 
+def _with_extras(batch: pa.RecordBatch, extras: dict[str, dict[str, str]]) -> pa.RecordBatch:
+    """``batch`` with its manifest columns taken from ``extras`` (path -> columns) where a path is there."""
+    paths = batch.column("path").to_pylist()
+    for name in next(iter(extras.values()), {}):
+        i = batch.schema.get_field_index(name)
+        old = batch.column(i).to_pylist()
+        new = [extras[p][name] if p in extras else v for p, v in zip(paths, old)]
+        batch = batch.set_column(i, batch.schema.field(i), pa.array(new, batch.schema.field(i).type))
+    return batch
+
+
 def _shown(value: Any) -> str:
     """A run-key value in a message: short ids stay whole, long ones (bundle ids) are cut to 12 characters."""
     text = "none" if value is None else str(value)
@@ -230,7 +254,8 @@ def read_batches(path: str | os.PathLike[str], fmt: str, schema: pa.Schema,
         yield from pq.ParquetFile(path).iter_batches(columns=columns)
         return
     if fmt == "csv":
-        reader = pa_csv.open_csv(path, convert_options=pa_csv.ConvertOptions(
+        reader = pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                                 convert_options=pa_csv.ConvertOptions(
             column_types=schema, strings_can_be_null=True, quoted_strings_can_be_null=False,
             include_columns=columns))
     else:
