@@ -341,6 +341,25 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(tmp_path / "from_folder")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "from_folder" / f"{image.stem}.png").is_file()
+    # Masks never replace inputs: an earlier run's masks under --out are not inputs, nor is a folder into itself.
+    kept = (folder / image.name).read_bytes()
+    for _ in range(2):
+        res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks")])
+        assert res.exit_code == 0 and "1 ok" in res.output, res.output
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder)])
+    assert res.exit_code == 2 and "no inputs outside" in res.output
+    assert (folder / image.name).read_bytes() == kept
+    png = tmp_path / "png"
+    png.mkdir()
+    Image.fromarray((read_image(image) * 255).astype(np.uint8)).save(png / "film.png")
+    rows = segment_images([png / "film.png"], load_segmenter(run), png)  # the API guards it too
+    assert rows[0]["status"] == "error" and "its mask would replace the input" in rows[0]["message"]
+    assert np.unique(np.asarray(Image.open(png / "film.png"))).size > 2  # still the film, not a mask
+    (run / "best.pt").rename(run / "best.keep")
+    torch.save(get_model("fcdensenet67").state_dict(), run / "best.pt")  # another network's weights
+    res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(tmp_path / "z")])
+    assert res.exit_code == 2 and "weights do not fit architecture 'fcdensenet56'" in res.output, res.output
+    (run / "best.keep").replace(run / "best.pt")
     res = runner.invoke(app, ["segment", str(tmp_path / "nothing.png"), "--model", str(run), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "nothing.png: no such file or folder" in res.output  # nothing done
 
@@ -356,5 +375,5 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "seed": 7}))
     res = runner.invoke(app, again + ["--resume", "--epochs", "3"])
     assert res.exit_code == 2 and "cannot resume with another seed" in res.output
-    res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(image), "--device", "cuda:7"])
+    res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(tmp_path / "w"), "--device", "cuda:7"])
     assert res.exit_code == 2 and "cuda:7" in res.output and "Traceback" not in res.output

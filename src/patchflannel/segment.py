@@ -10,7 +10,7 @@ inputs that cannot be read get an ``error`` row and are skipped, the rest are se
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from patchflannel.export.bundle import BUNDLE_FILE, load_bundle, load_torch_mode
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
 from patchflannel.ops.preprocess import resize_mask, segmentation_input
+from patchflannel.scoring.inputs import printable
 
 REPORT_FILE = "segment_report.csv"
 REPORT_COLUMNS = ("file", "status", "lung_fraction", "mask", "message")
@@ -78,7 +79,9 @@ def load_segmenter(model: str | Path | None = None, device: str = "auto", batch_
         from patchflannel.training.segmentation import load_run_model
 
         net, info = load_run_model(run_dir)
-        pre = info["preprocessing"]["segmentation"]
+        pre = (info.get("preprocessing") or {}).get("segmentation")
+        if not pre:
+            raise ConfigError(f"{run_dir}/run.json: no preprocessing recorded (not a finished segmentation run)")
         return Segmenter(net.to(device), pre["size"], pre["gamma"], pre["threshold"], device, batch_size,
                          str(run_dir), info)
     raise ConfigError(f"{model}: neither a bundle (no {BUNDLE_FILE}) nor a segmentation run (no run.json)")
@@ -104,12 +107,15 @@ def _flag_message(fraction: float, min_fraction: float) -> tuple[str, str]:
 
 
 def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: str | Path, *, overlays: bool = False,
-                   min_fraction: float = MIN_FRACTION) -> list[dict[str, str]]:
+                   min_fraction: float = MIN_FRACTION, progress: Callable[[int], None] | None = None) -> list[dict[str, str]]:
     """Segment every input into ``out_dir/<stem>.png`` (0/255), optionally ``out_dir/overlays/<stem>.png``.
 
     Writes ``out_dir/segment_report.csv`` (file, status ok|flagged|error, lung_fraction, mask, message)
-    and returns its rows, one per input in input order. Never raises for one bad input.
+    and returns its rows, one per input in input order. Never raises for one bad input; never writes over an
+    input (that input is an error row). ``progress`` gets the number of inputs done as they are.
     """
+    paths = [Path(p) for p in paths]
+    inputs = {p.resolve() for p in paths}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if overlays:
@@ -120,25 +126,33 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
 
     def flush() -> None:
         for (i, path, image), mask in zip(pending, segmenter.predict([p[2] for p in pending])):
+            if progress is not None:
+                progress(1)
             fraction = float(mask_fraction(mask))
             mask_path = out_dir / f"{path.stem}.png"
             Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
             if overlays:
                 overlay_image(image, mask).save(out_dir / "overlays" / f"{path.stem}.png")
             status, message = _flag_message(fraction, min_fraction)
-            rows[i].update(status=status, lung_fraction=f"{fraction:.4f}", mask=mask_path.name, message=message)
+            rows[i].update(status=status, lung_fraction=f"{fraction:.4f}", mask=printable(mask_path.name), message=message)
         pending.clear()
 
-    for path in map(Path, paths):
-        row = {"file": str(path), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
+    for path in paths:
+        row = {"file": printable(str(path)), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
         rows.append(row)
-        if path.stem in stems:
-            row["message"] = f"another input already writes {path.stem}.png; rename one of them"
-            continue
+        written = [out_dir / f"{path.stem}.png", *([out_dir / "overlays" / f"{path.stem}.png"] if overlays else [])]
+        replaced = next((w for w in written if w.resolve() in inputs), None)
         try:
+            if path.stem in stems:
+                raise ImageReadError(path, f"another input already writes {printable(path.stem)}.png; rename one of them")
+            if replaced is not None:
+                raise ImageReadError(path, f"its mask would replace the input {printable(str(replaced))}; "
+                                           "write the masks to another --out")
             image = read_image(path)
         except ImageReadError as exc:
             row["message"] = exc.reason
+            if progress is not None:
+                progress(1)
             continue
         stems.add(path.stem)
         pending.append((len(rows) - 1, path, image))

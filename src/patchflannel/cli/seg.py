@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import fail_cleanly, fresh_run, metrics_text
+from patchflannel.cli._common import errors, fail_cleanly, fresh_run, metrics_text
+from patchflannel.errors import ConfigError
 
 console = Console()
 
@@ -84,20 +85,40 @@ def segment_cmd(
 ) -> None:
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.
 
-    Exit status: 0 all masks written, 1 done but some inputs gave no mask, 2 nothing done (bad options or model).
+    Exit status: 0 all masks written, 1 done but some inputs gave no mask, 2 nothing done (bad options or model),
+    3 stopped by an unexpected failure.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from patchflannel.scoring.inputs import discover_inputs
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
     with fail_cleanly():
-        paths = [item.path for item in discover_inputs(inputs)]
+        # Files already under --out (the masks of an earlier run into a folder being segmented) are not inputs.
+        below = out.resolve()
+        items = [i for i in discover_inputs(inputs) if not Path(i.source).resolve().is_relative_to(below)]
+        if not items:
+            raise ConfigError(f"no inputs outside {out}: the sources named only files under the output folder")
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
-        rows = segment_images(paths, segmenter, out, overlays=overlay, min_fraction=min_fraction)
+    bar = Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors,
+                   disable=not errors.is_terminal)
+    try:
+        with fail_cleanly(), bar:
+            task = bar.add_task("segment", total=len(items))
+            rows = segment_images([i.source for i in items], segmenter, out, overlays=overlay, min_fraction=min_fraction,
+                                  progress=lambda n: bar.advance(task, n))
+    except typer.Exit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug or a system failure, not a bad input: say so
+        errors.print_exception(max_frames=8)
+        errors.print(f"error: segmenting stopped by an unexpected {type(exc).__name__}: {exc}", markup=False,
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
     counts = report_summary(rows)
     _say(f"{counts['ok']} ok, {counts['flagged']} flagged, {counts['error']} error(s); report: {out / REPORT_FILE}")
     for r in rows:
         if r["status"] != "ok":
-            _say(f"{r['status']}: {r['file']}: {r['message']}")
+            errors.print(f"{r['status']}: {r['file']}: {r['message']}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1 if counts["error"] else 0)  # as `score`: 1 = done, with inputs that gave no mask
 
 

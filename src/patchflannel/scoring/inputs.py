@@ -53,13 +53,19 @@ class ScoreInput:
         return self.file or self.path
 
 
-def _named(path: str, extra: dict[str, str]) -> ScoreInput:
-    """An input whose output name is valid UTF-8 (see :attr:`ScoreInput.file`)."""
+def printable(path: str) -> str:
+    """``path`` as valid UTF-8 text: the bytes of a name that is not shown as ``\\x..`` escapes."""
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes of the name, held as surrogates
-        return ScoreInput(os.fsencode(path).decode("utf-8", "backslashreplace"), extra, file=path)
-    return ScoreInput(path, extra)
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
+def _named(path: str, extra: dict[str, str]) -> ScoreInput:
+    """An input whose output name is valid UTF-8 (see :attr:`ScoreInput.file`)."""
+    shown = printable(path)
+    return ScoreInput(shown, extra, file=path if shown != path else "")
 
 
 def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[ScoreInput]:

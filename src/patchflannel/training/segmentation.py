@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -358,8 +359,14 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     info = read_json(run_file)
     if info.get("task") != "segmentation":
         raise ConfigError(f"{run_dir}: run.json task is {info.get('task')!r}, not 'segmentation'")
+    if "arch" not in info:
+        raise ConfigError(f"{run_file}: no 'arch' recorded")
     model = get_model(info["arch"], **info.get("arch_config", {}))
-    model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # another network's weights, or not weights
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{best}: weights do not fit architecture {info['arch']!r}: {reason}") from None
     return model.eval(), info
 
 
