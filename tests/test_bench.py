@@ -53,6 +53,8 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "bench.md and bench.png" in result.output
     assert speedups(report["runs"])[("torch fp32", "loop", 4)] == 1.0
     assert "torch fp32, packed K=4:" in result.output and "warm-up" in result.output  # a progress line a run
+    assert all(len(r["seconds_per_image_runs"]) == r["repeats"] for r in report["runs"])  # each timed run kept
+    assert report["environment"]["cpu"]  # the CPU's model where the system names it
 
 
 def test_bench_compares_precisions_each_against_its_own_loop(tmp_path):
@@ -130,6 +132,21 @@ def test_bad_bench_settings_are_refused(tmp_path):
                        (dict(images=tmp_path), "either --images or --synthetic"), (dict(n=2, pack=4), "must be >= pack")):
         with pytest.raises(ConfigError, match=match):
             run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, **bad))
+
+
+def test_patch_modes_keep_a_bundles_global_learners_as_scoring_runs_them(tmp_path):
+    """A bundle with a global learner is timed as `score` runs it (its global learner on the whole image in
+    every mode); a bundle of global learners only has no patch mode to time."""
+    from patchflannel.bench.harness import build_engine, mode_engine
+    from test_score import mixed_bundle
+
+    config = BenchConfig(out=tmp_path / "b", bundle=mixed_bundle(tmp_path / "mixed"), synthetic=True)
+    engine = build_engine(config)
+    for mode in ("loop", "batched", "packed", "auto"):
+        assert [lr.mode for lr in mode_engine(engine, mode, 4, 2).learners] == ["patch", "global"]
+    assert {lr.mode for lr in mode_engine(engine, "global", 4, 2).learners} == {"global"}
+    with pytest.raises(ConfigError, match="pass either --preset or --bundle"):
+        run_bench(BenchConfig(out=tmp_path / "c", preset="tiny", bundle=config.bundle, synthetic=True))
 
 
 def test_bench_refuses_inputs_that_do_not_score(tmp_path):

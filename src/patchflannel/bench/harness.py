@@ -211,15 +211,16 @@ def build_engine(config: BenchConfig, backend: str = "auto", precision: str = "a
 
 
 def mode_engine(engine: Engine, mode: str, k: int, pack: int) -> Engine:
-    """``engine`` with the call structure of ``mode`` at K = ``k``."""
+    """``engine`` with the call structure of ``mode`` at K = ``k``. The patch modes keep each learner's own
+    mode (a bundle's global learners run as in scoring); ``global`` runs every learner on the whole image."""
     if mode == "loop":
-        return engine.configured(k=k, images_per_call=1, patch_batch=1, learner_mode="patch")
+        return engine.configured(k=k, images_per_call=1, patch_batch=1)
     if mode == "batched":
-        return engine.configured(k=k, images_per_call=1, patch_batch=k, learner_mode="patch")
+        return engine.configured(k=k, images_per_call=1, patch_batch=k)
     if mode == "packed":
-        return engine.configured(k=k, images_per_call=pack, patch_batch=pack * k, learner_mode="patch")
+        return engine.configured(k=k, images_per_call=pack, patch_batch=pack * k)
     if mode == "auto":
-        return engine.configured(k=k, learner_mode="patch")
+        return engine.configured(k=k)
     if mode == "global":
         return engine.configured(k=k, images_per_call=pack, patch_batch=pack, learner_mode="global")
     raise ConfigError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -231,8 +232,9 @@ def _p95(values: list[float]) -> float:
 
 
 def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warmup: int,
-             warmup_engine: Engine | None = None) -> dict[str, Any]:
-    """Median/p95 seconds an image (end to end) and per-stage seconds an image over ``repeats`` runs.
+             warmup_engine: Engine | None = None, prefetch: int = 2) -> dict[str, Any]:
+    """Median/p95 seconds an image (end to end) and per-stage seconds an image over ``repeats`` runs
+    (``engine.stream`` with ``prefetch``: 0 runs everything in one thread, as the reference's loop did).
 
     ``preprocess_fraction`` is the share of the time per image outside the learners and the ensemble: the
     preparation (decode to gathered patches) that they did not hide. ``preprocess_busy_fraction`` is the
@@ -250,7 +252,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
     for _ in range(repeats):
         timer = CudaTimer() if cuda else PerfTimer()
         start = time.perf_counter()
-        preds = list(engine.stream(inputs, timer=timer))
+        preds = list(engine.stream(inputs, timer=timer, prefetch=prefetch))
         if cuda:
             torch.cuda.synchronize(engine.device)
         walls.append((time.perf_counter() - start) / len(inputs))
@@ -270,7 +272,7 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
     compute = stage_median.get("infer", 0.0) + stage_median.get("ensemble", 0.0)
     return {
         "n_images": len(inputs), "repeats": repeats, "warmup_seconds": warmup_seconds,
-        "seconds_per_image_median": wall, "seconds_per_image_p95": _p95(walls),
+        "seconds_per_image_median": wall, "seconds_per_image_p95": _p95(walls), "seconds_per_image_runs": walls,
         "images_per_second": 1.0 / wall,
         "stage_seconds_per_image": stage_median,
         "learner_seconds_per_image": learner_median,
@@ -288,7 +290,7 @@ def device_info(engine: Engine) -> dict[str, Any]:
     from patchflannel import __version__
 
     info: dict[str, Any] = {
-        "device": engine.describe()["device_name"], "cpu": platform.processor() or platform.machine(),
+        "device": engine.describe()["device_name"], "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
         "patchflannel": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
         "numpy": np.__version__, "cuda": torch.version.cuda,
@@ -299,6 +301,18 @@ def device_info(engine: Engine) -> dict[str, Any]:
         except ImportError:
             pass
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -317,6 +331,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         raise ConfigError(f"bench needs warmup >= 0, got {config.warmup}")
     if config.n < config.pack and {"packed", "global"} & set(config.modes):
         raise ConfigError(f"packed and global modes pack {config.pack} images a call: n ({config.n}) must be >= pack")
+    if config.preset is not None and config.bundle is not None:
+        raise ConfigError("pass either --preset or --bundle, not both")
     if config.synthetic and config.images is not None:
         raise ConfigError("pass either --images or --synthetic, not both")
     for mode in config.modes:
@@ -344,6 +360,9 @@ def _time_pair(config: BenchConfig, backend: str, precision: str, inputs: list[t
                report: dict[str, Any], progress: Callable[[str], None] | None) -> None:
     """Every learner-stream count of one backend x precision (one set of networks, shared by the counts)."""
     engine = build_engine(config, backend, precision)
+    if not any(lr.mode == "patch" for lr in engine.learners) and set(config.modes) - {"global"}:
+        raise ConfigError(f"{engine.bundle_name}: every learner is a global one (no patches): time it with "
+                          "--modes global")
     # Every stream count set up before any timing: a count the device cannot take fails now.
     for eng in [engine.configured(learner_streams=s) for s in config.learner_streams]:
         described = eng.describe()
@@ -376,15 +395,19 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
             started = time.perf_counter()
             if config.compile:  # compile each network now, one progress line each, before the timed runs
                 eng.warm_up(progress)
-            result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm)
+            # The loop as the reference ran it: one thread (a preparation thread beside it would take cores
+            # from its per-patch calls on a CPU, and make the loop, hence every "x loop", look slower).
+            result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm,
+                              prefetch=0 if mode == "loop" else 2)
             report["runs"].append({
                 "mode": mode, "k": None if mode == "global" else k, "backend": described["backend"],
                 "precision": described["precision"], "learner_streams": eng.learner_streams,
                 "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
                 "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
+                timed = report["runs"][-1]["wall_seconds"] - result["warmup_seconds"]
                 progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "
-                         f"images/s (warm-up {result['warmup_seconds']:.1f} s, run {report['runs'][-1]['wall_seconds']:.1f} s)")
+                         f"images/s (warm-up {result['warmup_seconds']:.1f} s, timed runs {timed:.1f} s)")
             backends = {"segmentation": engine.segmenter, **{lr.name: lr.backend for lr in engine.learners}}
             # Networks are shared by every stream count: keyed by backend and precision, recorded once.
             report["compile_errors"].update({f"{pair(described)} {n}": b.compile_error for n, b in backends.items()
