@@ -249,6 +249,19 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
     assert [r["label"] for r in read_predictions(tmp_path / "p.csv")] == ["viral"]
 
 
+def test_a_link_to_nowhere_with_an_odd_name_is_an_error_row(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:
+    """Its error names it as the output does (escaped): the reader's own message held the raw name, which the
+    output cannot store, and stopped the batch."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(real_images(cxr4_dir, 1)[0], folder / "film.jpg")
+    os.symlink(tmp_path / "gone.png", folder / os.fsdecode(b"gone-\xff.png"))
+    summary = score([folder], tmp_path / "o.parquet", options=EngineOptions(bundle=str(bundle), k=K), quiet=True)
+    assert (summary.rows, summary.errors) == (2, 1)
+    (row,) = [r for r in read_output(tmp_path / "o.parquet")[0].to_pylist() if r["status"] == "error"]
+    assert row["path"] == str(folder / "gone-\\xff.png") and row["error"] == f"{row['path']}: file not found"
+
+
 def test_usage_errors_exit_2(tmp_path: Path, bundle: Path, mixed_folder: Path) -> None:
     runner = CliRunner()
     tampered = shutil.copytree(bundle, tmp_path / "tampered")

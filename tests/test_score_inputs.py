@@ -160,17 +160,20 @@ def test_linked_folders_are_followed_once_and_dangling_links_kept(tmp_path: Path
     assert found == ["b.png", "dangling.png", "linked/a.png"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: permissions do not stop listing a folder")
-def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path) -> None:
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _touch(tmp_path / "b.png")
     locked = tmp_path / "locked"
     _touch(locked / "c.png")
-    locked.chmod(0)
-    try:
-        with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder"):
-            discover_inputs([tmp_path])
-    finally:
-        locked.chmod(0o755)
+    listing = os.scandir
+
+    def scandir(path):  # what listing a folder without the permission raises (as root, chmod cannot stop it)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
+        discover_inputs([tmp_path])
 
 
 def test_a_name_that_is_not_utf8_is_written_escaped_and_read_as_it_is(tmp_path: Path) -> None:

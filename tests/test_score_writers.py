@@ -164,3 +164,22 @@ def test_a_csv_output_with_newlines_in_paths_reads_back_across_blocks(tmp_path: 
     store.finalize({})
     assert (tmp_path / "out.csv").stat().st_size > 2 << 20  # several blocks
     assert read_output(tmp_path / "out.csv")[0].column("path").to_pylist() == [r["path"] for r in rows]
+
+
+def test_an_interrupt_writes_the_rows_taken_since_the_last_chunk(tmp_path: Path) -> None:
+    from patchflannel.scoring.run import chunks
+
+    def rows():  # as the engine's stream when Ctrl-C arrives while it scores the fourth input
+        yield from _full_rows()[:3]
+        raise KeyboardInterrupt
+
+    store = ResultStore(tmp_path / "out.parquet", SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        for chunk in chunks(rows(), 2, store):
+            store.write_chunk(chunk)
+    parts = sorted(store.parts_dir.glob("part-*.parquet"))
+    assert [pq.read_table(p).num_rows for p in parts] == [2, 1]
+    resumed = ResultStore(tmp_path / "out.parquet", SCHEMA)
+    resumed.begin(RUN_KEY, resume=True)
+    assert len(resumed.scored_keys()) == 3

@@ -10,6 +10,7 @@ inputs that cannot be read get an ``error`` row and are skipped, the rest are se
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
     input (that input is an error row). ``progress`` gets the number of inputs done as they are.
     """
     paths = [Path(p) for p in paths]
-    inputs = {p.resolve() for p in paths}
+    inputs = {os.path.realpath(p) for p in paths}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if overlays:
@@ -141,7 +142,7 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
         row = {"file": printable(str(path)), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
         rows.append(row)
         written = [out_dir / f"{path.stem}.png", *([out_dir / "overlays" / f"{path.stem}.png"] if overlays else [])]
-        replaced = next((w for w in written if w.resolve() in inputs), None)
+        replaced = next((w for w in written if os.path.realpath(w) in inputs), None)
         try:
             if path.stem in stems:
                 raise ImageReadError(path, f"another input already writes {printable(path.stem)}.png; rename one of them")

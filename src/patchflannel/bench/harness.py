@@ -397,15 +397,16 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
                 eng.warm_up(progress)
             # The loop as the reference ran it: one thread (a preparation thread beside it would take cores
             # from its per-patch calls on a CPU, and make the loop, hence every "x loop", look slower).
+            timing = time.perf_counter()
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm,
                               prefetch=0 if mode == "loop" else 2)
+            timed = time.perf_counter() - timing - result["warmup_seconds"]
             report["runs"].append({
                 "mode": mode, "k": None if mode == "global" else k, "backend": described["backend"],
                 "precision": described["precision"], "learner_streams": eng.learner_streams,
                 "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
                 "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
-                timed = report["runs"][-1]["wall_seconds"] - result["warmup_seconds"]
                 progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "
                          f"images/s (warm-up {result['warmup_seconds']:.1f} s, timed runs {timed:.1f} s)")
             backends = {"segmentation": engine.segmenter, **{lr.name: lr.backend for lr in engine.learners}}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -94,22 +95,24 @@ def segment_cmd(
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
     with fail_cleanly():
-        # Files already under --out (the masks of an earlier run into a folder being segmented) are not inputs.
-        below = out.resolve()
-        items = [i for i in discover_inputs(inputs) if not Path(i.source).resolve().is_relative_to(below)]
+        # Files where the masks go (an earlier run's masks, in a folder being segmented) are not inputs.
+        written = {os.path.realpath(out), os.path.realpath(out / "overlays")}
+        found = discover_inputs(inputs)
+        items = [i for i in found if os.path.dirname(os.path.realpath(i.source)) not in written]
+        if len(items) < len(found):
+            errors.print(f"{len(found) - len(items)} file(s) in {out} (where the masks go) are not taken as inputs",
+                         markup=False, highlight=False, soft_wrap=True)
         if not items:
-            raise ConfigError(f"no inputs outside {out}: the sources named only files under the output folder")
+            raise ConfigError(f"no inputs: the sources named only files in {out}, where the masks go")
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
     bar = Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors,
                    disable=not errors.is_terminal)
     try:
-        with fail_cleanly(), bar:
+        with bar:
             task = bar.add_task("segment", total=len(items))
             rows = segment_images([i.source for i in items], segmenter, out, overlays=overlay, min_fraction=min_fraction,
                                   progress=lambda n: bar.advance(task, n))
-    except typer.Exit:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a bug or a system failure, not a bad input: say so
+    except Exception as exc:  # noqa: BLE001 - a bug or a system failure (a full disk), not a bad input: say so
         errors.print_exception(max_frames=8)
         errors.print(f"error: segmenting stopped by an unexpected {type(exc).__name__}: {exc}", markup=False,
                      highlight=False, soft_wrap=True)

@@ -132,7 +132,7 @@ def _expand(source: str) -> Iterator[ScoreInput]:
         else:
             yield ScoreInput(os.path.abspath(source))
     elif _GLOB_CHARS & set(source):
-        matches = sorted(m for m in glob.glob(source, recursive=True) if is_image_name(m))
+        matches = sorted(m for m in glob.glob(source, recursive=True) if is_image_name(m) or _dangling_image(m))
         if not matches:
             raise ConfigError(f"{source}: pattern matches no image files")
         yield from (ScoreInput(os.path.abspath(m)) for m in matches)
@@ -148,19 +148,32 @@ def _walk(folder: str) -> Iterator[str]:
         raise ConfigError(f"{exc.filename}: cannot list this folder ({exc.strerror or exc}); make it readable, "
                           "or name the inputs another way (a manifest, a pattern)")
 
-    visited: set[str] = set()
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:  # a link back up the tree, or a second way to one folder
+        if _loops(folder, root):  # a link back up the tree (a second way to a folder is deduplicated by file)
             dirs[:] = []
             continue
-        visited.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             path = os.path.join(root, name)
-            dangling = os.path.islink(path) and not os.path.exists(path)
-            if is_image_name(path) or (dangling and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS):
+            if is_image_name(path) or _dangling_image(path):
                 yield path
+
+
+def _loops(top: str, folder: str) -> bool:
+    """Whether ``folder`` (below ``top``) is the same folder as one of its ancestors up to ``top``."""
+    real, parent = os.path.realpath(folder), folder
+    while os.path.normpath(parent) != os.path.normpath(top) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+        if os.path.realpath(parent) == real:
+            return True
+    return False
+
+
+def _dangling_image(path: str) -> bool:
+    """A link to nowhere with an image name (not hidden): kept, so that its row says why it was not read."""
+    name = os.path.basename(path)
+    return (os.path.islink(path) and not os.path.exists(path) and not name.startswith(".")
+            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
 
 
 def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:

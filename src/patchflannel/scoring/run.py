@@ -138,6 +138,7 @@ def score(
     store = ResultStore(out, output_schema([e.name for e in bundle.learners], extra_columns(items)))
     store.lock()  # released by finalize, or below when the run stops early
     try:
+        store.check(resume=resume or overwrite)  # before the engine loads, which can take minutes
         engine = options.engine() if ray is False else None
         if engine is None:
             load_bundle(options.bundle)
@@ -181,21 +182,16 @@ def score(
 
         with _progress(console, quiet) as progress:
             task = progress.add_task("scoring", total=len(todo))
-            chunk: list[dict[str, Any]] = []
-            try:
+
+            def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+                nonlocal done, errors
                 for row in rows:
-                    chunk.append(row)
                     done += 1
                     errors += row["status"] == "error"
                     progress.advance(task)
-                    if len(chunk) >= chunk_size:
-                        flush(chunk)
-                        chunk = []
-            except KeyboardInterrupt:
-                if chunk:  # the rows scored so far are kept: --resume continues after them
-                    store.write_chunk(chunk)
-                raise
-            if chunk:
+                    yield row
+
+            for chunk in chunks(counted(rows), chunk_size, store):
                 flush(chunk)
 
         metadata = {
@@ -214,11 +210,33 @@ def score(
         counts = store.finalize(metadata, keep=keep, extras=extras)
     finally:
         store.unlock()
-    exported = export_predictions(store.out, predictions) if predictions is not None else None
+    try:
+        exported = export_predictions(store.out, predictions) if predictions is not None else None
+    except OSError as exc:
+        raise ConfigError(f"{predictions}: cannot be written ({exc.strerror or exc}); the scoring output {store.out} "
+                          "is complete: write the CSV with patchflannel.scoring.writers.export_predictions") from None
     return ScoreSummary(out=store.out, rows=sum(counts.values()), ok=counts.get("ok", 0),
                         flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
                         skipped=len(items) - len(todo), scored_now=len(todo),
                         seconds=time.perf_counter() - started, predictions=exported)
+
+
+def chunks(rows: Iterator[dict[str, Any]], size: int, store: ResultStore) -> Iterator[list[dict[str, Any]]]:
+    """``rows`` in lists of ``size`` (the last may be shorter). Interrupted (KeyboardInterrupt) while taking
+    them, the rows taken since the last list are written to ``store`` first: ``--resume`` continues after them."""
+    chunk: list[dict[str, Any]] = []
+    try:
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+    except KeyboardInterrupt:
+        if chunk:
+            store.write_chunk(chunk)
+        raise
+    if chunk:
+        yield chunk
 
 
 def _check_files(out: str | os.PathLike[str], predictions: str | os.PathLike[str] | None,

@@ -120,13 +120,21 @@ class ResultStore:
         for p in (self.out, self.meta_path):
             p.unlink(missing_ok=True)
 
+    def check(self, *, resume: bool) -> None:
+        """The refusals of :meth:`begin` that need no run key, without writing anything: a folder in the way,
+        or an existing output (or parts) without ``resume``."""
+        self._refuse_folder()
+        if not resume and self.exists():
+            raise ConfigError(f"{self.out}: output (or the parts of an unfinished run) already exists; "
+                              "pass --resume to continue it or --overwrite to replace it")
+
     def begin(self, run_key: dict[str, Any], *, resume: bool) -> None:
         """Prepare for writing. With ``resume``, refuse earlier results made under another ``run_key``.
 
         The run key (what the rows depend on: bundle, seed, K, ...) is stored with the output columns added.
         """
         run_key = {**run_key, "columns": self.schema.names}
-        self._refuse_folder()
+        self.check(resume=resume)
         if resume:
             for source, previous in self._previous_run_keys():
                 if previous != run_key:
@@ -136,9 +144,6 @@ class ResultStore:
                     raise ConfigError(f"cannot resume into {self.out}: {source} was made with a different "
                                       f"{', '.join(changed)}{f' ({values})' if values else ''}; score to a new output "
                                       "or pass --overwrite")
-        elif self.exists():
-            raise ConfigError(f"{self.out}: output (or the parts of an unfinished run) already exists; "
-                              "pass --resume to continue it or --overwrite to replace it")
         self.run_key = run_key
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,11 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
     fmt = detect_format(data)
     if fmt not in formats:
         return False
-    if fmt == "jpeg" and data.rfind(b"\xff\xd9", max(2, len(data) - JPEG_TAIL)) < 0:
+    if fmt == "jpeg" and not data.rfind(b"\xff\xd9", max(2, len(data) - JPEG_TAIL)) > data.rfind(b"\xff\xda"):
         # No end-of-image marker near the end: cut short. A GPU decoder may return a partly grey image, and
         # DALI fails its whole batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot
-        # occur inside the entropy-coded data, which stuffs every FF; a trailer after the marker is allowed.)
+        # occur inside the entropy-coded data, which stuffs every FF; it must come after the last start of scan,
+        # FF DA, not be an EXIF thumbnail's; a trailer after the marker is allowed.)
         return False
     try:
         with Image.open(io.BytesIO(data)) as img:
