@@ -101,8 +101,8 @@ def prepare(x: Any, label: str) -> Item:
     the failure (a path with a NUL byte, a sparse or meta tensor, a DLPack producer that raises)."""
     try:
         return _read_input(x, label)
-    except ImageReadError as exc:  # named by the item's id (a file's may differ from the name it was opened by)
-        return Item(label, error=str(ImageReadError(label, exc.reason)))
+    except ImageReadError as exc:  # as text the outputs can hold: bytes of a name that is not UTF-8 escaped
+        return Item(label, error=os.fsencode(str(exc)).decode("utf-8", "backslashreplace"))
     except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the batch's
         return Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: {exc}")))
 
