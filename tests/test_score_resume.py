@@ -22,6 +22,20 @@ CLI = "from patchflannel.cli import app; from patchflannel.cli.score import regi
 """The CLI app with the score commands (the console script once `score` is registered there)."""
 
 
+def _scoring_with_a_part(images: Path, out: Path, bundle: Path, chunk_size: int) -> subprocess.Popen:
+    """A `score` process of ``images`` into ``out``, once it has written its first part."""
+    args = [sys.executable, "-c", CLI, "score", str(images), "--out", str(out), "--bundle", str(bundle),
+            "-k", "2", "--chunk-size", str(chunk_size), "--quiet"]
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    parts, deadline = out.with_name(out.name + ".parts"), time.monotonic() + 240
+    while not list(parts.glob("part-*.parquet")):
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "no part written in time"
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Path) -> None:
     bundle = random_bundle(tmp_path / "bundle", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",)).root
@@ -32,15 +46,7 @@ def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Pa
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "scores.csv"
     parts = tmp_path / "scores.csv.parts"
-    args = [sys.executable, "-c", CLI, "score", str(images), "--out", str(out), "--bundle", str(bundle),
-            "-k", "2", "--chunk-size", "1", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not list(parts.glob("part-*.parquet")):
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        assert time.monotonic() < deadline, "no part written in time"
-        time.sleep(0.05)
+    proc = _scoring_with_a_part(images, out, bundle, chunk_size=1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sorted(parts.glob("part-*.parquet"))
@@ -74,15 +80,7 @@ def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_
     for p in sorted((cxr4_dir / "images" / "viral").iterdir())[:N_IMAGES + 2]:
         shutil.copy(p, images / p.name)
     out, parts = tmp_path / "scores.parquet", tmp_path / "scores.parquet.parts"
-    args = [sys.executable, "-c", CLI, "score", str(images), "--out", str(out), "--bundle", str(bundle),
-            "-k", "2", "--chunk-size", "2", "--quiet"]
-    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while not list(parts.glob("part-*.parquet")):
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        assert time.monotonic() < deadline, "no part written in time"
-        time.sleep(0.05)
+    proc = _scoring_with_a_part(images, out, bundle, chunk_size=2)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 130 and "interrupted: any rows scored so far are kept" in output, output
