@@ -150,6 +150,9 @@ def score(
         todo, keep = (items, None)
         if resume:
             stored = store.scored_keys()
+            if stored and not quiet:  # hashing a large archive again takes a while: say what is going on
+                console.print(f"resume: {len(stored)} rows stored; hashing their files again to find what changed",
+                              markup=False, highlight=False, soft_wrap=True)
             todo, keep = _resume_plan(items, stored)
             paths = {i.path for i in items}
             gone = sum(1 for path, _ in stored if path not in paths)
