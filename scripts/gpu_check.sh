@@ -131,6 +131,7 @@ if best:
 print(json.dumps(summary, indent=1))
 PYEOF
 echo "done in $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
+[ -f "$OUT/targets.json" ] && { echo "targets ($OUT/targets.json):"; cat "$OUT/targets.json"; }
 if [ "${PACK_OUT:-$GPU}" = "1" ]; then  # one archive (on the GPU machine): the device tool returns at most 8 files
   ARCHIVE=gpu_check.tgz; i=1
   while [ -e "$OUT/$ARCHIVE" ]; do i=$((i + 1)); ARCHIVE="gpu_check.$i.tgz"; done  # a second run into OUT

@@ -83,6 +83,7 @@ def test_cv_global_end_to_end_and_resume(cxr4_dir: Path, tmp_path: Path) -> None
     result = CliRunner().invoke(app, ["cv", str(config), "--out", str(tmp_path / "out"), "--no-report"])
     assert result.exit_code == 0, result.output
     assert log.stat().st_mtime_ns == stamp  # finished runs are skipped, not retrained
+    assert f"learner {LEARNERS[0]} fold 0: finished earlier, kept" in result.output
     assert _read(tmp_path / "out" / "predictions.csv") == preds
 
     # Other settings are refused before any work, and config.yaml keeps the ones the runs were made under.

@@ -201,7 +201,7 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
 
 
 def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:
-    image = real_images(cxr4_dir, 1)[0]
+    image = Path(shutil.copy(real_images(cxr4_dir, 1)[0], tmp_path / "film.jpg"))  # a copy: the test may fail
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,label\n{image},covid\n")
     kept = manifest.read_text()
@@ -213,6 +213,8 @@ def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Pa
         (["--out", str(tmp_path / "o.csv"), "--predictions", str(manifest)], "m.csv: is one of the inputs"),
         (["--out", str(manifest), "--overwrite"], "m.csv: is one of the inputs"),
         (["--out", str(tmp_path / "o.csv"), "--predictions", str(tmp_path / "old.csv")], "old.csv: already exists"),
+        (["--out", str(tmp_path / "o.csv"), "--predictions", str(image), "--overwrite"],
+         "film.jpg: is one of the inputs"),  # an image the manifest lists
         (["--out", str(tmp_path / "o.csv"), "--predictions", str(tmp_path / "old.csv" / "p.csv")],
          "p.csv: cannot be written there"),  # checked before scoring, not after
         (["--out", str(tmp_path / "folder.csv")], "folder.csv: a folder is in the way where the output file goes"),
@@ -223,6 +225,7 @@ def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Pa
         result = runner.invoke(_app(), base + args)
         assert result.exit_code == EXIT_USAGE and message in result.output, (args, result.output)
     assert manifest.read_text() == kept and not (tmp_path / "o.csv").exists()
+    assert image.read_bytes() == real_images(cxr4_dir, 1)[0].read_bytes()
 
 
 def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:

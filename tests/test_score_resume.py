@@ -83,7 +83,7 @@ def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_
     proc = _scoring_with_a_part(images, out, bundle, chunk_size=2)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130 and "interrupted: any rows scored so far are kept" in output, output
+    assert proc.returncode == 130 and "interrupted: the rows scored so far are kept" in output, output
     assert "--resume" in output and not out.exists() and not (tmp_path / "scores.parquet.lock").exists()
     kept = sum(pq.read_table(p).num_rows for p in parts.glob("part-*.parquet"))
     summary = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, quiet=True)

@@ -344,7 +344,9 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     # Masks never replace inputs: an earlier run's masks under --out are not inputs, nor is a folder into itself.
     kept = (folder / image.name).read_bytes()
     res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder)])
-    assert res.exit_code == 2 and "no inputs: the sources named only files in" in res.output
+    assert res.exit_code == 2 and "is a folder being segmented" in res.output
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / image.name)])
+    assert res.exit_code == 2 and "a file is in the way where a folder is wanted" in res.output
     res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(tmp_path)])  # above them: fine
     assert res.exit_code == 0 and "1 ok" in res.output, res.output
     for _ in range(2):

@@ -36,8 +36,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# bench {report.get('label') or ''}".rstrip(),
         "",
-        f"- device: {env['device']} (torch {env['torch']}, CUDA {env['cuda']}, {env['cpu_count']} CPUs, "
-        f"{env['torch_threads']} torch threads)",
+        f"- device: {env['device']} (torch {env['torch']}, CUDA {env['cuda']}, {env['cpu_count']} CPUs: "
+        f"{env.get('cpu', '?')}, {env['torch_threads']} torch threads)",
         *(f"- engine: bundle {eng['bundle']}, backend {eng['backend']}, precision {eng['precision']}, "
           f"compiled {eng['compiled']}, loader {eng['loader']}, sampler {eng['sampler']}, "
           f"learner streams {eng['learner_streams']}, "

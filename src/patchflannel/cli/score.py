@@ -65,8 +65,10 @@ def score(
                             ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
                             console=errors, predictions=predictions)
     except KeyboardInterrupt:
-        errors.print(f"interrupted: any rows scored so far are kept in {out}.parts; rerun with --resume to "
-                     "continue.", markup=False, highlight=False, soft_wrap=True)
+        parts = out.with_name(out.name + ".parts")
+        kept = (f"the rows scored so far are kept in {parts}; rerun with --resume to continue" if parts.is_dir()
+                else "nothing was written")
+        errors.print(f"interrupted: {kept}.", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except PatchflannelError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
@@ -83,6 +85,9 @@ def score(
         written, left_out = summary.predictions
         errors.print(f"{predictions}: {written} predictions for `patchflannel eval` ({left_out} rows without a "
                      "result or a label left out)", markup=False, highlight=False, soft_wrap=True)
+        if not written:
+            errors.print("note: no row has a label: the predictions need a manifest with a 'label' column",
+                         markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)
 
 

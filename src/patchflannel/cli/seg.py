@@ -87,7 +87,7 @@ def segment_cmd(
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.
 
     Exit status: 0 all masks written, 1 done but some inputs gave no mask, 2 nothing done (bad options or model),
-    3 stopped by an unexpected failure.
+    3 stopped by an unexpected failure, 130 interrupted.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -95,6 +95,10 @@ def segment_cmd(
     from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
 
     with fail_cleanly():
+        if any(os.path.isdir(s) and os.path.realpath(s) == os.path.realpath(out) for s in inputs):
+            raise ConfigError(f"--out {out} is a folder being segmented: the masks (<stem>.png) would go among its "
+                              "images; write them to another folder (a subfolder is fine)")
+        out.mkdir(parents=True, exist_ok=True)  # a file in the way fails now, before the model loads
         # Files where the masks go (an earlier run's masks, in a folder being segmented) are not inputs.
         written = {os.path.realpath(out), os.path.realpath(out / "overlays")}
         found = discover_inputs(inputs)
@@ -112,6 +116,10 @@ def segment_cmd(
             task = bar.add_task("segment", total=len(items))
             rows = segment_images([i.source for i in items], segmenter, out, overlays=overlay, min_fraction=min_fraction,
                                   progress=lambda n: bar.advance(task, n))
+    except KeyboardInterrupt:
+        errors.print(f"interrupted: the masks written so far are in {out}; no report was written", markup=False,
+                     highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - a bug or a system failure (a full disk), not a bad input: say so
         errors.print_exception(max_frames=8)
         errors.print(f"error: segmenting stopped by an unexpected {type(exc).__name__}: {exc}", markup=False,

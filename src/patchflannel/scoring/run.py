@@ -129,7 +129,7 @@ def score(
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     items = discover_inputs(sources)
     output_format(out)
-    _check_files(out, predictions, sources, resume or overwrite)
+    _check_files(out, predictions, sources, items, resume or overwrite)
     # Everything that can refuse the run does so before anything is written: the output is locked first (a
     # second run into it is refused at once), then a local engine verifies the bundle as it loads it; for Ray
     # the driver verifies it (the actors load it again).
@@ -243,10 +243,10 @@ def chunks(rows: Iterator[dict[str, Any]], size: int, store: ResultStore) -> Ite
 
 
 def _check_files(out: str | os.PathLike[str], predictions: str | os.PathLike[str] | None,
-                 sources: list[str | os.PathLike[str]], replace: bool) -> None:
-    """Refuse outputs that would overwrite an input (a manifest) or each other, and a predictions file that
-    exists (unless ``replace``: a resumed or overwritten run) or cannot be written."""
-    inputs = {os.path.realpath(s) for s in sources if os.path.isfile(s)}
+                 sources: list[str | os.PathLike[str]], items: list[ScoreInput], replace: bool) -> None:
+    """Refuse outputs that would overwrite an input (a manifest, an image) or each other, and a predictions file
+    that exists (unless ``replace``: a resumed or overwritten run) or cannot be written."""
+    inputs = {os.path.realpath(s) for s in sources if os.path.isfile(s)} | {os.path.realpath(i.source) for i in items}
     if os.path.realpath(out) in inputs:
         raise ConfigError(f"{out}: is one of the inputs; write the output elsewhere")
     if predictions is None:
@@ -258,7 +258,7 @@ def _check_files(out: str | os.PathLike[str], predictions: str | os.PathLike[str
     if os.path.isdir(target):
         raise ConfigError(f"{predictions}: a folder is in the way where the predictions CSV goes")
     if os.path.exists(target) and not replace:
-        raise ConfigError(f"{predictions}: already exists; choose another file, or pass --overwrite")
+        raise ConfigError(f"{predictions}: already exists; choose another file, or pass --resume or --overwrite")
     folder = os.path.dirname(target)
     while not os.path.exists(folder):  # made when it is written: the nearest folder that exists decides
         folder = os.path.dirname(folder)

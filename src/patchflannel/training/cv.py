@@ -162,8 +162,11 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     for fold in folds:
         val_rows = val_by_fold[fold]
         for arch, name in zip(archs, names):
-            _console.print(f"learner {arch} fold {fold}", markup=False, highlight=False)
             run_dir = run_dirs[(arch, fold)]
+            earlier = _read_done(run_dir) if resume or run_dir in pooled else None
+            state = ("trained in a worker process" if run_dir in pooled else "finished earlier, kept"
+                     if _serves(earlier, cfg) else f"trained, predicting again at K={cfg['k']}" if earlier else "")
+            _console.print(f"learner {arch} fold {fold}{': ' + state if state else ''}", markup=False, highlight=False)
             done = _learner_run(cfg, arch, fold, run_dir, val_rows, test_rows, resume or run_dir in pooled)
             for split, split_rows in (("val", val_rows), ("test", test_rows)):
                 if done["predictions"][split]["paths"] != [r["path"] for r in split_rows]:
