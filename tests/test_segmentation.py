@@ -290,6 +290,27 @@ def test_small_masks_are_flagged(lungseg_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / f"{image.stem}.png").is_file()
 
 
+@needs_default
+def test_an_interrupted_run_leaves_the_report_of_what_it_reached(lungseg_dir: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the middle (here from the caller's progress callback, where it may land): the masks written
+    are listed, the images taken but not segmented say so, the rest are not in the report."""
+    images = [p for p, _ in read_pairs_manifest(lungseg_dir / "manifest.csv")[:5]]
+    seen = []
+
+    def progress(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_images(images, load_segmenter(batch_size=2), tmp_path, progress=progress)
+    with open(tmp_path / REPORT_FILE, newline="") as fh:
+        report = list(csv.DictReader(fh))
+    assert [r["status"] for r in report] == ["ok", "ok", "error", "error"]  # the third and fourth were taken
+    assert report[2]["message"] == report[3]["message"] == "interrupted before its mask was written"
+    assert (tmp_path / f"{images[0].stem}.png").is_file() and not (tmp_path / f"{images[4].stem}.png").exists()
+
+
 def test_load_segmenter_refuses_an_unknown_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="neither a bundle"):
         load_segmenter(tmp_path)

@@ -113,7 +113,8 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
 
     Writes ``out_dir/segment_report.csv`` (file, status ok|flagged|error, lung_fraction, mask, message)
     and returns its rows, one per input in input order. Never raises for one bad input; never writes over an
-    input (that input is an error row). ``progress`` gets the number of inputs done as they are.
+    input (that input is an error row). ``progress`` gets the number of inputs done as they are. Interrupted
+    (KeyboardInterrupt), it writes the report of the inputs reached so far before the interrupt goes on.
     """
     paths = [Path(p) for p in paths]
     inputs = {os.path.realpath(p) for p in paths}
@@ -138,34 +139,45 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
             rows[i].update(status=status, lung_fraction=f"{fraction:.4f}", mask=printable(mask_path.name), message=message)
         pending.clear()
 
-    for path in paths:
-        row = {"file": printable(str(path)), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
-        rows.append(row)
-        written = [out_dir / f"{path.stem}.png", *([out_dir / "overlays" / f"{path.stem}.png"] if overlays else [])]
-        replaced = next((w for w in written if os.path.realpath(w) in inputs), None)
-        try:
-            if path.stem in stems:
-                raise ImageReadError(path, f"another input already writes {printable(path.stem)}.png; rename one of them")
-            if replaced is not None:
-                raise ImageReadError(path, f"its mask would replace the input {printable(str(replaced))}; "
-                                           "write the masks to another --out")
-            image = read_image(path)
-        except ImageReadError as exc:
-            row["message"] = exc.reason
-            if progress is not None:
-                progress(1)
-            continue
-        stems.add(path.stem)
-        pending.append((len(rows) - 1, path, image))
-        if len(pending) >= segmenter.batch_size:
+    try:
+        for path in paths:
+            row = {"file": printable(str(path)), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
+            rows.append(row)
+            written = [out_dir / f"{path.stem}.png", *([out_dir / "overlays" / f"{path.stem}.png"] if overlays else [])]
+            replaced = next((w for w in written if os.path.realpath(w) in inputs), None)
+            try:
+                if path.stem in stems:
+                    raise ImageReadError(path, f"another input already writes {printable(path.stem)}.png; rename one of them")
+                if replaced is not None:
+                    raise ImageReadError(path, f"its mask would replace the input {printable(str(replaced))}; "
+                                               "write the masks to another --out")
+                image = read_image(path)
+            except ImageReadError as exc:
+                row["message"] = exc.reason
+                if progress is not None:
+                    progress(1)
+                continue
+            stems.add(path.stem)
+            pending.append((len(rows) - 1, path, image))
+            if len(pending) >= segmenter.batch_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
+    except KeyboardInterrupt:  # a report of what was done: the masks written so far are listed
+        for i, _, _ in pending:
+            if rows[i]["status"] == "error" and not rows[i]["message"]:
+                rows[i]["message"] = "interrupted before its mask was written"
+        _write_report(out_dir, rows)
+        raise
+    _write_report(out_dir, rows)
+    return rows
+
+
+def _write_report(out_dir: Path, rows: list[dict[str, str]]) -> None:
     with open(out_dir / REPORT_FILE, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=REPORT_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    return rows
 
 
 def report_summary(rows: list[dict[str, str]]) -> dict[str, int]:

@@ -117,8 +117,8 @@ def segment_cmd(
             rows = segment_images([i.source for i in items], segmenter, out, overlays=overlay, min_fraction=min_fraction,
                                   progress=lambda n: bar.advance(task, n))
     except KeyboardInterrupt:
-        errors.print(f"interrupted: the masks written so far are in {out}; no report was written", markup=False,
-                     highlight=False, soft_wrap=True)
+        errors.print(f"interrupted: the masks written so far are in {out}, listed in {out / REPORT_FILE}",
+                     markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - a bug or a system failure (a full disk), not a bad input: say so
         errors.print_exception(max_frames=8)
