@@ -153,6 +153,14 @@ def test_patch_modes_keep_a_bundles_global_learners_as_scoring_runs_them(tmp_pat
         run_bench(BenchConfig(out=tmp_path / "c", preset="tiny", bundle=config.bundle, synthetic=True))
 
 
+def test_patches_a_call_is_what_a_call_carries(tmp_path):
+    """At K=1 the engine's cap (8 patches a call on a CPU) is more than a call can carry: the report says 1."""
+    report = run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, ks=(1,), n=2, loop_n=1, pack=2,
+                                   repeats=1, warmup=0, modes=("batched", "auto", "packed", "global")))
+    assert [(r["mode"], r["patch_batch"]) for r in report["runs"]] == [
+        ("batched", 1), ("auto", 1), ("packed", 2), ("global", 2)]
+
+
 def test_bench_refuses_inputs_that_do_not_score(tmp_path):
     """A failed input costs next to nothing: timing it with the others would inflate images/s."""
     folder = tmp_path / "imgs"

@@ -404,7 +404,9 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
             report["runs"].append({
                 "mode": mode, "k": None if mode == "global" else k, "backend": described["backend"],
                 "precision": described["precision"], "learner_streams": eng.learner_streams,
-                "images_per_call": eng.images_per_call, "patch_batch": eng.patch_batch,
+                "images_per_call": eng.images_per_call,
+                # What a call carries: the engine's cap, at most a group's patches (its images, for global).
+                "patch_batch": min(eng.patch_batch, eng.images_per_call * (1 if mode == "global" else k)),
                 "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
                 progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "
