@@ -132,7 +132,8 @@ def test_bad_bench_settings_are_refused(tmp_path):
     assert not (tmp_path / "bench.json").exists()  # refused before the one-stream runs were timed
     with pytest.raises(ConfigError, match="presets hold in-memory torch modules"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, backends=("onnxruntime",)))
-    for bad, match in ((dict(n=0), "n >= 1"), (dict(repeats=0), "repeats >= 1"), (dict(warmup=-1), "warmup >= 0"),
+    for bad, match in ((dict(n=0), r"n \(--n\) >= 1"), (dict(repeats=0), r"repeats \(--repeats\) >= 1"),
+                       (dict(warmup=-1), r"warmup \(--warmup\) >= 0"), (dict(loop_n=0), r"loop_n \(--loop-n\) >= 1"),
                        (dict(images=tmp_path), "either --images or --synthetic"), (dict(n=2, pack=4), "must be >= pack")):
         with pytest.raises(ConfigError, match=match):
             run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, **bad))

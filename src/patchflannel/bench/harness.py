@@ -326,11 +326,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         raise ConfigError("bench needs at least one K (each >= 1) and one mode")
     for name in ("n", "loop_n", "repeats", "pack"):
         if getattr(config, name) < 1:
-            raise ConfigError(f"bench needs {name} >= 1, got {getattr(config, name)}")
+            raise ConfigError(f"bench needs {name} (--{name.replace('_', '-')}) >= 1, got {getattr(config, name)}")
     if config.warmup < 0:
-        raise ConfigError(f"bench needs warmup >= 0, got {config.warmup}")
+        raise ConfigError(f"bench needs warmup (--warmup) >= 0, got {config.warmup}")
     if config.n < config.pack and {"packed", "global"} & set(config.modes):
-        raise ConfigError(f"packed and global modes pack {config.pack} images a call: n ({config.n}) must be >= pack")
+        raise ConfigError(f"packed and global modes pack {config.pack} images a call (--pack): n (--n {config.n}) "
+                          "must be >= pack")
     if config.preset is not None and config.bundle is not None:
         raise ConfigError("pass either --preset or --bundle, not both")
     if config.synthetic and config.images is not None:
