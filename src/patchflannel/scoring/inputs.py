@@ -79,22 +79,27 @@ def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike
         sources = [sources]
     seen: dict[str, int] = {}
     found: list[ScoreInput] = []
+    origin: list[str] = []  # the source that gave each found input
     carried: set[str] = set()
-    for source in sources:
-        for item in _expand(os.fspath(source)):
+    for source in map(os.fspath, sources):
+        for item in _expand(source):
             key = os.path.realpath(item.path)
             carried.update(item.extra)
             if key not in seen:
                 seen[key] = len(found)
                 found.append(item)
+                origin.append(source)
                 continue
             first = found[seen[key]]
             if not first.extra:  # found in a folder first, listed in a manifest too: keep its columns
                 found[seen[key]] = ScoreInput(first.path, item.extra)
+                origin[seen[key]] = source
             elif item.extra and item.extra != first.extra:
                 differ = sorted(c for c in set(item.extra) | set(first.extra) if item.extra.get(c) != first.extra.get(c))
-                raise ManifestError(item.path, [f"listed twice with different {', '.join(differ)} ("
-                                    + ", ".join(f"{first.extra.get(c)!r} vs {item.extra.get(c)!r}" for c in differ) + ")"])
+                where = "" if origin[seen[key]] == source else f" (first in {origin[seen[key]]})"
+                raise ManifestError(source, [f"{item.path} is listed twice with different {', '.join(differ)} ("
+                                    + ", ".join(f"{first.extra.get(c)!r} vs {item.extra.get(c)!r}" for c in differ)
+                                    + f"){where}"])
     if not found:
         raise ConfigError("no inputs: the sources named no image files")
     # Every input carries the same manifest columns (empty where its source had none).
