@@ -400,14 +400,13 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
             # from its per-patch calls on a CPU, and make the loop, hence every "x loop", look slower).
             timing = time.perf_counter()
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm,
-                              prefetch=0 if mode == "loop" else 2)
+                              **({"prefetch": 0} if mode == "loop" else {}))
             timed = time.perf_counter() - timing - result["warmup_seconds"]
             report["runs"].append({
                 "mode": mode, "k": None if mode == "global" else k, "backend": described["backend"],
                 "precision": described["precision"], "learner_streams": eng.learner_streams,
                 "images_per_call": eng.images_per_call,
-                # What a call carries: the engine's cap, at most a group's patches (its images, for global).
-                "patch_batch": min(eng.patch_batch, eng.images_per_call * (1 if mode == "global" else k)),
+                "patch_batch": eng.call_size("global" if mode == "global" else "patch"),  # what a call carries
                 "wall_seconds": time.perf_counter() - started, **result})
             if progress is not None:
                 progress(f"{name}, {mode}{'' if mode == 'global' else f' K={k}'}: {result['images_per_second']:.2f} "

@@ -14,6 +14,15 @@ from patchflannel.errors import ConfigError, PatchflannelError
 
 errors = Console(stderr=True)
 
+EXIT_INPUT_ERRORS = 1
+"""Exit status when the run finished but some inputs gave no result (error rows)."""
+EXIT_USAGE = 2
+"""Exit status for bad options, inputs that name nothing, bad manifests or bundles (nothing done)."""
+EXIT_STOPPED = 3
+"""Exit status when an unexpected failure stopped the run (``score`` keeps the chunks written: ``--resume``)."""
+EXIT_INTERRUPTED = 130
+"""Exit status when the run was interrupted (Ctrl-C)."""
+
 
 @contextmanager
 def fail_cleanly(code: int = 2) -> Iterator[None]:

@@ -8,18 +8,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import fail_cleanly
+from patchflannel.cli._common import EXIT_INPUT_ERRORS, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, fail_cleanly
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
 
-EXIT_INPUT_ERRORS = 1
-"""Exit status when the run finished but some inputs are error rows."""
-EXIT_USAGE = 2
-"""Exit status for bad options, inputs that name nothing, bad manifests or bundles (nothing scored)."""
-EXIT_STOPPED = 3
-"""Exit status when an unexpected failure stopped the run: the chunks written so far are kept (``--resume``)."""
-EXIT_INTERRUPTED = 130
-"""Exit status when the run was interrupted (Ctrl-C): the rows scored so far are kept (``--resume``)."""
 
 
 def score(

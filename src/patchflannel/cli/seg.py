@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import errors, fail_cleanly, fresh_run, metrics_text
+from patchflannel.cli._common import EXIT_INTERRUPTED, EXIT_STOPPED, errors, fail_cleanly, fresh_run, metrics_text
 from patchflannel.errors import ConfigError
 
 console = Console()
@@ -119,12 +119,12 @@ def segment_cmd(
     except KeyboardInterrupt:
         errors.print(f"interrupted: the masks written so far are in {out}, listed in {out / REPORT_FILE}",
                      markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:  # noqa: BLE001 - a bug or a system failure (a full disk), not a bad input: say so
         errors.print_exception(max_frames=8)
         errors.print(f"error: segmenting stopped by an unexpected {type(exc).__name__}: {exc}", markup=False,
                      highlight=False, soft_wrap=True)
-        raise typer.Exit(3) from None
+        raise typer.Exit(EXIT_STOPPED) from None
     counts = report_summary(rows)
     _say(f"{counts['ok']} ok, {counts['flagged']} flagged, {counts['error']} error(s); report: {out / REPORT_FILE}")
     for r in rows:

@@ -42,7 +42,7 @@ FLAT_BACTERIAL = frozenset(
         "mrsa", "nocardia", "bacterial",
     }
 )  # fmt: skip
-FLAT_FUNGAL = frozenset({"pneumocystis", "aspergillosis", "fungal"})
+FLAT_FUNGAL = frozenset({"pneumocystis", "fungal"})  # and any word from "aspergill" (aspergillosis, ...)
 
 
 @dataclass
@@ -146,7 +146,7 @@ def collection_label(finding: str) -> tuple[str | None, str]:
 def _flat_label(name: str) -> tuple[str | None, str]:
     """A flat finding name (lower case) by the words in it."""
     words = set(re.findall(r"[a-z0-9.]+", name))
-    if name == "covid-19" or "covid" in name or "sars-cov-2" in name:
+    if "covid" in name or "sars-cov-2" in name:
         return "covid", ""
     if words & FLAT_FUNGAL or any(w.startswith("aspergill") for w in words):
         return None, "fungal"

@@ -503,8 +503,12 @@ class Engine:
     def _run_learner(self, learner: Learner, batch: torch.Tensor) -> torch.Tensor:
         """Logits of (N, 3, P, P) normalised inputs (patches, or whole-image views for a global learner) in
         calls of at most ``patch_batch``, and of at most a full group's inputs."""
-        size = min(self.patch_batch, self.images_per_call * (self.k if learner.mode == "patch" else 1))
-        return _run_batched(learner.backend, batch, size)
+        return _run_batched(learner.backend, batch, self.call_size(learner.mode))
+
+    def call_size(self, mode: str) -> int:
+        """Inputs a learner call of ``mode`` ('patch' or 'global') carries at most: ``patch_batch``, and at most
+        a full group's (its patches, or its images)."""
+        return min(self.patch_batch, self.images_per_call * (self.k if mode == "patch" else 1))
 
     def _classify(self, group: _Group, timer: StageTimer) -> None:
         """Launch the learners and the ensemble on the group's patches; the results start their copy to the host."""

@@ -209,6 +209,18 @@ def default_bundle_path() -> Path:
     return Path(str(resources.files("patchflannel") / "assets" / "default"))
 
 
+def is_default_bundle(root: Path) -> bool:
+    """Whether ``root`` is the package's own bundle (part of the installed package: never written into)."""
+    return root.resolve() == default_bundle_path().resolve()
+
+
+def export_hint(fmt: str) -> str:
+    """How to add files of ``fmt`` to a bundle (tensorrt builds in place; onnx and compiled write a copy)."""
+    if fmt == "tensorrt":
+        return "`patchflannel export tensorrt BUNDLE` (builds in place, on a GPU with TensorRT)"
+    return f"`patchflannel export {fmt} BUNDLE --out DIR` (a copy of the bundle with them added)"
+
+
 def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundle:
     """Load and verify a bundle folder (or its bundle.json); ``None`` loads the package's default bundle."""
     root = Path(path) if path is not None else default_bundle_path()

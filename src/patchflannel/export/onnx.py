@@ -33,7 +33,7 @@ from patchflannel.export.bundle import (
     ModelEntry,
     StagedFiles,
     add_file,
-    default_bundle_path,
+    is_default_bundle,
     io_signature,
     library_versions,
     load_bundle,
@@ -242,7 +242,7 @@ def export_target(bundle: Bundle | str | Path | None, out: str | Path | None,
     source = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     _select(source, models)
     if out is None or Path(out).resolve() == source.root.resolve():
-        if source.root.resolve() == default_bundle_path().resolve():
+        if is_default_bundle(source.root):
             raise BundleError("the default bundle is part of the installed package: export into a copy (--out DIR)")
         yield source, _select(source, models)
         return

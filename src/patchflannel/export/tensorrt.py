@@ -23,7 +23,7 @@ from patchflannel.export.bundle import (
     ModelEntry,
     StagedFiles,
     add_file,
-    default_bundle_path,
+    is_default_bundle,
     library_versions,
     load_bundle,
     role_of,
@@ -127,7 +127,7 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
     from patchflannel.export.onnx import parity_report
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if b.root.resolve() == default_bundle_path().resolve():
+    if is_default_bundle(b.root):
         raise BundleError("the default bundle is part of the installed package and has no ONNX files: export "
                           "a copy with `patchflannel export onnx --out DIR`, then build its engines")
     k = int(b.preprocessing["k"])

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, load_bundle, role_of
-from patchflannel.engine.backends import export_hint
+from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
 
 ENSEMBLE = "patchflannel"
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}

@@ -17,7 +17,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from patchflannel.classes import NUM_CLASSES
-from patchflannel.errors import ConfigError
+from patchflannel.errors import ConfigError, first_line
 from patchflannel.models.registry import register_model
 
 FLANNEL_LEARNERS = ("densenet161", "inception_v3", "resnet152", "resnext101_32x8d", "vgg19_bn")
@@ -32,8 +32,8 @@ def _imagenet(model: nn.Module, path: str | Path | None) -> nn.Module:
         try:
             model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
         except Exception as exc:  # noqa: BLE001 - not a state dict, or one of another architecture
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"ImageNet weights file {p}: not a {type(model).__name__} state dict ({reason})") from None
+            raise ConfigError(f"ImageNet weights file {p}: not a {type(model).__name__} state dict "
+                              f"({first_line(exc)})") from None
     return model
 
 

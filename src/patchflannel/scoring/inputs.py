@@ -177,8 +177,8 @@ def _loops(top: str, folder: str) -> bool:
 def _dangling_image(path: str) -> bool:
     """A link to nowhere with an image name (not hidden): kept, so that its row says why it was not read."""
     name = os.path.basename(path)
-    return (os.path.islink(path) and not os.path.exists(path) and not name.startswith(".")
-            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
+    return (not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            and os.path.islink(path) and not os.path.exists(path))
 
 
 def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:

@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from patchflannel.engine.results import Prediction
-from patchflannel.export.bundle import library_versions, load_bundle
+from patchflannel.export.bundle import library_versions, load_bundle, verify_bundle
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import content_hash
 from patchflannel.scoring.inputs import ScoreInput, discover_inputs, extra_columns
@@ -141,7 +141,7 @@ def score(
         store.check(resume=resume or overwrite)  # before the engine loads, which can take minutes
         engine = options.engine() if ray is False else None
         if engine is None:
-            load_bundle(options.bundle)
+            verify_bundle(bundle)
         if overwrite:
             store.clear()
         store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)

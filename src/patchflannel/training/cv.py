@@ -146,13 +146,14 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "
                    f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
     run_dirs = {(a, f): out / "learners" / a / f"fold{f}" for a in archs for f in folds}
-    check_weights_files(cfg, sorted({a for (a, _), d in run_dirs.items() if not (resume and _read_done(d))}))
+    finished = {key: _read_done(d) for key, d in run_dirs.items()} if resume else {}  # done.json as the run starts
+    check_weights_files(cfg, sorted({a for (a, f) in run_dirs if finished.get((a, f)) is None}))
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
     val_by_fold = {fold: [r for r in train_rows if r["fold"] == fold] for fold in folds}
     pooled: set[Path] = set()  # runs the worker processes just made: read below, never trained again
     if jobs > 1:
         tasks = [(cfg, arch, fold, run_dirs[(arch, fold)], val_by_fold[fold], test_rows, resume)
-                 for fold in folds for arch in archs if not (resume and _serves(_read_done(run_dirs[(arch, fold)]), cfg))]
+                 for fold in folds for arch in archs if not _serves(finished.get((arch, fold)), cfg)]
         if tasks:
             _parallel_learner_runs(tasks, min(jobs, len(tasks)))
         pooled = {task[3] for task in tasks}
@@ -163,7 +164,7 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
         val_rows = val_by_fold[fold]
         for arch, name in zip(archs, names):
             run_dir = run_dirs[(arch, fold)]
-            earlier = _read_done(run_dir) if resume or run_dir in pooled else None
+            earlier = finished.get((arch, fold))
             state = ("trained in a worker process" if run_dir in pooled else "finished earlier, kept"
                      if _serves(earlier, cfg) else f"trained, predicting again at K={cfg['k']}" if earlier else "")
             _console.print(f"learner {arch} fold {fold}{': ' + state if state else ''}", markup=False, highlight=False)
@@ -182,13 +183,13 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     labels = np.array([CLASSES.index(r["label"]) for r in order])
     fold_of = np.array([r["fold"] for r in order])
     ens_name = f"flannel_{cfg['mode']}"
+    # What the ensembles are trained on and how: redone learner runs give other out-of-fold confidences, and
+    # other ensemble settings another training, hence new ensembles.
+    how = json.dumps({"ensemble": cfg["ensemble"], "seed": cfg["seed"]}, sort_keys=True).encode()
+    inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes() + how).hexdigest()
     for fold in folds:
         run_dir = out / "ensemble" / f"fold{fold}"
         hold = fold_of == fold
-        # What it is trained on and how: redone learner runs give other out-of-fold confidences, and other
-        # ensemble settings another training, hence a new ensemble.
-        how = json.dumps({"ensemble": cfg["ensemble"], "seed": cfg["seed"]}, sort_keys=True).encode()
-        inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes() + how).hexdigest()
         done, started = _read_done(run_dir), run_dir / "inputs.sha256"
         if not resume or done is None or done.get("inputs") != inputs:
             _console.print(f"ensemble fold {fold}", markup=False, highlight=False)

@@ -30,7 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from patchflannel.devices import resolve_device
-from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.errors import ConfigError, ManifestError, first_line
 from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
@@ -365,8 +365,7 @@ def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     try:
         model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
     except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:  # another network's weights, or not weights
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{best}: weights do not fit architecture {info['arch']!r}: {reason}") from None
+        raise ConfigError(f"{best}: weights do not fit architecture {info['arch']!r}: {first_line(exc)}") from None
     return model.eval(), info
 
 

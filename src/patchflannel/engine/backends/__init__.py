@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import Bundle, ModelEntry
+from patchflannel.export.bundle import Bundle, ModelEntry, export_hint
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -91,9 +91,3 @@ def _pick(entry: ModelEntry, fmt: str, precision: str):  # noqa: ANN202 - ModelF
     except BundleError as exc:  # fmt is also the export command's name
         raise BundleError(f"{exc}; make one with {export_hint(fmt)}") from None
 
-
-def export_hint(fmt: str) -> str:
-    """How to add files of ``fmt`` to a bundle (tensorrt builds in place; onnx and compiled write a copy)."""
-    if fmt == "tensorrt":
-        return "`patchflannel export tensorrt BUNDLE` (builds in place, on a GPU with TensorRT)"
-    return f"`patchflannel export {fmt} BUNDLE --out DIR` (a copy of the bundle with them added)"

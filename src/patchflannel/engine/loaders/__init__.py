@@ -50,12 +50,14 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
     fmt = detect_format(data)
     if fmt not in formats:
         return False
-    if fmt == "jpeg" and not data.rfind(b"\xff\xd9", max(2, len(data) - JPEG_TAIL)) > data.rfind(b"\xff\xda"):
-        # No end-of-image marker near the end: cut short. A GPU decoder may return a partly grey image, and
-        # DALI fails its whole batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot
-        # occur inside the entropy-coded data, which stuffs every FF; it must come after the last start of scan,
-        # FF DA, not be an EXIF thumbnail's; a trailer after the marker is allowed.)
-        return False
+    if fmt == "jpeg":
+        eoi = data.rfind(b"\xff\xd9", max(2, len(data) - JPEG_TAIL))
+        if eoi < 0 or data.find(b"\xff\xda", eoi) >= 0:
+            # No end-of-image marker near the end, after the last start of scan (FF DA; not an EXIF
+            # thumbnail's): cut short. A GPU decoder may return a partly grey image, and DALI fails its whole
+            # batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot occur inside the
+            # entropy-coded data, which stuffs every FF; a trailer after the marker is allowed.)
+            return False
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
