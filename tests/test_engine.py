@@ -198,6 +198,18 @@ def test_empty_mask_falls_back_and_is_flagged(bundle_dir):
     assert p.centres.min() >= 0 and p.centres.max() < 1024
 
 
+def test_non_finite_learner_outputs_are_flagged(bundle_dir):
+    """A learner whose logits overflow (NaN/inf) still votes through argmax: the result must say so."""
+    engine = Engine.from_bundle(bundle_dir, device="cpu", k=K)
+    p = engine.predict(np.full((256, 256), 0.3, np.float32))
+    assert p.ok and "non_finite_outputs" not in p.flags
+    with torch.no_grad():
+        head = [m for m in engine.learners[1].backend.module.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.bias.fill_(float("nan"))
+    p = engine.predict(np.full((256, 256), 0.3, np.float32))
+    assert p.status == "flagged" and "non_finite_outputs" in p.flags
+
+
 def test_array_inputs_hash_their_float_content(engine, jpegs):
     arr = (read_image(jpegs[0]) * 255).round().astype(np.uint8)
     a = engine.predict(arr, item_id="u8")

@@ -29,6 +29,15 @@ def test_focal_loss_equals_direct_formula_on_hand_made_inputs() -> None:
     assert float(focal_loss(logits, targets, torch.ones(4), gamma=0.0)) == pytest.approx(float(ce), rel=1e-6)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_gradients_stay_finite_on_a_certain_prediction(gamma: float) -> None:
+    """p rounds to 1: (1 - p)^gamma has an infinite slope there for 0 < gamma < 1."""
+    logits = torch.tensor([[60.0, -60.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], requires_grad=True)
+    loss = focal_loss(logits, torch.tensor([0, 1]), torch.full((4,), 0.25), gamma=gamma)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and logits.grad[1].abs().sum() > 0
+
+
 def test_class_alpha_is_normalised_inverse_frequency() -> None:
     alpha = class_alpha(torch.tensor([0, 0, 0, 1, 2, 2]))
     inv = np.array([1 / 3, 1, 1 / 2, 0])

@@ -54,6 +54,10 @@ def test_windows_stay_inside_and_gather_equals_slicing():
     images = torch.rand(2, h, w)
     centres = torch.tensor([[[0, 0], [299, 259], [150, 130]], [[10, 250], [290, 5], [100, 100]]])
     origins = window_origins(centres, h, w, p)
+    # Centred on the centre (row, col), shifted only as far as the border needs.
+    assert origins[0, 2].tolist() == [150 - p // 2, 130 - p // 2] and origins[1, 2].tolist() == [100 - 32, 100 - 32]
+    assert origins[0, 0].tolist() == [0, 0] and origins[0, 1].tolist() == [h - p, w - p]
+    assert origins[1, 0].tolist() == [10 - 10, w - p] and origins[1, 1].tolist() == [h - p, 0]
     assert (origins >= 0).all() and (origins[..., 0] <= h - p).all() and (origins[..., 1] <= w - p).all()
     patches = gather_patches(images, origins, p)
     for b in range(2):
@@ -73,6 +77,16 @@ def test_tiny_masks_fall_back_to_the_whole_image_and_are_flagged():
     assert torch.equal(eff[0], masks[0]) and eff[1].all()
     out = draw_patches(torch.rand(2, 100, 100), masks, [1, 2], k=5, patch=32)
     assert out["fallback"].tolist() == [False, True] and out["patches"].shape == (2, 5, 32, 32)
+
+
+def test_an_empty_mask_falls_back_whatever_the_minimum_fraction():
+    """A bundle may set min_lung_fraction 0: an empty mask must still fall back, not stop the batch."""
+    masks = torch.zeros(2, 50, 50, dtype=torch.bool)
+    masks[0, 10, 10] = True
+    eff, fallback = effective_masks(masks, 0.0)
+    assert fallback.tolist() == [False, True] and eff[1].all() and torch.equal(eff[0], masks[0])
+    out = draw_patches(torch.rand(2, 50, 50), masks, [1, 2], k=3, patch=16, min_fraction=0.0)
+    assert out["centres"][0].tolist() == [[10, 10]] * 3 and out["fallback"].tolist() == [False, True]
 
 
 def test_engine_torch_sampler_is_the_op():

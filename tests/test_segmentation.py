@@ -30,6 +30,7 @@ from patchflannel.training.segmentation import (
     evaluate_segmentation,
     jaccard,
     load_pairs,
+    read_mask,
     read_pairs_manifest,
     segmentation_loss,
     split_indices,
@@ -40,10 +41,11 @@ HAS_DEFAULT = (default_bundle_path() / "bundle.json").is_file()
 needs_default = pytest.mark.skipif(not HAS_DEFAULT, reason="no default bundle in src/patchflannel/assets/default")
 
 
-def _pairs_manifest(lungseg_dir: Path, out: Path, n: int) -> Path:
-    """A manifest of the first ``n`` real pairs with absolute paths."""
+def _pairs_manifest(lungseg_dir: Path, out: Path, n: int, skip: int = 0) -> Path:
+    """A manifest of ``n`` real pairs (after the first ``skip``) with absolute paths."""
     with open(lungseg_dir / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:n]
+        rows = list(csv.DictReader(fh))[skip:skip + n]
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "pairs.csv"
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -138,6 +140,21 @@ def test_load_pairs_gives_spec_input_and_binary_masks(lungseg_dir: Path) -> None
     assert 0.15 < data.masks.mean() < 0.5  # lungs cover a good part of a JSRT film
 
 
+def test_masks_read_at_half_their_largest_value(lungseg_dir: Path, tmp_path: Path) -> None:
+    """A mask saved soft (resized, JPEG) keeps its lung area; a 0/1 mask reads like a 0/255 one."""
+    path = read_pairs_manifest(lungseg_dir / "manifest.csv")[0][1]
+    exact = read_mask(path)
+    grey = np.asarray(Image.open(path).convert("L"))
+    Image.fromarray(grey).resize((300, 300), Image.BILINEAR).resize(grey.shape[::-1], Image.BILINEAR).save(tmp_path / "soft.png")
+    Image.fromarray(grey).save(tmp_path / "lossy.jpg", quality=75)
+    Image.fromarray((grey > 0).astype(np.uint8)).save(tmp_path / "ones.png")
+    for name in ("soft.png", "lossy.jpg"):
+        assert abs(read_mask(tmp_path / name).mean() - exact.mean()) < 0.002, name  # > 0 gave +0.005 and more
+    assert np.array_equal(read_mask(tmp_path / "ones.png"), exact)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "empty.png")
+    assert not read_mask(tmp_path / "empty.png").any()
+
+
 def test_augmentation_moves_image_and_mask_together(lungseg_dir: Path) -> None:
     data = load_pairs(read_pairs_manifest(lungseg_dir / "manifest.csv")[:4], size=64)
     cfg = SegConfig(manifest="x", arch="fcdensenet56", rotate=15, shift=0.1)
@@ -148,6 +165,28 @@ def test_augmentation_moves_image_and_mask_together(lungseg_dir: Path) -> None:
     moved = jaccard(y[:, 0] > 0.5, data.masks[:, 0] > 0.5)
     assert (moved < 0.99).any()
     assert (jaccard(x[:, 0] > 0.5, y[:, 0] > 0.5) > 0.95).all()
+
+
+def _centroids(masks: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(masks.shape[-2], dtype=torch.float32)[:, None]
+    cols = torch.arange(masks.shape[-1], dtype=torch.float32)[None]
+    m = masks.float()
+    return torch.stack([(m * rows).sum((-2, -1)), (m * cols).sum((-2, -1))], -1) / m.sum((-2, -1))[:, None]
+
+
+def test_augmentation_is_bilinear_for_images_and_aligned_for_masks(lungseg_dir: Path) -> None:
+    """Real films: the image is resampled bilinearly (nearest would only copy its values), and the cropped mask
+    sits where the image's own copy of it does (torchvision's nearest mask crop sat half a pixel off)."""
+    data = load_pairs(read_pairs_manifest(lungseg_dir / "manifest.csv")[:8], size=128)
+    crop = SegConfig(manifest="x", arch="fcdensenet56", rotate=0, shift=0, scale=(1, 1), crop_scale=0.85, aspect=(0.8, 1.25))
+    torch.manual_seed(0)
+    x, y = augment_batch(augmenter(crop), torch.cat([data.images, data.masks], 1), data.masks.clone())
+    offset = (_centroids(y[:, 0] > 0.5) - _centroids(x[:, 1] > 0.5)).mean(0)
+    assert offset.abs().max() < 0.15, offset  # was (0.52, 0.46) pixels
+    affine = SegConfig(manifest="x", arch="fcdensenet56", rotate=8, shift=0.06, scale=(0.75, 1.1))
+    x, _ = augment_batch(augmenter(affine), data.images.clone(), data.masks.clone())
+    for before, after in zip(data.images, x):
+        assert (~torch.isin(after, before)).float().mean() > 0.3  # new, interpolated values
 
 
 def test_config_refuses_unknown_keys_bad_arch_and_bad_weights(lungseg_dir: Path, tmp_path: Path) -> None:
@@ -168,7 +207,8 @@ def test_config_refuses_unknown_keys_bad_arch_and_bad_weights(lungseg_dir: Path,
     assert SegConfig(manifest="m.csv", lr="1e-4").lr == 1e-4  # YAML reads 1e-4 as a string
     for bad, match in ((dict(batch_size=0), "batch_size must be >= 1"), (dict(max_epochs="ten"), "max_epochs must be a number"),
                        (dict(scale=1.1), r"scale must be a pair \[low, high\]"), (dict(val_fraction=0.99), "val_fraction must be <= 0.9"),
-                       (dict(lr=-1), "lr must be > 0")):
+                       (dict(lr=-1), "lr must be > 0"), (dict(shift=2), "shift must be <= 1"),
+                       (dict(scale=[1.1, 0.75]), "low <= high"), (dict(aspect=[1.25, 0.8]), "low <= high")):
         with pytest.raises(ConfigError, match=match):
             SegConfig(manifest="m.csv", **bad)
     with pytest.raises(ConfigError, match="does not take these options"):
@@ -348,6 +388,11 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     res = runner.invoke(app, ["train", "seg-eval", "--model", str(run), "--manifest", str(manifest)])
     assert res.exit_code == 0, res.output
     assert "validation pairs: 2" in res.output and "mean Jaccard" in res.output
+    other = _pairs_manifest(lungseg_dir, tmp_path / "other", 3, skip=6)  # pairs the run never saw
+    res = runner.invoke(app, ["train", "seg-eval", "--model", str(run), "--manifest", str(other)])
+    assert res.exit_code == 2 and "not in the manifest (the model's validation pairs" in res.output, res.output
+    res = runner.invoke(app, ["train", "seg-eval", "--model", str(run), "--manifest", str(other), "--all"])
+    assert res.exit_code == 0 and "pairs: 3  mean Jaccard" in res.output, res.output
 
     image = read_pairs_manifest(manifest)[0][0]
     (tmp_path / "notes.png").write_text("not an image")
@@ -401,5 +446,15 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "seed": 7}))
     res = runner.invoke(app, again + ["--resume", "--epochs", "3"])
     assert res.exit_code == 2 and "cannot resume with another seed" in res.output
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "seed": 0}))
+    moved = tmp_path / "moved" / "pairs.csv"  # the same pairs under another path: resumable
+    moved.parent.mkdir()
+    shutil.copy(manifest, moved)
+    res = runner.invoke(app, [*again[:5], str(moved), *again[6:], "--resume", "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # a pair removed: the split would change
+    res = runner.invoke(app, again + ["--resume", "--epochs", "4"])
+    assert res.exit_code == 2 and "changed since the run started" in res.output, res.output
     res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(tmp_path / "w"), "--device", "cuda:7"])
     assert res.exit_code == 2 and "cuda:7" in res.output and "Traceback" not in res.output

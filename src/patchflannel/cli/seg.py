@@ -46,17 +46,21 @@ def train_seg_cmd(
 
 
 def seg_eval_cmd(
-    manifest: Annotated[Path, typer.Option("--manifest", help="The image,mask pairs CSV the model was trained on.")],
+    manifest: Annotated[Path, typer.Option("--manifest", help="An image,mask pairs CSV.")],
     model: ModelOpt = None,
+    all_pairs: Annotated[bool, typer.Option(
+        "--all", help="Score every pair of the manifest (an independent set) instead of the model's validation pairs.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Mean Jaccard of the model's masks (post-processed, full resolution) on its recorded validation pairs."""
+    """Mean Jaccard of the model's masks (post-processed, full resolution) on its recorded validation pairs of
+    the manifest it was trained on, or with --all on every pair of another manifest."""
     from patchflannel.segment import load_segmenter
-    from patchflannel.training.segmentation import evaluate_segmentation
+    from patchflannel.training.segmentation import evaluate_segmentation, read_pairs_manifest
 
     with fail_cleanly():
-        result = evaluate_segmentation(load_segmenter(model, device=device), manifest)
-    _say(f"validation pairs: {result['n']}  mean Jaccard: {result['mean_jaccard']:.4f}  "
+        names = [image.name for image, _ in read_pairs_manifest(manifest)] if all_pairs else None
+        result = evaluate_segmentation(load_segmenter(model, device=device), manifest, names)
+    _say(f"{'pairs' if all_pairs else 'validation pairs'}: {result['n']}  mean Jaccard: {result['mean_jaccard']:.4f}  "
          f"min: {result['min_jaccard']:.4f}")
 
 

@@ -594,6 +594,8 @@ class Engine:
             flags.append("mask_fallback")
         if min(it.shape) < self.pre["patch_size"]:
             flags.append("small_image")
+        if not np.isfinite(host["soft"][i]).all():  # a NaN/inf logit (an fp16 overflow) votes without a sign
+            flags.append("non_finite_outputs")
         p = host["probs"][i]
         return Prediction(
             item_id=it.item_id, status="flagged" if flags else "ok", label=CLASSES[int(np.argmax(p))],

@@ -19,4 +19,5 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: torch.Tensor,
     log_p = logits.float().log_softmax(-1).gather(1, targets.long()[:, None])[:, 0]
     p = log_p.exp()
     a = alpha.to(logits.device)[targets.long()]
-    return (-a * (1 - p).pow(gamma) * log_p).mean()
+    # Clamped: for 0 < gamma < 1 the derivative of (1 - p)^gamma is infinite at p = 1 (NaN gradients).
+    return (-a * (1 - p).clamp(min=torch.finfo(torch.float32).tiny).pow(gamma) * log_p).mean()

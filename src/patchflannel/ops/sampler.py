@@ -25,13 +25,13 @@ def patch_uniforms(seeds: list[int], k: int) -> torch.Tensor:
 
 
 def effective_masks(masks: torch.Tensor, min_fraction: float = MIN_LUNG_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace masks covering less than ``min_fraction`` of their image by all-ones masks.
+    """Replace masks covering less than ``min_fraction`` of their image, and empty masks, by all-ones masks.
 
     Returns ``(masks, fallback)`` for (B, H, W) bool masks; ``fallback`` (B,) bool flags the replaced ones:
     their patches are drawn uniformly over the unmasked image, and the result must say so.
     """
     fraction = masks.flatten(1).sum(1, dtype=torch.float64) / (masks.shape[-2] * masks.shape[-1])
-    fallback = fraction < min_fraction
+    fallback = (fraction < min_fraction) | (fraction == 0)  # empty masks too, whatever the bundle's minimum
     # No `if fallback.any()`: on a GPU that test would make the host wait for every queued kernel.
     return masks | fallback[:, None, None], fallback
 

@@ -1,8 +1,8 @@
 """Stage 1 training: FC-DenseNet lung segmentation on image/mask pairs (SPEC.md), and its evaluation.
 
 The pairs are read once, preprocessed to the SPEC input (equalise, gamma 0.5, 256x256) and kept in memory.
-A seeded 80/20 split is recorded in the run's ``run.json`` so that :func:`evaluate_run` scores exactly the
-held-out pairs. Augmentation, with torchvision's v2 transforms on image and mask together (bilinear for the
+A seeded 80/20 split is recorded in the run's ``run.json`` so that :func:`evaluate_segmentation` scores exactly the
+validation pairs. Augmentation, with torchvision's v2 transforms on image and mask together (bilinear for the
 image, nearest for the mask): a random crop of varying aspect ratio resized back (films of other shapes,
 e.g. landscape pediatric films, are squeezed to a square at inference), a random affine (rotation, zoom
 in and out, shift) so that lungs appear at the smaller scale of pediatric films, and brightness/contrast
@@ -27,7 +27,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ManifestError, first_line
@@ -79,7 +79,10 @@ class SegConfig:
             pair = getattr(self, name)
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ConfigError(f"{name} must be a pair [low, high], got {pair!r}")
-            setattr(self, name, tuple(number(f"{name}[{i}]", v, low=0, low_open=True) for i, v in enumerate(pair)))
+            low, high = (number(f"{name}[{i}]", v, low=0, low_open=True) for i, v in enumerate(pair))
+            if low > high:
+                raise ConfigError(f"{name} must be a pair [low, high] with low <= high, got {list(pair)}")
+            setattr(self, name, (low, high))
         if self.arch not in _segmentation_archs():
             raise ConfigError(f"arch {self.arch!r} is not a segmentation model; choose one of {_segmentation_archs()}")
         if not 0 < self.val_fraction < 1:
@@ -116,7 +119,7 @@ _RANGES: dict[str, dict[str, Any]] = {
     "gamma": dict(low=0, low_open=True), "threshold": dict(low=0, high=1), "batch_size": dict(integer=True, low=1),
     "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0), "max_epochs": dict(integer=True, low=1),
     "patience": dict(integer=True, low=1), "plateau_patience": dict(integer=True, low=0), "dice_weight": dict(low=0),
-    "rotate": dict(low=0), "shift": dict(low=0), "crop_scale": dict(low=0, low_open=True, high=1),
+    "rotate": dict(low=0), "shift": dict(low=0, high=1), "crop_scale": dict(low=0, low_open=True, high=1),
     "brightness": dict(low=0), "contrast": dict(low=0), "threads": dict(integer=True, low=1, optional=True),
 }
 """The numbers of a recipe and their ranges (``settings.number`` options)."""
@@ -161,8 +164,10 @@ def read_pairs_manifest(manifest: str | Path) -> list[tuple[Path, Path]]:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """A 0/255 (or 0/1) mask image as a boolean array (any non-zero pixel is lung)."""
-    return read_image(path) > 0
+    """A 0/255 (or 0/1) mask image as a boolean array: lung above half the mask's largest value, so that the
+    soft edges of a resized or JPEG-saved mask do not count as lung (an empty mask stays empty)."""
+    image = read_image(path)
+    return image > image.max() / 2
 
 
 def load_pairs(pairs: list[tuple[Path, Path]], size: int = SEG_SIZE, gamma: float = GAMMA) -> Pairs:
@@ -206,12 +211,25 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     return loss + dice_weight * soft_dice_loss(logits, target) if dice_weight else loss
 
 
+class _ResizedCrop(v2.RandomResizedCrop):
+    """``v2.RandomResizedCrop`` that resizes masks with nearest-exact, as ``ops.preprocess.resize_mask`` does:
+    torchvision's nearest rounds down, which puts the mask about half a pixel below and right of the image."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, tv_tensors.Mask):
+            return super().transform(inpt, params)
+        # v2.functional.resized_crop ignores the interpolation for masks; resize honours nearest-exact.
+        return v2.functional.resize(v2.functional.crop(inpt, **params), self.size, InterpolationMode.NEAREST_EXACT)
+
+
 def augmenter(cfg: SegConfig) -> v2.Transform:
-    """Random crop/aspect, affine and intensity jitter, applied jointly to a tv_tensors Image and Mask."""
+    """Random crop/aspect, affine and intensity jitter, applied jointly to a tv_tensors Image and Mask
+    (bilinear for the image, nearest for the mask)."""
     steps: list[v2.Transform] = []
     if cfg.crop_scale < 1 or cfg.aspect != (1.0, 1.0):
-        steps.append(v2.RandomResizedCrop(cfg.size, scale=(cfg.crop_scale, 1.0), ratio=cfg.aspect, antialias=True))
-    steps.append(v2.RandomAffine(degrees=cfg.rotate, translate=(cfg.shift, cfg.shift), scale=cfg.scale))
+        steps.append(_ResizedCrop(cfg.size, scale=(cfg.crop_scale, 1.0), ratio=cfg.aspect, antialias=True))
+    steps.append(v2.RandomAffine(degrees=cfg.rotate, translate=(cfg.shift, cfg.shift), scale=cfg.scale,
+                                 interpolation=InterpolationMode.BILINEAR))
     if cfg.brightness or cfg.contrast:
         steps.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))  # leaves masks alone
     return v2.Compose(steps)
@@ -244,23 +262,29 @@ def _forward(model: nn.Module, x: torch.Tensor, cfg: SegConfig) -> torch.Tensor:
         return model(_to_device(x, cfg)).float()
 
 
-_SPLIT_AND_MODEL = ("manifest", "seed", "val_fraction", "arch", "arch_config", "size", "gamma")
-"""What a resumed run must keep: another value would change its validation split or its network."""
+_SPLIT_AND_MODEL = ("seed", "val_fraction", "arch", "arch_config", "size", "gamma")
+"""What a resumed run must keep besides its pairs (the manifest may move: its pairs are compared by the
+split they give): another value would change its split or its network."""
 
 
-def _check_resumable(cfg: SegConfig, run_dir: Path) -> None:
+def _check_resumable(cfg: SegConfig, run_dir: Path, split: dict[str, Any] | None = None) -> None:
     """Refuse to resume a run under settings that would change its split or its network (a changed split
-    would validate on images the first epochs trained on)."""
+    would validate on images the first epochs trained on). With ``split`` (the split drawn now), also refuse
+    a manifest whose pairs changed since the run started (added, removed or reordered)."""
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
         return  # nothing recorded yet: the Trainer says whether there is anything to resume
-    recorded = read_json(run_file).get("config", {})
-    now = asdict(cfg)
+    info = read_json(run_file)
+    recorded, now = info.get("config", {}), asdict(cfg)
     changed = [k for k in _SPLIT_AND_MODEL if k in recorded and _comparable(recorded[k]) != _comparable(now[k])]
     if changed:
         raise ConfigError(f"{run_dir}: cannot resume with another {', '.join(changed)} than the run started with "
                           f"({', '.join(f'{k}: {recorded[k]!r} -> {now[k]!r}' for k in changed)}); "
                           "train into a new --out instead")
+    if split is not None and "split" in info and [info["split"].get(k) for k in ("train", "val")] != [
+            split["train"], split["val"]]:
+        raise ConfigError(f"{run_dir}: cannot resume: the pairs of {cfg.manifest} changed since the run started "
+                          "(its train/validation split would differ); train into a new --out instead")
 
 
 def _comparable(value: Any) -> Any:
@@ -289,6 +313,9 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
     if not train_idx:
         raise ConfigError(f"{cfg.manifest}: val_fraction {cfg.val_fraction} of {len(pairs_paths)} pairs leaves none "
                           "to train on")
+    split = {"seed": cfg.seed, "train": [data.names[i] for i in train_idx], "val": [data.names[i] for i in val_idx]}
+    if resume:
+        _check_resumable(cfg, run_dir, split)
     seed_everything(cfg.seed)
     model = get_model(cfg.arch, **cfg.arch_config)
     if cfg.init_from:
@@ -308,7 +335,7 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
         "preprocessing": {"segmentation": {"size": cfg.size, "equalize": True, "gamma": cfg.gamma,
                                            "threshold": cfg.threshold}},
         "config": asdict(cfg), "manifest": str(Path(cfg.manifest).resolve()),
-        "split": {"seed": cfg.seed, "train": [data.names[i] for i in train_idx], "val": [data.names[i] for i in val_idx]},
+        "split": split,
         "load_seconds": round(load_seconds, 2), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     train_x, train_y = data.images[train_idx], data.masks[train_idx]
@@ -382,11 +409,16 @@ def evaluate_segmentation(segmenter: Any, manifest: str | Path, names: list[str]
 
     ``names`` (image file names) selects pairs; by default the validation images the model recorded.
     """
-    names = validation_names(segmenter.record, segmenter.source) if names is None else names
-    by_name = {image.name: (image, mask) for image, mask in read_pairs_manifest(manifest)}
+    recorded = names is None
+    names = validation_names(segmenter.record, segmenter.source) if recorded else names
+    by_name: dict[str, tuple[Path, Path]] = {}
+    for image, mask in read_pairs_manifest(manifest):
+        if by_name.setdefault(image.name, (image, mask)) != (image, mask):
+            raise ManifestError(manifest, [f"two images are named {image.name}: pairs are known by their file name"])
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise ManifestError(manifest, [f"validation image {n} is not in the manifest" for n in missing])
+        hint = " (the model's validation pairs: give the manifest it was trained on)" if recorded else ""
+        raise ManifestError(manifest, [f"image {n} is not in the manifest{hint}" for n in missing])
     scores: dict[str, float] = {}
     for start in range(0, len(names), segmenter.batch_size):
         chunk = names[start:start + segmenter.batch_size]
