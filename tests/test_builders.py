@@ -149,6 +149,12 @@ def test_covid_collection_missing_column_is_named(tmp_path: Path) -> None:
         ("No Finding, ARDS", None),  # ARDS contradicts "No Finding"
         ("COVID-19, ARDS", "covid"),
         ("/", None),
+        # one COVID rule for both styles, at any level, and "non-COVID" is not COVID
+        ("Pneumonia/Viral/SARS-CoV-2", "covid"),
+        ("SARS-CoV-2", "covid"),
+        ("Pneumonia/Viral/COVID-19/ARDS", "covid"),
+        ("Non-COVID viral", "viral"),
+        ("COVID19", "covid"),
     ],
 )
 def test_collection_label(finding: str, label: str | None) -> None:
@@ -216,6 +222,17 @@ def test_kermany_build_writes_a_valid_manifest(kermany: Path) -> None:
     assert manifest.columns == build.columns
     assert manifest.rows == build.rows
     assert "train/PNEUMONIA/Person1_virus_6.jpeg" in (kermany / "manifest.csv").read_text()
+
+
+def test_kermany_follows_linked_folders_once(kermany: Path, tmp_path: Path) -> None:
+    """A split folder linked from elsewhere (``train -> /scratch/...``) is read; a link back up is not a loop."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "train").symlink_to(kermany / "train", target_is_directory=True)
+    (kermany / "train" / "NORMAL" / "up").symlink_to(kermany / "train", target_is_directory=True)
+    got = sorted(row["original_name"] for row in build_kermany(linked).rows)
+    assert got == sorted(r["original_name"] for r in build_kermany(kermany).rows if r["original_name"].startswith("train/"))
+    assert "train/NORMAL/IM-0115-0001.jpeg" in got
 
 
 def test_kermany_without_images_is_an_error(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from patchflannel.classes import CLASSES
 from patchflannel.cli.data import register
 from patchflannel.data.manifest import read_manifest
+from patchflannel.errors import ManifestError
 from patchflannel.data.stats import TOTAL, counts_table, crosstab, dataset_stats
 
 runner = CliRunner()
@@ -105,6 +106,46 @@ def test_validate_command_ok_and_bad(app: typer.Typer, cxr4_dir: Path, tmp_path:
     _assert_clean_failure(result, str(bad), "2 problem(s)", "line 3: unknown label 'pneumonia'", "line 4:", code=1)
     result = runner.invoke(app, ["data", "validate", "--no-check-files", str(bad)])
     _assert_clean_failure(result, "1 problem(s)", code=1)
+    result = runner.invoke(app, ["data", "validate", str(tmp_path / "nowhere.csv")])
+    _assert_clean_failure(result, "nowhere.csv: no such manifest file", code=2)
+
+
+def test_validate_decode_reads_every_image(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:
+    """Files that exist but cannot be read (cut short, too small) are all reported at once with --decode."""
+    records = _raw(cxr4_dir / "manifest.csv")[:4]
+    for record in records:
+        record["path"] = str(cxr4_dir / record["path"])
+    cut, tiny = tmp_path / "cut.jpg", tmp_path / "tiny.png"
+    cut.write_bytes(Path(records[1]["path"]).read_bytes()[:2000])
+    Image.new("L", (16, 16)).save(tiny)
+    records[1]["path"], records[3]["path"] = str(cut), str(tiny)
+    manifest = tmp_path / "m.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    result = runner.invoke(app, ["data", "validate", str(manifest)])
+    assert result.exit_code == 0 and "OK, 4 rows (image files exist)" in result.output, result.output
+    result = runner.invoke(app, ["data", "validate", "--decode", str(manifest)])
+    _assert_clean_failure(result, "2 problem(s)", "line 3: ", "cut.jpg", "truncated", "line 5: ", "too small", code=1)
+    records.pop(3), records.pop(1)
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    result = runner.invoke(app, ["data", "validate", "--decode", str(manifest)])
+    assert result.exit_code == 0 and "OK, 2 rows (every image read)" in result.output, result.output
+
+
+def test_header_with_a_repeated_column_or_another_separator_is_refused(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.csv"
+    twice.write_text("path,label,patient_id,view,source,label\na.jpg,covid,p1,PA,s,normal\n")
+    with pytest.raises(ManifestError, match="column 'label' appears 2 times in the header"):
+        read_manifest(twice, check_files=False)
+    semi = tmp_path / "semi.csv"
+    semi.write_text("path;label;patient_id;view;source\na.jpg;covid;p1;PA;s\n")
+    with pytest.raises(ManifestError, match="separated by commas"):
+        read_manifest(semi, check_files=False)
 
 
 def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import struct
+import subprocess
 import sys
 import warnings
 import zlib
@@ -238,6 +239,12 @@ def test_dicom_monochrome1_is_inverted(tmp_path: Path, real_u16: np.ndarray) -> 
     mono1 = read_image(_save(_dicom(real_u16, "MONOCHROME1", 16), tmp_path / "m1.dcm"))
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
     assert not np.allclose(mono1, mono2, atol=0.1)
+    # An INVERSE Presentation LUT Shape inverts a MONOCHROME2 image; with MONOCHROME1 (as the DX standard has
+    # it) it is the same inversion, not a second one.
+    inverse2 = read_image(_save(_dicom(real_u16, "MONOCHROME2", 16, PresentationLUTShape="INVERSE"), tmp_path / "i2.dcm"))
+    inverse1 = read_image(_save(_dicom(real_u16, "MONOCHROME1", 16, PresentationLUTShape="INVERSE"), tmp_path / "i1.dcm"))
+    np.testing.assert_allclose(inverse2, mono1, atol=1e-6)
+    np.testing.assert_allclose(inverse1, mono1, atol=1e-6)
 
 
 def test_dicom_rescale_then_window(tmp_path: Path, real_u16: np.ndarray) -> None:
@@ -297,6 +304,22 @@ def test_dicom_lossless_transfer_syntaxes(tmp_path: Path, real_u16: np.ndarray, 
     image, meta = read_image_with_meta(_save(ds, tmp_path / "packed.dcm"))
     assert meta["TransferSyntaxUID"] == str(tsyntax)
     np.testing.assert_array_equal(image, plain)
+
+
+def test_dicom_without_its_decoder_names_the_extra(tmp_path: Path, real_u16: np.ndarray) -> None:
+    """A JPEG-LS file read where no JPEG-LS decoder is installed (the plugins hidden from a fresh interpreter)."""
+    encoder = get_encoder(JPEGLSLossless)
+    if not encoder.is_available:
+        pytest.skip(f"no JPEG-LS encoder here: {'; '.join(encoder.missing_dependencies)}")
+    ds = _dicom(real_u16 >> 4, "MONOCHROME2", 12)
+    ds.compress(JPEGLSLossless)
+    path = _save(ds, tmp_path / "jls.dcm")
+    hide = "; ".join(f"sys.modules[{m!r}] = None" for m in ("jpeg_ls", "libjpeg", "gdcm", "pylibjpeg"))
+    code = f"import sys; {hide}\nfrom patchflannel.io import read_image\nread_image({str(path)!r})"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "ImageReadError" in run.stderr, run.stderr[-2000:]
+    assert "jls.dcm: cannot decode DICOM transfer syntax JPEG-LS" in run.stderr
+    assert "pip install 'patchflannel[dicom]'" in run.stderr
 
 
 def test_dicom_jpeg_lossless_sv1_sample() -> None:

@@ -38,6 +38,7 @@ import torch
 from patchflannel.bench.report import pair, variant, write_report
 from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
 from patchflannel.errors import ConfigError
+from patchflannel.io.files import walk_files
 from patchflannel.export.bundle import default_preprocessing
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
@@ -172,7 +173,7 @@ def image_files(source: Path) -> list[Path]:
                 raise ConfigError(f"{source}: a manifest needs a 'path' column")
             return [source.parent / row["path"] for row in reader]
     if source.is_dir():
-        return sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(p for p in map(Path, walk_files(source)) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     raise ConfigError(f"{source}: not a folder or manifest file")
 
 

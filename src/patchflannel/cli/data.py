@@ -7,12 +7,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from patchflannel.data.builders import Build, build_covid_collection, build_kermany
-from patchflannel.data.manifest import Row, read_manifest, write_manifest
+from patchflannel.data.manifest import Row, read_manifest, unreadable_images, write_manifest
 from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
 from patchflannel.data.stats import counts_table, crosstab, dataset_stats
-from patchflannel.cli._common import fail_cleanly
+from patchflannel.cli._common import errors, fail_cleanly
+from patchflannel.errors import ConfigError, ManifestError
 
 console = Console()
 
@@ -39,11 +41,24 @@ def stats(manifest: ManifestArg) -> None:
 def validate(
     manifest: ManifestArg,
     check_files: Annotated[bool, typer.Option(metavar="", help="Also check that every image file exists.")] = True,
+    decode: Annotated[bool, typer.Option(
+        "--decode", help="Also read every image as training and scoring do (reports every unreadable one).")] = False,
 ) -> None:
-    """Check a manifest and list every bad row (exit status 1 when there is any)."""
+    """Check a manifest and list every bad row (exit status 1 when there is any; 2 when there is no manifest)."""
+    with fail_cleanly():
+        if not manifest.is_file():
+            raise ConfigError(f"{manifest}: no such manifest file")
     with fail_cleanly(1):
-        rows = read_manifest(manifest, check_files=check_files).rows
-    console.print(f"{manifest}: OK, {len(rows)} rows", markup=False, highlight=False, soft_wrap=True)
+        loaded = read_manifest(manifest, check_files=check_files or decode)
+        if decode:
+            with Progress(TextColumn("reading images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=errors, transient=True) as bar:
+                task = bar.add_task("", total=len(loaded.rows))
+                problems = unreadable_images(loaded, lambda: bar.advance(task))
+            if problems:
+                raise ManifestError(manifest, problems)
+    checked = "every image read" if decode else "image files exist" if check_files else "files not checked"
+    console.print(f"{manifest}: OK, {len(loaded.rows)} rows ({checked})", markup=False, highlight=False, soft_wrap=True)
 
 
 def split(

@@ -21,6 +21,7 @@ from rich.table import Table
 from patchflannel.classes import CLASSES
 from patchflannel.data.manifest import Row
 from patchflannel.errors import ManifestError
+from patchflannel.io.files import walk_files
 
 MAX_EXAMPLES = 5
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
@@ -130,9 +131,9 @@ def collection_label(finding: str) -> tuple[str | None, str]:
     if not levels:  # "/" alone
         return None, "no finding recorded"
     if levels[0] == "pneumonia" and len(levels) > 1:
-        kind, leaf = levels[1], levels[-1]
+        kind = levels[1]
         if kind == "viral" and len(levels) > 2:
-            return ("covid" if leaf == "covid-19" else "viral"), ""
+            return ("covid" if any(_names_covid(level) for level in levels[2:]) else "viral"), ""
         if kind == "bacterial" and len(levels) > 2:
             return "bacterial", ""
         if kind == "fungal":
@@ -143,10 +144,18 @@ def collection_label(finding: str) -> tuple[str | None, str]:
     return _flat_label(levels[0])
 
 
+_COVID = re.compile(r"(?<![a-z])(?<!non-)(?<!non )(covid(-?19)?|sars-cov-?2)(?![a-z])")
+
+
+def _names_covid(name: str) -> bool:
+    """Whether a finding name (lower case) names COVID-19 (or SARS-CoV-2), not "non-COVID"."""
+    return _COVID.search(name) is not None
+
+
 def _flat_label(name: str) -> tuple[str | None, str]:
     """A flat finding name (lower case) by the words in it."""
     words = set(re.findall(r"[a-z0-9.]+", name))
-    if "covid" in name or "sars-cov-2" in name:
+    if _names_covid(name):
         return "covid", ""
     if words & FLAT_FUNGAL or any(w.startswith("aspergill") for w in words):
         return None, "fungal"
@@ -260,7 +269,7 @@ def build_kermany(root: str | Path) -> Build:
         raise ManifestError(root, ["Kermany root folder not found"])
     files = sorted(
         path
-        for path in root.rglob("*")
+        for path in map(Path, walk_files(root))
         if path.parent.name.upper() in ("NORMAL", "PNEUMONIA")
         and path.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith((".", "__MACOSX")) for part in path.relative_to(root).parts)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import csv
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from patchflannel.classes import CLASSES
-from patchflannel.errors import ManifestError
+from patchflannel.errors import ImageReadError, ManifestError
+from patchflannel.io import read_image
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "view", "source")
 SPLIT_VALUES: tuple[str, ...] = ("train", "test")
@@ -48,7 +50,10 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
         raise ManifestError(path, ["empty file: no header row"])
 
     columns = [name.strip() for name in header]
-    problems: list[str] = []
+    problems = [f"column '{name}' appears {columns.count(name)} times in the header"
+                for name in dict.fromkeys(columns) if columns.count(name) > 1]
+    if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+        problems.append(f"one column named {columns[0]!r}: a manifest's columns are separated by commas")
     rows: list[Row] = []
     for line, record in records:
         if len(record) != len(columns):
@@ -62,6 +67,20 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
     if problems:
         raise ManifestError(path, problems)
     return Manifest(path=path, columns=columns, rows=rows)
+
+
+def unreadable_images(manifest: Manifest, progress: Callable[[], None] | None = None) -> list[str]:
+    """Every row whose image cannot be read as the engine and training read it (``io.read_image``), as
+    ``line N: reason``; ``progress`` is called after each row."""
+    problems = []
+    for line, row in enumerate(manifest.rows, start=2):
+        try:
+            read_image(row["path"])
+        except (ImageReadError, OSError) as exc:
+            problems.append(f"line {line}: {exc}")
+        if progress is not None:
+            progress()
+    return problems
 
 
 def validate_manifest(manifest: Manifest, *, check_files: bool = True) -> None:

@@ -63,7 +63,8 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
         raise ImageReadError(label, f"unsupported DICOM transfer syntax {tsyntax.name} ({tsyntax})") from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
-        raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): {missing}")
+        raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): no decoder "
+                             f"installed (pip install 'patchflannel[dicom]' installs them; {missing})")
     try:
         grey = _to_grey(ds.pixel_array, ds)
     except Exception as exc:  # truncated or corrupt pixel data surfaces here
@@ -125,14 +126,16 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
         return np.ascontiguousarray(np.clip(luma(pixels) / full_scale, 0.0, 1.0))
     modality = apply_modality_lut(pixels, ds)
     try:
-        values = apply_voi_lut(modality, ds).astype(np.float64)
+        values = apply_voi_lut(modality, ds).astype(np.float32)  # float32: exact for 16-bit data, half the memory
     except ValueError:  # an invalid window (WindowWidth 0): the pixels are good, the full range is shown
-        values = modality.astype(np.float64)
+        values = modality.astype(np.float32)
     padding = _padding(pixels, ds)  # outside the image: left out of the range, shown black
     real = values[~padding] if padding.any() and not padding.all() else values
     lo, hi = float(real.min()), float(real.max())
-    scaled = np.clip((values - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
-    if photometric == "MONOCHROME1":
+    scaled = np.clip((values - lo) / np.float32(hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
+    # MONOCHROME1 shows low values white; a MONOCHROME2 image may ask for the same with an INVERSE Presentation
+    # LUT Shape (with MONOCHROME1, INVERSE is what the DX standard requires: the same inversion, not a second).
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         scaled = 1.0 - scaled
     scaled[padding] = 0.0
     return scaled.astype(np.float32)

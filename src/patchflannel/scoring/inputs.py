@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.io.files import walk_files
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
@@ -153,25 +154,7 @@ def _walk(folder: str) -> Iterator[str]:
         raise ConfigError(f"{exc.filename}: cannot list this folder ({exc.strerror or exc}); make it readable, "
                           "or name the inputs another way (a manifest, a pattern)")
 
-    for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
-        if _loops(folder, root):  # a link back up the tree (a second way to a folder is deduplicated by file)
-            dirs[:] = []
-            continue
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            path = os.path.join(root, name)
-            if is_image_name(path) or _dangling_image(path):
-                yield path
-
-
-def _loops(top: str, folder: str) -> bool:
-    """Whether ``folder`` (below ``top``) is the same folder as one of its ancestors up to ``top``."""
-    real, parent = os.path.realpath(folder), folder
-    while os.path.normpath(parent) != os.path.normpath(top) and parent != os.path.dirname(parent):
-        parent = os.path.dirname(parent)
-        if os.path.realpath(parent) == real:
-            return True
-    return False
+    return (path for path in walk_files(folder, onerror=refuse) if is_image_name(path) or _dangling_image(path))
 
 
 def _dangling_image(path: str) -> bool:
