@@ -19,7 +19,7 @@ from patchflannel.errors import BackendUnavailableError, BundleError, ConfigErro
 from patchflannel.export.bundle import load_bundle, load_torch_model, random_bundle, write_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, postprocess_mask
-from patchflannel.ops.preprocess import global_view, resize, resize_mask, segmentation_input
+from patchflannel.ops.preprocess import global_view, learner_image, resize_mask, segmentation_input
 from patchflannel.ops.sampler import draw_patches
 from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
@@ -75,7 +75,7 @@ def reference(bundle_dir: Path, paths: list[Path], seed: int) -> list[dict[str, 
             image = torch.from_numpy(read_image(p))
             logits = seg(segmentation_input(image, pre["segmentation"]["size"], pre["segmentation"]["gamma"])[None])
             mask = torch.from_numpy(postprocess_mask(lung_masks(logits, pre["segmentation"]["threshold"])[0].numpy()))
-            big = resize(image, 1024)[None]
+            big = learner_image(image, 1024)[None]
             seed_i = image_seed(hashlib.sha256(p.read_bytes()).hexdigest(), seed)
             drawn = draw_patches(big, resize_mask(mask, 1024)[None], [seed_i], K)
             x = (drawn["patches"].reshape(K, 1, 224, 224).expand(-1, 3, -1, -1) - mean) / std

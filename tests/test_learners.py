@@ -14,7 +14,7 @@ import yaml
 
 from patchflannel.data import make_splits, read_manifest, write_manifest
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.export.bundle import default_preprocessing, random_bundle
+from patchflannel.export.bundle import default_bundle_path, default_preprocessing, random_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.preprocess import resize
 from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
@@ -98,6 +98,60 @@ def test_an_image_whose_mask_falls_back_is_cached_unmasked(cxr4_dir: Path, tmp_p
     assert np.array_equal(np.load(items[0].array_file), whole.numpy())
     other = np.load(items[1].array_file)  # a real mask: masked as before
     assert (other == 0).mean() > (whole.numpy() == 0).mean()
+
+
+@pytest.mark.skipif(not (default_bundle_path() / "bundle.json").is_file(), reason="no default bundle in the package")
+def test_training_inputs_are_the_engines_inputs(cxr4_dir: Path, tmp_path: Path) -> None:
+    """SPEC: preprocessing used identically in training and inference. The K evaluation patches training cuts
+    from its 8-bit cache give each trained learner the outputs the engine gets from the file (the engine's
+    float image, not rounded to 8 bits, moved mean softmaxes by up to 0.009); the global crop is the engine's."""
+    from patchflannel.engine.engine import Engine
+    from patchflannel.export.bundle import load_bundle, load_torch_model
+    from patchflannel.ops.preprocess import global_view
+    from patchflannel.ops.votes import mean_softmax
+    from patchflannel.training.datasets import normalize
+    from patchflannel.training.mask_cache import MaskCache
+
+    rows = read_manifest(cxr4_dir / "manifest.csv").rows[:2]
+    b = load_bundle(default_bundle_path())
+    got = Engine.from_bundle(None, device="cpu", k=8, seed=5).predict_many([r["path"] for r in rows])
+    ds = LearnerDataset(prepare_items(rows, "patch", tmp_path / "arrays", b.preprocessing, MaskCache(tmp_path / "m", b)),
+                        "patch", b.preprocessing, train=False, seed=5, k=8)
+    for entry in b.learners:
+        net = load_torch_model(b, entry)
+        for i, pred in enumerate(got):
+            with torch.inference_mode():
+                soft = mean_softmax(net(ds[i][0])[None])[0]
+            want = torch.tensor(list(pred.learner_mean_softmax[entry.name].values()))
+            torch.testing.assert_close(soft, want, rtol=0, atol=2e-6, msg=f"{entry.name} {rows[i]['path']}")
+    g = PRE["global"]
+    crops = LearnerDataset(prepare_items(rows, "global", tmp_path / "arrays", PRE), "global", PRE, train=False)
+    for i, row in enumerate(rows):
+        view = global_view(torch.from_numpy(read_image(row["path"])), g["resize"], g["crop"])
+        torch.testing.assert_close(crops[i][0], normalize(view[None], PRE), rtol=0, atol=1e-6)
+
+
+def test_cache_writers_sharing_an_entry_do_not_collide(tmp_path: Path) -> None:
+    """Two trainings sharing a cache_dir may write one entry at once (a shared temporary name lost a file)."""
+    import threading
+
+    from patchflannel.training.datasets import _save_atomic
+
+    errors: list[str] = []
+
+    def write() -> None:
+        try:
+            for _ in range(200):
+                _save_atomic(np.zeros((64, 64), np.uint8), tmp_path / "entry.npy")
+        except OSError as exc:
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=write) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.name for p in tmp_path.iterdir()] == ["entry.npy"]
 
 
 def test_a_last_batch_of_one_image_is_dropped(tmp_path: Path) -> None:

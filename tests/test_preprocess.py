@@ -6,7 +6,15 @@ import numpy as np
 import torch
 
 from patchflannel.io import read_image
-from patchflannel.ops.preprocess import equalize_hist, gamma_correct, masked_image, resize, resize_mask, segmentation_input
+from patchflannel.ops.preprocess import (
+    equalize_hist,
+    gamma_correct,
+    learner_image,
+    masked_image,
+    resize,
+    resize_mask,
+    segmentation_input,
+)
 
 
 def naive_equalize(image: np.ndarray) -> np.ndarray:
@@ -38,3 +46,13 @@ def test_segmentation_input_of_a_real_image(cxr4_dir):
     seg = segmentation_input(image)
     assert seg.shape == (1, 256, 256) and seg.dtype == torch.float32
     assert 0 <= float(seg.min()) and float(seg.max()) <= 1 and float(seg.std()) > 0.1
+
+
+def test_learner_image_holds_the_8_bit_levels_training_caches() -> None:
+    """What the learners' inputs are cut from: resized, then exactly the values a uint8 cache round-trips."""
+    image = torch.rand(300, 250)
+    x = learner_image(image, 64)
+    assert x.shape == (64, 64) and x.min() >= 0 and x.max() <= 1
+    as_uint8 = (resize(image, 64).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert torch.equal(x, as_uint8.float() / 255)
+    assert not torch.equal(x, resize(image, 64))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import typer
 from PIL import Image
-from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
@@ -59,6 +59,7 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
                                          "--bootstrap", "200"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["confusion"].startswith("rows: true label, columns: predicted label")
     groups = {(g["split"], g["model"], g["source"]): g for g in report["groups"]}
     sources = sorted({r["source"] for r in rows})
     assert report["sources"] == sources
@@ -82,6 +83,7 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
                     else:
                         assert m["roc_auc"] is None
                 assert np.array_equal(np.array(g["pooled"]["confusion"]).sum(1), s)
+                assert np.array_equal(np.array(g["pooled"]["confusion"]), confusion_matrix(y, yhat, labels=[0, 1, 2, 3]))
                 fold_f1 = []
                 for fold in sorted({r["fold"] for r in sel}):
                     fy, fyhat, _ = _arrays([r for r in sel if r["fold"] == fold])
@@ -115,11 +117,12 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     with open(bad, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
         w.writeheader()
-        w.writerows([row, nan])
+        w.writerows([row, nan, nan | {"p_covid": "0.25"}])
     result = CliRunner().invoke(_app(), ["eval", str(bad), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 2
     assert "bad.csv" in result.output and "unknown pred 'flu'" in result.output and "not a number" in result.output
     assert "line 2: empty patient_id" in result.output and "line 3: a probability is not within [0, 1]" in result.output
+    assert "line 4: repeats line 3 (same path, model, fold and split)" in result.output
     missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
     assert missing.exit_code == 2 and "file not found" in missing.output
     assert not (tmp_path / "rep" / "report.json").exists()

@@ -52,7 +52,7 @@ from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_ho
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
 from patchflannel.export.bundle import default_preprocessing, load_bundle, load_torch_model
 from patchflannel.ops.mask import lung_masks, postprocess_mask
-from patchflannel.ops.preprocess import global_view, resize, resize_mask, segmentation_input
+from patchflannel.ops.preprocess import global_view, learner_image, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
 from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
@@ -490,7 +490,7 @@ class Engine:
             masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
             masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
         with timer.stage("sample"):
-            big = torch.stack([resize(it.image, size) for it in group.good])
+            big = torch.stack([learner_image(it.image, size) for it in group.good])
             masks_big, group.fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])
             seeds = [image_seed(it.content_hash, self.seed) for it in group.good]
             uniforms = patch_uniforms(seeds, self.k).to(self.device, non_blocking=True)

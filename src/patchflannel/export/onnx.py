@@ -104,16 +104,18 @@ def _seg_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> to
 
 
 def _patch_inputs(bundle: Bundle, images: list[torch.Tensor], k: int) -> torch.Tensor:
-    """K patches of each image, cut the engine's way: segment, mask at full size, sample, normalise."""
-    from patchflannel.ops.preprocess import masked_image, resize_mask
+    """K patches of each image, cut the engine's way: segment, post-process the mask, sample, mask, normalise."""
+    from patchflannel.ops.mask import lung_masks, postprocess_mask
+    from patchflannel.ops.preprocess import learner_image, resize_mask
     from patchflannel.ops.sampler import draw_patches
 
     pre = bundle.preprocessing
     size = pre["image_size"]
     with torch.no_grad():
         logits = load_torch_model(bundle, bundle.segmentation)(_seg_inputs(images, pre))
-    masks = torch.sigmoid(logits[:, 0]) > pre["segmentation"]["threshold"]
-    full = torch.stack([masked_image(im, m, size) for im, m in zip(images, masks)])
+    raw = lung_masks(logits, pre["segmentation"]["threshold"]).numpy()
+    masks = torch.from_numpy(np.stack([postprocess_mask(m) for m in raw]))
+    full = torch.stack([learner_image(im, size) for im in images])
     drawn = draw_patches(full, resize_mask(masks, size), seeds=list(range(len(images))), k=k,
                          patch=pre["patch_size"], min_fraction=pre["min_lung_fraction"])
     return _normalise(drawn["patches"].flatten(0, 1), pre)

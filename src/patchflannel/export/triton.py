@@ -41,9 +41,10 @@ def _pb() -> tuple[Any, Any]:
 def preprocess_stage(image: torch.Tensor, preprocessing: dict[str, Any]) -> dict[str, torch.Tensor]:
     """(H, W) grey image -> ``SEG_INPUT`` (1, 1, s, s), ``IMAGE_FULL`` (S, S), ``GLOBAL`` (1, 3, c, c)."""
     from patchflannel.export.onnx import _global_inputs, _seg_inputs
-    from patchflannel.ops.preprocess import resize
+    from patchflannel.ops.preprocess import learner_image
 
-    return {"SEG_INPUT": _seg_inputs([image], preprocessing), "IMAGE_FULL": resize(image, preprocessing["image_size"]),
+    return {"SEG_INPUT": _seg_inputs([image], preprocessing),
+            "IMAGE_FULL": learner_image(image, preprocessing["image_size"]),
             "GLOBAL": _global_inputs([image], preprocessing)}
 
 

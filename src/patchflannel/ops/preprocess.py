@@ -56,11 +56,18 @@ def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return out
 
 
+def learner_image(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images resized to ``size`` x ``size`` and rounded to 256 grey levels: what the learners' inputs are cut
+    from (patches from the 1024 image, the global crop from the 336 one). Training caches this image in 8 bits,
+    so the rounding makes the learners see the same values at inference (SPEC: preprocessing used identically)."""
+    return (resize(images, size).clamp(0, 1) * (LEVELS - 1)).round() / (LEVELS - 1)
+
+
 def global_view(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:
-    """FLANNEL's whole-image input (SPEC.md, global base classifiers) of one (H, W) image: resized to
-    ``size`` x ``size``, then its centre ``crop`` x ``crop``."""
+    """FLANNEL's whole-image input (SPEC.md, global base classifiers) of one (H, W) image: its
+    :func:`learner_image` at ``size``, then the centre ``crop`` x ``crop``."""
     top = (size - crop) // 2
-    return resize(image, size)[top:top + crop, top:top + crop]
+    return learner_image(image, size)[top:top + crop, top:top + crop]
 
 
 def segmentation_input(image: torch.Tensor, size: int = SEG_SIZE, gamma: float = GAMMA) -> torch.Tensor:
@@ -80,5 +87,5 @@ def resize_mask(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tenso
 
 
 def masked_image(image: torch.Tensor, mask: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """SPEC stage 2: the image resized to ``size`` x ``size`` times the mask upsampled to that size (nearest)."""
-    return resize(image, size) * resize_mask(mask, size).to(image.dtype)
+    """SPEC stage 2: the image's :func:`learner_image` at ``size`` times the mask upsampled to that size (nearest)."""
+    return learner_image(image, size) * resize_mask(mask, size).to(image.dtype)

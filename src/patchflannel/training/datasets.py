@@ -26,10 +26,10 @@ from patchflannel.classes import CLASS_INDEX
 from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io import read_image
-from patchflannel.ops.preprocess import as_tensor, masked_image, resize, resize_mask
+from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, resize_mask
 from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
-from patchflannel.training.mask_cache import MaskCache
+from patchflannel.training.mask_cache import MaskCache, cache_tmp
 
 MODES = ("global", "patch")
 
@@ -56,7 +56,7 @@ def read_splits(path: str | Path) -> list[Row]:
 
 def _save_atomic(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npy")
+    tmp = cache_tmp(path)
     np.save(tmp, arr)
     os.replace(tmp, path)
 
@@ -89,7 +89,7 @@ def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessi
         f = Path(cache_dir) / mode / key[:2] / f"{key}.npy"
         if not f.is_file():
             image = as_tensor(read_image(row["path"]))
-            out = masked_image(image, torch.from_numpy(mask), size) if masked else resize(image, size)
+            out = masked_image(image, torch.from_numpy(mask), size) if masked else learner_image(image, size)
             _save_atomic(_to_uint8(out), f)
         items.append(Item(row=row, label=CLASS_INDEX[row["label"]], sha256=sha, array_file=f, mask=mask))
     return items

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,12 @@ import torch
 from patchflannel.export.bundle import Bundle, load_bundle, load_torch_model
 from patchflannel.io import read_image
 from patchflannel.ops.preprocess import as_tensor, segmentation_input
+
+
+def cache_tmp(path: Path) -> Path:
+    """A temporary name beside a cache file, unique to this process and thread: two trainings sharing a
+    ``cache_dir`` may write the same entry at once (the last complete file wins)."""
+    return path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
 
 
 def model_key(bundle: Bundle) -> str:
@@ -86,7 +93,7 @@ class MaskCache:
             for i, mask in zip(chunk, self._compute([read_image(paths[i]) for i in chunk])):
                 f = self.file(shas[i])
                 f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = f.with_name(f.stem + ".tmp.npz")
+                tmp = cache_tmp(f)
                 np.savez_compressed(tmp, mask=mask.astype(bool))
                 os.replace(tmp, f)
                 out[i] = mask.astype(bool)

@@ -60,8 +60,12 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
         raise ManifestError(path, ["not a UTF-8 text CSV"]) from None
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
+    first: dict[tuple[str, ...], int] = {}
     for i, r in enumerate(raw, start=2):
         bad = [f"unknown {k} '{r[k]}'" for k in ("label", "pred") if r[k] not in CLASS_INDEX]
+        key = (r["path"], r["model"], r["fold"], r["split"])
+        if first.setdefault(key, i) != i:  # a file given twice would count twice in the pooled figures
+            bad.append(f"repeats line {first[key]} (same path, model, fold and split)")
         if r["split"] not in SPLITS:
             bad.append(f"split '{r['split']}' is not one of {', '.join(SPLITS)}")
         try:
@@ -126,7 +130,8 @@ def build_report(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 
                                    **_group_report(part, n_boot, seed)})
     return {"classes": list(CLASSES), "models": models, "sources": sources[1:], "n_rows": len(rows),
             "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "patient_id", "level": 0.95},
-            "std": "sample standard deviation over folds (ddof=1)", "groups": groups}
+            "std": "sample standard deviation over folds (ddof=1)",
+            "confusion": "rows: true label, columns: predicted label, both in the order of 'classes'", "groups": groups}
 
 
 def _slug(text: str) -> str:
