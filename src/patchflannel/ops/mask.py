@@ -21,15 +21,19 @@ def postprocess_mask(mask: np.ndarray) -> np.ndarray:
     """Keep the two largest 8-connected components (the lungs) and fill their holes; bool in, bool out.
 
     Small islands the network marks outside the lungs are dropped; holes inside a lung (a nodule, a
-    pacemaker lead) are filled. An empty mask stays empty.
+    pacemaker lead, the hilum's vessels) are filled. An empty mask stays empty.
     """
+    return fill_holes(largest_components(mask))
+
+
+def largest_components(mask: np.ndarray, keep: int = KEEP_COMPONENTS) -> np.ndarray:
+    """The ``keep`` largest 8-connected components of a bool mask."""
     mask = np.asarray(mask, dtype=bool)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if n > KEEP_COMPONENTS:
-        sizes = np.bincount(labels.ravel())[1:]
-        keep = np.argsort(sizes, kind="stable")[::-1][:KEEP_COMPONENTS] + 1
-        mask = np.isin(labels, keep)
-    return fill_holes(mask)
+    if n <= keep:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return np.isin(labels, np.argsort(sizes, kind="stable")[::-1][:keep] + 1)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
