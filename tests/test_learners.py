@@ -286,6 +286,20 @@ def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path
     assert np.array_equal(out["pred"], out["confidence"].argmax(1))
 
 
+def test_an_unreadable_training_image_points_to_the_check_that_lists_them_all(cxr4_dir: Path, tmp_path: Path) -> None:
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
+    rows = [r for r in read_manifest(splits).rows if r["split"] == "train"]
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(Path(rows[0]["path"]).read_bytes()[:1500])
+    rows[0]["path"] = str(cut)
+    write_manifest(rows + [r for r in read_manifest(splits).rows if r["split"] == "test"], splits,
+                   read_manifest(splits).columns)
+    cfg = {"splits": str(splits), "arch": "squeezenet1_1", "mode": "global", "val_fold": rows[0]["fold"] or 0,
+           "cache_dir": str(tmp_path / "cache"), "learner": {"epochs": 1, "batch_size": 4}}
+    with pytest.raises(ConfigError, match=r"cut\.jpg: cannot decode JPEG(.|\n)*data validate --decode .*splits\.csv"):
+        train_learner(cfg, tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_train_learner_patch_starts_the_same_with_a_cold_or_a_warm_mask_cache(cxr4_dir: Path, tmp_path: Path) -> None:
     """Building the segmenter for a cold mask cache draws from the global RNG: the learner is seeded after it."""

@@ -25,7 +25,7 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from patchflannel.errors import ConfigError
+from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.export.bundle import default_preprocessing
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
@@ -190,7 +190,11 @@ def prepare(cfg: dict[str, Any], rows: list[dict[str, str]], device: torch.devic
     masks = None
     if cfg["mode"] == "patch":
         masks = MaskCache(Path(cfg["cache_dir"]) / "masks", cfg["segmentation_bundle"], device=device)
-    return prepare_items(rows, cfg["mode"], cfg["cache_dir"], default_preprocessing(), masks)
+    try:
+        return prepare_items(rows, cfg["mode"], cfg["cache_dir"], default_preprocessing(), masks)
+    except ImageReadError as exc:  # the first one met; the check below lists them all at once
+        raise ConfigError(f"{exc}\n`patchflannel data validate --decode {cfg.get('splits') or 'MANIFEST'}` lists every "
+                          "image that cannot be read") from None
 
 
 def build_learner(cfg: dict[str, Any], arch: str, options: dict[str, Any] | None = None) -> nn.Module:
