@@ -108,6 +108,8 @@ def test_validate_command_ok_and_bad(app: typer.Typer, cxr4_dir: Path, tmp_path:
     _assert_clean_failure(result, "1 problem(s)", code=1)
     result = runner.invoke(app, ["data", "validate", str(tmp_path / "nowhere.csv")])
     _assert_clean_failure(result, "nowhere.csv: no such manifest file", code=2)
+    result = runner.invoke(app, ["data", "validate", str(tmp_path)])
+    _assert_clean_failure(result, f"{tmp_path}: not a file", code=2)
 
 
 def test_validate_decode_reads_every_image(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:

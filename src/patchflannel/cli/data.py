@@ -47,7 +47,7 @@ def validate(
     """Check a manifest and list every bad row (exit status 1 when there is any; 2 when there is no manifest)."""
     with fail_cleanly():
         if not manifest.is_file():
-            raise ConfigError(f"{manifest}: no such manifest file")
+            raise ConfigError(f"{manifest}: {'not a file' if manifest.exists() else 'no such manifest file'}")
     with fail_cleanly(1):
         loaded = read_manifest(manifest, check_files=check_files or decode)
         if decode:
