@@ -280,7 +280,7 @@ def test_training_run_and_resume_match_an_uninterrupted_run(lungseg_dir: Path, t
 # --- inference ---------------------------------------------------------------------------------------
 
 @needs_default
-def test_default_model_meets_the_jaccard_target_on_held_out_pairs(lungseg_dir: Path) -> None:
+def test_default_model_meets_the_jaccard_target_on_its_validation_pairs(lungseg_dir: Path) -> None:
     segmenter = load_segmenter()
     record = segmenter.record
     assert record["validation"]["mean_jaccard"] >= 0.93
