@@ -452,9 +452,38 @@ def test_describe_and_choices(engine, bundle_dir):
                        (dict(patch_batch=2.5), "patch_batch must be"), (dict(images_per_call=True), "images_per_call"),
                        (dict(k=0), "k must be"), (dict(k=8.9), "k must be an integer >= 1, got 8.9"),
                        (dict(learner_streams=0), "learner_streams must be"),
-                       (dict(learner_streams=2), "learner_streams=2 needs a CUDA device")):
+                       (dict(learner_streams=2), "learner_streams=2 needs a CUDA device"),
+                       (dict(seed="abc"), "seed must be a whole number, got 'abc'"), (dict(seed=None), "seed must be"),
+                       (dict(compile="no"), "compile must be True or False, got 'no'"),
+                       (dict(return_centres="yes"), "return_centres must be True or False")):
         with pytest.raises(ConfigError, match=match):
             Engine.from_bundle(bundle_dir, **{"device": "cpu", **bad})
+    assert Engine.from_bundle(load_bundle(bundle_dir), device="cpu").describe()["bundle"] == d["bundle"]
+
+
+def test_inputs_given_the_way_users_hold_them(engine, jpegs, baseline):
+    """A single 2-D array or a mapping is not an iterable of inputs; one-channel arrays are grey images; predictions
+    with centres compare; a failure's message stays one line."""
+    grey = read_image(jpegs[0])
+    for one in (grey, torch.from_numpy(grey)):
+        with pytest.raises(TypeError, match="use predict\\(\\) for one input"):
+            engine.predict_many(one)
+    with pytest.raises(TypeError, match="a mapping: pass its items"):
+        engine.predict_many({"a": jpegs[0]})
+    for bad in (-1, "2", True):
+        with pytest.raises(ConfigError, match="prefetch must be a whole number >= 0"):
+            list(engine.stream([jpegs[0]], prefetch=bad))
+    flat = engine.predict(grey)
+    for shaped in (grey[None], grey[..., None], torch.from_numpy(grey)[None]):
+        p = engine.predict(shaped)
+        assert p.content_hash == flat.content_hash and p.probabilities == flat.probabilities
+    rgb = engine.predict(np.stack([grey] * 3, -1))
+    assert rgb.status == "error" and "convert to grey first" in rgb.error
+    listed = engine.predict_many([["id", jpegs[0]]])[0]
+    assert listed.status == "error" and "an (item_id, x) pair is a tuple" in listed.error
+    assert baseline[0] == engine.predict(jpegs[0]) and engine.predict(jpegs[0]).centres is not None
+    sparse = engine.predict(torch.zeros(64, 64).to_sparse())
+    assert sparse.status == "error" and "\n" not in sparse.error and len(sparse.error) < 400
 
 
 def test_bundle_without_learners_is_refused(tmp_path):

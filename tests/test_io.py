@@ -185,7 +185,7 @@ def test_bytes_equal_path_and_hash(cxr4_dir: Path, tmp_path: Path, real_u16: np.
         np.testing.assert_array_equal(from_path, from_bytes)
         assert meta_path == meta_bytes
         assert content_hash(path) == content_hash(data) == content_hash(bytearray(data))
-        assert content_hash(path) == hashlib.sha256(data).hexdigest()
+    assert content_hash(jpeg) == hashlib.sha256(jpeg.read_bytes()).hexdigest()  # DICOM: its pixels (test below)
     assert content_hash(jpeg) != content_hash(dcm)
 
 
@@ -304,6 +304,25 @@ def test_dicom_lossless_transfer_syntaxes(tmp_path: Path, real_u16: np.ndarray, 
     image, meta = read_image_with_meta(_save(ds, tmp_path / "packed.dcm"))
     assert meta["TransferSyntaxUID"] == str(tsyntax)
     np.testing.assert_array_equal(image, plain)
+
+
+def test_dicom_content_hash_is_its_pixels_not_its_patient_fields(tmp_path: Path, real_u16: np.ndarray) -> None:
+    """Anonymising a film (patient and study attributes) keeps its hash, hence its patches; pixels or windowing do not."""
+    base = _dicom(real_u16 >> 4, "MONOCHROME2", 12, PatientName="Doe^Jane", PatientID="12345", WindowCenter=2000,
+                  WindowWidth=3000)
+    original = content_hash(_save(base, tmp_path / "a.dcm"))
+    base.PatientName, base.PatientID, base.StudyInstanceUID = "ANON", "0", generate_uid()
+    assert content_hash(_save(base, tmp_path / "anon.dcm")) == original
+    assert (tmp_path / "a.dcm").read_bytes() != (tmp_path / "anon.dcm").read_bytes()
+    base.WindowCenter = 1000
+    assert content_hash(_save(base, tmp_path / "window.dcm")) != original
+    pixels = real_u16 >> 4
+    pixels[0, 0] ^= 1
+    assert content_hash(_save(_dicom(pixels, "MONOCHROME2", 12, PatientName="Doe^Jane", PatientID="12345",
+                                     WindowCenter=2000, WindowWidth=3000), tmp_path / "pixel.dcm")) != original
+    png = tmp_path / "a.png"
+    Image.fromarray(real_u16).save(png)
+    assert content_hash(png) == hashlib.sha256(png.read_bytes()).hexdigest()  # other formats: the file's bytes
 
 
 def test_dicom_without_its_decoder_names_the_extra(tmp_path: Path, real_u16: np.ndarray) -> None:

@@ -28,6 +28,10 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'patchflannel' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
     "CLASSES",
     "NUM_CLASSES",

@@ -50,7 +50,7 @@ from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_host
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
-from patchflannel.export.bundle import default_preprocessing, load_bundle, load_torch_model
+from patchflannel.export.bundle import Bundle, default_preprocessing, load_bundle, load_torch_model
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, learner_image, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
@@ -121,6 +121,13 @@ def _count(name: str, value: Any, auto: bool = True) -> int:
     return int(value)
 
 
+def _flag(name: str, value: Any) -> bool:
+    """A setting that must be True or False (a string such as 'no' would read as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
     """``backend``'s outputs for ``batch`` in calls of at most ``size`` inputs (and of at most the backend's
     ``max_batch``, where it has one).
@@ -166,12 +173,14 @@ class Engine:
         self.loader = loader
         self.sampler = sampler
         self.precision = precision
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ConfigError(f"seed must be a whole number, got {seed!r}")
         self.seed = int(seed)
         self.k = _count("k", k if k is not None else self.pre["k"], auto=False)
         bad = sorted({lr.mode for lr in learners} - {"patch", "global"})
         if bad:
             raise ConfigError(f"learner mode must be 'patch' or 'global', got {', '.join(map(repr, bad))}")
-        self.return_centres = return_centres
+        self.return_centres = _flag("return_centres", return_centres)
         cuda = device.type == "cuda"
         self.images_per_call = GPU_IMAGES_PER_CALL if images_per_call == "auto" and cuda else (
             1 if images_per_call == "auto" else _count("images_per_call", images_per_call))
@@ -199,17 +208,18 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
-    def from_bundle(cls, path: str | Path | None = None, *, device: str | torch.device = "auto", backend: str = "auto",
+    def from_bundle(cls, path: str | Path | Bundle | None = None, *, device: str | torch.device = "auto", backend: str = "auto",
                     loader: str = "auto", sampler: str = "auto", precision: str = "auto", seed: int = 0,
                     k: int | None = None, return_centres: bool = False, images_per_call: int | str = "auto",
                     patch_batch: int | str = "auto", learner_streams: int = 1, compile: bool = False) -> Engine:
-        """An engine over the bundle at ``path`` (None: the package's default bundle).
+        """An engine over the bundle at ``path`` (None: the package's default bundle), or over a loaded ``Bundle``.
 
         ``compile`` applies ``torch.compile`` (frozen weights) to every network (torch backend); the first call
         at each shape compiles (:meth:`warm_up` does it up front). ``learner_streams`` > 1 (a GPU only) deals
         the learners' calls over that many CUDA streams so that they may run side by side.
         """
-        bundle = load_bundle(path)
+        compile = _flag("compile", compile)
+        bundle = path if isinstance(path, Bundle) else load_bundle(path)
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         name = resolve_backend(backend, bundle, dev)
@@ -230,6 +240,7 @@ class Engine:
                      images_per_call: int | str = "auto", patch_batch: int | str = "auto", learner_streams: int = 1,
                      compile: bool = False, name: str = "modules") -> Engine:
         """An engine over in-memory modules (torch backend), e.g. random weights for timing."""
+        compile = _flag("compile", compile)
         dev = resolve_device(device)
         prec = resolve_precision(precision, dev)
         seg = TorchBackend(segmentation, dev, prec, compile=compile)
@@ -329,8 +340,14 @@ class Engine:
         docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
         then its exception is raised.
         """
-        if isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)):
+        one = isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)) or (
+            isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 2)  # a stack (N, H, W) is N images
+        if one:
             raise TypeError(f"expected an iterable of inputs, got one {type(xs).__name__}: use predict() for one input")
+        if isinstance(xs, Mapping):
+            raise TypeError("expected an iterable of inputs, got a mapping: pass its items() as (item_id, input) pairs")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ConfigError(f"prefetch must be a whole number >= 0, got {prefetch!r}")
         return self._stream(xs, prefetch, timer or _NoTimer())
 
     def _stream(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[Prediction]:

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from patchflannel.engine.results import Prediction
-from patchflannel.errors import ImageReadError
-from patchflannel.io.readers import check_size, read_file_bytes
+from patchflannel.errors import ImageReadError, first_line
+from patchflannel.io.readers import bytes_hash, check_size, read_file_bytes
 
 
 @dataclass
@@ -67,8 +67,12 @@ def _as_tensor(x: Any, label: str) -> torch.Tensor:
 def _array_image(x: Any, label: str) -> torch.Tensor:
     """A 2-D grey array (numpy, torch, or anything with ``__dlpack__`` such as CuPy) as float32 in [0, 1]."""
     t = _as_tensor(x, label)
+    if t.ndim == 3 and 1 in (t.shape[0], t.shape[-1]):  # (1, H, W) or (H, W, 1): one grey image
+        t = t.squeeze(0 if t.shape[0] == 1 else -1)
     if t.ndim != 2:
-        raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}")
+        colour = t.ndim == 3 and 3 in (t.shape[0], t.shape[-1])
+        rgb = " (colour: convert to grey first, e.g. PIL's .convert('L'))" if colour else ""
+        raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}{rgb}")
     check_size(label, *t.shape)
     if t.dtype in (torch.uint8, torch.uint16):
         # Through a table made on the CPU: the same float32 values (so the same content hash and seed) on any
@@ -104,20 +108,19 @@ def prepare(x: Any, label: str) -> Item:
     except ImageReadError as exc:  # as text the outputs can hold: bytes of a name that is not UTF-8 escaped
         return Item(label, error=os.fsencode(str(exc)).decode("utf-8", "backslashreplace"))
     except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the batch's
-        return Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: {exc}")))
+        return Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: "
+                                                           f"{first_line(exc)[:300]}")))
 
 
 def _read_input(x: Any, label: str) -> Item:
-    if isinstance(x, (str, os.PathLike)):
-        data = read_file_bytes(x)
-        return Item(label, hashlib.sha256(data).hexdigest(), data=data)
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        data = bytes(x)
-        return Item(label, hashlib.sha256(data).hexdigest(), data=data)
+    if isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)):
+        data = bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else read_file_bytes(x)
+        return Item(label, bytes_hash(data), data=data)
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
         image = _array_image(x, label)
         return Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})
-    pair = " or an (item_id, x) pair with a string, integer or path id" if isinstance(x, tuple) else ""
+    pair = {tuple: " or an (item_id, x) pair with a string, integer or path id",
+            list: "; an (item_id, x) pair is a tuple"}.get(type(x), "")
     raise ImageReadError(label, f"unsupported input type {type(x).__name__} (expected a path, bytes, or a 2-D "
                                 f"array/tensor{pair})")
 

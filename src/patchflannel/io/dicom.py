@@ -6,6 +6,7 @@ syntaxes decode through its pixel-data plugins (pylibjpeg, pylibjpeg-libjpeg, py
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,30 @@ META_KEYWORDS = (
     "ViewPosition",
 )
 """DICOM attributes copied into the meta when present, under their keywords."""
+
+
+PIXEL_GROUPS = (0x0028, 0x2050, 0x7FE0)
+"""The groups that decide a DICOM image's pixels: image pixel module, modality/VOI LUTs and windows (0028),
+presentation LUT shape (2050), pixel data (7FE0)."""
+
+
+def pixel_hash(data: bytes, *, has_preamble: bool = True) -> str | None:
+    """SHA-256 hex digest of the transfer syntax and every element of :data:`PIXEL_GROUPS` (in sequences too),
+    or None when ``data`` cannot be parsed (reading it will say why)."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        h = hashlib.sha256(b"dicom-pixels:")
+        h.update(str(ds.file_meta.get("TransferSyntaxUID", "")).encode())
+        for elem in ds.iterall():
+            if elem.tag.group in PIXEL_GROUPS and elem.VR != "SQ":
+                value = elem.value
+                h.update(f"|{elem.tag}:{elem.VR}:".encode())
+                h.update(bytes(value) if isinstance(value, (bytes, bytearray)) else repr(value).encode())
+        return h.hexdigest()
+    except Exception:  # noqa: BLE001 - an unparsable file hashes whole; decoding it gives the error
+        return None
 
 
 def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[np.ndarray, dict[str, Any]]:

@@ -71,8 +71,21 @@ def read_image_with_meta(source: Source, *, name: str | None = None) -> tuple[np
 
 
 def content_hash(source: Source) -> str:
-    """SHA-256 hex digest of the file's bytes (the same for a path and for its bytes)."""
-    data, _ = _load_bytes(source, None)
+    """The content hash of a file (the same for a path and for its bytes): see :func:`bytes_hash`."""
+    return bytes_hash(_load_bytes(source, None)[0])
+
+
+def bytes_hash(data: bytes) -> str:
+    """SHA-256 hex digest of an encoded image: of all its bytes, except for DICOM, of what makes its pixels (the
+    pixel data, the image pixel module and LUTs, the transfer syntax): editing or removing patient and study
+    attributes, as anonymisation does, leaves the hash, and the patches it seeds, unchanged."""
+    fmt = detect_format(data)
+    if fmt == "dicom" or (fmt is None and _looks_like_bare_dicom(data)):
+        from patchflannel.io.dicom import pixel_hash
+
+        digest = pixel_hash(data, has_preamble=fmt == "dicom")
+        if digest is not None:
+            return digest
     return hashlib.sha256(data).hexdigest()
 
 

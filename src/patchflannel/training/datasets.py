@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from patchflannel.classes import CLASS_INDEX
 from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.io import read_image
+from patchflannel.io import content_hash, read_image
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, resize_mask
 from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
@@ -77,7 +77,7 @@ def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessi
         raise ConfigError(f"unknown mode {mode!r}; expected one of {MODES}")
     if mode == "patch" and masks is None:
         raise ConfigError("patch mode needs a segmentation model for the lung masks")
-    shas = [hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest() for r in rows]
+    shas = [content_hash(r["path"]) for r in rows]
     lung = masks.masks([r["path"] for r in rows], shas) if mode == "patch" else [None] * len(rows)
     size = preprocessing["image_size"] if mode == "patch" else preprocessing["global"]["resize"]
     items = []

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from patchflannel.export.bundle import Bundle, load_bundle, load_torch_model
-from patchflannel.io import read_image
+from patchflannel.io import content_hash, read_image
 from patchflannel.ops.preprocess import as_tensor, segmentation_input
 
 
@@ -79,7 +79,7 @@ class MaskCache:
 
         ``image_sha256`` (the files' sha256, when the caller has them) saves re-reading the bytes.
         """
-        shas = image_sha256 or [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+        shas = image_sha256 or [content_hash(p) for p in paths]
         out: list[np.ndarray | None] = [None] * len(paths)
         todo: list[int] = []
         for i, sha in enumerate(shas):
