@@ -121,6 +121,12 @@ def test_bad_bench_settings_are_refused(tmp_path):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", modes=("warp",), synthetic=True))
     with pytest.raises(ConfigError, match="unknown preset"):
         run_bench(BenchConfig(out=tmp_path, preset="huge", synthetic=True))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        run_bench(BenchConfig(out=tmp_path / "new", preset="huge", synthetic=True))
+    assert not (tmp_path / "new").exists()  # a refused run makes no output folder
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="a file is in the way where a folder is wanted"):
+        run_bench(BenchConfig(out=tmp_path / "file" / "b", preset="tiny", synthetic=True))
     with pytest.raises(ConfigError, match="not a folder"):
         image_files(tmp_path / "nothing")
     with pytest.raises(ConfigError, match="unknown precision"):

@@ -130,6 +130,11 @@ def test_validate_decode_reads_every_image(app: typer.Typer, cxr4_dir: Path, tmp
     assert result.exit_code == 0 and "OK, 4 rows (image files exist)" in result.output, result.output
     result = runner.invoke(app, ["data", "validate", "--decode", str(manifest)])
     _assert_clean_failure(result, "2 problem(s)", "line 3: ", "cut.jpg", "truncated", "line 5: ", "too small", code=1)
+    text = manifest.read_text().replace(",bacterial,", ",pneumonia,", 1)  # a bad row besides: all listed at once
+    manifest.write_text(text)
+    result = runner.invoke(app, ["data", "validate", "--decode", str(manifest)])
+    _assert_clean_failure(result, "3 problem(s)", "unknown label 'pneumonia'", "truncated", "too small", code=1)
+    manifest.write_text(text.replace(",pneumonia,", ",bacterial,"))
     records.pop(3), records.pop(1)
     with manifest.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(records[0]))

@@ -143,6 +143,7 @@ def test_a_failed_export_leaves_no_copy_behind(source: Path, tmp_path: Path, cxr
     for args, needle in (
             (["--model", "nothere"], f"bundle {source} has no model(s) nothere"),
             (["--data", str(tmp_path / "nope")], "nope: not a data folder with lungseg/ and cxr4/"),
+            (["--opset", "3"], "--opset must be from 13 to 20"),
     ):
         result = runner.invoke(app, ["export", "onnx", str(source), "--out", str(out), *args])
         assert result.exit_code == 2 and needle in result.output, result.output
@@ -182,6 +183,8 @@ def test_cli_exports_random_architectures_and_verifies(tmp_path: Path, cxr4_dir:
     (out / "ensemble.onnx").write_bytes(b"tampered")
     refused = runner.invoke(app, ["export", "verify", str(out)])
     assert refused.exit_code == 1 and "ensemble.onnx: sha256 mismatch" in refused.output
+    missing = runner.invoke(app, ["export", "verify", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nowhere: no such bundle folder" in missing.output  # nothing to check
 
 
 @pytest.mark.slow

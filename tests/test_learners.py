@@ -193,6 +193,18 @@ def test_mask_cache_is_keyed_by_model_and_image(cxr4_dir: Path, tmp_path: Path) 
 def test_config_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(tmp_path)
+    (tmp_path / "film.jpg").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x80\x81\xfe")
+    with pytest.raises(ConfigError, match="film.jpg: not a text file"):  # an image given as the config
+        load_config(tmp_path / "film.jpg")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="a config is a mapping of keys to values, got list"):
+        load_config(tmp_path / "list.yaml")
+    from patchflannel.training.segmentation import SegConfig
+
+    with pytest.raises(ConfigError, match="film.jpg: not a text file \\(a recipe is YAML\\)"):
+        SegConfig.from_file(tmp_path / "film.jpg")
     with pytest.raises(ConfigError, match="unknown config key"):
         load_config({"epochz": 3})
     with pytest.raises(ConfigError, match="mode must be"):

@@ -384,6 +384,7 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     res = runner.invoke(app, ["train", "seg", "--config", str(recipe), "--manifest", str(manifest), "--out", str(run)])
     assert res.exit_code == 0, res.output
     assert "best epoch 0" in res.output and (run / "best.pt").is_file()
+    assert res.stdout.splitlines() == [next(x for x in res.output.splitlines() if "best epoch 0" in x)]  # bars: stderr
 
     res = runner.invoke(app, ["train", "seg-eval", "--model", str(run), "--manifest", str(manifest)])
     assert res.exit_code == 0, res.output
@@ -393,6 +394,13 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     assert res.exit_code == 2 and "not in the manifest (the model's validation pairs" in res.output, res.output
     res = runner.invoke(app, ["train", "seg-eval", "--model", str(run), "--manifest", str(other), "--all"])
     assert res.exit_code == 0 and "pairs: 3  mean Jaccard" in res.output, res.output
+    # A bundle from the run: a manifest that cannot score it is refused before anything is written.
+    res = runner.invoke(app, ["train", "seg-bundle", "--run", str(run), "--out", str(tmp_path / "sb"), "--manifest", str(other)])
+    assert res.exit_code == 2 and "validation image" in res.output and not (tmp_path / "sb").exists(), res.output
+    res = runner.invoke(app, ["train", "seg-bundle", "--run", str(run), "--out", str(tmp_path / "sb"), "--manifest", str(manifest)])
+    assert res.exit_code == 0, res.output
+    record = load_segmenter(tmp_path / "sb").record
+    assert record["validation"]["n"] == 2 and record["split"]["val"] == json.loads((run / "run.json").read_text())["split"]["val"]
 
     image = read_pairs_manifest(manifest)[0][0]
     (tmp_path / "notes.png").write_text("not an image")
@@ -433,6 +441,7 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     (run / "best.keep").replace(run / "best.pt")
     res = runner.invoke(app, ["segment", str(tmp_path / "nothing.png"), "--model", str(run), "--out", str(tmp_path / "y")])
     assert res.exit_code == 2 and "nothing.png: no such file or folder" in res.output  # nothing done
+    assert not (tmp_path / "y").exists()  # not even the output folder
 
     res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "neither a bundle" in res.output

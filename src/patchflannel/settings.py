@@ -1,4 +1,4 @@
-"""Settings read from files: JSON records, and the numbers of YAML recipes checked, with errors that name the
+"""Settings read from files: JSON records, YAML configs, and the numbers of YAML recipes checked, with errors that
 file or the setting.
 
 YAML 1.1 reads ``1e-4`` (no dot) as a string; such strings are taken as the number they spell.
@@ -11,7 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from patchflannel.errors import ConfigError, PatchflannelError
+import yaml
+
+from patchflannel.errors import ConfigError, PatchflannelError, first_line
 
 
 def read_json(path: str | Path, error: type[PatchflannelError] = ConfigError) -> dict[str, Any]:
@@ -22,6 +24,25 @@ def read_json(path: str | Path, error: type[PatchflannelError] = ConfigError) ->
         raise error(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The mapping in the YAML file at ``path`` (empty for an empty file); ConfigError naming the file and the
+    reason otherwise (missing, a folder, not text, not YAML, not a mapping)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {'not a file' if path.exists() else f'{what} file not found'}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a {what} is YAML)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} is a mapping of keys to values, got {type(data).__name__}")
     return data
 
 

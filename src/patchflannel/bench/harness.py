@@ -38,7 +38,7 @@ import torch
 from patchflannel.bench.report import pair, variant, write_report
 from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
 from patchflannel.errors import ConfigError
-from patchflannel.io.files import walk_files
+from patchflannel.io.files import check_can_write, walk_files
 from patchflannel.export.bundle import default_preprocessing
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
@@ -345,7 +345,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     if "loop" in config.modes and 1 not in config.learner_streams:
         raise ConfigError("loop mode runs on one learner stream (the reference's way): include 1 in the learner "
                           "streams (e.g. 1,5) or leave loop out of the modes")
-    Path(config.out).mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the timing
+    check_can_write(config.out, f"--out {config.out}")  # a bad --out fails now, not after the timing
     inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
     report: dict[str, Any] = {"label": config.label, "config": {**asdict(config), "out": str(config.out)},
                               "engines": [], "inputs": source, "environment": {}, "compile_errors": {},

@@ -10,11 +10,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from patchflannel.data.builders import Build, build_covid_collection, build_kermany
-from patchflannel.data.manifest import Row, read_manifest, unreadable_images, write_manifest
+from patchflannel.data.manifest import Row, read_manifest, write_manifest
 from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
 from patchflannel.data.stats import counts_table, crosstab, dataset_stats
 from patchflannel.cli._common import errors, fail_cleanly
-from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.errors import ConfigError
 
 console = Console()
 
@@ -48,15 +48,11 @@ def validate(
     with fail_cleanly():
         if not manifest.is_file():
             raise ConfigError(f"{manifest}: {'not a file' if manifest.exists() else 'no such manifest file'}")
-    with fail_cleanly(1):
-        loaded = read_manifest(manifest, check_files=check_files or decode)
-        if decode:
-            with Progress(TextColumn("reading images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=errors, transient=True) as bar:
-                task = bar.add_task("", total=len(loaded.rows))
-                problems = unreadable_images(loaded, lambda: bar.advance(task))
-            if problems:
-                raise ManifestError(manifest, problems)
+    with fail_cleanly(1), Progress(TextColumn("reading images"), BarColumn(), MofNCompleteColumn(),
+                                   TimeElapsedColumn(), console=errors, transient=True,
+                                   disable=not decode or not errors.is_terminal) as bar:
+        task = bar.add_task("", total=None)
+        loaded = read_manifest(manifest, check_files=check_files, decode=decode, progress=lambda: bar.advance(task))
     checked = "every image read" if decode else "image files exist" if check_files else "files not checked"
     console.print(f"{manifest}: OK, {len(loaded.rows)} rows ({checked})", markup=False, highlight=False, soft_wrap=True)
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from patchflannel.cli._common import fail_cleanly
-from patchflannel.errors import PatchflannelError
+from patchflannel.errors import ConfigError, PatchflannelError
 from patchflannel.export.onnx import DATA_ENV
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
@@ -132,9 +132,13 @@ def triton_cmd(
 
 @export_app.command("verify")
 def verify_cmd(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
-    """Check a bundle (schema, files, hashes, formats) and list its files (exit status 1 when it fails)."""
+    """Check a bundle (schema, files, hashes, formats) and list its files (exit status 1 when it fails; 2 when
+    there is no folder to check)."""
     from patchflannel.export.bundle import load_bundle
 
+    with fail_cleanly():
+        if not bundle.is_dir():
+            raise ConfigError(f"{bundle}: {'not a folder' if bundle.exists() else 'no such bundle folder'}")
     with fail_cleanly(1):
         _summary(load_bundle(bundle))
     console.print("[green]bundle verified[/green]")

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from patchflannel.cli._common import EXIT_INTERRUPTED, EXIT_STOPPED, errors, fail_cleanly, fresh_run, metrics_text
 from patchflannel.errors import ConfigError
+from patchflannel.io.files import check_can_write
 
 console = Console()
 
@@ -102,7 +103,7 @@ def segment_cmd(
         if any(os.path.isdir(s) and os.path.realpath(s) == os.path.realpath(out) for s in inputs):
             raise ConfigError(f"--out {out} is a folder being segmented: the masks (<stem>.png) would go among its "
                               "images; write them to another folder (a subfolder is fine)")
-        out.mkdir(parents=True, exist_ok=True)  # a file in the way fails now, before the model loads
+        check_can_write(out, out)  # a file in the way fails now, before the model loads; made once all is checked
         # Files where the masks go (an earlier run's masks, in a folder being segmented) are not inputs.
         written = {os.path.realpath(out), os.path.realpath(out / "overlays")}
         found = discover_inputs(inputs)

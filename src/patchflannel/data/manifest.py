@@ -34,8 +34,10 @@ class Manifest:
     rows: list[Row]
 
 
-def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
-    """Read and validate a manifest CSV; raises ManifestError listing every problem found."""
+def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = False,
+                  progress: Callable[[], None] | None = None) -> Manifest:
+    """Read and validate a manifest CSV; raises ManifestError listing every problem found. ``decode`` also reads
+    every image that exists (``progress`` is called after each), so unreadable images are listed with the rest."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
@@ -63,21 +65,25 @@ def read_manifest(path: str | Path, *, check_files: bool = True) -> Manifest:
             row["path"] = str((path.parent / row["path"]).resolve())
         rows.append(row)
 
-    problems.extend(_problems(rows, columns, [line for line, _ in records], check_files=check_files))
+    lines = [line for line, _ in records]
+    problems.extend(_problems(rows, columns, lines, check_files=check_files or decode))
+    if decode:
+        problems.extend(_unreadable(rows, lines, progress))
     if problems:
         raise ManifestError(path, problems)
     return Manifest(path=path, columns=columns, rows=rows)
 
 
-def unreadable_images(manifest: Manifest, progress: Callable[[], None] | None = None) -> list[str]:
-    """Every row whose image cannot be read as the engine and training read it (``io.read_image``), as
-    ``line N: reason``; ``progress`` is called after each row."""
+def _unreadable(rows: list[Row], lines: list[int], progress: Callable[[], None] | None) -> list[str]:
+    """``line N: reason`` for every row whose image exists but cannot be read as the engine and training read it
+    (``io.read_image``); a missing file is reported by the file check."""
     problems = []
-    for line, row in enumerate(manifest.rows, start=2):
-        try:
-            read_image(row["path"])
-        except (ImageReadError, OSError) as exc:
-            problems.append(f"line {line}: {exc}")
+    for line, row in zip(lines, rows):
+        if row.get("path") and Path(row["path"]).is_file():
+            try:
+                read_image(row["path"])
+            except (ImageReadError, OSError) as exc:
+                problems.append(f"line {line}: {exc}")
         if progress is not None:
             progress()
     return problems

@@ -44,6 +44,8 @@ from patchflannel.export.bundle import (
 
 OPSET = 17
 """Default opset: run by ONNX Runtime >= 1.14 and parsed by TensorRT 8.6, 10 and 11."""
+OPSETS = (13, 20)
+"""The opsets export takes: 13 and up export every network here; 20 is the TorchScript exporter's last."""
 RTOL = 1e-3
 ATOL = 1e-4
 TOLERANCES = {"fp32": (RTOL, ATOL), "fp16": (2e-2, 1e-3)}
@@ -302,6 +304,9 @@ def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | Non
     """
     if precision not in TOLERANCES:
         raise ConfigError(f"precision must be one of {', '.join(TOLERANCES)}, got {precision!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise ConfigError(f"--opset must be from {OPSETS[0]} to {OPSETS[1]} (torch's TorchScript exporter; "
+                          f"{OPSET} by default), got {opset!r}")
     rtol = TOLERANCES[precision][0] if rtol is None else rtol
     atol = TOLERANCES[precision][1] if atol is None else atol
     data = shared_data_dir(data_dir)

@@ -1,10 +1,13 @@
-"""Finding files below a folder: linked folders followed (a cluster's ``train -> /scratch/...``), each way
-round a loop cut, hidden folders skipped."""
+"""Files and folders: finding files below a folder (linked folders followed, a cluster's ``train -> /scratch/...``,
+each way round a loop cut, hidden folders skipped), and checking that an output can be made before any work."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+
+from patchflannel.errors import ConfigError
 
 
 def walk_files(folder: str | os.PathLike[str], onerror: Callable[[OSError], None] | None = None) -> Iterator[str]:
@@ -30,3 +33,19 @@ def _loops(top: str, folder: str) -> bool:
         if os.path.realpath(parent) == real:
             return True
     return False
+
+
+def check_can_write(folder: str | os.PathLike[str], label: str | os.PathLike[str]) -> None:
+    """Refuse, before any work and without making anything, an output (``label``) whose ``folder`` could not be
+    made or written: a file in the way of it or of a folder above it, or a nearest existing folder that takes no
+    new file (tried with a file made and removed: ``os.access`` says yes to root on a read-only mount)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{label}: a file is in the way where a folder is wanted ({probe})")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError:
+        raise ConfigError(f"{label}: cannot be written there ({probe} is not a writable folder)") from None

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from patchflannel.errors import ConfigError
 from patchflannel.scoring.inputs import ScoreInput
 from patchflannel.scoring.run import EngineOptions, ScoreSummary, describe_engine, prediction_row, score
 
@@ -60,6 +61,21 @@ def ray_rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions,
     if options.bundle is not None:  # the actors run in other working directories (input paths are absolute too)
         options = dataclasses.replace(options, bundle=str(Path(options.bundle).resolve()))
     return _rows(items, schema, options, address, actors, batch_size, description), description
+
+
+def check_address(address: bool | str) -> None:
+    """Refuse a Ray address (``host:port`` or ``ray://host:port``) at which nothing answers, before anything is
+    written: ``ray.init`` itself retries for minutes. True, ``auto`` and ``local`` are left to Ray."""
+    if not isinstance(address, str) or address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r}: expected host:port, ray://host:port, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ConfigError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start a Ray "
+                          "head there (`ray start --head`) or check the address") from None
 
 
 def _rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions, address: bool | str,

@@ -23,6 +23,7 @@ from patchflannel.engine.results import Prediction
 from patchflannel.export.bundle import library_versions, load_bundle, verify_bundle
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import content_hash
+from patchflannel.io.files import check_can_write
 from patchflannel.scoring.inputs import ScoreInput, discover_inputs, extra_columns
 from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, Key, ResultStore, export_predictions, output_format,
                                          output_schema)
@@ -130,6 +131,10 @@ def score(
     items = discover_inputs(sources)
     output_format(out)
     _check_files(out, predictions, sources, items, resume or overwrite)
+    if ray is not False:
+        from patchflannel.scoring.ray_runner import check_address
+
+        check_address(ray)
     # Everything that can refuse the run does so before anything is written: the output is locked first (a
     # second run into it is refused at once), then a local engine verifies the bundle as it loads it; for Ray
     # the driver verifies it (the actors load it again).
@@ -259,11 +264,7 @@ def _check_files(out: str | os.PathLike[str], predictions: str | os.PathLike[str
         raise ConfigError(f"{predictions}: a folder is in the way where the predictions CSV goes")
     if os.path.exists(target) and not replace:
         raise ConfigError(f"{predictions}: already exists; choose another file, or pass --resume or --overwrite")
-    folder = os.path.dirname(target)
-    while not os.path.exists(folder):  # made when it is written: the nearest folder that exists decides
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ConfigError(f"{predictions}: cannot be written there ({folder} is not a writable folder)")
+    check_can_write(os.path.dirname(target), predictions)  # made when it is written
 
 
 def _local_rows(engine: Any, items: list[ScoreInput]) -> Iterator[dict[str, Any]]:

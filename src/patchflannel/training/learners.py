@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader
@@ -30,10 +29,10 @@ from patchflannel.export.bundle import default_preprocessing
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
-from patchflannel.settings import SEED_RANGE, number, read_json
+from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
-from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
+from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
 from patchflannel.training.mask_cache import MaskCache
 
 DEFAULTS: dict[str, Any] = {
@@ -66,15 +65,7 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     if isinstance(source, dict):
         raw = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        raw = read_yaml(source)
     unknown = sorted(set(raw) - set(DEFAULTS) - {"name", "splits", "arch", "val_fold", "learners", "predictions"})
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
@@ -180,11 +171,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
-
-
 def prepare(cfg: dict[str, Any], rows: list[dict[str, str]], device: torch.device) -> list[Item]:
     """The cached arrays (and masks, in patch mode) of ``rows`` under the config's cache and segmentation model."""
     masks = None
@@ -261,8 +247,8 @@ def predict_items(model: nn.Module, items: list[Item], cfg: dict[str, Any], k: i
     dtype = amp_dtype(cfg["learner"]["amp"], device)
     fmt = _memory_format(cfg)
     conf, soft = [], []
-    with _progress() as bar:
-        task = bar.add_task(description, total=len(ds))
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=len(ds), status="")
         for i in range(len(ds)):
             x, _ = ds[i]
             with _autocast(device, dtype):
@@ -335,8 +321,8 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
 
     def train_one_epoch(epoch: int) -> dict[str, float]:
         total, correct, n = 0.0, 0, 0
-        with _progress() as bar:
-            task = bar.add_task(f"{cfg['arch']} epoch {epoch}", total=len(train_ds))
+        with progress_bar() as bar:
+            task = bar.add_task(f"{cfg['arch']} epoch {epoch}", total=len(train_ds), status="")
             for x, y in _batches(train_ds, cfg, epoch):
                 x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device)
                 with _autocast(device, dtype):

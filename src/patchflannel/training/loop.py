@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from patchflannel.errors import ConfigError
@@ -40,6 +41,13 @@ LAST_FILE = "last.pt"
 LOG_FILE = "log.csv"
 
 _console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    """A transient progress bar on stderr (stdout is for results): description, bar, n of total, time, and the
+    task's ``status`` field."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=_console, transient=True)
 
 
 def seed_everything(seed: int) -> None:

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
@@ -35,8 +33,8 @@ from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
 from patchflannel.ops.preprocess import GAMMA, SEG_SIZE, resize_mask, segmentation_input
-from patchflannel.settings import SEED_RANGE, number, read_json
-from patchflannel.training.loop import BEST_FILE, RUN_FILE, Trainer, seed_everything
+from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
+from patchflannel.training.loop import BEST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
 
 
 @dataclass
@@ -93,13 +91,7 @@ class SegConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> SegConfig:
         """Read a YAML recipe; ``overrides`` (non-None values) replace its keys. Relative paths are kept as given."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read the recipe ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
+        data = read_yaml(path, "recipe")
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, source=str(path))
 
     @classmethod
@@ -245,11 +237,6 @@ def augment_batch(transform: v2.Transform, images: torch.Tensor, masks: torch.Te
     return torch.stack(out_i), torch.stack(out_m)
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[status]}"), transient=True)
-
-
 def _to_device(x: torch.Tensor, cfg: SegConfig) -> torch.Tensor:
     x = x.to(cfg.device)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
@@ -344,7 +331,7 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
     def train_one_epoch(epoch: int) -> dict[str, float]:
         order = torch.randperm(len(train_x))
         total, n = 0.0, 0
-        with _progress() as bar:
+        with progress_bar() as bar:
             task = bar.add_task(f"train {epoch}", total=len(order), status="")
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
@@ -446,6 +433,11 @@ def export_segmentation_bundle(run_dir: str | Path, out: str | Path, manifest: s
     info = read_run(run_dir)
     if info.get("task") != "segmentation":
         raise ConfigError(f"{run_dir}: run.json task is {info.get('task')!r}, not 'segmentation'")
+    if manifest is not None:  # checked before anything is written: a bad manifest leaves no bundle behind
+        have = {image.name for image, _ in read_pairs_manifest(manifest)}
+        missing = [n for n in validation_names(info, str(run_dir)) if n not in have]
+        if missing:
+            raise ManifestError(manifest, [f"the run's validation image {n} is not in the manifest" for n in missing])
     bundle = make_bundle(out, segmentation_run=run_dir, name=name)
     record = bundle.training.setdefault("segmentation", {})
     record.update({k: info[k] for k in ("split", "config", "train_seconds") if k in info})
