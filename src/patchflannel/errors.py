@@ -28,6 +28,9 @@ class ManifestError(PatchflannelError):
     def __init__(self, path: object, problems: list[str]) -> None:
         self.path = str(path)
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one line, as every other error
+            super().__init__(f"{self.path}: {self.problems[0]}")
+            return
         shown = "\n  ".join(self.problems[:50])
         more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
         super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n  {shown}{more}")

@@ -12,6 +12,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 train_app = typer.Typer(help="Train a stage: lung segmentation, a base learner, or the FLANNEL ensemble.",
                         no_args_is_help=True)

@@ -53,7 +53,7 @@ def bundle_cmd(
 
 @export_app.command("onnx")
 def onnx_cmd(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle)."),
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
     out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
     model: list[str] = typer.Option([], help="Export only these model names (repeat)."),
     preset: Optional[str] = typer.Option(None, help="'flannel5': random-weight FC-DenseNet103 + the five FLANNEL learners."),
@@ -86,7 +86,7 @@ def onnx_cmd(
 
 @export_app.command("tensorrt")
 def tensorrt_cmd(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder with ONNX files (default: the package's bundle)."),
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder with ONNX files (default: the package's bundle; it has none until exported into another folder)."),
     k_max: Optional[int] = typer.Option(None, help="Largest learner batch (default 4 K)."),
     k_opt: Optional[int] = typer.Option(None, help="Learner batch the engine is tuned for (default K)."),
     fp16: bool = typer.Option(True, metavar="", help="FP16 engines."),
@@ -101,7 +101,7 @@ def tensorrt_cmd(
 
 @export_app.command("compiled")
 def compiled_cmd(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle)."),
+    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
     out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     precision: str = typer.Option("fp32", help="fp32 or fp16."),

@@ -210,6 +210,8 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
     pb, text_format = _pb()
     if learner_format not in PLATFORMS:
         raise ConfigError(f"learner_format must be one of {', '.join(PLATFORMS)}, got {learner_format!r}")
+    if k_max is not None and k_max < 1:
+        raise ConfigError(f"--k-max must be at least 1, got {k_max}")
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if not b.learners:
         raise BundleError(f"bundle {b.root} has no learners; a Triton ensemble needs at least one")
