@@ -198,6 +198,9 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
     assert pred["pred"] == row["pred"] and pred["probs"] == pytest.approx([row[f"p_{c}"] for c in CLASSES], abs=1e-6)
     result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle)])
     assert result.exit_code == EXIT_USAGE and "already exists" in result.output
+    result = runner.invoke(_app(), ["score", str(image), "--out", str(tmp_path / "half.csv"), "--bundle", str(bundle),
+                                    "-k", "1", "--precision", "fp16", "--device", "cpu"])
+    assert result.exit_code == 0 and "note: fp16 on a CPU is slow" in result.output, result.output
 
 
 def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:

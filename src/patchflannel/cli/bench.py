@@ -36,7 +36,7 @@ def bench(
     learner_streams: str = typer.Option("1", help="CUDA streams the learners' calls are dealt over (GPU only); "
                                         "comma-separated to compare, e.g. 1,5."),
     loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="auto (cuda when available), cpu, cuda or cuda:N."),
     compile: bool = typer.Option(False, "--compile", metavar="", help="torch.compile with frozen weights (falls back to eager)."),
     repeats: int = typer.Option(3, help="Timed repeats a run (loop mode: one; it is slow)."),
     warmup: int = typer.Option(1, help="Warm-up runs before timing."),

@@ -103,7 +103,7 @@ def tensorrt_cmd(
 def compiled_cmd(
     bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
     out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (auto: cuda when available); compiled code is for the device it was made on."),
     precision: str = typer.Option("fp32", help="fp32 or fp16."),
     model: list[str] = typer.Option([], help="Compile only these model names (repeat)."),
     data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check."),

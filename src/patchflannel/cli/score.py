@@ -23,7 +23,7 @@ def score(
     seed: Annotated[int, typer.Option(help="Run seed; per-image patch seeds derive from it and the content hash.")] = 0,
     k: Annotated[int | None, typer.Option("--k", "-k", help="Patches per image (default: the bundle's).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Rows per atomically written part (the most a kill can lose).")] = DEFAULT_CHUNK_SIZE,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
     backend: Annotated[str, typer.Option(help="auto, torch, onnxruntime or tensorrt.")] = "auto",
     loader: Annotated[str, typer.Option(help="auto, cpu, dali or nvjpeg.")] = "auto",
     sampler: Annotated[str, typer.Option(help="auto, torch or cupy.")] = "auto",

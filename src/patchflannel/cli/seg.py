@@ -31,7 +31,7 @@ def train_seg_cmd(
     manifest: Annotated[Optional[str], typer.Option("--manifest", help="image,mask pairs CSV (overrides the recipe).")] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="fcdensenet103 | fcdensenet67 | fcdensenet56.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (overrides the recipe).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="torch device (overrides the recipe).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N (overrides the recipe).")] = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out.")] = False,
 ) -> None:
     """Train a lung segmentation network on image/mask pairs (seeded 80/20 split, early stopping on Jaccard)."""

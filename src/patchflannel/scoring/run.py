@@ -172,6 +172,10 @@ def score(
                 console.print(f"note: precision {options.precision} was asked for; the networks run at "
                               f"{description['precision']} (an exported backend runs the bundle's fp32 files where "
                               f"it has none in {options.precision})", markup=False, highlight=False, soft_wrap=True)
+            if description["precision"] == "fp16" and engine.device.type == "cpu" and not quiet:
+                console.print("note: fp16 on a CPU is slow (few CPU kernels run it natively); fp32, or bf16 on a CPU "
+                              "with bf16 instructions, are the CPU precisions", markup=False, highlight=False,
+                              soft_wrap=True)
             rows = _local_rows(engine, todo)
         else:
             from patchflannel.scoring.ray_runner import ray_rows

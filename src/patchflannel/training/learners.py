@@ -291,15 +291,15 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
         raise ConfigError(f"{cfg['splits']}: fold {val_fold} leaves {len(train_rows)} training and "
                           f"{len(val_rows)} validation images; both must be non-empty")
     check_weights_files(cfg, [cfg["arch"]])
-    lc = cfg["learner"]
-    if not (lc["imagenet_weights"] or {}).get(cfg["arch"]) and lc["lr"] < 1e-4:
-        _console.print(f"note: {cfg['arch']} starts from random weights (no learner.imagenet_weights file for it) at "
-                       f"lr {lc['lr']:g}, a rate for ImageNet-initialised learners: it will learn slowly "
-                       "(docs/training.md)", markup=False, highlight=False)
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)  # made once the config is known to be good: a refused one leaves nothing behind
     if resume:
         check_resumable(run_dir, cfg, LEARNER_SETTINGS, "train into a new --out instead", SPEED_ONLY + HOW_LONG)
+    lc = cfg["learner"]
+    if not (lc["imagenet_weights"] or {}).get(cfg["arch"]) and lc["lr"] < 1e-4:  # said once the run will go ahead
+        _console.print(f"note: {cfg['arch']} starts from random weights (no learner.imagenet_weights file for it) at "
+                       f"lr {lc['lr']:g}, a rate for ImageNet-initialised learners: it will learn slowly "
+                       "(docs/training.md)", markup=False, highlight=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     if device.type == "cpu":
