@@ -259,6 +259,8 @@ def test_training_run_and_resume_match_an_uninterrupted_run(lungseg_dir: Path, t
     train_segmentation(_tiny_config(manifest, max_epochs=1), tmp_path / "cut")
     resumed = train_segmentation(_tiny_config(manifest), tmp_path / "cut", resume=True)
     assert resumed == full
+    # --resume into a folder with nothing to resume starts the run, as for learners (a job script passes it always)
+    assert train_segmentation(_tiny_config(manifest), tmp_path / "fresh", resume=True) == full
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

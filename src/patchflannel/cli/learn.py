@@ -15,7 +15,7 @@ console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file (see recipes/ and docs/training.md).")]
 RunOpt = Annotated[Path, typer.Option("--out", help="Run folder (checkpoints, logs, a copy of the config).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out (a folder with none starts one).")]
 
 
 

@@ -32,7 +32,7 @@ def train_seg_cmd(
     arch: Annotated[Optional[str], typer.Option("--arch", help="fcdensenet103 | fcdensenet67 | fcdensenet56.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (overrides the recipe).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N (overrides the recipe).")] = None,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out.")] = False,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", metavar="", help="Continue an interrupted run in --out (a folder with none starts one).")] = False,
 ) -> None:
     """Train a lung segmentation network on image/mask pairs (seeded 80/20 split, early stopping on Jaccard)."""
     from patchflannel.training.segmentation import SegConfig, train_segmentation

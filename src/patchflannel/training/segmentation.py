@@ -34,7 +34,7 @@ from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
 from patchflannel.ops.preprocess import GAMMA, SEG_SIZE, resize_mask, segmentation_input
 from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
-from patchflannel.training.loop import BEST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
+from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
 
 
 @dataclass
@@ -357,7 +357,8 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
     trainer = Trainer(run_dir, model, optimizer, monitor="val_jaccard", mode="max", patience=cfg.patience,
                       max_epochs=cfg.max_epochs, scheduler=scheduler, scheduler_metric="val_loss", run_info=run_info)
     t1 = time.perf_counter()
-    summary = trainer.fit(train_one_epoch, evaluate, resume=resume)
+    # As for learners: --resume into a folder with nothing to resume starts the run (a job script may always pass it).
+    summary = trainer.fit(train_one_epoch, evaluate, resume=resume and (run_dir / LAST_FILE).is_file())
     info = read_json(run_dir / RUN_FILE)
     info["train_seconds"] = round(info.get("train_seconds", 0.0) + time.perf_counter() - t1, 1)
     (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
