@@ -226,7 +226,8 @@ def score(
         exported = export_predictions(store.out, predictions) if predictions is not None else None
     except OSError as exc:
         raise ConfigError(f"{predictions}: cannot be written ({exc.strerror or exc}); the scoring output {store.out} "
-                          "is complete: write the CSV with patchflannel.scoring.writers.export_predictions") from None
+                          "is complete: the same score command with --resume and another --predictions file writes "
+                          "the CSV without scoring again (or scoring.writers.export_predictions)") from None
     return ScoreSummary(out=store.out, rows=sum(counts.values()), ok=counts.get("ok", 0),
                         flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
                         skipped=len(items) - len(todo), scored_now=len(todo),
