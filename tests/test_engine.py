@@ -482,6 +482,8 @@ def test_inputs_given_the_way_users_hold_them(engine, jpegs, baseline):
     listed = engine.predict_many([["id", jpegs[0]]])[0]
     assert listed.status == "error" and "an (item_id, x) pair is a tuple" in listed.error
     assert baseline[0] == engine.predict(jpegs[0]) and engine.predict(jpegs[0]).centres is not None
+    with pytest.raises(AttributeError, match="no setter"):  # settings are read; configured() makes a copy
+        engine.k = 0
     sparse = engine.predict(torch.zeros(64, 64).to_sparse())
     assert sparse.status == "error" and "\n" not in sparse.error and len(sparse.error) < 400
 

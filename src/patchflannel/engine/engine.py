@@ -154,8 +154,21 @@ class _SourceFailure(Exception):
         self.error = error
 
 
+def _setting(name: str, doc: str) -> property:
+    """A read-only engine setting: checked once as the engine is made; :meth:`Engine.configured` makes a copy with
+    other settings (set by hand, one could break a run in another thread)."""
+    return property(lambda self: getattr(self, f"_{name}"), doc=doc)
+
+
 class Engine:
     """Patched FLANNEL inference over a bundle's networks; see the module docstring for the data flow."""
+
+    k = _setting("k", "Patches drawn an image.")
+    seed = _setting("seed", "The run seed, mixed into every image's seed.")
+    return_centres = _setting("return_centres", "Whether results carry their patch centres.")
+    images_per_call = _setting("images_per_call", "Images prepared and classified together.")
+    patch_batch = _setting("patch_batch", "Inputs a learner call carries at most.")
+    learner_streams = _setting("learner_streams", "CUDA streams the learners' calls are dealt over.")
 
     def __init__(self, *, segmenter: Backend, learners: list[Learner], ensemble: nn.Module | None,
                  preprocessing: Mapping[str, Any], device: torch.device, loader: Loader, sampler: Sampler,
@@ -175,18 +188,18 @@ class Engine:
         self.precision = precision
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ConfigError(f"seed must be a whole number, got {seed!r}")
-        self.seed = int(seed)
-        self.k = _count("k", k if k is not None else self.pre["k"], auto=False)
+        self._seed = int(seed)
+        self._k = _count("k", k if k is not None else self.pre["k"], auto=False)
         bad = sorted({lr.mode for lr in learners} - {"patch", "global"})
         if bad:
             raise ConfigError(f"learner mode must be 'patch' or 'global', got {', '.join(map(repr, bad))}")
-        self.return_centres = _flag("return_centres", return_centres)
+        self._return_centres = _flag("return_centres", return_centres)
         cuda = device.type == "cuda"
-        self.images_per_call = GPU_IMAGES_PER_CALL if images_per_call == "auto" and cuda else (
+        self._images_per_call = GPU_IMAGES_PER_CALL if images_per_call == "auto" and cuda else (
             1 if images_per_call == "auto" else _count("images_per_call", images_per_call))
-        self.patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else (
+        self._patch_batch = (self.images_per_call * self.k if cuda else CPU_PATCH_BATCH) if patch_batch == "auto" else (
             _count("patch_batch", patch_batch))
-        self.learner_streams = _count("learner_streams", learner_streams, auto=False)
+        self._learner_streams = _count("learner_streams", learner_streams, auto=False)
         if self.learner_streams > 1 and not cuda:
             raise ConfigError(f"learner_streams={self.learner_streams} needs a CUDA device (this engine runs on {device})")
         self.bundle_id = bundle_id
