@@ -34,6 +34,14 @@ def _raw(manifest: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _write_raw(manifest: Path, records: list[dict[str, str]]) -> Path:
+    with manifest.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    return manifest
+
+
 def _assert_clean_failure(result: Result, *needles: str, code: int = 2) -> None:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
@@ -97,11 +105,7 @@ def test_validate_command_ok_and_bad(app: typer.Typer, cxr4_dir: Path, tmp_path:
         record["path"] = str(cxr4_dir / record["path"])
     records[1]["label"] = "pneumonia"
     records[2]["path"] = str(tmp_path / "missing.jpg")
-    bad = tmp_path / "bad.csv"
-    with bad.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    bad = _write_raw(tmp_path / "bad.csv", records)
     result = runner.invoke(app, ["data", "validate", str(bad)])
     _assert_clean_failure(result, str(bad), "2 problem(s)", "line 3: unknown label 'pneumonia'", "line 4:", code=1)
     result = runner.invoke(app, ["data", "validate", "--no-check-files", str(bad)])
@@ -121,11 +125,7 @@ def test_validate_decode_reads_every_image(app: typer.Typer, cxr4_dir: Path, tmp
     cut.write_bytes(Path(records[1]["path"]).read_bytes()[:2000])
     Image.new("L", (16, 16)).save(tiny)
     records[1]["path"], records[3]["path"] = str(cut), str(tiny)
-    manifest = tmp_path / "m.csv"
-    with manifest.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    manifest = _write_raw(tmp_path / "m.csv", records)
     result = runner.invoke(app, ["data", "validate", str(manifest)])
     assert result.exit_code == 0 and "OK, 4 rows (image files exist)" in result.output, result.output
     result = runner.invoke(app, ["data", "validate", "--decode", str(manifest)])
@@ -136,10 +136,7 @@ def test_validate_decode_reads_every_image(app: typer.Typer, cxr4_dir: Path, tmp
     _assert_clean_failure(result, "3 problem(s)", "unknown label 'pneumonia'", "truncated", "too small", code=1)
     manifest.write_text(text.replace(",pneumonia,", ",bacterial,"))
     records.pop(3), records.pop(1)
-    with manifest.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
+    _write_raw(manifest, records)
     result = runner.invoke(app, ["data", "validate", "--decode", str(manifest)])
     assert result.exit_code == 0 and "OK, 2 rows (every image read)" in result.output, result.output
 

@@ -1,5 +1,5 @@
-"""Settings read from files: JSON records, YAML configs, and the numbers of YAML recipes checked, with errors that
-file or the setting.
+"""Settings read from files: JSON records, YAML configs, and the numbers of YAML recipes checked, with errors
+that name the file or the setting.
 
 YAML 1.1 reads ``1e-4`` (no dot) as a string; such strings are taken as the number they spell.
 """

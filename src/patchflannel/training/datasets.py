@@ -12,7 +12,6 @@ count or resume point.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from patchflannel.io import content_hash, read_image
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, resize_mask
 from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
-from patchflannel.training.mask_cache import MaskCache, cache_tmp
+from patchflannel.training.mask_cache import MaskCache, save_atomic
 
 MODES = ("global", "patch")
 
@@ -55,10 +54,7 @@ def read_splits(path: str | Path) -> list[Row]:
 
 
 def _save_atomic(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_tmp(path)
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    save_atomic(path, lambda tmp: np.save(tmp, arr))
 
 
 def _to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,14 @@ from patchflannel.io import content_hash, read_image
 from patchflannel.ops.preprocess import as_tensor, segmentation_input
 
 
-def cache_tmp(path: Path) -> Path:
-    """A temporary name beside a cache file, unique to this process and thread: two trainings sharing a
-    ``cache_dir`` may write the same entry at once (the last complete file wins)."""
-    return path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a cache file through ``write(temporary path)``, then move it into place. The temporary name is
+    unique to this process and thread: two trainings sharing a ``cache_dir`` may write the same entry at once
+    (the last complete file wins)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def model_key(bundle: Bundle) -> str:
@@ -91,10 +96,6 @@ class MaskCache:
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             for i, mask in zip(chunk, self._compute([read_image(paths[i]) for i in chunk])):
-                f = self.file(shas[i])
-                f.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_tmp(f)
-                np.savez_compressed(tmp, mask=mask.astype(bool))
-                os.replace(tmp, f)
                 out[i] = mask.astype(bool)
+                save_atomic(self.file(shas[i]), lambda tmp, m=out[i]: np.savez_compressed(tmp, mask=m))
         return out  # type: ignore[return-value]
