@@ -26,26 +26,40 @@ def _auc_or_none(labels: np.ndarray, scores: np.ndarray, c: int) -> float | None
     return float(roc_auc_score(positive, scores[:, c]))
 
 
+def macro_f1_present(per_class: dict[str, dict[str, Any]]) -> float | None:
+    """Mean F1 over the classes with images (support > 0), None when there are none.
+
+    This is the macro-F1 of a data source that holds only some classes: over all four classes the absent ones
+    score 0 and pull it down whatever the model does. Predictions into an absent class still count, as missed
+    images of the present ones.
+    """
+    f1 = [m["f1"] for m in per_class.values() if m["support"] > 0]
+    return float(np.mean(f1)) if f1 else None
+
+
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """scikit-learn metrics of one set of predictions (class indices and (N, C) probabilities).
 
     Returns ``per_class`` {class: precision, recall, f1, support, roc_auc (None when the class is absent or
     alone)}, ``macro_f1`` (over the four classes, absent ones scoring 0 as scikit-learn does with
-    ``zero_division=0``), ``accuracy``, ``n``, ``confusion`` (counts) and ``confusion_normalized`` (rows sum to 1;
-    a class with no image has a zero row).
+    ``zero_division=0``), ``macro_f1_present`` (over the classes with images: :func:`macro_f1_present`),
+    ``accuracy``, ``n``, ``confusion`` (counts) and ``confusion_normalized`` (rows sum to 1; a class with no
+    image has a zero row).
     """
     labels, preds, probs = np.asarray(labels), np.asarray(preds), np.asarray(probs, dtype=np.float64)
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=LABELS, zero_division=0)
     cm = confusion_matrix(labels, preds, labels=LABELS)
     rows = cm.sum(1, keepdims=True)
+    per_class = {
+        name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(s[c]),
+               "roc_auc": _auc_or_none(labels, probs, c)}
+        for c, name in enumerate(CLASSES)
+    }
     return {
         "n": int(len(labels)),
-        "per_class": {
-            name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(s[c]),
-                   "roc_auc": _auc_or_none(labels, probs, c)}
-            for c, name in enumerate(CLASSES)
-        },
+        "per_class": per_class,
         "macro_f1": float(f.mean()),
+        "macro_f1_present": macro_f1_present(per_class),
         "accuracy": float((labels == preds).mean()) if len(labels) else float("nan"),
         "confusion": cm.tolist(),
         "confusion_normalized": np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0).tolist(),
@@ -54,7 +68,7 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, probs: np.ndar
 
 def flat_scores(metrics: dict[str, Any]) -> dict[str, float | None]:
     """The scalar scores of :func:`classification_metrics` under flat names (``f1_covid``, ``macro_f1``, ...)."""
-    out: dict[str, float | None] = {"macro_f1": metrics["macro_f1"], "accuracy": metrics["accuracy"]}
+    out: dict[str, float | None] = {key: metrics[key] for key in ("macro_f1", "macro_f1_present", "accuracy")}
     for name, m in metrics["per_class"].items():
         for key in ("precision", "recall", "f1", "roc_auc"):
             out[f"{key}_{name}"] = m[key]
@@ -103,13 +117,15 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, group
                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
     """Percentile bootstrap intervals of the flat scores, resampling ``groups`` (patients) with replacement.
 
-    Every row of a drawn patient enters the resample as often as the patient was drawn. A score undefined in
-    more than half the resamples gets None.
+    Every row of a drawn patient enters the resample as often as the patient was drawn. ``macro_f1_present``
+    averages over the classes present in ``labels`` (fixed for every resample). A score undefined in more than
+    half the resamples gets None.
     """
     labels, preds = np.asarray(labels), np.asarray(preds)
     probs = np.asarray(probs, dtype=np.float64)
     _, row_group = np.unique(np.asarray(groups), return_inverse=True)
     n_groups = int(row_group.max()) + 1 if len(row_group) else 0
+    present = np.isin(np.arange(NUM_CLASSES), labels)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     for _ in range(n_boot):
@@ -119,6 +135,7 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, group
         cm = np.bincount(y * NUM_CLASSES + yhat, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
         s = scores_from_confusion(cm)
         samples.setdefault("macro_f1", []).append(float(s["f1"].mean()))
+        samples.setdefault("macro_f1_present", []).append(float(s["f1"][present].mean()) if present.any() else np.nan)
         samples.setdefault("accuracy", []).append(float((y == yhat).mean()))
         for c, name in enumerate(CLASSES):
             for key in ("precision", "recall", "f1"):

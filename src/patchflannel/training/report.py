@@ -19,7 +19,7 @@ import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, mean_std
+from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 from patchflannel.settings import read_json
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
@@ -152,6 +152,12 @@ def _ci(g: dict[str, Any], key: str) -> str:
     return "n/a" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _source_f1(g: dict[str, Any]) -> float | None:
+    """A group's pooled macro-F1 over the classes it has images of, from its per-class rows (so reports written
+    before ``macro_f1_present`` existed show it too)."""
+    return macro_f1_present(g["pooled"]["per_class"])
+
+
 def confusion_png(group: dict[str, Any], path: Path) -> Path:
     """Save the pooled confusion matrix of a report group (counts and row-normalised) as a PNG."""
     import matplotlib
@@ -213,16 +219,17 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
             lines.append(f"| {g['model']} | {g['n_rows']} | {p['macro_f1']:.3f} | {_ci(g, 'macro_f1')} | "
                          f"{p['accuracy']:.3f} | " + " | ".join(aucs) + " |")
         sources = report["sources"]
-        lines += ["", "### Per data source: pooled macro-F1 [95% CI] (n)", "",
+        lines += ["", "### Per data source: pooled macro-F1 over the source's classes [95% CI] (rows, classes)", "",
                   "| model | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
         for model in report["models"]:
             cells = []
             for s in sources:
                 g = next((x for x in gs if x["model"] == model and x["source"] == s), None)
-                cells.append("-" if g is None else f"{g['pooled']['macro_f1']:.3f} {_ci(g, 'macro_f1')} ({g['n_rows']})")
+                cells.append("-" if g is None else f"{_fmt(_source_f1(g))} {_ci(g, 'macro_f1_present')} "
+                             f"({g['n_rows']}, {sum(m['support'] > 0 for m in g['pooled']['per_class'].values())})")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
-        lines += ["", "Per source, classes absent from a source score F1 0 and pull its macro-F1 down; read the "
-                  "per-class rows in report.json.", ""]
+        lines += ["", "A source's macro-F1 averages F1 over the classes it has images of (an image predicted as a "
+                  "class the source lacks counts as missed); report.json has the per-class rows.", ""]
         for g in alls:
             lines += [f"### {g['model']} ({split}, pooled)", "",
                       "| class | precision | recall | F1 | ROC-AUC | support |", "|---|---|---|---|---|---|"]
@@ -240,8 +247,8 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
 def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
     """One markdown table over several reports (e.g. global and patch runs), laid out like the seed paper's
     Table 3: a row per model with its mode (the ``_global``/``_patch`` suffix of its name), per-class F1 and
-    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source. ConfigError when no
-    report has rows of ``split``."""
+    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source over its classes. ConfigError
+    when no report has rows of ``split``."""
     if not any(g["split"] == split for r in reports for g in r["groups"]):
         have = sorted({g["split"] for r in reports for g in r["groups"]})
         raise ConfigError(f"no report has {split} rows (they have: {', '.join(have) or 'none'}); pick another --split")
@@ -254,8 +261,7 @@ def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
             g = by_key.get((model, "all"))
             if g is None:
                 continue
-            per_source = [f"{by_key[(model, s)]['pooled']['macro_f1']:.3f}" if (model, s) in by_key else "-"
-                          for s in sources]
+            per_source = [_fmt(_source_f1(by_key[(model, s)])) if (model, s) in by_key else "-" for s in sources]
             suffix = model.rsplit("_", 1)[-1]
             lines.append(f"| {suffix if suffix in ('global', 'patch') else '-'} | {model} | "
                          + " | ".join(_ms(g, f"f1_{c}") for c in CLASSES)
