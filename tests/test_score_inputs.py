@@ -189,8 +189,12 @@ def test_a_name_that_is_not_utf8_is_written_escaped_and_read_as_it_is(tmp_path: 
     assert os.path.isfile(item.source)
 
 
-def test_a_manifest_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+def test_a_manifest_with_a_bad_header_is_refused(tmp_path: Path) -> None:
+    """The same header checks as data manifests: a column named twice, another separator."""
     (tmp_path / "m.csv").write_text("path,label,label\na.png,covid,normal\n")
-    with pytest.raises(ManifestError, match="column\\(s\\) named twice: label"):
+    with pytest.raises(ManifestError, match="column 'label' appears 2 times in the header"):
+        read_score_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("path;label\na.png;covid\n")
+    with pytest.raises(ManifestError, match="one column named 'path;label': a manifest's columns are separated by commas"):
         read_score_manifest(tmp_path / "m.csv")
 

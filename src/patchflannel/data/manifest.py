@@ -34,6 +34,16 @@ class Manifest:
     rows: list[Row]
 
 
+def header_problems(columns: list[str]) -> list[str]:
+    """What is wrong with a manifest's header row (any manifest: data, splits or score): a column named twice,
+    or one column whose name holds another separator."""
+    problems = [f"column '{name}' appears {columns.count(name)} times in the header"
+                for name in dict.fromkeys(columns) if columns.count(name) > 1]
+    if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
+        problems.append(f"one column named {columns[0]!r}: a manifest's columns are separated by commas")
+    return problems
+
+
 def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = False,
                   progress: Callable[[], None] | None = None) -> Manifest:
     """Read and validate a manifest CSV; raises ManifestError listing every problem found. ``decode`` also reads
@@ -52,10 +62,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
         raise ManifestError(path, ["empty file: no header row"])
 
     columns = [name.strip() for name in header]
-    problems = [f"column '{name}' appears {columns.count(name)} times in the header"
-                for name in dict.fromkeys(columns) if columns.count(name) > 1]
-    if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
-        problems.append(f"one column named {columns[0]!r}: a manifest's columns are separated by commas")
+    problems = header_problems(columns)
     rows: list[Row] = []
     for line, record in records:
         if len(record) != len(columns):

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from patchflannel.data.manifest import header_problems
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io.files import walk_files
 
@@ -174,11 +175,11 @@ def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
             reader = csv.reader(handle)
             columns = [c.strip() for c in next(reader, None) or []]
+            problems = header_problems(columns)
+            if problems:
+                raise ManifestError(path, problems)
             if "path" not in columns:
                 raise ManifestError(path, [f"no 'path' column (columns: {', '.join(columns)})"])
-            repeated = sorted({c for c in columns if columns.count(c) > 1})
-            if repeated:
-                raise ManifestError(path, [f"column(s) named twice: {', '.join(repeated)}"])
             records = [(reader.line_num, record) for record in reader if record]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
