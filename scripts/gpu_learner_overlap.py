@@ -67,20 +67,25 @@ def main() -> None:
     started = time.perf_counter()
     reference = one_stream()  # compiles here with --compile
     report["first_call_s"] = round(time.perf_counter() - started, 1)
+    report["compile_errors"] = {name: b.compile_error for name, b in backends.items() if b.compile_error}
     print(json.dumps(report), flush=True)  # partial reports as it goes: a run stopped at its limit keeps them
     report["per_learner_ms"] = {name: round(median_ms(lambda b=b: b.run(x), args.repeats, cuda), 2)
                                 for name, b in backends.items()}
     print(json.dumps(report["per_learner_ms"]), flush=True)
-    variants: dict[str, Callable[[], list[torch.Tensor]]] = {"1 stream": one_stream}
+    # Built when its turn comes, the CUDA graph last: a failed capture makes a compiled backend fall back to
+    # eager for good, which must not change the stream variants' timings.
+    makers: dict[str, Callable[[], Callable[[], list[torch.Tensor]]]] = {"1 stream": lambda: one_stream}
     if cuda:
         for count in (2, len(backends)):
-            variants[f"{count} streams"] = spread(list(backends.values()), x, count)
-        try:
-            variants["cuda graph"] = graphed(list(backends.values()), x)
-        except Exception as exc:  # noqa: BLE001 - a capture failure is a finding, not a crash
-            report["cuda graph error"] = f"{type(exc).__name__}: {exc}"[:300]
+            makers[f"{count} streams"] = lambda count=count: spread(list(backends.values()), x, count)
+        makers["cuda graph"] = lambda: graphed(list(backends.values()), x)
     results = {}
-    for label, fn in variants.items():
+    for label, make in makers.items():
+        try:
+            fn = make()
+        except Exception as exc:  # noqa: BLE001 - a capture failure is a finding, not a crash
+            report[f"{label} error"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
         outs = fn()
         diff = max(float((o - r).abs().max()) for o, r in zip(outs, reference))
         group_ms = median_ms(fn, args.repeats, cuda)
@@ -88,6 +93,7 @@ def main() -> None:
                           "max_abs_diff": diff}
         print(json.dumps({label: results[label]}), flush=True)
     report["variants"] = results
+    report["compile_errors"] = {name: b.compile_error for name, b in backends.items() if b.compile_error}
     print(json.dumps(report, indent=1))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from patchflannel.io import read_image
@@ -14,6 +15,7 @@ from patchflannel.ops.preprocess import (
     resize,
     resize_mask,
     segmentation_input,
+    to_unit,
 )
 
 
@@ -56,3 +58,23 @@ def test_learner_image_holds_the_8_bit_levels_training_caches() -> None:
     as_uint8 = (resize(image, 64).clamp(0, 1) * 255).round().to(torch.uint8)
     assert torch.equal(x, as_uint8.float() / 255)
     assert not torch.equal(x, resize(image, 64))
+
+
+def test_levels_become_the_readers_float32_values() -> None:
+    """to_unit gives the bits the file readers give (numpy float32 division), for 8- and 16-bit levels."""
+    for top, dtype in ((255, torch.uint8), (65535, torch.int32)):
+        want = np.arange(top + 1, dtype=np.float32) / np.float32(top)
+        assert np.array_equal(to_unit(torch.arange(top + 1, dtype=dtype), top).numpy(), want)
+    half = learner_image(torch.rand(300, 250).half(), 64)  # resized and rounded in float32 whatever comes in
+    assert half.dtype == torch.float32 and torch.equal(half, to_unit((half * 255).round()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_levels_have_the_same_bits_on_a_gpu() -> None:
+    """CUDA divides by a Python number through its reciprocal (an ulp off for some levels); to_unit does not."""
+    for top in (255, 65535):
+        levels = torch.arange(top + 1, dtype=torch.int32)
+        assert torch.equal(to_unit(levels.cuda(), top).cpu(), to_unit(levels, top))
+    x = learner_image(torch.rand(300, 250, device="cuda"), 64).cpu()
+    assert torch.equal(x, to_unit((x * 255).round()))

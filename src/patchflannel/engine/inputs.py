@@ -17,6 +17,7 @@ import torch
 
 from patchflannel.engine.results import Prediction
 from patchflannel.errors import ImageReadError, first_line
+from patchflannel.ops.preprocess import to_unit
 from patchflannel.io.readers import bytes_hash, check_size, read_file_bytes
 
 
@@ -75,11 +76,8 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
         raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}{rgb}")
     check_size(label, *t.shape)
     if t.dtype in (torch.uint8, torch.uint16):
-        # Through a table made on the CPU: the same float32 values (so the same content hash and seed) on any
-        # device, where dividing on a GPU may round differently from the CPU.
-        top = 255 if t.dtype == torch.uint8 else 65535
-        table = (torch.arange(top + 1, dtype=torch.float32) / top).to(t.device)
-        return table[t.to(torch.int64)]
+        # The same float32 values (so the same content hash and seed) on any device.
+        return to_unit(t, 255 if t.dtype == torch.uint8 else 65535)
     if not t.is_floating_point():
         raise ImageReadError(label, f"unsupported array dtype {t.dtype} (expected uint8, uint16 or float in [0, 1])")
     t = t.to(torch.float32)

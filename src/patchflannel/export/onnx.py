@@ -93,8 +93,8 @@ def _read(paths: list[Path]) -> list[torch.Tensor]:
 def _normalise(grey: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
     """(N, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
     norm = preprocessing["normalization"]
-    mean = torch.tensor(norm["mean"], dtype=torch.float32)[None, :, None, None]
-    std = torch.tensor(norm["std"], dtype=torch.float32)[None, :, None, None]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32, device=grey.device)[None, :, None, None]
+    std = torch.tensor(norm["std"], dtype=torch.float32, device=grey.device)[None, :, None, None]
     return (grey[:, None].expand(-1, 3, -1, -1) - mean) / std
 
 

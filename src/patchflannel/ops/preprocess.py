@@ -20,6 +20,15 @@ def as_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str | Non
     return t.to(device=device, dtype=torch.float32)
 
 
+def to_unit(levels: torch.Tensor, top: int = LEVELS - 1) -> torch.Tensor:
+    """Integer grey levels ``0..top`` (any dtype) as float32 ``level / top``, the same bits on every device.
+
+    The divisor is a tensor on the levels' device: CUDA divides by a Python number through its reciprocal,
+    which is an ulp off for about half the 8-bit levels.
+    """
+    return levels.to(torch.float32) / torch.full((), float(top), device=levels.device)
+
+
 def equalize_hist(images: torch.Tensor) -> torch.Tensor:
     """Histogram equalisation over 256 grey levels of each (..., H, W) image in [0, 1]; result in [0, 1].
 
@@ -60,7 +69,7 @@ def learner_image(images: torch.Tensor, size: int) -> torch.Tensor:
     """Images resized to ``size`` x ``size`` and rounded to 256 grey levels: what the learners' inputs are cut
     from (patches from the 1024 image, the global crop from the 336 one). Training caches this image in 8 bits,
     so the rounding makes the learners see the same values at inference (SPEC: preprocessing used identically)."""
-    return (resize(images, size).clamp(0, 1) * (LEVELS - 1)).round() / (LEVELS - 1)
+    return to_unit((resize(images.float(), size).clamp(0, 1) * (LEVELS - 1)).round())
 
 
 def global_view(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from patchflannel.engine.loaders import DecodeResult, eight_bit_image
 from patchflannel.engine.loaders.cpu import CpuLoader
 from patchflannel.errors import BackendUnavailableError
+from patchflannel.ops.preprocess import to_unit
 from patchflannel.io.readers import detect_format
 
 DALI_FORMATS = ("jpeg", "png", "tiff")
@@ -64,7 +65,7 @@ class DaliLoader:
         self._pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
         (out,) = self._pipe.run()  # host-synchronous (the pipeline is neither async nor pipelined)
         images = [torch.from_dlpack(out[i])[..., 0] for i in range(len(out))]
-        return [(img.to(self.device, torch.float32) / 255.0) for img in images]
+        return [to_unit(img.to(self.device)) for img in images]  # the cpu loader's values, bit for bit
 
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]:
         """Each ``(label, data)`` in order; the error of a bad input is returned, not raised."""

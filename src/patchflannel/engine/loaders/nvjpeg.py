@@ -13,6 +13,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from patchflannel.engine.loaders import DecodeResult, eight_bit_image
 from patchflannel.engine.loaders.cpu import CpuLoader
 from patchflannel.errors import BackendUnavailableError
+from patchflannel.ops.preprocess import to_unit
 
 
 class NvjpegLoader:
@@ -29,7 +30,7 @@ class NvjpegLoader:
     def _gpu(self, datas: list[bytes]) -> list[torch.Tensor]:
         encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
         decoded = decode_jpeg(encoded, mode=ImageReadMode.GRAY, device=self.device)
-        return [img[0].to(torch.float32) / 255.0 for img in decoded]
+        return [to_unit(img[0]) for img in decoded]  # the cpu loader's values, bit for bit
 
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]:
         """Each ``(label, data)`` in order; the error of a bad input is returned, not raised."""
