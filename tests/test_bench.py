@@ -190,5 +190,8 @@ def test_smoke_runs_the_bundle_it_is_given(app, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [e["bundle"] for e in report["engines"]] == ["mine"] and report["config"]["preset"] is None
+    quiet = CliRunner().invoke(app, ["bench", "--smoke", "--synthetic", "--bundle", str(tmp_path / "b"), "--quiet",
+                                     "--out", str(tmp_path / "o3")])
+    assert quiet.exit_code == 0 and quiet.output == "" and (tmp_path / "o3" / "bench.json").is_file(), quiet.output
     missing = CliRunner().invoke(app, ["bench", "--smoke", "--bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and "nope" in missing.output

@@ -410,6 +410,11 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
                               "--out", str(tmp_path / "masks")])
     assert res.exit_code == 1, res.output  # done, with an input that gave no mask
     assert "error(s)" in res.output and "notes.png" in res.output
+    res = runner.invoke(app, ["segment", str(image), str(tmp_path / "notes.png"), "--model", str(run),
+                              "--out", str(tmp_path / "masks_q"), "-q"])
+    assert res.exit_code == 1 and res.output == "", res.output  # the same run and status, nothing said
+    assert (tmp_path / "masks_q" / f"{image.stem}.png").is_file() and "notes.png" in (
+        tmp_path / "masks_q" / "segment_report.csv").read_text()
     assert (tmp_path / "masks" / f"{image.stem}.png").is_file()
     folder = tmp_path / "films"  # folders (and globs, manifests) as for score
     folder.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,10 @@ from rich.console import Console
 from patchflannel.errors import ConfigError, PatchflannelError
 
 errors = Console(stderr=True)
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress and no summary on the terminal "
+                                        "(the outputs and the exit status are the same).")]
+"""``--quiet`` of the commands that work through many inputs (score, segment, bench)."""
 
 EXIT_INPUT_ERRORS = 1
 """Exit status when the run finished but some inputs gave no result (error rows)."""

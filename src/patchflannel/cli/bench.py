@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from patchflannel.cli._common import QuietOpt
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -44,6 +46,7 @@ def bench(
     smoke: bool = typer.Option(False, "--smoke", metavar="", help="A seconds-long run of --preset or --bundle (neither: preset tiny); it "
                                "replaces N, K, pack, repeats, warm-up and modes with N=2 (loop 1), K=4, pack 2, one "
                                "repeat, no warm-up, modes loop,batched,packed,global."),
+    quiet: QuietOpt = False,
 ) -> None:
     """Time the engine's ways of classifying N images with K patches each and write a report."""
     from patchflannel.bench.harness import BenchConfig, run_bench
@@ -59,10 +62,12 @@ def bench(
         config.n, config.loop_n, config.ks, config.repeats, config.warmup, config.pack = 2, 1, (4,), 1, 0, 2
         config.modes = ("loop", "batched", "packed", "global")
     try:
-        report = run_bench(config, progress=lambda line: typer.echo(line, err=True))
+        report = run_bench(config, progress=None if quiet else lambda line: typer.echo(line, err=True))
     except (PatchflannelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if quiet:
+        return
     typer.echo(markdown(report))
     plot = " and bench.png" if importlib.util.find_spec("matplotlib") is not None else " (no plot: matplotlib is not installed)"
     typer.echo(f"wrote {out}/bench.json, bench.md{plot}")

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import EXIT_INPUT_ERRORS, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, fail_cleanly
+from patchflannel.cli._common import (EXIT_INPUT_ERRORS, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, QuietOpt,
+                                      fail_cleanly)
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
 
@@ -35,7 +36,7 @@ def score(
     actors: Annotated[int | None, typer.Option(help="Ray: engines (actors); default one per GPU, else one per CPU.")] = None,
     predictions: Annotated[Path | None, typer.Option(
         help="Also write the rows with a result and a manifest label as a predictions CSV for `patchflannel eval`.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar="", help="No progress bar and no summary.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Score images into one table: one row per input (path, hash, status, error, pred, p_covid..p_normal,
     per-learner confidences, K, seed, bundle id, backend, DICOM UIDs).

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import EXIT_INTERRUPTED, EXIT_STOPPED, errors, fail_cleanly, fresh_run, metrics_text
+from patchflannel.cli._common import (EXIT_INTERRUPTED, EXIT_STOPPED, QuietOpt, errors, fail_cleanly, fresh_run,
+                                      metrics_text)
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write
 
@@ -88,6 +89,7 @@ def segment_cmd(
     min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.", min=0.0, max=1.0)] = 0.05,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
+    quiet: QuietOpt = False,
 ) -> None:
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.
 
@@ -108,14 +110,14 @@ def segment_cmd(
         written = {os.path.realpath(out), os.path.realpath(out / "overlays")}
         found = discover_inputs(inputs)
         items = [i for i in found if os.path.dirname(os.path.realpath(i.source)) not in written]
-        if len(items) < len(found):
+        if len(items) < len(found) and not quiet:
             errors.print(f"{len(found) - len(items)} file(s) in {out} (where the masks go) are not taken as inputs",
                          markup=False, highlight=False, soft_wrap=True)
         if not items:
             raise ConfigError(f"no inputs: the sources named only files in {out}, where the masks go")
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
     bar = Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors,
-                   disable=not errors.is_terminal)
+                   disable=quiet or not errors.is_terminal)
     try:
         with bar:
             task = bar.add_task("segment", total=len(items))
@@ -131,6 +133,8 @@ def segment_cmd(
                      highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED) from None
     counts = report_summary(rows)
+    if quiet:
+        raise typer.Exit(1 if counts["error"] else 0)
     _say(f"{counts['ok']} ok, {counts['flagged']} flagged, {counts['error']} error(s); report: {out / REPORT_FILE}")
     for r in rows:
         if r["status"] != "ok":
