@@ -17,8 +17,8 @@ import torch
 
 from patchflannel.engine.results import Prediction
 from patchflannel.errors import ImageReadError, first_line
-from patchflannel.ops.preprocess import to_unit
 from patchflannel.io.readers import bytes_hash, check_size, read_file_bytes
+from patchflannel.ops.preprocess import to_unit
 
 
 @dataclass

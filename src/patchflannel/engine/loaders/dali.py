@@ -15,8 +15,8 @@ import torch
 from patchflannel.engine.loaders import DecodeResult, eight_bit_image
 from patchflannel.engine.loaders.cpu import CpuLoader
 from patchflannel.errors import BackendUnavailableError
-from patchflannel.ops.preprocess import to_unit
 from patchflannel.io.readers import detect_format
+from patchflannel.ops.preprocess import to_unit
 
 DALI_FORMATS = ("jpeg", "png", "tiff")
 
