@@ -305,11 +305,17 @@ def test_segment_writes_masks_for_good_inputs_and_errors_for_bad(cxr4_dir: Path,
     text.write_text("not an image\n")
     dup = inputs / adult.name
     dup.write_bytes(adult.read_bytes())
+    uids = [inputs / "1.2.840.113619.2.55.1", inputs / "1.2.840.113619.2.55.2"]  # named as a PACS export names them
+    for uid, src in zip(uids, (adult, child)):
+        uid.write_bytes(src.read_bytes())
     out = tmp_path / "out"
-    report = segment_images([adult, truncated, child, text, dup, inputs / "missing.png"], load_segmenter(), out,
+    report = segment_images([adult, truncated, child, text, dup, inputs / "missing.png", *uids], load_segmenter(), out,
                             overlays=True)
 
-    assert [r["status"] for r in report] == ["ok", "error", "ok", "error", "error", "error"]
+    assert [r["status"] for r in report] == ["ok", "error", "ok", "error", "error", "error", "ok", "ok"]
+    assert [r["mask"] for r in report[-2:]] == ["1.2.840.113619.2.55.1.png", "1.2.840.113619.2.55.2.png"]
+    assert np.array_equal(np.asarray(Image.open(out / "1.2.840.113619.2.55.2.png")),
+                          np.asarray(Image.open(out / f"{child.stem}.png")))
     assert "already writes" in report[4]["message"]
     assert all(r["message"] for r in report if r["status"] == "error")
     with open(out / REPORT_FILE, newline="") as fh:

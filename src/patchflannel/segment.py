@@ -27,7 +27,7 @@ from patchflannel.export.bundle import BUNDLE_FILE, load_bundle, load_torch_mode
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
 from patchflannel.ops.preprocess import resize_mask, segmentation_input
-from patchflannel.scoring.inputs import printable
+from patchflannel.scoring.inputs import IMAGE_EXTENSIONS, printable
 
 REPORT_FILE = "segment_report.csv"
 REPORT_COLUMNS = ("file", "status", "lung_fraction", "mask", "message")
@@ -101,6 +101,12 @@ def overlay_image(image: np.ndarray, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(rgb, "RGB")
 
 
+def mask_name(path: Path) -> str:
+    """The file name of an input's mask: ``<stem>.png``, where the stem keeps the whole name unless it ends in an
+    image extension (a DICOM named by its UID, ``1.2.840.113619.2.55.1``, keeps its last part)."""
+    return f"{path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name}.png"
+
+
 def _flag_message(fraction: float, min_fraction: float) -> tuple[str, str]:
     if fraction < min_fraction:
         return "flagged", f"mask covers {fraction:.1%} of the image (< {min_fraction:.1%}): check the input"
@@ -109,7 +115,8 @@ def _flag_message(fraction: float, min_fraction: float) -> tuple[str, str]:
 
 def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: str | Path, *, overlays: bool = False,
                    min_fraction: float = MIN_FRACTION, progress: Callable[[int], None] | None = None) -> list[dict[str, str]]:
-    """Segment every input into ``out_dir/<stem>.png`` (0/255), optionally ``out_dir/overlays/<stem>.png``.
+    """Segment every input into ``out_dir/<stem>.png`` (0/255, :func:`mask_name`), optionally
+    ``out_dir/overlays/<stem>.png``.
 
     Writes ``out_dir/segment_report.csv`` (file, status ok|flagged|error, lung_fraction, mask, message)
     and returns its rows, one per input in input order. Never raises for one bad input; never writes over an
@@ -123,7 +130,7 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
     if overlays:
         (out_dir / "overlays").mkdir(exist_ok=True)
     rows: list[dict[str, str]] = []
-    stems: set[str] = set()
+    names: set[str] = set()
     pending: list[tuple[int, Path, np.ndarray]] = []
 
     def flush() -> None:
@@ -131,10 +138,10 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
             if progress is not None:
                 progress(1)
             fraction = float(mask_fraction(mask))
-            mask_path = out_dir / f"{path.stem}.png"
+            mask_path = out_dir / mask_name(path)
             Image.fromarray(mask.astype(np.uint8) * 255, "L").save(mask_path)
             if overlays:
-                overlay_image(image, mask).save(out_dir / "overlays" / f"{path.stem}.png")
+                overlay_image(image, mask).save(out_dir / "overlays" / mask_name(path))
             status, message = _flag_message(fraction, min_fraction)
             rows[i].update(status=status, lung_fraction=f"{fraction:.4f}", mask=printable(mask_path.name), message=message)
         pending.clear()
@@ -143,11 +150,12 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
         for path in paths:
             row = {"file": printable(str(path)), "status": "error", "lung_fraction": "", "mask": "", "message": ""}
             rows.append(row)
-            written = [out_dir / f"{path.stem}.png", *([out_dir / "overlays" / f"{path.stem}.png"] if overlays else [])]
+            name = mask_name(path)
+            written = [out_dir / name, *([out_dir / "overlays" / name] if overlays else [])]
             replaced = next((w for w in written if os.path.realpath(w) in inputs), None)
             try:
-                if path.stem in stems:
-                    raise ImageReadError(path, f"another input already writes {printable(path.stem)}.png; rename one of them")
+                if name in names:
+                    raise ImageReadError(path, f"another input already writes {printable(name)}; rename one of them")
                 if replaced is not None:
                     raise ImageReadError(path, f"its mask would replace the input {printable(str(replaced))}; "
                                                "write the masks to another --out")
@@ -157,7 +165,7 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
                 if progress is not None:
                     progress(1)
                 continue
-            stems.add(path.stem)
+            names.add(name)
             pending.append((len(rows) - 1, path, image))
             if len(pending) >= segmenter.batch_size:
                 flush()
