@@ -249,7 +249,7 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
     options = EngineOptions(bundle=str(bundle), k=K)
     first = score([manifest, tmp_path], tmp_path / "o.parquet", options=options, quiet=True,
                   predictions=tmp_path / "p.csv")
-    assert (first.rows, first.ok + first.flagged, first.predictions) == (2, 2, (1, 1))
+    assert (first.rows, first.ok + first.flagged, first.predictions) == (2, 2, (1, {"no label": 1}))
     table, _ = read_output(tmp_path / "o.parquet")
     assert table.column("path").to_pylist() == [str(images[0]), str(tmp_path / "scan-\\xff.jpg")]
     manifest.write_text(f"path,label\n{images[0]},viral\n")  # corrected
@@ -258,6 +258,13 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
     assert (again.scored_now, again.rows) == (0, 2)
     assert read_output(tmp_path / "o.parquet")[0].column("label").to_pylist() == ["viral", ""]
     assert [r["label"] for r in read_predictions(tmp_path / "p.csv")] == ["viral"]
+    manifest.write_text(f"path,label\n{images[0]},Viral\n")  # not a class: left out, and said so
+    result = CliRunner().invoke(_app(), ["score", str(manifest), str(tmp_path), "--out", str(tmp_path / "o.parquet"),
+                                         "--bundle", str(bundle), "-k", str(K), "--resume",
+                                         "--predictions", str(tmp_path / "p2.csv")])
+    assert result.exit_code == 0, result.output
+    assert "0 predictions for `patchflannel eval`; left out: 1 with label 'Viral' (not a class), 1 with no label" in (
+        result.output) and "a manifest's labels are covid, viral, bacterial, normal" in result.output
 
 
 def test_a_link_to_nowhere_with_an_odd_name_is_an_error_row(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from rich.console import Console
 
 from patchflannel.export.bundle import random_bundle
 from patchflannel.scoring.run import EngineOptions, score
@@ -66,8 +68,11 @@ def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Pa
     assert (again.skipped, again.scored_now, again.rows) == (N_IMAGES + 1, 0, N_IMAGES + 1)
     assert read_output(out)[0].to_pylist() == table.to_pylist()
     shutil.copy(cxr4_dir / "images" / "covid" / sorted(os.listdir(cxr4_dir / "images" / "covid"))[0], images / "broken.png")
-    fixed = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, quiet=True)
+    log = Console(file=io.StringIO(), width=300)
+    fixed = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, console=log)
     assert (fixed.scored_now, fixed.rows, fixed.errors) == (1, N_IMAGES + 1, 0)
+    assert "resume: 1 of files changed since are scored again" in log.file.getvalue()
+    assert "dropped" not in log.file.getvalue()  # none was: nothing said of it
     rows = {r["path"]: r for r in read_output(out)[0].to_pylist()}
     assert rows[str(images / "broken.png")]["status"] == "ok" and len(rows) == N_IMAGES + 1
 

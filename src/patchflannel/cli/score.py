@@ -10,6 +10,7 @@ from rich.console import Console
 
 from patchflannel.cli._common import (EXIT_INPUT_ERRORS, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, QuietOpt,
                                       fail_cleanly)
+from patchflannel.classes import CLASSES
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
 
@@ -76,9 +77,13 @@ def score(
         errors.print(summary_text(summary), markup=False, highlight=False, soft_wrap=True)
     if summary.predictions is not None and not quiet:
         written, left_out = summary.predictions
-        errors.print(f"{predictions}: {written} predictions for `patchflannel eval` ({left_out} rows without a "
-                     "result or a label left out)", markup=False, highlight=False, soft_wrap=True)
-        if not written:
+        left = "; left out: " + ", ".join(f"{n} with {reason}" for reason, n in left_out.items()) if left_out else ""
+        errors.print(f"{predictions}: {written} predictions for `patchflannel eval`{left}", markup=False,
+                     highlight=False, soft_wrap=True)
+        if any(reason.startswith("label ") for reason in left_out):
+            errors.print(f"note: a manifest's labels are {', '.join(CLASSES)}", markup=False, highlight=False,
+                         soft_wrap=True)
+        elif not written and "no label" in left_out:
             errors.print("note: no row has a label: the predictions need a manifest with a 'label' column",
                          markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)

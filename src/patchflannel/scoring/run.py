@@ -67,8 +67,9 @@ class ScoreSummary:
     skipped: int
     scored_now: int
     seconds: float
-    predictions: tuple[int, int] | None = None
-    """With a predictions CSV: the rows written to it, and those left out (no result or no label)."""
+    predictions: tuple[int, dict[str, int]] | None = None
+    """With a predictions CSV: the rows written to it, and those left out by reason (no result, no label, a
+    label that is not a class)."""
 
     @property
     def images_per_second(self) -> float:
@@ -162,10 +163,10 @@ def score(
             paths = {i.path for i in items}
             gone = sum(1 for path, _ in stored if path not in paths)
             changed = sum(1 for key in stored if not keep(key)) - gone
-            if (gone or changed) and not quiet:
-                console.print(f"resume: {gone} stored rows of files not among these inputs will be dropped from "
-                              f"{store.out}; {changed} of files changed since are scored again", markup=False,
-                              highlight=False, soft_wrap=True)
+            said = [f"{gone} stored rows of files not among these inputs will be dropped from {store.out}"] if gone else []
+            said += [f"{changed} of files changed since are scored again"] if changed else []
+            if said and not quiet:
+                console.print(f"resume: {'; '.join(said)}", markup=False, highlight=False, soft_wrap=True)
         if engine is not None:
             description = describe_engine(engine)
             if options.precision != "auto" and description["precision"] != options.precision and not quiet:

@@ -281,9 +281,10 @@ def read_output(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any]]
 
 
 def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLike[str], *,
-                       split: str = "test") -> tuple[int, int]:
+                       split: str = "test") -> tuple[int, dict[str, int]]:
     """Write the rows of scoring output ``out`` that have a result and a known ``label`` (carried from a
-    manifest) as a predictions CSV for ``patchflannel eval``; returns (rows written, rows left out).
+    manifest) as a predictions CSV for ``patchflannel eval``; returns the rows written and the rows left out
+    by reason (``no result``, ``no label``, ``label 'X' (not a class)``).
 
     ``model`` is the bundle's name, ``fold`` the carried fold (else ``all``), ``split`` the carried split
     (a splits file's ``train``/``test``) else ``split``, and a missing ``patient_id`` is the path (each image
@@ -292,12 +293,20 @@ def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLi
     from patchflannel.training.report import write_predictions
 
     table, metadata = read_output(out)
-    rows = [r for r in table.to_pylist() if r["status"] != "error" and r.get("label") in CLASSES]
+    rows, left_out = [], Counter()
+    for r in table.to_pylist():
+        label = r.get("label") or ""
+        if r["status"] == "error":
+            left_out["no result"] += 1
+        elif label not in CLASSES:
+            left_out[f"label {label!r} (not a class)" if label else "no label"] += 1
+        else:
+            rows.append(r)
     model = metadata["bundle"]["name"]
     write_predictions([{"patient_id": r["path"], "source": "", **{k: v for k, v in r.items() if v not in (None, "")},
                         "model": model, "fold": r.get("fold") or "all", "split": r.get("split") or split} for r in rows],
                       Path(predictions))
-    return len(rows), table.num_rows - len(rows)
+    return len(rows), dict(left_out)
 
 
 def schema_columns(schema: pa.Schema) -> list[list[str]]:
