@@ -172,6 +172,12 @@ def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_d
     )
     assert resplit.exit_code == 0, resplit.output
     assert read_manifest(tmp_path / "c.csv").columns == splits.columns
+    kept = (tmp_path / "c.csv").read_bytes()
+    refused = runner.invoke(app, [*args, "--seed", "5", "--out", str(tmp_path / "c.csv")])
+    _assert_clean_failure(refused, "c.csv already exists", "--overwrite replaces it")
+    assert (tmp_path / "c.csv").read_bytes() == kept
+    replaced = runner.invoke(app, [*args, "--seed", "5", "--out", str(tmp_path / "c.csv"), "--overwrite"])
+    assert replaced.exit_code == 0 and (tmp_path / "c.csv").read_bytes() != kept, replaced.output
 
 
 def test_split_command_bad_option_fails_cleanly(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:

@@ -63,9 +63,13 @@ def split(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     test_frac: Annotated[float, typer.Option(help="Fraction of patients held out as the test set: 1/n (0.5, 0.25, 0.2, ...).")] = 0.2,
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the rest.")] = 5,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace an existing --out.")] = False,
 ) -> None:
     """Patient-grouped, label-stratified test set and cross-validation folds."""
     with fail_cleanly():
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} already exists: a splits file is the record of the runs made on it (splitting "
+                              "again after a change moves patients between partitions); --overwrite replaces it")
         loaded = read_manifest(manifest)
         rows = make_splits(loaded.rows, seed=seed, test_frac=test_frac, folds=folds)
         columns = [name for name in loaded.columns if name not in SPLIT_COLUMNS] + list(SPLIT_COLUMNS)
