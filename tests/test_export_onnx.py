@@ -19,7 +19,8 @@ from patchflannel.bench.report import variant
 from patchflannel.cli.export import register
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import default_bundle_path, load_bundle, random_bundle
-from patchflannel.export.onnx import DATA_ENV, OPSET, export_onnx, onnx_session, parity_report
+from patchflannel.data.shared import DATA_ENV
+from patchflannel.export.onnx import OPSET, export_onnx, onnx_session, parity_report
 from patchflannel.models.classifiers import FLANNEL_LEARNERS
 from patchflannel.scoring.run import EngineOptions, score
 
@@ -120,8 +121,7 @@ def test_a_precision_without_files_runs_fp32_and_bench_times_it_once(exported: P
 
 def test_without_real_data_inputs_are_synthetic_and_say_so(source: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(DATA_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)  # no ../shared/data from here
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "no-data"))  # named, and not there: no real data
     b = export_onnx(source, tmp_path / "b", models=["shufflenet_v2_x0_5_patch"])
     assert b.learners[0].file("onnx").extra["parity"]["inputs"].startswith("synthetic")
     assert b.segmentation.files[0].format == "torch" and len(b.segmentation.files) == 1

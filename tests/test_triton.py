@@ -12,7 +12,8 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[g
 
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import add_file, load_bundle, random_bundle, write_bundle
-from patchflannel.export.onnx import DATA_ENV, _normalise, export_onnx
+from patchflannel.data.shared import DATA_ENV
+from patchflannel.export.onnx import _normalise, export_onnx
 from patchflannel.export.triton import (
     ENSEMBLE,
     MODEL_PY,
@@ -31,8 +32,7 @@ def onnx_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tb")
     random_bundle(root, segmentation="fcdensenet56", learners=("squeezenet1_1", "squeezenet1_1"), seed=2)
     with pytest.MonkeyPatch.context() as mp:  # synthetic parity inputs (quick): no data folder to be found
-        mp.delenv(DATA_ENV, raising=False)
-        mp.chdir(root)
+        mp.setenv(DATA_ENV, str(root / "no-data"))
         export_onnx(root)
     return root
 

@@ -37,6 +37,7 @@ import torch
 
 from patchflannel.bench.report import pair, variant, write_report
 from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
+from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write, walk_files
 from patchflannel.export.bundle import default_preprocessing
@@ -154,11 +155,9 @@ def phantom_jpegs(n: int, size: int = 1024, seed: int = 0, quality: int = 90) ->
 
 
 def default_images() -> Path | None:
-    """The shared cxr4 set when present (PATCHFLANNEL_SHARED_DATA or ../shared/data next to the repo)."""
-    root = os.environ.get("PATCHFLANNEL_SHARED_DATA")
-    candidates = [Path(root) / "cxr4"] if root else []
-    candidates.append(Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cxr4")
-    return next((c for c in candidates if (c / "manifest.csv").is_file()), None)
+    """The shared cxr4 set when present (:func:`~patchflannel.data.shared.shared_data_dir`)."""
+    root = shared_data_dir()
+    return root / "cxr4" if root is not None and (root / "cxr4" / "manifest.csv").is_file() else None
 
 
 def image_files(source: Path) -> list[Path]:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from patchflannel.cli._common import fail_cleanly
 from patchflannel.errors import ConfigError, PatchflannelError
-from patchflannel.export.onnx import DATA_ENV
+from patchflannel.data.shared import DATA_ENV
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()
@@ -60,7 +60,7 @@ def onnx_cmd(
     random: list[str] = typer.Option([], help="Random-weight learner architecture (repeat) instead of a bundle."),
     opset: int = typer.Option(17, help="ONNX opset."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 inputs/outputs) for TensorRT 11."),
-    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA or ../shared/data)."),
+    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA, else shared/data beside the repository)."),
 ) -> None:
     """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
     from patchflannel.export.bundle import random_bundle

@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from patchflannel.data.manifest import Row
 from patchflannel.errors import ConfigError
@@ -35,6 +34,8 @@ def make_splits(rows: list[Row], *, seed: int = 0, test_frac: float = 0.2, folds
     labels = np.array([row["label"] for row in rows])
     groups = np.array([row["patient_id"] for row in rows])
     _need_patients(groups, test_cuts + folds - 1, f"a test set of 1/{test_cuts} and {folds} folds")
+
+    from sklearn.model_selection import StratifiedGroupKFold  # here: the CLI starts without scikit-learn's second
 
     with warnings.catch_warnings():  # sklearn's "least populated class" warning counts images: checked below
         warnings.simplefilter("ignore", UserWarning)

@@ -29,7 +29,7 @@ from patchflannel.export.bundle import (
     role_of,
     write_bundle,
 )
-from patchflannel.export.onnx import TOLERANCES, export_target, parity_report, reference_inputs, shared_data_dir
+from patchflannel.export.onnx import TOLERANCES, export_target, parity_report, reference_inputs, parity_data_dir
 
 MAX_BATCH = 4096
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -72,7 +72,7 @@ def export_compiled(bundle: Bundle | str | Path | None = None, out: str | Path |
     if precision not in DTYPES:
         raise ConfigError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     rtol, atol = TOLERANCES[precision]
-    data = shared_data_dir(data_dir)
+    data = parity_data_dir(data_dir)
     with export_target(bundle, out, models) as (b, entries):
         _compile_entries(b, entries, data, device, precision, rtol, atol, max_batch)
     return load_bundle(b.root)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import (
     Bundle,
@@ -50,19 +50,14 @@ RTOL = 1e-3
 ATOL = 1e-4
 TOLERANCES = {"fp32": (RTOL, ATOL), "fp16": (2e-2, 1e-3)}
 """(rtol, atol) of the parity check by precision of the exported network."""
-DATA_ENV = "PATCHFLANNEL_SHARED_DATA"
-
-
-def shared_data_dir(path: str | Path | None = None) -> Path | None:
-    """The real-data folder: ``path`` if given (ConfigError unless it holds ``lungseg/`` and ``cxr4/``), else
-    $PATCHFLANNEL_SHARED_DATA, else ``../shared/data``; None if absent."""
+def parity_data_dir(path: str | Path | None = None) -> Path | None:
+    """The real-data folder of the parity check: ``path`` if given (ConfigError unless it holds ``lungseg/``
+    and ``cxr4/``), else :func:`~patchflannel.data.shared.shared_data_dir`; None if absent."""
     if path is not None:
         if not all((Path(path) / sub).is_dir() for sub in ("lungseg", "cxr4")):
             raise ConfigError(f"{path}: not a data folder with lungseg/ and cxr4/ (the parity check's real images)")
         return Path(path)
-    candidates = [os.environ.get(DATA_ENV), Path.cwd().parent / "shared" / "data"]
-    found = [Path(c) for c in candidates if c and Path(c).is_dir()]
-    return found[0] if found else None
+    return shared_data_dir()
 
 
 def _manifest_paths(folder: Path, column: str, n: int, by: str | None = None) -> list[Path]:
@@ -309,7 +304,7 @@ def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | Non
                           f"{OPSET} by default), got {opset!r}")
     rtol = TOLERANCES[precision][0] if rtol is None else rtol
     atol = TOLERANCES[precision][1] if atol is None else atol
-    data = shared_data_dir(data_dir)
+    data = parity_data_dir(data_dir)
     with export_target(bundle, out, models) as (b, entries):
         _export_entries(b, entries, data, opset, precision, rtol, atol)
     return load_bundle(b.root)
