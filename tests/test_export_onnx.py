@@ -185,6 +185,8 @@ def test_cli_exports_random_architectures_and_verifies(tmp_path: Path, cxr4_dir:
     assert refused.exit_code == 1 and "ensemble.onnx: sha256 mismatch" in refused.output
     missing = runner.invoke(app, ["export", "verify", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "nowhere: no such bundle folder" in missing.output  # nothing to check
+    shipped = runner.invoke(app, ["export", "verify"])  # no folder: the package's own bundle
+    assert shipped.exit_code == 0 and "bundle verified" in shipped.output and "ensemble.pt" in shipped.output
 
 
 @pytest.mark.slow

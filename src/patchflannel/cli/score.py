@@ -17,7 +17,7 @@ from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
 
 
 def score(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive), glob patterns or manifest CSVs (column 'path').", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(metavar="SOURCES", help="Image files, folders (recursive), glob patterns or manifest CSVs (column 'path').", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .parquet, .csv or .jsonl.")],
     bundle: Annotated[Path | None, typer.Option(help="Model bundle folder (default: the package's bundle).")] = None,
     resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue a killed run: skip inputs already in OUT (same path and content hash).")] = False,

@@ -81,7 +81,7 @@ def seg_bundle_cmd(
 
 
 def segment_cmd(
-    inputs: Annotated[list[str], typer.Argument(help="Image files (PNG, JPEG, TIFF, DICOM), folders (recursive), glob "
+    inputs: Annotated[list[str], typer.Argument(metavar="SOURCES", help="Image files (PNG, JPEG, TIFF, DICOM), folders (recursive), glob "
                                                 "patterns or manifest CSVs (column 'path'), as for `score`.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <stem>.png masks and segment_report.csv.")],
     model: ModelOpt = None,
