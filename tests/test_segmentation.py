@@ -436,10 +436,18 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     assert res.exit_code == 2 and "a file is in the way where a folder is wanted" in res.output
     res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(tmp_path)])  # above them: fine
     assert res.exit_code == 0 and "1 ok" in res.output, res.output
-    for _ in range(2):
-        res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks")])
-        assert res.exit_code == 0 and "1 ok" in res.output, res.output
-    assert "1 file(s) in" in res.output  # the first run's mask
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks")])
+    assert res.exit_code == 0 and "1 ok" in res.output, res.output
+    (folder / "0masks" / "stale.png").write_bytes((folder / "0masks" / f"{image.stem}.png").read_bytes())
+    with open(folder / "0masks" / "segment_report.csv", "a") as fh:  # as if an earlier run had masked stale.png
+        fh.write("gone/stale.png,ok,0.3,stale.png,\n")
+    (folder / "0masks" / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks")])
+    assert res.exit_code == 2 and "holds an earlier run (segment_report.csv): --overwrite replaces it" in res.output
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks"), "--overwrite"])
+    assert res.exit_code == 0 and "1 ok" in res.output, res.output
+    assert "2 file(s) in" in res.output  # the first run's masks are not inputs
+    assert sorted(p.name for p in (folder / "0masks").iterdir()) == [f"{image.stem}.png", "notes.txt", "segment_report.csv"]
     assert (folder / image.name).read_bytes() == kept
     png = tmp_path / "png"
     png.mkdir()

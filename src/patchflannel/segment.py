@@ -188,6 +188,22 @@ def _write_report(out_dir: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
+def remove_run(out_dir: str | Path) -> int:
+    """Remove an earlier run from ``out_dir``: the masks and overlays its report lists, then the report; returns
+    the number of files removed. Nothing else in the folder is touched."""
+    out_dir = Path(out_dir)
+    with open(out_dir / REPORT_FILE, newline="") as fh:
+        names = [row["mask"] for row in csv.DictReader(fh) if row.get("mask")]
+    removed = 0
+    for name in names:
+        for path in (out_dir / name, out_dir / "overlays" / name):
+            if path.is_file():
+                path.unlink()
+                removed += 1
+    (out_dir / REPORT_FILE).unlink()
+    return removed + 1
+
+
 def report_summary(rows: list[dict[str, str]]) -> dict[str, int]:
     """Counts of rows by status."""
     counts = {"ok": 0, "flagged": 0, "error": 0}

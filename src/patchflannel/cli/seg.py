@@ -89,6 +89,8 @@ def segment_cmd(
     min_fraction: Annotated[float, typer.Option(help="Flag masks covering less than this fraction.", min=0.0, max=1.0)] = 0.05,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace an earlier run in --out (the "
+                                            "masks and overlays its report lists are removed first).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.
@@ -99,13 +101,17 @@ def segment_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from patchflannel.scoring.inputs import discover_inputs
-    from patchflannel.segment import REPORT_FILE, load_segmenter, report_summary, segment_images
+    from patchflannel.segment import REPORT_FILE, load_segmenter, remove_run, report_summary, segment_images
 
     with fail_cleanly():
         if any(os.path.isdir(s) and os.path.realpath(s) == os.path.realpath(out) for s in inputs):
             raise ConfigError(f"--out {out} is a folder being segmented: the masks (<stem>.png) would go among its "
                               "images; write them to another folder (a subfolder is fine)")
         check_can_write(out, out)  # a file in the way fails now, before the model loads; made once all is checked
+        earlier = (out / REPORT_FILE).is_file()
+        if earlier and not overwrite:
+            raise ConfigError(f"{out} holds an earlier run ({REPORT_FILE}): --overwrite replaces it (the masks and "
+                              "overlays its report lists are removed first), or write the masks to another folder")
         # Files where the masks go (an earlier run's masks, in a folder being segmented) are not inputs.
         written = {os.path.realpath(out), os.path.realpath(out / "overlays")}
         found = discover_inputs(inputs)
@@ -116,6 +122,8 @@ def segment_cmd(
         if not items:
             raise ConfigError(f"no inputs: the sources named only files in {out}, where the masks go")
         segmenter = load_segmenter(model, device=device, batch_size=batch_size)
+        if earlier:
+            remove_run(out)
     bar = Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors,
                    disable=quiet or not errors.is_terminal)
     try:
