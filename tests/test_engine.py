@@ -172,7 +172,7 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     assert "unsupported input type dict" in preds["a_dict"].error
     assert "objects: cannot read the array" in preds["objects"].error
     assert "strings: cannot read the array" in preds["strings"].error
-    assert "unsupported array dtype torch.bool" in preds["booleans"].error
+    assert "unsupported array dtype bool (expected uint8" in preds["booleans"].error
     assert "huge: image too large: 10000x10001 pixels" in preds["huge"].error
     assert preds["big_endian"].probabilities == preds["grey"].probabilities  # byte order does not matter
     assert "nul_path: cannot read the input: ValueError: embedded null byte" == preds["nul_path"].error  # no exception out of the batch

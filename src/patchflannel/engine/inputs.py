@@ -79,7 +79,8 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
         # The same float32 values (so the same content hash and seed) on any device.
         return to_unit(t, 255 if t.dtype == torch.uint8 else 65535)
     if not t.is_floating_point():
-        raise ImageReadError(label, f"unsupported array dtype {t.dtype} (expected uint8, uint16 or float in [0, 1])")
+        dtype = x.dtype if isinstance(x, np.ndarray) else t.dtype  # named as the caller's library names it
+        raise ImageReadError(label, f"unsupported array dtype {dtype} (expected uint8, uint16 or float in [0, 1])")
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:
         raise ImageReadError(label, "float image must be finite and within [0, 1]")
