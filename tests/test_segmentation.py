@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from patchflannel.export.bundle import default_bundle_path
 from patchflannel.io import read_image
 from patchflannel.models import get_model
 from patchflannel.ops.mask import fill_holes, lung_masks, mask_fraction, postprocess_mask
-from patchflannel.segment import REPORT_FILE, load_segmenter, segment_images
+from patchflannel.segment import REPORT_FILE, load_segmenter, remove_run, segment_images
 from patchflannel.training.segmentation import (
     SegConfig,
     augment_batch,
@@ -328,6 +329,37 @@ def test_segment_writes_masks_for_good_inputs_and_errors_for_bad(cxr4_dir: Path,
         over = Image.open(out / "overlays" / f"{src.stem}.png")
         assert over.mode == "RGB" and over.size == (mask.shape[1], mask.shape[0])
     assert not (out / "truncated.png").exists() and not (out / "notes.png").exists()
+    shouting = inputs / f"{adult.stem.upper()}.JPEG"  # one mask file with adult's on a case-insensitive disk
+    shouting.write_bytes(adult.read_bytes())
+    long_name = inputs / ("x" * 252)  # no image extension: the mask would be 256 bytes long
+    long_name.write_bytes(adult.read_bytes())
+    report = segment_images([adult, shouting, long_name], load_segmenter(), tmp_path / "again")
+    assert [r["status"] for r in report] == ["ok", "error", "error"]
+    assert "already writes" in report[1]["message"] and "longer than a file name may be" in report[2]["message"]
+
+
+def test_remove_run_removes_what_its_report_lists_and_nothing_else(tmp_path: Path) -> None:
+    """Names as the report holds them (escaped) find the real files; a listed name never leaves the folder; a
+    report that cannot be read removes nothing."""
+    out = tmp_path / "masks"
+    (out / "overlays").mkdir(parents=True)
+    odd = os.fsdecode(b"scan-\xff.png")
+    for name in (odd, "a.png", "mine.png"):
+        (out / name).write_bytes(b"png")
+    (out / "overlays" / "a.png").write_bytes(b"png")
+    (tmp_path / "victim.png").write_bytes(b"keep")
+    report = out / REPORT_FILE
+    report.write_text("file,status,lung_fraction,mask,message\nin/scan-\\xff.jpg,ok,0.3,scan-\\xff.png,\n"
+                      "in/a.jpg,ok,0.3,a.png,\nx,ok,0.3,../victim.png,\nbad.jpg,error,,,unreadable\n")
+    assert remove_run(out) == 4  # the odd mask, a.png and its overlay, the report
+    assert sorted(os.listdir(out)) == ["mine.png", "overlays"] and not os.listdir(out / "overlays")
+    assert (tmp_path / "victim.png").read_bytes() == b"keep"
+    for text, needle in (("something,else\na,b\n", "not a segment report"),
+                         (b"file,status,lung_fraction,mask,message\ncaf\xe9.jpg,ok,0.3,caf\xe9.png,\n", "cannot be read")):
+        report.write_bytes(text.encode() if isinstance(text, str) else text)
+        with pytest.raises(ConfigError, match=needle):
+            remove_run(out)
+        assert report.is_file() and (out / "mine.png").is_file()
 
 
 @needs_default

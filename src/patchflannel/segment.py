@@ -154,8 +154,10 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
             written = [out_dir / name, *([out_dir / "overlays" / name] if overlays else [])]
             replaced = next((w for w in written if os.path.realpath(w) in inputs), None)
             try:
-                if name in names:
+                if name.casefold() in names:  # one file on a case-insensitive file system
                     raise ImageReadError(path, f"another input already writes {printable(name)}; rename one of them")
+                if len(os.fsencode(name)) > 255:
+                    raise ImageReadError(path, "its mask's name would be longer than a file name may be; rename it")
                 if replaced is not None:
                     raise ImageReadError(path, f"its mask would replace the input {printable(str(replaced))}; "
                                                "write the masks to another --out")
@@ -165,7 +167,7 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
                 if progress is not None:
                     progress(1)
                 continue
-            names.add(name)
+            names.add(name.casefold())
             pending.append((len(rows) - 1, path, image))
             if len(pending) >= segmenter.batch_size:
                 flush()
@@ -192,15 +194,28 @@ def remove_run(out_dir: str | Path) -> int:
     """Remove an earlier run from ``out_dir``: the masks and overlays its report lists, then the report; returns
     the number of files removed. Nothing else in the folder is touched."""
     out_dir = Path(out_dir)
-    with open(out_dir / REPORT_FILE, newline="") as fh:
-        names = [row["mask"] for row in csv.DictReader(fh) if row.get("mask")]
+    report = out_dir / REPORT_FILE
+    try:
+        with open(report, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames != list(REPORT_COLUMNS):
+                raise ConfigError(f"{report}: not a segment report (columns {', '.join(reader.fieldnames or [])}): "
+                                  "nothing removed; write the masks to another folder")
+            listed = {row["mask"] for row in reader if row["mask"]}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{report}: cannot be read as a segment report ({exc}): nothing removed; write the masks "
+                          "to another folder") from None
     removed = 0
-    for name in names:
-        for path in (out_dir / name, out_dir / "overlays" / name):
+    for folder in (out_dir, out_dir / "overlays"):
+        # The report holds names as printable text (\x.. escapes): match the folder's real names through it.
+        real = {printable(name): name for name in (os.listdir(folder) if folder.is_dir() else [])
+                if name.endswith(".png")}
+        for shown in listed & set(real):
+            path = folder / real[shown]
             if path.is_file():
                 path.unlink()
                 removed += 1
-    (out_dir / REPORT_FILE).unlink()
+    report.unlink()
     return removed + 1
 
 
