@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
@@ -23,7 +25,7 @@ from patchflannel.models import get_model
 from patchflannel.phantoms import write_phantoms
 from patchflannel.scoring.run import EngineOptions, score
 from patchflannel.training.report import read_predictions
-from patchflannel.scoring.writers import read_output
+from patchflannel.scoring.writers import export_predictions, read_output
 
 K = 4
 
@@ -263,8 +265,18 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
                                          "--bundle", str(bundle), "-k", str(K), "--resume",
                                          "--predictions", str(tmp_path / "p2.csv")])
     assert result.exit_code == 0, result.output
-    assert "0 predictions for `patchflannel eval`; left out: 1 with label 'Viral' (not a class), 1 with no label" in (
+    assert "0 predictions for `patchflannel eval`; left out: 1 with no label, 1 with label 'Viral' (not a class)" in (
         result.output) and "a manifest's labels are covid, viral, bacterial, normal" in result.output
+    # Many distinct wrong labels: the five commonest by name, the others counted together.
+    table = read_output(tmp_path / "o.parquet")[0].slice(0, 1)
+    labels = ["Covid"] * 3 + ["a", "b", "c", "d", "e", "f", "normal"]
+    rows = [dict(table.to_pylist()[0], path=f"img{i}.jpg", label=label) for i, label in enumerate(labels)]
+    many = tmp_path / "many.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), many)
+    shutil.copy(tmp_path / "o.parquet.meta.json", tmp_path / "many.parquet.meta.json")
+    written, left_out = export_predictions(many, tmp_path / "many.csv")
+    assert written == 1 and left_out == {"label 'Covid' (not a class)": 3, **{f"label {x!r} (not a class)": 1 for x in "abcd"},
+                                         "another label that is not a class": 2}
 
 
 def test_a_link_to_nowhere_with_an_odd_name_is_an_error_row(cxr4_dir: Path, bundle: Path, tmp_path: Path) -> None:

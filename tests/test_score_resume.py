@@ -71,7 +71,7 @@ def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Pa
     log = Console(file=io.StringIO(), width=300)
     fixed = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, console=log)
     assert (fixed.scored_now, fixed.rows, fixed.errors) == (1, N_IMAGES + 1, 0)
-    assert "resume: 1 of files changed since are scored again" in log.file.getvalue()
+    assert "resume: 1 stored rows of files changed since are scored again" in log.file.getvalue()
     assert "dropped" not in log.file.getvalue()  # none was: nothing said of it
     rows = {r["path"]: r for r in read_output(out)[0].to_pylist()}
     assert rows[str(images / "broken.png")]["status"] == "ok" and len(rows) == N_IMAGES + 1

@@ -83,7 +83,7 @@ def score(
         if any(reason.startswith("label ") for reason in left_out):
             errors.print(f"note: a manifest's labels are {', '.join(CLASSES)}", markup=False, highlight=False,
                          soft_wrap=True)
-        elif not written and "no label" in left_out:
+        elif not written and set(left_out) == {"no label"}:  # not one row had a label
             errors.print("note: no row has a label: the predictions need a manifest with a 'label' column",
                          markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)

@@ -293,15 +293,19 @@ def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLi
     from patchflannel.training.report import write_predictions
 
     table, metadata = read_output(out)
-    rows, left_out = [], Counter()
+    rows, left_out, unknown = [], Counter(), Counter()
     for r in table.to_pylist():
         label = r.get("label") or ""
         if r["status"] == "error":
             left_out["no result"] += 1
+        elif not label:
+            left_out["no label"] += 1
         elif label not in CLASSES:
-            left_out[f"label {label!r} (not a class)" if label else "no label"] += 1
+            unknown[label] += 1
         else:
             rows.append(r)
+    for i, (label, n) in enumerate(unknown.most_common()):  # the five commonest by name, the rest together
+        left_out[f"label {label!r} (not a class)" if i < 5 else "another label that is not a class"] += n
     model = metadata["bundle"]["name"]
     write_predictions([{"patient_id": r["path"], "source": "", **{k: v for k, v in r.items() if v not in (None, "")},
                         "model": model, "fold": r.get("fold") or "all", "split": r.get("split") or split} for r in rows],
