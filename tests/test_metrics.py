@@ -98,3 +98,15 @@ def test_bootstrap_resamples_patients_and_brackets_the_estimate() -> None:
     wide = bootstrap_ci(y, yhat, pr, np.repeat(np.arange(20), 20), n_boot=300, seed=0)["accuracy"]
     narrow = bootstrap_ci(y, yhat, pr, np.arange(400), n_boot=300, seed=0)["accuracy"]
     assert wide[1] - wide[0] > 2 * (narrow[1] - narrow[0])
+
+
+def test_macro_f1_present_and_its_interval_skip_absent_classes() -> None:
+    """A source holding covid and normal only: F1 averaged over those two, in each resample over what it holds
+    (a perfect model's interval is the point, not pulled down by resamples that miss the one covid image)."""
+    labels = np.array([0] + [3] * 9)
+    m = classification_metrics(labels, labels, np.eye(4)[labels])
+    assert m["macro_f1_present"] == 1.0 and m["macro_f1"] == 0.5
+    assert bootstrap_ci(labels, labels, np.eye(4)[labels], np.arange(10), n_boot=200, seed=0)["macro_f1_present"] == [1.0, 1.0]
+    preds = np.array([3] + [3] * 9)  # the covid image missed
+    m = classification_metrics(labels, preds, np.eye(4)[preds])
+    assert m["macro_f1_present"] == pytest.approx(f1_score(labels, preds, labels=[0, 3], average="macro", zero_division=0))

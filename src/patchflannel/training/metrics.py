@@ -118,14 +118,14 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, group
     """Percentile bootstrap intervals of the flat scores, resampling ``groups`` (patients) with replacement.
 
     Every row of a drawn patient enters the resample as often as the patient was drawn. ``macro_f1_present``
-    averages over the classes present in ``labels`` (fixed for every resample). A score undefined in more than
-    half the resamples gets None.
+    averages over the classes present in each resample, as the point figure does over the rows it has (a rare
+    class missing from a resample would otherwise score 0 there and pull the lower bound down). A score
+    undefined in more than half the resamples gets None.
     """
     labels, preds = np.asarray(labels), np.asarray(preds)
     probs = np.asarray(probs, dtype=np.float64)
     _, row_group = np.unique(np.asarray(groups), return_inverse=True)
     n_groups = int(row_group.max()) + 1 if len(row_group) else 0
-    present = np.isin(np.arange(NUM_CLASSES), labels)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     for _ in range(n_boot):
@@ -135,6 +135,7 @@ def bootstrap_ci(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, group
         cm = np.bincount(y * NUM_CLASSES + yhat, minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
         s = scores_from_confusion(cm)
         samples.setdefault("macro_f1", []).append(float(s["f1"].mean()))
+        present = cm.sum(1) > 0
         samples.setdefault("macro_f1_present", []).append(float(s["f1"][present].mean()) if present.any() else np.nan)
         samples.setdefault("accuracy", []).append(float((y == yhat).mean()))
         for c, name in enumerate(CLASSES):
