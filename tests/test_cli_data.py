@@ -178,6 +178,10 @@ def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_d
     assert (tmp_path / "c.csv").read_bytes() == kept
     replaced = runner.invoke(app, [*args, "--seed", "5", "--out", str(tmp_path / "c.csv"), "--overwrite"])
     assert replaced.exit_code == 0 and (tmp_path / "c.csv").read_bytes() != kept, replaced.output
+    into_itself = runner.invoke(app, ["data", "split", str(tmp_path / "c.csv"), "--out", str(tmp_path / "c.csv"),
+                                      "--overwrite"])
+    _assert_clean_failure(into_itself, "is the manifest being split")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c.csv"]  # no temporary file left
 
 
 def test_split_command_bad_option_fails_cleanly(app: typer.Typer, cxr4_dir: Path, tmp_path: Path) -> None:

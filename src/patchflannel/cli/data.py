@@ -67,6 +67,8 @@ def split(
 ) -> None:
     """Patient-grouped, label-stratified test set and cross-validation folds."""
     with fail_cleanly():
+        if out.exists() and out.resolve() == manifest.resolve():
+            raise ConfigError(f"{out} is the manifest being split: write the splits file beside it")
         if out.exists() and not overwrite:
             raise ConfigError(f"{out} already exists: a splits file is the record of the runs made on it (splitting "
                               "again after a change moves patients between partitions); --overwrite replaces it")

@@ -168,7 +168,8 @@ def _split_problems(row: Row, columns: list[str]) -> list[str]:
 def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Path:
     """Write ``rows`` as a manifest CSV with ``columns`` in order; returns the path written.
 
-    Image paths under the manifest's folder are written relative to it, others absolute.
+    Image paths under the manifest's folder are written relative to it, others absolute. The file appears
+    whole or not at all (written beside it, then renamed), so a failed write never leaves half a manifest.
     """
     path = Path(path)
     missing = [name for name in REQUIRED_COLUMNS if name not in columns]
@@ -176,11 +177,16 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
         raise ManifestError(path, [f"missing required column '{name}'" for name in missing])
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.parent.resolve()
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "path": _relative_if_under(Path(row["path"]), folder)})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "path": _relative_if_under(Path(row["path"]), folder)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
