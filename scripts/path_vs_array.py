@@ -19,7 +19,7 @@ from patchflannel.io import read_image
 def main(k: int = 100, every: int = 150) -> None:
     images = default_images()
     if images is None:
-        sys.exit("no cxr4 data (../shared/data/cxr4 or $PATCHFLANNEL_SHARED_DATA/cxr4)")
+        sys.exit("no cxr4 data: set $PATCHFLANNEL_SHARED_DATA to the folder holding cxr4/ (patchflannel.data.shared)")
     paths = sorted(Path(images).rglob("*.jpg"))[::every][:8]
     engine = Engine.from_bundle(device="cpu", k=k)
     for path in paths:

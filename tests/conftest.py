@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from patchflannel.data.shared import DATA_ENV, shared_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("PATCHFLANNEL_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED_DATA = shared_data_dir() or Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data")  # where it was sought
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -60,7 +60,7 @@ def onnx_cmd(
     random: list[str] = typer.Option([], help="Random-weight learner architecture (repeat) instead of a bundle."),
     opset: int = typer.Option(17, help="ONNX opset."),
     precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 inputs/outputs) for TensorRT 11."),
-    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA, else shared/data beside the repository)."),
+    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA, else shared/data beside the repository, else ../shared/data)."),
 ) -> None:
     """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
     from patchflannel.export.bundle import random_bundle

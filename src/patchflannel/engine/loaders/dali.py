@@ -65,7 +65,7 @@ class DaliLoader:
         self._pipe.feed_input("enc", [np.frombuffer(d, dtype=np.uint8) for d in datas])
         (out,) = self._pipe.run()  # host-synchronous (the pipeline is neither async nor pipelined)
         images = [torch.from_dlpack(out[i])[..., 0] for i in range(len(out))]
-        return [to_unit(img.to(self.device)) for img in images]  # the cpu loader's values, bit for bit
+        return [to_unit(img.to(self.device)) for img in images]  # levels to floats as the cpu loader maps them
 
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]:
         """Each ``(label, data)`` in order; the error of a bad input is returned, not raised."""

@@ -30,7 +30,7 @@ class NvjpegLoader:
     def _gpu(self, datas: list[bytes]) -> list[torch.Tensor]:
         encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
         decoded = decode_jpeg(encoded, mode=ImageReadMode.GRAY, device=self.device)
-        return [to_unit(img[0]) for img in decoded]  # the cpu loader's values, bit for bit
+        return [to_unit(img[0]) for img in decoded]  # levels to floats as the cpu loader maps them
 
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]:
         """Each ``(label, data)`` in order; the error of a bad input is returned, not raised."""
