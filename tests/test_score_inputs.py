@@ -197,4 +197,9 @@ def test_a_manifest_with_a_bad_header_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("path;label\na.png;covid\n")
     with pytest.raises(ManifestError, match="one column named 'path;label': a manifest's columns are separated by commas"):
         read_score_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("")
+    with pytest.raises(ManifestError, match="empty file: no header row"):
+        read_score_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text("path,label,,\na.png,covid,,\n")  # a spreadsheet's trailing commas
+    assert [i.extra for i in read_score_manifest(tmp_path / "m.csv")] == [{"label": "covid"}]
 

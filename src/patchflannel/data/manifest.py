@@ -36,9 +36,12 @@ class Manifest:
 
 def header_problems(columns: list[str]) -> list[str]:
     """What is wrong with a manifest's header row (any manifest: data, splits or score): a column named twice,
-    or one column whose name holds another separator."""
+    or one column whose name holds another separator. Unnamed columns (a spreadsheet's trailing commas) are not
+    repeats."""
+    if not any(columns):
+        return ["empty file: no header row"]
     problems = [f"column '{name}' appears {columns.count(name)} times in the header"
-                for name in dict.fromkeys(columns) if columns.count(name) > 1]
+                for name in dict.fromkeys(columns) if name and columns.count(name) > 1]
     if len(columns) == 1 and any(sep in columns[0] for sep in ";\t|"):
         problems.append(f"one column named {columns[0]!r}: a manifest's columns are separated by commas")
     return problems
