@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import ConfigError
-from patchflannel.cli.learn import register
+from patchflannel.cli.learn import register, register_train
 from patchflannel.export.bundle import random_bundle
 from patchflannel.training.cv import run_cv
 from patchflannel.training.datasets import read_splits
@@ -154,6 +154,15 @@ def test_cv_refuses_a_splits_file_without_folds(cxr4_dir: Path, tmp_path: Path) 
     result = CliRunner().invoke(app, ["cv", str(_config(tmp_path, cxr4_dir / "manifest.csv", "global")),
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "missing column 'split'" in result.output and "manifest.csv" in result.output
+    assert not (tmp_path / "out" / "config.yaml").exists()  # nothing recorded: a fixed rerun is not "changed"
+    (tmp_path / "cvrun" / "learners").mkdir(parents=True)  # what cv leaves in its --out
+    (tmp_path / "cvrun" / "config.yaml").write_text("mode: global\n")
+    train_app = typer.Typer()
+    register_train(train_app)
+    app.add_typer(train_app, name="train")
+    result = CliRunner().invoke(app, ["train", "learner", str(tmp_path / "cv_global.yaml"), "--out", str(tmp_path / "cvrun")])
+    assert result.exit_code == 2 and "holds a `cv` run (learners/, config.yaml)" in result.output, result.output
+    assert (tmp_path / "cvrun" / "config.yaml").read_text() == "mode: global\n"
 
 
 def test_recipes_are_valid_configs() -> None:

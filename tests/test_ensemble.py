@@ -97,5 +97,9 @@ def test_ensemble_refuses_mismatched_inputs(tmp_path: Path) -> None:
             for i in range(3) for m in ("a", "b") if not (m == "b" and i == 2)]
     with pytest.raises(ConfigError, match="b: 1 image"):
         confidence_matrix(rows, ["a", "b"])
+    with pytest.raises(ConfigError, match="no val predictions of model\\(s\\) c; the predictions hold a, b"):
+        confidence_matrix(rows, ["a", "c"])
+    with pytest.raises(ConfigError, match="got 10 and 0 images; is val_fold '7' one of"):
+        train_ensemble(x, y, x[:0], y[:0], {"val_fold": 7}, tmp_path, learners=["a", "b", "c"][: x.shape[1]])
     base, cx, cy = confidence_matrix(rows[:4], ["a", "b"])
     assert cx.shape == (2, 2, 4) and cy.tolist() == [0, 0] and [b["path"] for b in base] == ["i0", "i1"]

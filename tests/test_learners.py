@@ -230,6 +230,19 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
         load_config({"learner": {"batch_size": 2.5}})
     assert load_config({"learner": {"lr": "1e-3"}})["learner"]["lr"] == 1e-3  # YAML reads 1e-3 as a string
     assert load_config({"predictions": "p.csv", "learners": ["m1_patch", "m2_patch"]})["learners"] == ["m1_patch", "m2_patch"]
+    # Settings of the wrong kind are named as the config is read, not met as a traceback later.
+    for raw, needle in (({"learner": None}, "'learner' must be a mapping of settings"),
+                        ({"ensemble": 5}, "'ensemble' must be a mapping of settings"),
+                        ({"learner": {"amp": "bfloat16"}}, "learner.amp must be one of auto, off, bf16, fp16"),
+                        ({"learner": {"amp": True}}, "learner.amp must be one of"),
+                        ({"learner": {"channels_last": "no"}}, "learner.channels_last must be true or false"),
+                        ({"learner": {"imagenet_weights": "/w.pth"}}, "learner.imagenet_weights must be a mapping"),
+                        ({"cache_dir": 5}, "cache_dir must be text"),
+                        ({"learners": "shufflenet_v2_x0_5"}, "learners must be a list of names"),
+                        ({"learners": ["resnet18", "resnet18"]}, "learners must be a list without repeats, got \\['resnet18'\\]"),
+                        ({"k_val": 100000}, "k_val must be <= 1000")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(raw)
     bad = tmp_path / "manifest.csv"
     bad.write_text("path,label,patient_id,view,source\n")
     with pytest.raises(ManifestError, match="missing column 'split'"):

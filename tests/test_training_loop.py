@@ -62,6 +62,19 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path: Path) -> None:
     assert info["task"] == "demo" and info["best_epoch"] == 1 and info["status"] == "stopped_early"
 
 
+def test_a_stopped_run_resumed_with_more_patience_trains_on(tmp_path: Path) -> None:
+    """docs/training.md: a resume may train longer. The stop is the recorded patience's, not a fixed state."""
+    scores = [0.1, 0.5, 0.3, 0.4, 0.2, 0.9, 0.95]
+    s = Scripted(scores)
+    first = Trainer(tmp_path, s.model, s.opt, monitor="val_score", patience=2, max_epochs=7).fit(s.train, s.evaluate)
+    assert first["stopped_early"] and first["epochs_run"] == 4
+    s2 = Scripted(scores)
+    again = Trainer(tmp_path, s2.model, s2.opt, monitor="val_score", patience=4, max_epochs=7).fit(
+        s2.train, s2.evaluate, resume=True)
+    assert again["epochs_run"] == 7 and again["best_epoch"] == 6 and not again["stopped_early"]
+    assert [int(r["epoch"]) for r in _rows(tmp_path)] == list(range(7))
+
+
 def test_min_mode_and_max_epochs(tmp_path: Path) -> None:
     s = Scripted([3.0, 2.0, 2.5, 1.0])
     summary = Trainer(tmp_path, s.model, s.opt, monitor="val_score", mode="min", patience=5,

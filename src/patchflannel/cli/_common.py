@@ -52,9 +52,11 @@ def _reason(exc: Exception) -> str:
 
 
 def fresh_run(out: Path, resume: bool) -> None:
-    """Refuse to train into a folder that holds a run already, unless resuming it."""
+    """Refuse to train into a folder that holds a run already, unless resuming it, or a `cv` run at all."""
     from patchflannel.training.loop import LAST_FILE
 
+    if (Path(out) / "learners").is_dir() and (Path(out) / "config.yaml").is_file():
+        raise ConfigError(f"{out} holds a `cv` run (learners/, config.yaml): train into another --out")
     if not resume and (Path(out) / LAST_FILE).is_file():
         raise ConfigError(f"{out} already holds a training run ({LAST_FILE}): --resume continues it; to start again, "
                           "remove it or train into another --out")

@@ -110,7 +110,9 @@ def _parallel_learner_runs(tasks: list[tuple], jobs: int) -> None:
                              initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(_learner_run, *task): task for task in tasks}
         for n, future in enumerate(as_completed(futures), 1):
-            future.result()
+            if future.exception() is not None:  # said now: the queued runs are dropped, the running ones end
+                pool.shutdown(wait=False, cancel_futures=True)
+                future.result()
             task = futures[future]
             _console.print(f"[{n}/{len(tasks)}] learner {task[1]} fold {task[2]} done", markup=False, highlight=False)
 
@@ -132,8 +134,6 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     out = Path(out_dir)
     if resume:  # before any work, and before config.yaml records the new settings
         check_resumable(out, cfg, CV_SETTINGS, "pass --restart to retrain every run, or use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     rows = read_splits(cfg["splits"])
     train_rows = [r for r in rows if r["split"] == "train"]
     test_rows = [r for r in rows if r["split"] == "test"]
@@ -141,6 +141,8 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     if len(folds) < 2 or not test_rows:
         raise ConfigError(f"{cfg['splits']}: needs at least 2 folds and a test set (found folds {folds}, "
                           f"{len(test_rows)} test images)")
+    out.mkdir(parents=True, exist_ok=True)  # recorded once the splits file has been read and checked
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     archs = list(cfg["learners"])
     names = [f"{a}_{cfg['mode']}" for a in archs]
     _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "

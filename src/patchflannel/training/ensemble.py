@@ -39,7 +39,8 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     if train_x.ndim != 3 or train_x.shape[1] != len(learners) or val_x.shape[1:] != train_x.shape[1:]:
         raise ConfigError(f"ensemble inputs must be (N, {len(learners)}, 4); got {train_x.shape} and {val_x.shape}")
     if len(train_x) == 0 or len(val_x) == 0:
-        raise ConfigError("the ensemble needs non-empty training and validation sets")
+        raise ConfigError(f"the ensemble needs non-empty training and validation sets (got {len(train_x)} and "
+                          f"{len(val_x)} images; is val_fold {cfg.get('val_fold')!r} one of the predictions' folds?)")
     run_dir = Path(run_dir)
     if resume:
         check_resumable(run_dir, cfg, ENSEMBLE_SETTINGS, "train into a new --out instead", SPEED_ONLY + HOW_LONG)
@@ -99,6 +100,11 @@ def confidence_matrix(rows: list[dict[str, Any]], learners: list[str], split: st
     order and the (N,) label indices. Every image must have a row for every learner.
     """
     by_model: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in learners}
+    absent = [m for m in learners if not any(r["model"] == m for r in rows)]
+    if absent:
+        have = sorted({r["model"] for r in rows})
+        raise ConfigError(f"no {split} predictions of model(s) {', '.join(absent)}; the predictions hold "
+                          f"{', '.join(have) or 'none'} (a model is named <arch>_<mode>, as cv writes it)")
     for r in rows:
         if r["split"] == split and r["model"] in by_model and (fold is None or r["fold"] == fold):
             by_model[r["model"]][r["path"]] = r

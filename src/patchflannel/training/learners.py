@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "ensemble": {"epochs": 200, "patience": 20, "lr": 1e-5, "weight_decay": 1e-4, "batch_size": 20, "gamma": 2.0},
 }
 L1_PATCH = 1e-5
+MAX_K = 1000
+"""The most patches an image a config may ask for (SPEC's K is 100; each patch is 600 KB in float32)."""
 _console = Console(stderr=True)
 
 
@@ -70,10 +72,14 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     for section in ("learner", "ensemble"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"'{section}' must be a mapping of settings (indented keys below it), got "
+                              f"{raw[section]!r}")
         bad = sorted(set(raw.get(section) or {}) - set(DEFAULTS[section]))
         if bad:
             raise ConfigError(f"unknown key(s) in '{section}': {', '.join(bad)}")
     cfg = _merge(DEFAULTS, raw)
+    _check_types(cfg)
     if isinstance(cfg.get("learners"), tuple):  # as config.yaml records them
         cfg["learners"] = list(cfg["learners"])
     if cfg.get("val_fold") is not None:  # folds are named by strings in splits files
@@ -93,7 +99,7 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 _RANGES: dict[str, dict[str, dict[str, Any]]] = {
     # section -> key -> number() options; "" is the top level
-    "": {"seed": SEED_RANGE, "k": dict(integer=True, low=1), "k_val": dict(integer=True, low=1)},
+    "": {"seed": SEED_RANGE, "k": dict(integer=True, low=1, high=MAX_K), "k_val": dict(integer=True, low=1, high=MAX_K)},
     "learner": {"epochs": dict(integer=True, low=1), "patience": dict(integer=True, low=1),
                 "batch_size": dict(integer=True, low=1), "lr": dict(low=0, low_open=True), "weight_decay": dict(low=0),
                 "l1": dict(low=0), "lr_factor": dict(low=0, low_open=True, high=1), "lr_patience": dict(integer=True, low=0),
@@ -150,6 +156,33 @@ def check_resumable(run_dir: Path, cfg: dict[str, Any], scopes: tuple[str, ...],
         raise ConfigError(f"{run_dir}: made under other settings than these ({'; '.join(changed)}); {hint}")
 
 
+AMP = ("auto", "off", "bf16", "fp16")
+"""``learner.amp`` settings: autocast dtype on CUDA (``auto``: bf16 where supported, else fp16); CPUs run fp32."""
+
+
+def _check_types(cfg: dict[str, Any]) -> None:
+    """The settings that are not numbers have the type they need (ConfigError naming the setting)."""
+    def want(name: str, ok: bool, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+    for key in ("cache_dir", "device", "splits", "predictions", "segmentation_bundle", "arch", "name"):
+        value = cfg.get(key)
+        want(key, value is None or isinstance(value, str), "text (a path or a name)", value)
+    learners = cfg.get("learners")
+    if learners is not None:
+        want("learners", isinstance(learners, (list, tuple)) and all(isinstance(a, str) for a in learners),
+             "a list of names (one per line, '- name')", learners)
+        repeated = sorted({a for a in learners if list(learners).count(a) > 1})
+        want("learners", not repeated, "a list without repeats", repeated)
+    lc = cfg["learner"]
+    want("learner.amp", lc["amp"] in AMP, f"one of {', '.join(AMP)}", lc["amp"])
+    want("learner.channels_last", isinstance(lc["channels_last"], bool), "true or false", lc["channels_last"])
+    weights = lc["imagenet_weights"]
+    want("learner.imagenet_weights", weights is None or (isinstance(weights, dict) and all(
+        isinstance(v, str) for v in weights.values())), "a mapping of architecture to weights file", weights)
+
+
 def _check_numbers(cfg: dict[str, Any]) -> None:
     """Every numeric setting a number within its range (in place: numeric strings become numbers)."""
     for section, keys in _RANGES.items():
@@ -164,7 +197,7 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
         return None
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]  # AMP: checked when the config is read
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:

@@ -176,7 +176,8 @@ class Trainer:
         if resume:
             ckpt = self._load_last()
             start, best_epoch, bad = ckpt["epoch"] + 1, ckpt["best_epoch"], ckpt["bad_epochs"]
-            best_value, best_metrics, stopped = ckpt["best_value"], dict(ckpt["best_metrics"]), ckpt["stopped"]
+            best_value, best_metrics = ckpt["best_value"], dict(ckpt["best_metrics"])
+            stopped = bad >= self.patience  # as recorded under the same patience; a longer one trains on
             if best_epoch == ckpt["epoch"]:  # stopped between last.pt and best.pt: its weights are the best
                 _atomic_save(ckpt["model"], self.run_dir / BEST_FILE)
             run_file = self.run_dir / RUN_FILE
