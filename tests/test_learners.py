@@ -299,6 +299,12 @@ def test_train_learner_global_resumes_to_the_same_state(cxr4_dir: Path, tmp_path
     train_learner(cfg, tmp_path / "part", resume=True)  # a resume may train longer
     with pytest.raises(ConfigError, match=r"made under other settings than these \(learner.lr: 0.001 -> 0.01\)"):
         train_learner({**cfg, "learner": {**cfg["learner"], "lr": 1e-2}}, tmp_path / "part", resume=True)
+    rows = read_manifest(splits).rows  # another split of the same images: a fold-0 image moved to fold 1
+    moved = next(r for r in rows if r["split"] == "train" and r["fold"] == "0")
+    moved["fold"] = "1"
+    write_manifest(rows, tmp_path / "resplit.csv", read_manifest(splits).columns)
+    with pytest.raises(ConfigError, match="its train and val images are not those the run started with"):
+        train_learner({**cfg, "splits": str(tmp_path / "resplit.csv")}, tmp_path / "part", resume=True)
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     part = torch.load(tmp_path / "part" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(full[k], part[k]) for k in full)

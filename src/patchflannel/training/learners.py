@@ -11,6 +11,8 @@ Configs are YAML files (see recipes/); :func:`load_config` fills the defaults of
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -306,6 +308,13 @@ def _batches(ds: LearnerDataset, cfg: dict[str, Any], epoch: int) -> Iterator[tu
     yield from loader
 
 
+def images_digest(rows: list[dict[str, str]]) -> str:
+    """sha256 of a set of images by file name and label: what a resumed run must still train or validate on
+    (a moved data folder keeps it)."""
+    names = sorted(f"{os.path.basename(r['path'])}\t{r['label']}" for r in rows)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
 def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train one base learner (config keys ``arch``, ``splits``, ``val_fold`` plus :data:`DEFAULTS`).
 
@@ -326,8 +335,14 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     check_weights_files(cfg, [cfg["arch"]])
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)  # made once the config is known to be good: a refused one leaves nothing behind
+    data = {"train": images_digest(train_rows), "val": images_digest(val_rows)}
     if resume:
         check_resumable(run_dir, cfg, LEARNER_SETTINGS, "train into a new --out instead", SPEED_ONLY + HOW_LONG)
+        recorded = read_json(run_dir / RUN_FILE).get("data") if (run_dir / RUN_FILE).is_file() else None
+        moved = [part for part in ("train", "val") if recorded and recorded.get(part) != data[part]]
+        if moved:
+            raise ConfigError(f"{run_dir}: its {' and '.join(moved)} images are not those the run started with (the "
+                              f"splits file {cfg['splits']} changed); train into a new --out instead")
     lc = cfg["learner"]
     if not (lc["imagenet_weights"] or {}).get(cfg["arch"]) and lc["lr"] < 1e-4:  # said once the run will go ahead
         _console.print(f"note: {cfg['arch']} starts from random weights (no learner.imagenet_weights file for it) at "
@@ -381,7 +396,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     info = {"task": "learner", "arch": cfg["arch"], "arch_config": options, "mode": cfg["mode"],
             "preprocessing": default_preprocessing(), "config": cfg, "val_fold": val_fold,
             "n_train": len(train_items), "n_val": len(val_items), "device": str(device),
-            "amp": str(dtype) if dtype else "off"}
+            "amp": str(dtype) if dtype else "off", "data": data}
     trainer = Trainer(run_dir, model, optimizer, monitor="val_macro_f1", mode="max", patience=lc["patience"],
                       max_epochs=lc["epochs"], scheduler=scheduler, scheduler_metric="val_macro_f1", run_info=info)
     return trainer.fit(train_one_epoch, evaluate, resume=resume and (run_dir / LAST_FILE).is_file())
