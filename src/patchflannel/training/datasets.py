@@ -28,6 +28,7 @@ from patchflannel.io import content_hash, read_image
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, resize_mask
 from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
+from patchflannel.training.loop import progress_bar
 from patchflannel.training.mask_cache import MaskCache, save_atomic
 
 MODES = ("global", "patch")
@@ -76,7 +77,7 @@ def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessi
     shas = [content_hash(r["path"]) for r in rows]
     lung = masks.masks([r["path"] for r in rows], shas) if mode == "patch" else [None] * len(rows)
     size = preprocessing["image_size"] if mode == "patch" else preprocessing["global"]["resize"]
-    items = []
+    items, todo = [], []
     for row, sha, mask in zip(rows, shas, lung):
         # A mask too small to sample from falls back to the whole image, unmasked, as in the engine.
         masked = mode == "patch" and not _falls_back(mask, size, preprocessing["min_lung_fraction"])
@@ -84,10 +85,15 @@ def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessi
         key = hashlib.sha256(tag.encode()).hexdigest()
         f = Path(cache_dir) / mode / key[:2] / f"{key}.npy"
         if not f.is_file():
+            todo.append((row, mask, masked, f))
+        items.append(Item(row=row, label=CLASS_INDEX[row["label"]], sha256=sha, array_file=f, mask=mask))
+    with progress_bar() as bar:
+        task = bar.add_task(f"caching {mode} images", total=len(todo), status="", visible=bool(todo))
+        for row, mask, masked, f in todo:
             image = as_tensor(read_image(row["path"]))
             out = masked_image(image, torch.from_numpy(mask), size) if masked else learner_image(image, size)
             _save_atomic(_to_uint8(out), f)
-        items.append(Item(row=row, label=CLASS_INDEX[row["label"]], sha256=sha, array_file=f, mask=mask))
+            bar.advance(task)
     return items
 
 

@@ -20,6 +20,7 @@ import torch
 from patchflannel.export.bundle import Bundle, load_bundle, load_torch_model
 from patchflannel.io import content_hash, read_image
 from patchflannel.ops.preprocess import as_tensor, segmentation_input
+from patchflannel.training.loop import progress_bar
 
 
 def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -93,9 +94,12 @@ class MaskCache:
                 out[i] = np.load(f)["mask"]
             else:
                 todo.append(i)
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            for i, mask in zip(chunk, self._compute([read_image(paths[i]) for i in chunk])):
-                out[i] = mask.astype(bool)
-                save_atomic(self.file(shas[i]), lambda tmp, m=out[i]: np.savez_compressed(tmp, mask=m))
+        with progress_bar() as bar:  # a cold cache of a thousand images takes minutes on a CPU
+            task = bar.add_task("lung masks", total=len(todo), status="", visible=bool(todo))
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                for i, mask in zip(chunk, self._compute([read_image(paths[i]) for i in chunk])):
+                    out[i] = mask.astype(bool)
+                    save_atomic(self.file(shas[i]), lambda tmp, m=out[i]: np.savez_compressed(tmp, mask=m))
+                bar.advance(task, len(chunk))
         return out  # type: ignore[return-value]
