@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +397,24 @@ def test_a_finished_run_is_rebuilt_with_the_options_its_run_json_records(tmp_pat
         (tmp_path / "run.json").write_text(broken)  # a run.json cut short (or edited by hand) is named
         with pytest.raises(ConfigError, match=f"run.json: {reason}"):
             load_learner(tmp_path)
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_go_on(cxr4_dir: Path, tmp_path: Path) -> None:
+    """An interrupted `train learner` exits 130 and names the command that continues it."""
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"splits": str(splits), "arch": "squeezenet1_1", "mode": "global", "val_fold": 0,
+                                      "cache_dir": str(tmp_path / "cache"), "learner": {"epochs": 50, "lr": 1e-3}}))
+    proc = subprocess.Popen([sys.executable, "-m", "patchflannel.cli", "train", "learner", str(config),
+                             "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "config.yaml").is_file():  # past the checks: the run is going
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode() if proc.stdout else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, output
+    assert f"interrupted: the run so far is in {tmp_path / 'run'}; the same command with --resume continues it" in (
+        output.replace("\n", ""))

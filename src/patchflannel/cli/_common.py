@@ -29,16 +29,22 @@ EXIT_INTERRUPTED = 130
 
 
 @contextmanager
-def fail_cleanly(code: int = 2) -> Iterator[None]:
+def fail_cleanly(code: int = 2, interrupted: str | None = None) -> Iterator[None]:
     """A PatchflannelError, or an operating-system error on a path (a file where a folder is wanted, no
     permission, a full disk), becomes its message on stderr and exit status ``code`` (no traceback): 2, nothing
     done (bad options, inputs or files, as for click's usage errors), for every command but the checks
-    (``data validate``, ``export verify``), whose finding is exit status 1."""
+    (``data validate``, ``export verify``), whose finding is exit status 1. With ``interrupted``, Ctrl-C
+    prints that (how to go on) and exits 130."""
     try:
         yield
     except (PatchflannelError, OSError) as exc:
         errors.print(f"error: {_reason(exc)}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code) from None
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        errors.print(f"interrupted: {interrupted}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _reason(exc: Exception) -> str:

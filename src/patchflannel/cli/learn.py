@@ -23,7 +23,7 @@ def train_learner_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False)
     """Train one base learner (config: arch, mode, splits, val_fold, learner options)."""
     from patchflannel.training.learners import train_learner
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=f"the run so far is in {out}; the same command with --resume continues it"):
         fresh_run(out, resume)
         summary = train_learner(config, out, resume=resume)
     console.print(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])}", markup=False, highlight=False)
@@ -34,7 +34,7 @@ def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False
     learners, val_fold, ensemble options)."""
     from patchflannel.training.ensemble import train_ensemble_from_predictions
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=f"the run so far is in {out}; the same command with --resume continues it"):
         fresh_run(out, resume)
         summary = train_ensemble_from_predictions(config, out, resume=resume)
     console.print(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])}", markup=False, highlight=False)
@@ -50,7 +50,7 @@ def cv_cmd(config: ConfigArg,
     """The cross-validation protocol: learners per fold, out-of-fold ensemble, test predictions, report."""
     from patchflannel.training.cv import run_cv
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=f"finished runs are kept in {out}; the same command continues (cv resumes by default)"):
         result = run_cv(config, out, resume=resume, report=report, jobs=jobs)
     console.print(f"predictions: {result['predictions']}", markup=False, highlight=False)
     if "report" in result:

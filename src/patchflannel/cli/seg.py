@@ -39,7 +39,7 @@ def train_seg_cmd(
     from patchflannel.training.segmentation import SegConfig, train_segmentation
 
     overrides = {"manifest": manifest, "arch": arch, "max_epochs": epochs, "device": device}
-    with fail_cleanly():
+    with fail_cleanly(interrupted=f"the run so far is in {out}; the same command with --resume continues it"):
         fresh_run(out, resume)
         cfg = (SegConfig.from_file(config, **overrides) if config is not None
                else SegConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="options"))
