@@ -60,8 +60,13 @@ def test_imagenet_weights_come_from_a_local_file_only(tmp_path) -> None:
 
     with pytest.raises(ConfigError, match="not found"):
         get_model("resnet18", imagenet_weights=str(tmp_path / "missing.pth"))
-    with pytest.raises(ConfigError, match="resnet18_imagenet.pth: not a SqueezeNet state dict"):  # another network's
+    with pytest.raises(ConfigError, match="resnet18_imagenet.pth: not a SqueezeNet state dict: keys 52 missing "
+                                          "\\(e.g. features.0.weight, features.0.bias, features.3.squeeze.weight\\); "
+                                          "\\d+ unexpected \\(e.g. conv1.weight"):  # another network's
         get_model("squeezenet1_1", imagenet_weights=str(path))
     (tmp_path / "notes.pth").write_text("not weights")
-    with pytest.raises(ConfigError, match="notes.pth: not a ResNet state dict"):
+    with pytest.raises(ConfigError, match="notes.pth: cannot be read as torch weights"):
         get_model("resnet18", imagenet_weights=str(tmp_path / "notes.pth"))
+    torch.save({"epoch": 3, "model": reference.state_dict()}, tmp_path / "checkpoint.pth")  # a training checkpoint
+    with pytest.raises(ConfigError, match="checkpoint.pth: not a state dict \\(a mapping of parameter names to tensors"):
+        get_model("resnet18", imagenet_weights=str(tmp_path / "checkpoint.pth"))

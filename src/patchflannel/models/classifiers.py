@@ -30,10 +30,19 @@ def _imagenet(model: nn.Module, path: str | Path | None) -> nn.Module:
         if not p.is_file():
             raise ConfigError(f"ImageNet weights file not found: {p}")
         try:
-            model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
-        except Exception as exc:  # noqa: BLE001 - not a state dict, or one of another architecture
-            raise ConfigError(f"ImageNet weights file {p}: not a {type(model).__name__} state dict "
-                              f"({first_line(exc)})") from None
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - not a torch file, or one holding more than tensors
+            raise ConfigError(f"ImageNet weights file {p}: cannot be read as torch weights ({first_line(exc)})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"ImageNet weights file {p}: not a state dict (a mapping of parameter names to tensors)")
+        own = model.state_dict()
+        problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in (
+            ("missing", [k for k in own if k not in state]), ("unexpected", [k for k in state if k not in own]),
+            ("of another shape", [k for k in own if k in state and state[k].shape != own[k].shape])) if keys]
+        if problems:
+            raise ConfigError(f"ImageNet weights file {p}: not a {type(model).__name__} state dict: keys "
+                              f"{'; '.join(problems)}")
+        model.load_state_dict(state)
     return model
 
 

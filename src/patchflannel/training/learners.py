@@ -238,11 +238,15 @@ def build_learner(cfg: dict[str, Any], arch: str, options: dict[str, Any] | None
 
 
 def check_weights_files(cfg: dict[str, Any], archs: list[str]) -> None:
-    """Every ImageNet weights file the config names for ``archs`` exists (checked before any image is read)."""
+    """Every ImageNet weights file the config names for ``archs`` exists and fits its architecture (checked
+    before any image is read: a wrong file is said in seconds, not after the images are prepared)."""
     files = cfg["learner"]["imagenet_weights"] or {}
     missing = [f"{a}: {files[a]}" for a in archs if files.get(a) and not Path(files[a]).is_file()]
     if missing:
         raise ConfigError(f"ImageNet weights file(s) not found: {'; '.join(missing)}")
+    for arch in archs:
+        if files.get(arch):
+            build_learner(cfg, arch)
 
 
 def arch_config(cfg: dict[str, Any], arch: str) -> dict[str, Any]:
