@@ -25,6 +25,7 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom (the patchflannel[dicom
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import get_encoder  # noqa: E402
 from pydicom.uid import (  # noqa: E402
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     MPEG2MPML,
@@ -314,10 +315,21 @@ def test_dicom_content_hash_is_its_pixels_not_its_patient_fields(tmp_path: Path,
     base.PatientName, base.PatientID, base.StudyInstanceUID = "ANON", "0", generate_uid()
     assert content_hash(_save(base, tmp_path / "anon.dcm")) == original
     assert (tmp_path / "a.dcm").read_bytes() != (tmp_path / "anon.dcm").read_bytes()
+    implicit = tmp_path / "implicit.dcm"  # re-saved in another transfer syntax, the same pixels
+    base.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    base.save_as(implicit, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    assert read_image_with_meta(implicit)[1]["TransferSyntaxUID"] == str(ImplicitVRLittleEndian)
+    assert content_hash(implicit) == original
+    if get_encoder(RLELossless).is_available:
+        packed = _dicom(real_u16 >> 4, "MONOCHROME2", 12, WindowCenter=2000, WindowWidth=3000)
+        packed.compress(RLELossless)
+        assert content_hash(_save(packed, tmp_path / "rle.dcm")) == original
+    base = _dicom(real_u16 >> 4, "MONOCHROME2", 12, PatientName="Doe^Jane", PatientID="12345", WindowCenter=2000,
+                  WindowWidth=3000)
     base.WindowCenter = 1000
     assert content_hash(_save(base, tmp_path / "window.dcm")) != original
     pixels = real_u16 >> 4
-    pixels[0, 0] ^= 1
+    pixels[-1, -1] ^= 1  # inside the window (a pixel the window clips to black stays black: the same image)
     assert content_hash(_save(_dicom(pixels, "MONOCHROME2", 12, PatientName="Doe^Jane", PatientID="12345",
                                      WindowCenter=2000, WindowWidth=3000), tmp_path / "pixel.dcm")) != original
     png = tmp_path / "a.png"

@@ -30,28 +30,19 @@ META_KEYWORDS = (
 """DICOM attributes copied into the meta when present, under their keywords."""
 
 
-PIXEL_GROUPS = (0x0028, 0x2050, 0x7FE0)
-"""The groups that decide a DICOM image's pixels: image pixel module, modality/VOI LUTs and windows (0028),
-presentation LUT shape (2050), pixel data (7FE0)."""
-
-
 def pixel_hash(data: bytes, *, has_preamble: bool = True) -> str | None:
-    """SHA-256 hex digest of the transfer syntax and every element of :data:`PIXEL_GROUPS` (in sequences too),
-    or None when ``data`` cannot be parsed (reading it will say why)."""
+    """SHA-256 hex digest of the grey image the file decodes to (what the learners see: after the modality and
+    VOI LUTs or window and the photometric interpretation), or None when it cannot be decoded (reading it will
+    say why). Patient and study attributes, the transfer syntax and the encoding do not count: an anonymised or
+    losslessly re-encoded copy keeps the hash."""
     try:
-        import pydicom
-
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
-        h = hashlib.sha256(b"dicom-pixels:")
-        h.update(str(ds.file_meta.get("TransferSyntaxUID", "")).encode())
-        for elem in ds.iterall():
-            if elem.tag.group in PIXEL_GROUPS and elem.VR != "SQ":
-                value = elem.value
-                h.update(f"|{elem.tag}:{elem.VR}:".encode())
-                h.update(bytes(value) if isinstance(value, (bytes, bytearray)) else repr(value).encode())
-        return h.hexdigest()
-    except Exception:  # noqa: BLE001 - an unparsable file hashes whole; decoding it gives the error
+        grey, _ = read_dicom(data, "hash", has_preamble=has_preamble)
+    except ImageReadError:
         return None
+    h = hashlib.sha256(b"dicom-image:")
+    h.update(repr(grey.shape).encode())
+    h.update(np.ascontiguousarray(grey, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[np.ndarray, dict[str, Any]]:

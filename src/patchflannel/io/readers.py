@@ -76,9 +76,9 @@ def content_hash(source: Source) -> str:
 
 
 def bytes_hash(data: bytes) -> str:
-    """SHA-256 hex digest of an encoded image: of all its bytes, except for DICOM, of what makes its pixels (the
-    pixel data, the image pixel module and LUTs, the transfer syntax): editing or removing patient and study
-    attributes, as anonymisation does, leaves the hash, and the patches it seeds, unchanged."""
+    """SHA-256 hex digest of an encoded image: of all its bytes, except for DICOM, of the grey image it decodes
+    to (:func:`~patchflannel.io.dicom.pixel_hash`): anonymising or losslessly re-encoding a film leaves the
+    hash, and the patches it seeds, unchanged."""
     fmt = detect_format(data)
     if fmt == "dicom" or (fmt is None and _looks_like_bare_dicom(data)):
         from patchflannel.io.dicom import pixel_hash
