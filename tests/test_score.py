@@ -335,3 +335,4 @@ def test_phantoms_command_and_a_clean_run_exits_0(tmp_path: Path, bundle: Path) 
     summary = score(tmp_path / "again", tmp_path / "one.csv", options=EngineOptions(bundle=str(bundle), k=K), quiet=True)
     _, meta = read_output(tmp_path / "one.csv")  # one source, not a list: taken whole, recorded whole
     assert summary.rows == 1 and meta["config"]["inputs"] == [str(tmp_path / "again")]
+

@@ -96,6 +96,8 @@ def test_tensorrt_learners_take_at_most_their_engines_batch(onnx_bundle: Path, t
     _record_engines(root, [k - 1, 4 * k])
     with pytest.raises(BundleError, match=f"takes at most {k - 1} patches, fewer than an image's K={k}.*--k-max"):
         export_triton(root, tmp_path / "repo2", learner_format="tensorrt")
+    with pytest.raises(ConfigError, match=f"--k-max {k - 1} is below the bundle's K={k}"):  # not raised silently
+        export_triton(root, tmp_path / "repo3", k_max=k - 1)
 
 
 def test_broken_chains_and_bad_configs_are_reported(repo: Path) -> None:

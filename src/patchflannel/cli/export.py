@@ -87,7 +87,7 @@ def onnx_cmd(
 @export_app.command("tensorrt")
 def tensorrt_cmd(
     bundle: Optional[Path] = typer.Argument(None, help="Bundle folder with ONNX files (default: the package's bundle; it has none until exported into another folder)."),
-    k_max: Optional[int] = typer.Option(None, help="Largest learner batch (default 4 K)."),
+    k_max: Optional[int] = typer.Option(None, help="Largest learner batch (default 4 K; at least the bundle's K)."),
     k_opt: Optional[int] = typer.Option(None, help="Learner batch the engine is tuned for (default K)."),
     fp16: bool = typer.Option(True, metavar="", help="FP16 engines."),
     model: list[str] = typer.Option([], help="Build only these model names (repeat)."),

@@ -204,7 +204,7 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
     """Write a Triton model repository for ``bundle`` at ``out`` and validate it; returns ``out``.
 
     ``learner_format`` picks the network files (``onnx`` or ``tensorrt``; the bundle must hold them). Patch
-    learners take batches up to ``k_max`` (default 4 K, at least K) patches, the other networks ``max_images``
+    learners take batches up to ``k_max`` (default 4 K; at least K) patches, the other networks ``max_images``
     images; TensorRT engines at most what their profile takes.
     """
     pb, text_format = _pb()
@@ -216,7 +216,10 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
     if not b.learners:
         raise BundleError(f"bundle {b.root} has no learners; a Triton ensemble needs at least one")
     k = int(b.preprocessing["k"])
-    k_max = max(k, k_max or 4 * k)
+    if k_max is not None and k_max < k:
+        raise ConfigError(f"--k-max {k_max} is below the bundle's K={k}: each learner takes an image's K patches in "
+                          "one request")
+    k_max = k_max or 4 * k
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out}: exists and is not empty")

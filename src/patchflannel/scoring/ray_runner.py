@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from patchflannel.errors import ConfigError
+from patchflannel.errors import ConfigError, first_line
 from patchflannel.scoring.inputs import ScoreInput
 from patchflannel.scoring.run import EngineOptions, ScoreSummary, describe_engine, prediction_row, score
 
@@ -87,7 +87,11 @@ def _rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions, ad
 
     own_session = not ray.is_initialized()
     if own_session:
-        ray.init(address=None if address is True else address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=None if address is True else address, include_dashboard=False, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - something answers there, but not a Ray cluster
+            raise ConfigError(f"--ray-address {address}: cannot join a Ray cluster there ({first_line(exc)}); check "
+                              "the address (a Ray head: `ray start --head`)") from None
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))

@@ -221,6 +221,9 @@ def score(
         # A resumed run's stored rows take the manifest columns of the inputs as they are now.
         extras = {i.path: i.extra for i in items} if resume and extra_columns(items) else None
         counts = store.finalize(metadata, keep=keep, extras=extras)
+    except BaseException:
+        store.discard_empty()  # a run stopped before its first part leaves nothing that blocks the next
+        raise
     finally:
         store.unlock()
     try:

@@ -120,6 +120,12 @@ class ResultStore:
         for p in (self.out, self.meta_path):
             p.unlink(missing_ok=True)
 
+    def discard_empty(self) -> None:
+        """Remove the parts folder of a run that wrote no part (a start that failed): a rerun is not refused
+        for an output that holds nothing."""
+        if self.parts_dir.is_dir() and not self._parts():
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+
     def check(self, *, resume: bool) -> None:
         """The refusals of :meth:`begin` that need no run key, without writing anything: a folder in the way,
         or an existing output (or parts) without ``resume``."""
