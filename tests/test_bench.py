@@ -193,5 +193,9 @@ def test_smoke_runs_the_bundle_it_is_given(app, tmp_path):
     quiet = CliRunner().invoke(app, ["bench", "--smoke", "--synthetic", "--bundle", str(tmp_path / "b"), "--quiet",
                                      "--out", str(tmp_path / "o3")])
     assert quiet.exit_code == 0 and quiet.output == "" and (tmp_path / "o3" / "bench.json").is_file(), quiet.output
+    small = CliRunner().invoke(app, ["bench", "--preset", "tiny", "--synthetic", "-n", "2", "-k", "4", "--modes", "packed",
+                                     "--repeats", "1", "--warmup", "0", "--quiet", "--out", str(tmp_path / "o4")])
+    assert small.exit_code == 0, small.output  # N below the default pack: packed by N, not refused
+    assert [r["images_per_call"] for r in json.loads((tmp_path / "o4" / "bench.json").read_text())["runs"]] == [2]
     missing = CliRunner().invoke(app, ["bench", "--smoke", "--bundle", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and "nope" in missing.output

@@ -32,7 +32,8 @@ def bench(
     loop_n: int = typer.Option(2, help="Images a run in loop mode (it is slow)."),
     k: str = typer.Option("16,50,100", "--k", "-k", help="Comma-separated K values."),
     modes: str = typer.Option("loop,batched,packed,auto,global", help="Comma-separated modes."),
-    pack: int = typer.Option(4, help="Images a call in packed and global modes."),
+    pack: Optional[int] = typer.Option(None, help="Images a call in packed and global modes (default 4, or N when "
+                                       "N is smaller)."),
     precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16; comma-separated to compare."),
     backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt; comma-separated to compare."),
     learner_streams: str = typer.Option("1", help="CUDA streams the learners' calls are dealt over (GPU only); "
@@ -54,7 +55,7 @@ def bench(
     from patchflannel.errors import PatchflannelError
 
     config = BenchConfig(out=out, preset=preset, bundle=bundle, images=images, synthetic=synthetic, n=n, loop_n=loop_n, ks=_ints(k),
-                         modes=_words(modes), pack=pack, precisions=_words(precision),
+                         modes=_words(modes), pack=pack if pack is not None else min(4, n), precisions=_words(precision),
                          backends=_words(backend), learner_streams=_ints(learner_streams), loader=loader, device=device, compile=compile, repeats=repeats,
                          warmup=warmup, label=label)
     if smoke:
