@@ -142,6 +142,8 @@ def test_mixed_folder_scores_good_reports_bad(mixed_folder: Path, bundle: Path, 
     assert rows["small_100.png"]["status"] == "flagged" and "small_image" in rows["small_100.png"]["flags"]
     assert rows["sixteen_bit.png"]["status"] == "ok"
     assert rows["image.dcm"]["study_instance_uid"] == "1.2.3.4.5" and rows["image.dcm"]["sop_instance_uid"]
+    assert rows["no_pixels.dcm"]["status"] == "error" and rows["no_pixels.dcm"]["study_instance_uid"] == "1.2.3.4.5"
+    assert rows["no_pixels.dcm"]["sop_instance_uid"]  # an error row still names the instance
     assert len({r["p_covid"] for r in good}) > 1  # the rows differ per image
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def first_line(exc: BaseException) -> str:
     """An exception's message cut to its first line (its type's name when it has none)."""
@@ -14,11 +16,13 @@ class PatchflannelError(Exception):
 
 
 class ImageReadError(PatchflannelError):
-    """An input could not be read as an image; the message names the input and the reason."""
+    """An input could not be read as an image; the message names the input and the reason. ``meta`` holds what
+    the file said of itself before it failed (a DICOM file's UIDs), so an error row still identifies it."""
 
-    def __init__(self, source: object, reason: str) -> None:
+    def __init__(self, source: object, reason: str, *, meta: dict[str, Any] | None = None) -> None:
         self.source = str(source)
         self.reason = reason
+        self.meta = dict(meta or {})
         super().__init__(f"{self.source}: {reason}")
 
 

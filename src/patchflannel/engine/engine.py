@@ -475,7 +475,7 @@ class Engine:
             todo = [it for it in items if it.data is not None]
             for it, res in zip(todo, self.loader.decode([(it.item_id, it.data) for it in todo])):
                 if isinstance(res, ImageReadError):
-                    it.error = str(res)
+                    it.error, it.meta = str(res), res.meta or it.meta
                 else:
                     it.image, it.meta = res
                 it.data = None

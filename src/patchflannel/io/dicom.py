@@ -58,33 +58,41 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+    except Exception as exc:  # any parser failure on untrusted bytes is a bad input
+        raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
+    known = {"format": "dicom", **_attributes(ds)}  # an error row still names the study and the instance
+    try:
         if "PixelData" not in ds:
-            raise ImageReadError(label, "DICOM has no PixelData (not an image)")
+            raise ImageReadError(label, "DICOM has no PixelData (not an image)", meta=known)
         frames = int(ds.get("NumberOfFrames") or 1)
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         if not rows or not columns:
-            raise ImageReadError(label, "DICOM has no Rows/Columns")
+            raise ImageReadError(label, "DICOM has no Rows/Columns", meta=known)
     except ImageReadError:
         raise
-    except Exception as exc:  # any parser failure on untrusted bytes is a bad input
-        raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
+    except Exception as exc:
+        raise ImageReadError(label, f"cannot parse DICOM: {exc}", meta=known) from None
     if frames > 1:
-        raise ImageReadError(label, f"multi-frame DICOM ({frames} frames) is not supported")
-    check_size(label, rows, columns)
+        raise ImageReadError(label, f"multi-frame DICOM ({frames} frames) is not supported", meta=known)
+    try:
+        check_size(label, rows, columns)
+    except ImageReadError as exc:
+        raise ImageReadError(label, exc.reason, meta=known) from None
 
     tsyntax = _transfer_syntax(ds, label)
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise ImageReadError(label, f"unsupported DICOM transfer syntax {tsyntax.name} ({tsyntax})") from None
+        raise ImageReadError(label, f"unsupported DICOM transfer syntax {tsyntax.name} ({tsyntax})",
+                             meta=known) from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
         raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): no decoder "
-                             f"installed (pip install 'patchflannel[dicom]' installs them; {missing})")
+                             f"installed (pip install 'patchflannel[dicom]' installs them; {missing})", meta=known)
     try:
         grey = _to_grey(ds.pixel_array, ds)
     except Exception as exc:  # truncated or corrupt pixel data surfaces here
-        raise ImageReadError(label, f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}") from None
+        raise ImageReadError(label, f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}", meta=known) from None
 
     meta: dict[str, Any] = {
         "format": "dicom",
