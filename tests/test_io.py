@@ -505,3 +505,16 @@ def test_dicom_without_pydicom_names_the_extra(tmp_path: Path, real_u16: np.ndar
     path = _save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "x.dcm")
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if the extra were not installed
     _assert_refused(path, "patchflannel[dicom]")
+
+
+def test_errors_cross_process_boundaries_whole() -> None:
+    """cv's worker processes and Ray pickle an error to send it back: it must come back with its parts (it used
+    to fail to unpickle, hiding the real error behind a TypeError)."""
+    import pickle
+
+    from patchflannel.errors import ManifestError
+
+    err = pickle.loads(pickle.dumps(ImageReadError("scan.dcm", "multi-frame DICOM", meta={"SOPInstanceUID": "1.2"})))
+    assert (str(err), err.reason, err.meta) == ("scan.dcm: multi-frame DICOM", "multi-frame DICOM", {"SOPInstanceUID": "1.2"})
+    many = pickle.loads(pickle.dumps(ManifestError("m.csv", ["line 2: empty path", "line 3: unknown label 'x'"])))
+    assert many.problems == ["line 2: empty path", "line 3: unknown label 'x'"] and str(many).startswith("m.csv: 2 problem(s)")

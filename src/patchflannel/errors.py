@@ -25,6 +25,9 @@ class ImageReadError(PatchflannelError):
         self.meta = dict(meta or {})
         super().__init__(f"{self.source}: {reason}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole: cv's worker processes and Ray send errors back
+        return _image_read_error, (self.source, self.reason, self.meta)
+
 
 class ManifestError(PatchflannelError):
     """A manifest or splits file is malformed; ``problems`` lists every bad row found."""
@@ -38,6 +41,14 @@ class ManifestError(PatchflannelError):
         shown = "\n  ".join(self.problems[:50])
         more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
         super().__init__(f"{self.path}: {len(self.problems)} problem(s):\n  {shown}{more}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ManifestError, (self.path, self.problems)
+
+
+def _image_read_error(source: str, reason: str, meta: dict[str, Any]) -> ImageReadError:
+    """An :class:`ImageReadError` rebuilt from its parts (its ``meta`` is keyword-only)."""
+    return ImageReadError(source, reason, meta=meta)
 
 
 class BundleError(PatchflannelError):
