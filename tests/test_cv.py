@@ -165,6 +165,17 @@ def test_cv_refuses_a_splits_file_without_folds(cxr4_dir: Path, tmp_path: Path) 
     assert (tmp_path / "cvrun" / "config.yaml").read_text() == "mode: global\n"
 
 
+def test_a_refused_cv_records_nothing(cxr4_dir: Path, tmp_path: Path) -> None:
+    """A weights file that is missing is refused before config.yaml is written: the fixed rerun is not taken for
+    a resume under changed settings."""
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
+    weights = {LEARNERS[0]: str(tmp_path / "absent.pt")}
+    broken = _config(tmp_path, splits, "global", learner={"epochs": 1, "imagenet_weights": weights})
+    with pytest.raises(ConfigError, match="absent.pt"):
+        run_cv(broken, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
 def test_recipes_are_valid_configs() -> None:
     from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
     from patchflannel.training.learners import load_config

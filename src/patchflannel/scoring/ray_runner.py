@@ -90,8 +90,9 @@ def _rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions, ad
         try:
             ray.init(address=None if address is True else address, include_dashboard=False, log_to_driver=False)
         except Exception as exc:  # noqa: BLE001 - something answers there, but not a Ray cluster
-            raise ConfigError(f"--ray-address {address}: cannot join a Ray cluster there ({first_line(exc)}); check "
-                              "the address (a Ray head: `ray start --head`)") from None
+            where = "a local Ray instance" if address is True else f"--ray-address {address}"
+            raise ConfigError(f"{where}: cannot start or join a Ray cluster ({first_line(exc)}); check the address "
+                              "(a Ray head: `ray start --head`) or RAY_ADDRESS") from None
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))

@@ -123,8 +123,11 @@ class ResultStore:
     def discard_empty(self) -> None:
         """Remove the parts folder of a run that wrote no part (a start that failed): a rerun is not refused
         for an output that holds nothing."""
-        if self.parts_dir.is_dir() and not self._parts():
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+        try:
+            if self.parts_dir.is_dir() and not self._parts():
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
+        except OSError:  # never hides the error that stopped the run
+            pass
 
     def check(self, *, resume: bool) -> None:
         """The refusals of :meth:`begin` that need no run key, without writing anything: a folder in the way,

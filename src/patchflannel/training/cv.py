@@ -141,8 +141,6 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     if len(folds) < 2 or not test_rows:
         raise ConfigError(f"{cfg['splits']}: needs at least 2 folds and a test set (found folds {folds}, "
                           f"{len(test_rows)} test images)")
-    out.mkdir(parents=True, exist_ok=True)  # recorded once the splits file has been read and checked
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     archs = list(cfg["learners"])
     names = [f"{a}_{cfg['mode']}" for a in archs]
     _console.print(f"cv: {len(archs)} learners x {len(folds)} folds, mode {cfg['mode']}, "
@@ -150,6 +148,8 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     run_dirs = {(a, f): out / "learners" / a / f"fold{f}" for a in archs for f in folds}
     finished = {key: _read_done(d) for key, d in run_dirs.items()} if resume else {}  # done.json as the run starts
     check_weights_files(cfg, sorted({a for (a, f) in run_dirs if finished.get((a, f)) is None}))
+    out.mkdir(parents=True, exist_ok=True)  # recorded once the splits file and the weights files have passed
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs
     val_by_fold = {fold: [r for r in train_rows if r["fold"] == fold] for fold in folds}
     pooled: set[Path] = set()  # runs the worker processes just made: read below, never trained again
