@@ -26,7 +26,7 @@ class ImageReadError(PatchflannelError):
         super().__init__(f"{self.source}: {reason}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickled whole: cv's worker processes and Ray send errors back
-        return _image_read_error, (self.source, self.reason, self.meta)
+        return ImageReadError, (self.source, self.reason), {"meta": self.meta}
 
 
 class ManifestError(PatchflannelError):
@@ -44,11 +44,6 @@ class ManifestError(PatchflannelError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return ManifestError, (self.path, self.problems)
-
-
-def _image_read_error(source: str, reason: str, meta: dict[str, Any]) -> ImageReadError:
-    """An :class:`ImageReadError` rebuilt from its parts (its ``meta`` is keyword-only)."""
-    return ImageReadError(source, reason, meta=meta)
 
 
 class BundleError(PatchflannelError):

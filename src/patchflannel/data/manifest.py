@@ -18,6 +18,7 @@ from pathlib import Path
 from patchflannel.classes import CLASSES
 from patchflannel.errors import ImageReadError, ManifestError
 from patchflannel.io import read_image
+from patchflannel.io.files import save_atomic
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "view", "source")
 SPLIT_VALUES: tuple[str, ...] = ("train", "test")
@@ -180,16 +181,15 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
         raise ManifestError(path, [f"missing required column '{name}'" for name in missing])
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.parent.resolve()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, "path": _relative_if_under(Path(row["path"]), folder)})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    save_atomic(path, write)
     return path
 
 

@@ -17,7 +17,7 @@ import torch
 
 from patchflannel.engine.results import Prediction
 from patchflannel.errors import ImageReadError, first_line
-from patchflannel.io.readers import bytes_hash, check_size, read_file_bytes
+from patchflannel.io.readers import bytes_hash, check_size, image_hash, read_dicom_bytes, read_file_bytes
 from patchflannel.ops.preprocess import to_unit
 
 
@@ -104,16 +104,27 @@ def prepare(x: Any, label: str) -> Item:
     the failure (a path with a NUL byte, a sparse or meta tensor, a DLPack producer that raises)."""
     try:
         return _read_input(x, label)
-    except ImageReadError as exc:  # as text the outputs can hold: bytes of a name that is not UTF-8 escaped
-        return Item(label, error=os.fsencode(str(exc)).decode("utf-8", "backslashreplace"))
+    except ImageReadError as exc:
+        return Item(label, error=_text(exc))
     except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the batch's
         return Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: "
                                                            f"{first_line(exc)[:300]}")))
 
 
+def _text(exc: ImageReadError) -> str:
+    """An error as text the outputs can hold: bytes of a name that is not UTF-8 escaped."""
+    return os.fsencode(str(exc)).decode("utf-8", "backslashreplace")
+
+
 def _read_input(x: Any, label: str) -> Item:
     if isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)):
         data = bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else read_file_bytes(x)
+        try:  # DICOM is decoded here, once: its content hash is its decoded image
+            dicom = read_dicom_bytes(data, label)
+        except ImageReadError as exc:  # a DICOM that cannot be decoded: its error keeps the UIDs it holds
+            return Item(label, bytes_hash(data), error=_text(exc), meta=exc.meta)
+        if dicom is not None:
+            return Item(label, image_hash(dicom[0]), image=torch.from_numpy(dicom[0]), meta=dicom[1])
         return Item(label, bytes_hash(data), data=data)
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
         image = _array_image(x, label)

@@ -6,7 +6,6 @@ syntaxes decode through its pixel-data plugins (pylibjpeg, pylibjpeg-libjpeg, py
 
 from __future__ import annotations
 
-import hashlib
 import io
 from typing import TYPE_CHECKING, Any
 
@@ -30,21 +29,6 @@ META_KEYWORDS = (
 """DICOM attributes copied into the meta when present, under their keywords."""
 
 
-def pixel_hash(data: bytes, *, has_preamble: bool = True) -> str | None:
-    """SHA-256 hex digest of the grey image the file decodes to (what the learners see: after the modality and
-    VOI LUTs or window and the photometric interpretation), or None when it cannot be decoded (reading it will
-    say why). Patient and study attributes, the transfer syntax and the encoding do not count: an anonymised or
-    losslessly re-encoded copy keeps the hash."""
-    try:
-        grey, _ = read_dicom(data, "hash", has_preamble=has_preamble)
-    except Exception:  # noqa: BLE001 - a file that cannot be decoded hashes whole; reading it gives the error
-        return None
-    h = hashlib.sha256(b"dicom-image:")
-    h.update(repr(grey.shape).encode())
-    h.update(np.ascontiguousarray(grey, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
 def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode one single-frame DICOM image from ``data``; ``label`` names it in errors.
 
@@ -52,7 +36,7 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
     """
     try:
         import pydicom
-        from pydicom.pixels import get_decoder
+        import pydicom.pixels  # noqa: F401 - the decoders' module, used by _decode
     except ImportError:
         raise ImageReadError(label, "reading DICOM needs pydicom: install the patchflannel[dicom] extra") from None
 
@@ -60,48 +44,48 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except Exception as exc:  # any parser failure on untrusted bytes is a bad input
         raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
-    known = {"format": "dicom", **_attributes(ds)}  # an error row still names the study and the instance
+    attributes = _attributes(ds)
+    try:
+        grey, pixels = _decode(ds, label)
+    except ImageReadError as exc:  # an error row still names the study and the instance
+        raise ImageReadError(label, exc.reason, meta={"format": "dicom", **attributes}) from None
+    return grey, {"format": "dicom", **pixels, **attributes}
+
+
+def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The grey image of a parsed single-frame data set and what it says of its pixels."""
+    from pydicom.pixels import get_decoder
+
     try:
         if "PixelData" not in ds:
-            raise ImageReadError(label, "DICOM has no PixelData (not an image)", meta=known)
+            raise ImageReadError(label, "DICOM has no PixelData (not an image)")
         frames = int(ds.get("NumberOfFrames") or 1)
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         if not rows or not columns:
-            raise ImageReadError(label, "DICOM has no Rows/Columns", meta=known)
+            raise ImageReadError(label, "DICOM has no Rows/Columns")
     except ImageReadError:
         raise
     except Exception as exc:
-        raise ImageReadError(label, f"cannot parse DICOM: {exc}", meta=known) from None
+        raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
     if frames > 1:
-        raise ImageReadError(label, f"multi-frame DICOM ({frames} frames) is not supported", meta=known)
-    try:
-        check_size(label, rows, columns)
-    except ImageReadError as exc:
-        raise ImageReadError(label, exc.reason, meta=known) from None
+        raise ImageReadError(label, f"multi-frame DICOM ({frames} frames) is not supported")
+    check_size(label, rows, columns)
 
     tsyntax = _transfer_syntax(ds, label)
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
-        raise ImageReadError(label, f"unsupported DICOM transfer syntax {tsyntax.name} ({tsyntax})",
-                             meta=known) from None
+        raise ImageReadError(label, f"unsupported DICOM transfer syntax {tsyntax.name} ({tsyntax})") from None
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies)
         raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): no decoder "
-                             f"installed (pip install 'patchflannel[dicom]' installs them; {missing})", meta=known)
+                             f"installed (pip install 'patchflannel[dicom]' installs them; {missing})")
     try:
         grey = _to_grey(ds.pixel_array, ds)
     except Exception as exc:  # truncated or corrupt pixel data surfaces here
-        raise ImageReadError(label, f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}", meta=known) from None
-
-    meta: dict[str, Any] = {
-        "format": "dicom",
-        "shape": (rows, columns),
-        "channels": int(ds.get("SamplesPerPixel") or 1),
-        "bit_depth": int(ds.get("BitsStored") or ds.BitsAllocated),
-        "TransferSyntaxUID": str(tsyntax),
-    }
-    meta.update(_attributes(ds))
+        raise ImageReadError(label, f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}") from None
+    meta = {"shape": (rows, columns), "channels": int(ds.get("SamplesPerPixel") or 1),
+            "bit_depth": int(ds.get("BitsStored") or ds.BitsAllocated), "TransferSyntaxUID": str(tsyntax)}
     return grey, meta
 
 

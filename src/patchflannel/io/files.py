@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from patchflannel.errors import ConfigError
 
@@ -33,6 +35,19 @@ def _loops(top: str, folder: str) -> bool:
         if os.path.realpath(parent) == real:
             return True
     return False
+
+
+def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file through ``write(temporary path)``, then move it into place: it appears whole or not at all
+    (a failed write leaves no temporary file). The temporary name is unique to this process and thread, so two
+    writers of one file (trainings sharing a ``cache_dir``) never collide: the last complete file wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_can_write(folder: str | os.PathLike[str], label: str | os.PathLike[str]) -> None:

@@ -55,19 +55,34 @@ def read_image_with_meta(source: Source, *, name: str | None = None) -> tuple[np
     data, label = _load_bytes(source, name)
     if not data:
         raise ImageReadError(label, "empty file (0 bytes)")
+    dicom = read_dicom_bytes(data, label)
+    if dicom is not None:
+        return dicom
     fmt = detect_format(data)
-    if fmt is None and not _looks_like_bare_dicom(data):
+    if fmt is None:
         raise ImageReadError(label, "not a recognised image format (expected PNG, JPEG, TIFF or DICOM)")
     try:
-        if fmt in ("dicom", None):
-            from patchflannel.io.dicom import read_dicom  # dicom.py uses this module's helpers
-
-            return read_dicom(data, label, has_preamble=fmt == "dicom")
         return _read_pil(data, label, fmt)
     except ImageReadError:
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure on untrusted bytes is a bad input, not a crash
-        raise ImageReadError(label, f"cannot decode {(fmt or 'dicom').upper()}: {type(exc).__name__}: {exc}") from None
+        raise ImageReadError(label, f"cannot decode {fmt.upper()}: {type(exc).__name__}: {exc}") from None
+
+
+def read_dicom_bytes(data: bytes, label: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The grey image and meta of DICOM bytes (a file, or a bare data set without preamble); None when ``data``
+    is not DICOM. ImageReadError when it is DICOM that cannot be decoded (its ``meta`` holds the UIDs read)."""
+    fmt = detect_format(data)
+    if fmt != "dicom" and not (fmt is None and _looks_like_bare_dicom(data)):
+        return None
+    from patchflannel.io.dicom import read_dicom  # dicom.py uses this module's helpers
+
+    try:
+        return read_dicom(data, label, has_preamble=fmt == "dicom")
+    except ImageReadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure on untrusted bytes is a bad input, not a crash
+        raise ImageReadError(label, f"cannot decode DICOM: {type(exc).__name__}: {exc}") from None
 
 
 def content_hash(source: Source) -> str:
@@ -77,16 +92,21 @@ def content_hash(source: Source) -> str:
 
 def bytes_hash(data: bytes) -> str:
     """SHA-256 hex digest of an encoded image: of all its bytes, except for DICOM, of the grey image it decodes
-    to (:func:`~patchflannel.io.dicom.pixel_hash`): anonymising or losslessly re-encoding a film leaves the
-    hash, and the patches it seeds, unchanged."""
-    fmt = detect_format(data)
-    if fmt == "dicom" or (fmt is None and _looks_like_bare_dicom(data)):
-        from patchflannel.io.dicom import pixel_hash
+    to (:func:`image_hash`): anonymising or losslessly re-encoding a film leaves the hash, and the patches it
+    seeds, unchanged. A DICOM file that cannot be decoded hashes whole (reading it gives the error)."""
+    try:
+        dicom = read_dicom_bytes(data, "hash")
+    except ImageReadError:
+        dicom = None
+    return image_hash(dicom[0]) if dicom is not None else hashlib.sha256(data).hexdigest()
 
-        digest = pixel_hash(data, has_preamble=fmt == "dicom")
-        if digest is not None:
-            return digest
-    return hashlib.sha256(data).hexdigest()
+
+def image_hash(grey: np.ndarray) -> str:
+    """The content hash of a decoded DICOM image: SHA-256 of its shape and float32 values."""
+    h = hashlib.sha256(b"dicom-image:")
+    h.update(repr(grey.shape).encode())
+    h.update(np.ascontiguousarray(grey, dtype=np.float32).tobytes())
+    return h.hexdigest()
 
 
 def detect_format(data: bytes) -> str | None:

@@ -25,11 +25,12 @@ from patchflannel.classes import CLASS_INDEX
 from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io import content_hash, read_image
+from patchflannel.io.files import save_atomic
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, resize_mask
 from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
 from patchflannel.training.loop import progress_bar
-from patchflannel.training.mask_cache import MaskCache, save_atomic
+from patchflannel.training.mask_cache import MaskCache
 
 MODES = ("global", "patch")
 

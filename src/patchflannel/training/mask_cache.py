@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +16,9 @@ import torch
 
 from patchflannel.export.bundle import Bundle, load_bundle, load_torch_model
 from patchflannel.io import content_hash, read_image
+from patchflannel.io.files import save_atomic
 from patchflannel.ops.preprocess import as_tensor, segmentation_input
 from patchflannel.training.loop import progress_bar
-
-
-def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a cache file through ``write(temporary path)``, then move it into place. The temporary name is
-    unique to this process and thread: two trainings sharing a ``cache_dir`` may write the same entry at once
-    (the last complete file wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def model_key(bundle: Bundle) -> str:
