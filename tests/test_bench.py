@@ -46,6 +46,7 @@ def test_bench_smoke_cli_writes_json_markdown_and_plot(app, tmp_path):
         assert set(per_learner) == {"shufflenet_v2_x0_5", "mobilenet_v3_small"}
         assert 0 < sum(per_learner.values()) <= r["stage_seconds_per_image"]["infer"] * 1.001
     assert [e["bundle"] for e in report["engines"]] == ["preset:tiny"] and "synthetic phantom" in report["inputs"]
+    assert not {"k", "images_per_call", "patch_batch"} & set(report["engines"][0])  # each run's own, in "runs"
     assert report["environment"]["torch"]
     md = (out / "bench.md").read_text()
     assert "| torch | fp32 | 1 | loop | 4 | 1 | 1 | 1 |" in md and "| torch | fp32 | 1 | packed | 4 | 2 | 8 | 2 |" in md

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -374,6 +376,45 @@ def test_global_learners_alone_skip_segmentation_and_patches(engine, jpegs):
         assert a.status == "ok" and not a.flags
         np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
     assert fast.warm_up().keys() == {lr.name for lr in fast.learners}
+
+
+class _OpenStages:
+    """A stage timer that keeps, per thread, the stages open at this moment."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+
+    def open(self) -> list[str]:
+        return list(getattr(self.local, "stack", []))
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.local.stack = [*self.open(), name]
+        try:
+            yield
+        finally:
+            self.local.stack = self.local.stack[:-1]
+
+
+class _WatchedPath(os.PathLike):
+    """A path that notes the timer's open stages each time it is read."""
+
+    def __init__(self, path: Path, timer: _OpenStages) -> None:
+        self.path, self.timer, self.reads = path, timer, []
+
+    def __fspath__(self) -> str:
+        self.reads.append(self.timer.open())
+        return os.fspath(self.path)
+
+
+def test_reading_an_input_is_timed_as_decoding(engine, jpegs):
+    """Reading a file (and decoding a DICOM, hashing bytes) happens inside the ``decode`` stage, so bench's
+    preprocessing share counts it."""
+    timer = _OpenStages()
+    for prefetch in (0, 2):
+        watched = _WatchedPath(jpegs[0], timer)
+        assert [p.status for p in engine.stream([watched], prefetch=prefetch, timer=timer)] == ["ok"]
+        assert ["decode"] in watched.reads, watched.reads
 
 
 class _Seen(torch.nn.Module):

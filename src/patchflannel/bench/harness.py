@@ -50,6 +50,8 @@ PRESETS: dict[str, tuple[str, tuple[str, ...], int]] = {
     "cpu5": ("fcdensenet56", CPU_LEARNERS, 256),
     "tiny": ("fcdensenet56", ("shufflenet_v2_x0_5", "mobilenet_v3_small"), 128),  # smoke runs: seconds on 2 cores
 }
+PER_RUN = ("k", "images_per_call", "patch_batch")
+"""Engine settings a bench run sets for itself: recorded per run, left out of the report's engines."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
 
 
@@ -366,7 +368,8 @@ def _time_pair(config: BenchConfig, backend: str, precision: str, inputs: list[t
                           "--modes global")
     # Every stream count set up before any timing: a count the device cannot take fails now.
     for eng in [engine.configured(learner_streams=s) for s in config.learner_streams]:
-        described = eng.describe()
+        # K and the call sizes are each run's own (in its entry of "runs"), not the engine's defaults.
+        described = {key: v for key, v in eng.describe().items() if key not in PER_RUN}
         if any(variant(e) == variant(described) for e in report["engines"]):
             if progress is not None:
                 progress(f"backend {backend}, precision {precision}: {variant(described)}, already timed")

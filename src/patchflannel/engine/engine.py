@@ -451,7 +451,8 @@ class Engine:
         with on_stream(self._prep_stream), self._prep_lock:
             if inputs_ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(inputs_ready)
-            items = [prepare(x, item_id) for item_id, x in inputs]
+            with timer.stage("decode"):  # reading the inputs: file bytes, content hashes, DICOM decoding
+                items = [prepare(x, item_id) for item_id, x in inputs]
             group = _Group(self._decode(items, timer))
             self._segment(group, timer)
             self._patches(group, timer)
