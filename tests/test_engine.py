@@ -147,6 +147,8 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
         ("too_small", np.zeros((10, 10), np.float32)),
         ("rgb_array", np.zeros((64, 64, 3), np.float32)),
         ("out_of_range", np.full((64, 64), 2.0, np.float32)),
+        ("levels_as_floats", np.arange(64 * 64, dtype=np.float32).reshape(64, 64) % 256),
+        ("nan", np.full((64, 64), np.nan, np.float32)),
         ("a_dict", {"not": "an image"}),
         ("objects", np.full((64, 64), None, object)),
         ("strings", np.full((64, 64), "x")),
@@ -164,13 +166,16 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     for name in ("black", "tiny", "grey", "big_endian"):
         p = preds[name]
         assert p.status in ("ok", "flagged") and abs(sum(p.probabilities.values()) - 1) < 1e-5
+        assert ("blank_image" in p.flags) == (name != "tiny") and (p.status == "flagged") == bool(p.flags)
     assert "small_image" in preds["tiny"].flags and preds["tiny"].status == "flagged"
     assert "nope.jpg: file not found" in preds["missing"].error
     assert "not a recognised image format" in preds["junk"].error
     assert "empty file" in preds["empty"].error
     assert "too small" in preds["too_small"].error
     assert "2-D" in preds["rgb_array"].error
-    assert "[0, 1]" in preds["out_of_range"].error
+    assert "[0, 1]; its values run from 2 to 2" in preds["out_of_range"].error
+    assert "values run from 0 to 255 (8-bit levels as floats? divide by 255" in preds["levels_as_floats"].error
+    assert "holds NaN or infinite values" in preds["nan"].error
     assert "unsupported input type dict" in preds["a_dict"].error
     assert "objects: cannot read the array" in preds["objects"].error
     assert "strings: cannot read the array" in preds["strings"].error
@@ -182,7 +187,7 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     assert "sparse: cannot read the input" in preds["sparse"].error
     assert "got shape ()" in preds["zero_d"].error
     assert "garbage_tiff: cannot decode TIFF: not a readable TIFF file" == preds["garbage_tiff"].error
-    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "a_dict", "objects", "strings",
+    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "levels_as_floats", "nan", "a_dict", "objects", "strings",
                  "booleans", "huge", "nul_path", "meta_tensor", "sparse", "zero_d", "garbage_tiff"):
         assert preds[name].status == "error" and preds[name].probabilities is None and preds[name].label is None
 
@@ -279,6 +284,41 @@ def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, ba
         engine.predict_many(str(jpegs[0]))
     with pytest.raises(TypeError, match=r"got one bytes"):
         engine.stream(b"\xff\xd8")  # at the call, not at the first result
+    for colour in (np.zeros((64, 64, 3), np.uint8), torch.zeros(64, 64, 4)):  # not a stack of 64 grey images
+        with pytest.raises(TypeError, match=r"colour image.*convert it to grey"):
+            engine.predict_many(colour)
+
+
+class _FailsOnCall(torch.nn.Module):
+    """A user's learner that fails on its n-th call (a network that raises mid-run)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("learner failed")
+        return x.new_zeros(x.shape[0], len(CLASSES))
+
+
+def test_an_engine_failure_still_gives_what_was_classified(jpegs):
+    """A learner raises on the third image: the two images classified before come out first, then its error;
+    the engine runs again afterwards."""
+    from patchflannel.models import get_model
+
+    assert len(jpegs) >= 3
+    for prefetch in (0, 2):
+        learner = _FailsOnCall(3)
+        engine = Engine.from_modules(get_model("fcdensenet56"), {"flaky": learner}, None, device="cpu", k=4)
+        got = []
+        with pytest.raises(RuntimeError, match="learner failed"):
+            for p in engine.stream(jpegs, prefetch=prefetch):
+                got.append(p)
+        assert [p.item_id for p in got] == [str(j) for j in jpegs[:2]] and all(p.ok for p in got)
+        assert engine.predict(jpegs[0]).ok  # the fourth call
+        assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
 
 
 def test_inputs_that_fail_as_they_are_taken_are_their_own_errors(engine, jpegs, baseline):
@@ -494,7 +534,8 @@ def test_describe_and_choices(engine, bundle_dir):
                        (dict(k=0), "k must be"), (dict(k=8.9), "k must be an integer >= 1, got 8.9"),
                        (dict(learner_streams=0), "learner_streams must be"),
                        (dict(learner_streams=2), "learner_streams=2 needs a CUDA device"),
-                       (dict(seed="abc"), "seed must be a whole number, got 'abc'"), (dict(seed=None), "seed must be"),
+                       (dict(seed="abc"), "seed must be a whole number within 64 bits .*, got 'abc'"),
+                       (dict(seed=None), "seed must be"), (dict(seed=2**63), "within 64 bits"),
                        (dict(compile="no"), "compile must be True or False, got 'no'"),
                        (dict(return_centres="yes"), "return_centres must be True or False")):
         with pytest.raises(ConfigError, match=match):

@@ -95,6 +95,7 @@ class _Group:
     masks: HostCopy | None = None
     global_view: torch.Tensor | None = None
     fallback: torch.Tensor | None = None
+    blank: torch.Tensor | None = None
     centres: torch.Tensor | None = None
     patches: torch.Tensor | None = None
     results: HostCopy | None = None
@@ -106,7 +107,7 @@ class _Group:
     def adopt(self) -> None:
         """Mark the group's device tensors (made on the preparation stream) as used by the current stream too,
         so that their memory is not reused before its kernels are done with them."""
-        for t in (self.global_view, self.fallback, self.centres, self.patches):
+        for t in (self.global_view, self.fallback, self.blank, self.centres, self.patches):
             if t is not None and t.is_cuda:
                 t.record_stream(torch.cuda.current_stream(t.device))
 
@@ -161,7 +162,12 @@ def _setting(name: str, doc: str) -> property:
 
 
 class Engine:
-    """Patched FLANNEL inference over a bundle's networks; see the module docstring for the data flow."""
+    """Patched FLANNEL inference over a bundle's networks.
+
+    Made by :meth:`from_bundle` (or :meth:`from_modules` for in-memory networks), not called directly; used through
+    :meth:`predict`, :meth:`predict_many` and :meth:`stream`, which return :class:`Prediction` s. Data flow,
+    overlap and thread safety: ``patchflannel.engine.engine``'s module docstring and docs/engine.md.
+    """
 
     k = _setting("k", "Patches drawn an image.")
     seed = _setting("seed", "The run seed, mixed into every image's seed.")
@@ -186,8 +192,9 @@ class Engine:
         self.loader = loader
         self.sampler = sampler
         self.precision = precision
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ConfigError(f"seed must be a whole number, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -2**63 <= int(seed) < 2**63:
+            raise ConfigError(f"seed must be a whole number within 64 bits (-2**63 to 2**63 - 1, as the result tables "
+                              f"store it), got {seed!r}")
         self._seed = int(seed)
         self._k = _count("k", k if k is not None else self.pre["k"], auto=False)
         bad = sorted({lr.mode for lr in learners} - {"patch", "global"})
@@ -227,7 +234,13 @@ class Engine:
                     patch_batch: int | str = "auto", learner_streams: int = 1, compile: bool = False) -> Engine:
         """An engine over the bundle at ``path`` (None: the package's default bundle), or over a loaded ``Bundle``.
 
-        ``compile`` applies ``torch.compile`` (frozen weights) to every network (torch backend); the first call
+        ``device`` 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'; ``backend`` 'auto', 'torch',
+        'onnxruntime' or 'tensorrt' (the exported ones need the bundle's exported files); ``loader`` 'auto', 'cpu',
+        'dali' or 'nvjpeg'; ``sampler`` 'auto', 'torch' or 'cupy'; ``precision`` 'auto' (fp16 on a GPU, fp32 on a
+        CPU), 'fp32', 'fp16' or 'bf16'; 'auto' picks the best available (:meth:`describe` says what it picked).
+        ``seed`` is the run seed and ``k`` the patches an image (default: the bundle's); ``return_centres`` adds
+        each result's patch centres. ``images_per_call`` and ``patch_batch`` set the batching ('auto': the
+        device's choice; results do not depend on them). ``compile`` applies ``torch.compile`` (frozen weights) to every network (torch backend); the first call
         at each shape compiles (:meth:`warm_up` does it up front). ``learner_streams`` > 1 (a GPU only) deals
         the learners' calls over that many CUDA streams so that they may run side by side.
         """
@@ -338,11 +351,15 @@ class Engine:
         return seconds
 
     def predict(self, x: Any, item_id: str | None = None) -> Prediction:
-        """One input: a path, bytes, a 2-D numpy array, torch tensor or CuPy array."""
+        """One input: a path, bytes (PNG, JPEG, TIFF, DICOM), or a 2-D grey numpy array, torch tensor or CuPy array
+        (uint8, uint16, or float in [0, 1]); ``item_id`` names it in the result (default: the path, or
+        ``<kind #0>``). A bad input is not raised: its result has ``status`` 'error' and ``error`` says why.
+        Check ``status`` (or ``flags``), not only ``ok``: a 'flagged' result needs a look."""
         return self.predict_many([(item_id, x) if item_id is not None else x])[0]
 
     def predict_many(self, xs: Iterable[Any]) -> list[Prediction]:
-        """Every input in order; items may be ``(item_id, x)`` pairs. Bad inputs become error results."""
+        """Every input in order (an iterable of inputs as for :meth:`predict`, or of ``(item_id, x)`` pairs); bad
+        inputs become error results. A list in one call; :meth:`stream` for results as they complete."""
         return list(self.stream(xs, prefetch=0))
 
     def stream(self, xs: Iterable[Any], *, prefetch: int = 2, timer: StageTimer | None = None) -> Iterator[Prediction]:
@@ -351,12 +368,16 @@ class Engine:
         ``prefetch`` is how many groups may be prepared (decoded, segmented, patches gathered) ahead (0: no
         worker thread). While the learners classify one group, the one before is read back (see the module
         docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
-        then its exception is raised.
+        then its exception is raised; when the engine fails (a network raises), the results already classified
+        are yielded first. A 2-D array is one input (use :meth:`predict`); an (N, H, W) array or tensor is N images.
         """
         one = isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)) or (
             isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 2)  # a stack (N, H, W) is N images
         if one:
             raise TypeError(f"expected an iterable of inputs, got one {type(xs).__name__}: use predict() for one input")
+        if isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 3 and xs.shape[-1] in (3, 4):
+            raise TypeError(f"expected an iterable of inputs, got an array of shape {tuple(xs.shape)}: a colour image, "
+                            "not a stack of (N, H, W) grey images; convert it to grey first (e.g. PIL's .convert('L'))")
         if isinstance(xs, Mapping):
             raise TypeError("expected an iterable of inputs, got a mapping: pass its items() as (item_id, input) pairs")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
@@ -371,15 +392,21 @@ class Engine:
             for group in self._prepared(xs, prefetch, timer):
                 with self._compute_lock, on_stream(compute):
                     self._classify(group, timer)
-                if prev is not None:
-                    yield from self._results(prev)
-                prev = group
+                done, prev = prev, group
+                if done is not None:
+                    yield from self._results(done)
         except _SourceFailure as failure:
             error = failure.error  # raised below, outside this block: its cause and context stay the caller's
+        except Exception as exc:  # noqa: BLE001 - the engine failed (a network, the device): raised below
+            error = exc
         else:
             error = None
-        if prev is not None:
-            yield from self._results(prev)
+        if prev is not None:  # classified before any failure: its results are the caller's
+            try:
+                yield from self._results(prev)
+            except Exception:
+                if error is None:
+                    raise  # else the first failure (a device error, say, met again reading back) is the one raised
         if error is not None:
             raise error
 
@@ -453,7 +480,7 @@ class Engine:
                 torch.cuda.current_stream(self.device).wait_event(inputs_ready)
             with timer.stage("decode"):  # reading the inputs: file bytes, content hashes, DICOM decoding
                 items = [prepare(x, item_id) for item_id, x in inputs]
-            group = _Group(self._decode(items, timer))
+            group = self._decode(items, timer)
             self._segment(group, timer)
             self._patches(group, timer)
             if self._prep_stream is not None:
@@ -462,8 +489,9 @@ class Engine:
             it.shape, it.image = tuple(it.image.shape), None
         return group
 
-    def _decode(self, items: list[Item], timer: StageTimer) -> list[Item]:
-        """Decode the items' bytes onto the device (failures become error items).
+    def _decode(self, items: list[Item], timer: StageTimer) -> _Group:
+        """Decode the items' bytes onto the device (failures become error items), as a group; each image's
+        ``blank`` (a single grey level: nothing in it to classify) is flagged.
 
         The GPU decoders allocate on the current stream but write through streams of their own, without
         waiting for it (torchvision's nvJPEG decoder, pytorch/vision#9606): so nothing may be pending on the
@@ -483,9 +511,12 @@ class Engine:
             for it in items:
                 if it.image is not None:
                     it.image = it.image.to(self.device, non_blocking=True)
+            group = _Group(items)
+            if group.good:
+                group.blank = torch.stack([torch.eq(*torch.aminmax(it.image)) for it in group.good])
         if self._prep_stream is not None:
             self._prep_stream.synchronize()
-        return items
+        return group
 
     def _normalise(self, grey: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
@@ -581,7 +612,7 @@ class Engine:
             else:
                 probs = conf.mean(1)
             extra = (group.centres,) if self.return_centres and group.centres is not None else ()
-            group.results = to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, *extra)
+            group.results = to_host(probs, conf, torch.stack(softmaxes, 1), group.fallback, group.blank, *extra)
         group.global_view = group.patches = None
 
     def _side_streams(self) -> list[torch.cuda.Stream]:
@@ -606,8 +637,8 @@ class Engine:
     def _results(self, group: _Group) -> list[Prediction]:
         """The group's predictions in input order (error results for inputs that failed to decode)."""
         if group.good:
-            probs, conf, soft, fallback, *centres = (t.numpy() for t in group.results.wait())
-            host = {"probs": probs, "conf": conf, "soft": soft, "fallback": fallback}
+            probs, conf, soft, fallback, blank, *centres = (t.numpy() for t in group.results.wait())
+            host = {"probs": probs, "conf": conf, "soft": soft, "fallback": fallback, "blank": blank}
             if centres:
                 host["centres"] = centres[0]
             for i, it in enumerate(group.good):
@@ -621,6 +652,8 @@ class Engine:
 
     def _prediction(self, it: Item, i: int, host: dict[str, np.ndarray]) -> Prediction:
         flags = []
+        if bool(host["blank"][i]):
+            flags.append("blank_image")
         if bool(host["fallback"][i]):
             flags.append("mask_fallback")
         if min(it.shape) < self.pre["patch_size"]:

@@ -82,8 +82,13 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
         dtype = x.dtype if isinstance(x, np.ndarray) else t.dtype  # named as the caller's library names it
         raise ImageReadError(label, f"unsupported array dtype {dtype} (expected uint8, uint16 or float in [0, 1])")
     t = t.to(torch.float32)
-    if not bool(torch.isfinite(t).all()) or float(t.min()) < 0.0 or float(t.max()) > 1.0:
-        raise ImageReadError(label, "float image must be finite and within [0, 1]")
+    if not bool(torch.isfinite(t).all()):
+        raise ImageReadError(label, "float image must be finite and within [0, 1]; it holds NaN or infinite values")
+    low, high = (float(v) for v in torch.aminmax(t))
+    if low < 0.0 or high > 1.0:
+        hint = " (8-bit levels as floats? divide by 255, or pass the uint8 array)" if high <= 255 and low >= 0 else ""
+        raise ImageReadError(label, f"float image must be finite and within [0, 1]; its values run from {low:g} to "
+                                    f"{high:g}{hint}")
     return t
 
 

@@ -53,7 +53,7 @@ class Prediction:
 
     @property
     def ok(self) -> bool:
-        """True when the input produced a result (status 'ok' or 'flagged')."""
+        """True when the input produced a result (status 'ok' or 'flagged'); a 'flagged' one needs a look (``flags``)."""
         return self.status != "error"
 
     def to_row(self) -> dict[str, Any]:
