@@ -240,9 +240,10 @@ class Engine:
         CPU), 'fp32', 'fp16' or 'bf16'; 'auto' picks the best available (:meth:`describe` says what it picked).
         ``seed`` is the run seed and ``k`` the patches an image (default: the bundle's); ``return_centres`` adds
         each result's patch centres. ``images_per_call`` and ``patch_batch`` set the batching ('auto': the
-        device's choice; results do not depend on them). ``compile`` applies ``torch.compile`` (frozen weights) to every network (torch backend); the first call
-        at each shape compiles (:meth:`warm_up` does it up front). ``learner_streams`` > 1 (a GPU only) deals
-        the learners' calls over that many CUDA streams so that they may run side by side.
+        device's choice; results do not depend on them). ``compile`` applies ``torch.compile`` (frozen weights)
+        to every network (torch backend); the first call at each shape compiles (:meth:`warm_up` does it up
+        front). ``learner_streams`` > 1 (a GPU only) deals the learners' calls over that many CUDA streams so
+        that they may run side by side.
         """
         compile = _flag("compile", compile)
         bundle = path if isinstance(path, Bundle) else load_bundle(path)

@@ -86,7 +86,8 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
         raise ImageReadError(label, "float image must be finite and within [0, 1]; it holds NaN or infinite values")
     low, high = (float(v) for v in torch.aminmax(t))
     if low < 0.0 or high > 1.0:
-        hint = " (8-bit levels as floats? divide by 255, or pass the uint8 array)" if high <= 255 and low >= 0 else ""
+        levels = low >= 0 and high <= 255 and bool((t == t.round()).all())  # whole numbers up to 255
+        hint = " (8-bit levels as floats? divide by 255, or pass the uint8 array)" if levels else ""
         raise ImageReadError(label, f"float image must be finite and within [0, 1]; its values run from {low:g} to "
                                     f"{high:g}{hint}")
     return t
