@@ -159,6 +159,7 @@ def test_a_failed_export_leaves_no_copy_behind(source: Path, tmp_path: Path, cxr
             export_onnx(source, target, models=["ensemble"], rtol=0.0, atol=0.0, data_dir=cxr4_dir.parent)
         assert given.is_dir() and not any(given.iterdir()) and link.is_symlink()  # emptied, kept
     out.mkdir()
+    out.chmod(0o750)  # not the source bundle folder's mode
     result = runner.invoke(app, ["export", "onnx", "--random", "resnet9000", "--out", str(out)])
     assert result.exit_code == 2 and "resnet9000" in result.output
     assert out.is_dir() and not any(out.iterdir())  # the user's empty folder: emptied again, not removed
@@ -166,6 +167,7 @@ def test_a_failed_export_leaves_no_copy_behind(source: Path, tmp_path: Path, cxr
                                  "--data", str(cxr4_dir.parent)])
     assert result.exit_code == 0, result.output
     assert load_bundle(out).ensemble.file("onnx").extra["parity"]["passed"]
+    assert out.stat().st_mode & 0o777 == 0o750  # the user's folder keeps its permissions
 
 
 def test_cli_exports_random_architectures_and_verifies(tmp_path: Path, cxr4_dir: Path) -> None:
@@ -221,6 +223,8 @@ def test_default_bundle_exports(tmp_path: Path, cxr4_dir: Path) -> None:
         pytest.skip(f"no default bundle at {default_bundle_path()} yet")
     b = export_onnx(None, tmp_path / "b", data_dir=cxr4_dir.parent)
     assert all(m.file("onnx").extra["parity"]["passed"] for m in b.models())
+    b = export_onnx(b, precision="fp16", data_dir=cxr4_dir.parent)  # TensorRT 11's inputs: within fp16 tolerance
+    assert all(m.file("onnx", "fp16").extra["parity"]["passed"] for m in b.models())
 
 
 def test_default_bundle_is_never_written_in_place() -> None:

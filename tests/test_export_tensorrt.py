@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import random_bundle
+from patchflannel.export.bundle import load_bundle, random_bundle
 from patchflannel.export.onnx import export_onnx
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -30,8 +30,15 @@ def test_bundle_and_batch_range_are_checked_before_tensorrt_is_needed(tmp_path: 
     with pytest.raises(BundleError, match="default bundle is part of the installed package"):
         build_engines(None)
     random_bundle(tmp_path, segmentation="fcdensenet56", learners=("squeezenet1_1",))
-    with pytest.raises(ConfigError, match="k_opt 200, k_max 100"):
+    with pytest.raises(ConfigError, match="--k-opt 200, --k-max 100"):
         build_engines(tmp_path, k_opt=200, k_max=100)
+    with pytest.raises(ConfigError, match="--k-opt 0, --k-max"):  # not taken as "the default"
+        build_engines(tmp_path, k_opt=0)
+    k = int(load_bundle(tmp_path).preprocessing["k"])
+    with pytest.raises(ConfigError, match=f"--k-max {k - 1} is below the bundle's K={k}"):
+        build_engines(tmp_path, k_max=k - 1, k_opt=1)
+    with pytest.raises(BundleError, match="has no model.s. nothere"):
+        build_engines(tmp_path, models=["nothere"])
 
 
 @pytest.mark.gpu

@@ -59,11 +59,19 @@ def test_repository_parses_and_chains(repo: Path, onnx_bundle: Path) -> None:
     compile(MODEL_PY, "model.py", "exec")
     with pytest.raises(BundleError, match="exists and is not empty"):
         export_triton(onnx_bundle, repo)
-    with pytest.raises(ConfigError, match="learner_format"):
-        export_triton(onnx_bundle, repo.parent / "x", learner_format="tflite")
+    with pytest.raises(ConfigError, match=r"format \(--format\) must be one of"):
+        export_triton(onnx_bundle, repo.parent / "x", model_format="tflite")
     with pytest.raises(BundleError, match=r"no tensorrt file for segmentation, .*; make them with `patchflannel export tensorrt BUNDLE` \(builds in place"):
-        export_triton(onnx_bundle, repo.parent / "y", learner_format="tensorrt")
+        export_triton(onnx_bundle, repo.parent / "y", model_format="tensorrt")
     assert not (repo.parent / "y").exists()
+    given, link = repo.parent / "given", repo.parent / "link"  # a user's private empty folder, and a link to one
+    given.mkdir(mode=0o700)
+    (repo.parent / "target").mkdir()
+    link.symlink_to(repo.parent / "target")
+    for out in (given, link):
+        assert set(validate_repository(export_triton(onnx_bundle, out))) == set(validate_repository(repo))
+    assert given.stat().st_mode & 0o777 == 0o700 and link.is_symlink()
+    assert not list(repo.parent.glob(".*.building"))
 
 
 def _record_engines(root: Path, learner_max: list[int]) -> None:
@@ -87,7 +95,7 @@ def test_tensorrt_learners_take_at_most_their_engines_batch(onnx_bundle: Path, t
     shutil.copytree(onnx_bundle, root)
     k = load_bundle(root).preprocessing["k"]
     _record_engines(root, [4 * k, 2 * k])
-    configs = validate_repository(export_triton(root, tmp_path / "repo", learner_format="tensorrt", k_max=8 * k))
+    configs = validate_repository(export_triton(root, tmp_path / "repo", model_format="tensorrt", k_max=8 * k))
     assert configs["learner_0_squeezenet1_1"].platform == "tensorrt_plan"
     assert [configs[f"learner_{i}_squeezenet1_1"].max_batch_size for i in range(2)] == [4 * k, 2 * k]
     assert configs["segmentation"].max_batch_size == 16 and configs["flannel"].max_batch_size == 16
@@ -95,7 +103,7 @@ def test_tensorrt_learners_take_at_most_their_engines_batch(onnx_bundle: Path, t
     shutil.copytree(onnx_bundle, root)
     _record_engines(root, [k - 1, 4 * k])
     with pytest.raises(BundleError, match=f"takes at most {k - 1} patches, fewer than an image's K={k}.*--k-max"):
-        export_triton(root, tmp_path / "repo2", learner_format="tensorrt")
+        export_triton(root, tmp_path / "repo2", model_format="tensorrt")
     with pytest.raises(ConfigError, match=f"--k-max {k - 1} is below the bundle's K={k}"):  # not raised silently
         export_triton(root, tmp_path / "repo3", k_max=k - 1)
 

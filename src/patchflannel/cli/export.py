@@ -119,14 +119,14 @@ def compiled_cmd(
 def triton_cmd(
     bundle: Path = typer.Argument(..., help="Bundle folder with ONNX (or TensorRT) files."),
     out: Path = typer.Argument(..., help="New model repository folder."),
-    learner_format: str = typer.Option("onnx", help="onnx or tensorrt."),
+    model_format: str = typer.Option("onnx", "--format", help="Every network's files: onnx or tensorrt (the bundle must hold them)."),
     k_max: Optional[int] = typer.Option(None, help="Learners' max_batch_size (default 4 K)."),
 ) -> None:
     """Write a Triton model repository (ensemble of preprocess, segmentation, sampler, learners, votes, flannel)."""
     from patchflannel.export.triton import export_triton, validate_repository
 
     with fail_cleanly():
-        repo = export_triton(bundle, out, learner_format=learner_format, k_max=k_max)
+        repo = export_triton(bundle, out, model_format=model_format, k_max=k_max)
         console.print(f"wrote {repo}: {', '.join(sorted(validate_repository(repo)))} (configs parsed, tensor chain checked)")
 
 

@@ -33,13 +33,19 @@ from patchflannel.export.bundle import (
 WORKSPACE_BYTES = 4 << 30
 
 
-def _tensorrt() -> Any:
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module; BackendUnavailableError saying how to install it where it is missing."""
     try:
-        import tensorrt as trt
+        import tensorrt
     except ImportError as exc:
         raise BackendUnavailableError(
-            "TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com tensorrt; "
+            "TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com 'patchflannel[tensorrt]'; "
             "it needs an NVIDIA GPU and driver)") from exc
+    return tensorrt
+
+
+def _tensorrt() -> Any:
+    trt = import_tensorrt()
     import torch
 
     if not torch.cuda.is_available():
@@ -124,23 +130,27 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
     the ensemble 1..``max_images``. Each engine is checked against the ONNX export's saved reference outputs
     and the result recorded (``extra.parity``). Raises BackendUnavailableError without TensorRT or a GPU.
     """
-    from patchflannel.export.onnx import parity_report
+    from patchflannel.export.onnx import TOLERANCES, parity_report, select_models
 
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if is_default_bundle(b.root):
         raise BundleError("the default bundle is part of the installed package and has no ONNX files: export "
                           "a copy with `patchflannel export onnx --out DIR`, then build its engines")
     k = int(b.preprocessing["k"])
-    k_opt, k_max = k_opt or k, k_max or 4 * k
+    k_opt = k if k_opt is None else k_opt
+    k_max = 4 * k if k_max is None else k_max
     if not 1 <= k_opt <= k_max or max_images < 1:
-        raise ConfigError(f"need 1 <= k_opt <= k_max and max_images >= 1 (got k_opt {k_opt}, k_max {k_max}, "
-                          f"max_images {max_images})")
+        raise ConfigError(f"need 1 <= --k-opt <= --k-max and --max-images >= 1 (got --k-opt {k_opt}, --k-max {k_max}, "
+                          f"--max-images {max_images})")
+    if k_max < k:
+        raise ConfigError(f"--k-max {k_max} is below the bundle's K={k}: each learner takes an image's K patches in "
+                          "one call")
+    entries = select_models(b, models)
     trt = _tensorrt()
     import torch
 
     precision = "fp16" if fp16 else "fp32"
     onnx_precision = "fp16" if fp16 and trt_major(trt) >= 11 else "fp32"
-    entries = [m for m in b.models() if not models or m.name in models]
     missing = [m.name for m in entries if not any(f.format == "onnx" and f.precision == onnx_precision for f in m.files)]
     if missing:
         why = " (TensorRT 11 builds fp16 engines from fp16 ONNX files)" if onnx_precision == "fp16" else ""
@@ -158,8 +168,7 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
             ref = np.load(b.root / src.extra["reference"])
             rows = batch[2]  # the reference inputs the profile takes
             got = run_engine(path, {inp["name"]: ref[inp["name"]][:rows]})[out["name"]]
-            tol = {"rtol": 5e-2, "atol": 1e-2} if fp16 else {}
-            report = {**parity_report(ref[out["name"]][:rows], got, role_of(b, entry), **tol),
+            report = {**parity_report(ref[out["name"]][:rows], got, role_of(b, entry), *TOLERANCES[precision]),
                       "runtime": f"TensorRT {trt.__version__}"}
             if not report["passed"]:
                 raise BundleError(f"{rel}: TensorRT output differs from torch: {report['failure']}; "

@@ -22,6 +22,7 @@ import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
+from patchflannel.io.files import publish_folder
 
 ENSEMBLE = "patchflannel"
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
@@ -199,17 +200,18 @@ def _max_batch(bundle: Bundle, entry: ModelEntry, chosen: ModelFile, k_max: int,
     return min(wanted, int(largest))
 
 
-def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learner_format: str = "onnx",
+def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, model_format: str = "onnx",
                   k_max: int | None = None, max_images: int = 16) -> Path:
     """Write a Triton model repository for ``bundle`` at ``out`` and validate it; returns ``out``.
 
-    ``learner_format`` picks the network files (``onnx`` or ``tensorrt``; the bundle must hold them). Patch
+    ``model_format`` picks every network's files (segmentation, learners, ensemble: ``onnx`` or ``tensorrt``;
+    the bundle must hold them). Patch
     learners take batches up to ``k_max`` (default 4 K; at least K) patches, the other networks ``max_images``
     images; TensorRT engines at most what their profile takes.
     """
     pb, text_format = _pb()
-    if learner_format not in PLATFORMS:
-        raise ConfigError(f"learner_format must be one of {', '.join(PLATFORMS)}, got {learner_format!r}")
+    if model_format not in PLATFORMS:
+        raise ConfigError(f"the format (--format) must be one of {', '.join(PLATFORMS)}, got {model_format!r}")
     if k_max is not None and k_max < 1:
         raise ConfigError(f"--k-max must be at least 1, got {k_max}")
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -240,14 +242,14 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
     }
     networks = {"segmentation": b.segmentation, **dict(zip(names, b.learners)),
                 **({"flannel": b.ensemble} if b.ensemble is not None else {})}
-    files = {name: _network_file(e, learner_format) for name, e in networks.items()}
+    files = {name: _network_file(e, model_format) for name, e in networks.items()}
     missing = [networks[name].name for name, f in files.items() if f is None]
     if missing:
-        kind = "fp32 onnx" if learner_format == "onnx" else learner_format
+        kind = "fp32 onnx" if model_format == "onnx" else model_format
         raise BundleError(f"{b.root}: no {kind} file for {', '.join(missing)}; make them with "
-                          f"{export_hint(learner_format)}")
+                          f"{export_hint(model_format)}")
     for name, e in networks.items():
-        configs[name] = _network(pb, name, e, learner_format, _max_batch(b, e, files[name], k_max, max_images))
+        configs[name] = _network(pb, name, e, model_format, _max_batch(b, e, files[name], k_max, max_images))
     configs[ENSEMBLE] = _ensemble(pb, b, names)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,13 +258,11 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, learne
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
             if name in files:
-                shutil.copyfile(b.path_of(files[name]), tmp / name / "1" / PLATFORMS[learner_format][1])
+                shutil.copyfile(b.path_of(files[name]), tmp / name / "1" / PLATFORMS[model_format][1])
             elif config.backend == "python":
                 (tmp / name / "1" / "model.py").write_text(MODEL_PY)
         validate_repository(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        publish_folder(tmp, out)  # a user's empty folder (or a link to one) keeps its permissions and link
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -1,9 +1,12 @@
 """Files and folders: finding files below a folder (linked folders followed, a cluster's ``train -> /scratch/...``,
-each way round a loop cut, hidden folders skipped), and checking that an output can be made before any work."""
+each way round a loop cut, hidden folders skipped), checking that an output can be made before any work, and
+writing outputs whole (a file atomically; a folder into a user's empty folder without changing it)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -64,3 +67,44 @@ def check_can_write(folder: str | os.PathLike[str], label: str | os.PathLike[str
             pass
     except OSError:
         raise ConfigError(f"{label}: cannot be written there ({probe} is not a writable folder)") from None
+
+
+def copy_contents(source: Path, out: Path) -> None:
+    """Copy what the folder ``source`` holds into ``out``, made if missing. A folder the user gave (empty, or a link
+    to one) keeps its own permissions and stays a link: only its contents are new."""
+    out.mkdir(parents=True, exist_ok=True)
+    for child in source.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.copytree(child, out / child.name, symlinks=True)
+        else:
+            shutil.copy2(child, out / child.name, follow_symlinks=False)
+
+
+def publish_folder(built: Path, out: Path) -> None:
+    """Put the folder ``built`` (made beside ``out``) in place as ``out``: renamed where ``out`` does not exist;
+    else (an empty folder the user gave, or a link to one) its contents moved in, so that the folder keeps its
+    permissions and its link. A failed move leaves ``out`` empty again."""
+    if not out.exists():
+        built.rename(out)
+        return
+    try:
+        for child in built.iterdir():
+            shutil.move(child, out / child.name)
+    except BaseException:
+        remove_written(out, existed=True)
+        raise
+
+
+def remove_written(out: Path, existed: bool) -> None:
+    """Undo what a failed command wrote into ``out``: the folder itself when the command made it, else (an empty
+    folder, or a link to one, given by the user) only its contents. Never raises: the command's own error is the
+    one to report."""
+    with contextlib.suppress(OSError):
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+            return
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)

@@ -8,20 +8,11 @@ address and runs ``execute_async_v3`` on torch's current stream.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-
-
-def _tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "the tensorrt backend needs TensorRT (pip install 'patchflannel[tensorrt]' from NVIDIA's index)") from exc
-    return tensorrt
+from patchflannel.export.tensorrt import import_tensorrt
 
 
 class TensorRTBackend:
@@ -30,7 +21,7 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, path: Path, device: torch.device, precision: str = "fp16") -> None:
-        trt = _tensorrt()
+        trt = import_tensorrt()
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise BackendUnavailableError("the tensorrt backend needs a CUDA device")
