@@ -117,6 +117,20 @@ def test_inputs_from_manifest_and_folder(cxr4_dir):
     assert len(items) == 3 and str(cxr4_dir) in desc and items[0][1][:2] == b"\xff\xd8"
 
 
+def test_loop_times_the_first_n_images_and_paths_are_absolute(tmp_path, monkeypatch):
+    """--loop-n above --n times the same N images (not more, so "x loop" compares like with like); the report's
+    paths are absolute; too few images are counted in the refusal."""
+    monkeypatch.chdir(tmp_path)
+    report = run_bench(BenchConfig(out=Path("rel"), preset="tiny", synthetic=True, n=1, loop_n=3, ks=(2,),
+                                   modes=("loop", "batched"), repeats=1, warmup=0, device="cpu"))
+    assert [r["n_images"] for r in report["runs"]] == [1, 1] and report["config"]["loop_n"] == 1
+    assert report["config"]["out"] == str(tmp_path / "rel") and (tmp_path / "rel" / "bench.json").is_file()
+    (tmp_path / "few").mkdir()
+    (tmp_path / "few" / "a.jpg").write_bytes(phantom_jpegs(1)[0][1])
+    with pytest.raises(ConfigError, match=r"1 image file\(s\) found, 2 requested \(--n\)"):
+        load_inputs(tmp_path / "few", 2)
+
+
 def test_bad_bench_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown mode"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", modes=("warp",), synthetic=True))

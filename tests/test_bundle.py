@@ -153,11 +153,12 @@ def test_segmentation_without_equalisation_is_refused(bundle_dir: Path) -> None:
 
 
 def test_onnx_file_declared_torch_is_refused(bundle_dir: Path) -> None:
-    _tiny_onnx(bundle_dir / "ensemble.pt")
+    (bundle_dir / "nets").mkdir()
+    _tiny_onnx(bundle_dir / "nets" / "ensemble.pt")
     data = _spec(bundle_dir)
-    data["ensemble"]["files"] = [vars(add_file(bundle_dir, "ensemble.pt", "torch"))]
+    data["ensemble"]["files"] = [vars(add_file(bundle_dir, "nets/ensemble.pt", "torch"))]
     _write_spec(bundle_dir, data)
-    assert "ensemble.pt: declared torch but is not a torch zip archive" in _refused(bundle_dir)
+    assert "nets/ensemble.pt: declared torch but is not a torch zip archive" in _refused(bundle_dir)  # named in the bundle
 
 
 @pytest.mark.parametrize("content", [b"garbage, not a model\n", b"\x08\x07", None])
@@ -212,6 +213,9 @@ def test_malformed_bundle_json_is_refused(bundle_dir: Path, edit, expected: str)
 
 def test_not_a_bundle_and_missing_format_are_named(tmp_path: Path, pristine: Path) -> None:
     assert "no bundle.json found" in _refused(tmp_path)
+    assert "nope: no such bundle folder" in _refused(tmp_path / "nope")
+    (tmp_path / "a_file").write_text("x")
+    assert "a_file: not a folder" in _refused(tmp_path / "a_file")
     with pytest.raises(BundleError, match="has no onnx file .*has: torch/fp32"):
         load_bundle(pristine).segmentation.file("onnx")
 

@@ -185,7 +185,7 @@ def load_inputs(images: Path | None, n: int, seed: int = 0, synthetic: bool = Fa
         return phantom_jpegs(n, seed=seed), f"{n} synthetic phantom JPEGs (1024x1024, seed {seed})"
     files = image_files(source)[:n]
     if len(files) < n:
-        raise ConfigError(f"{source}: {len(files)} images found, {n} requested")
+        raise ConfigError(f"{source}: {len(files)} image file(s) found, {n} requested (--n)")
     return [(str(p), p.read_bytes()) for p in files], f"{n} images from {source}"
 
 
@@ -347,8 +347,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         raise ConfigError("loop mode runs on one learner stream (the reference's way): include 1 in the learner "
                           "streams (e.g. 1,5) or leave loop out of the modes")
     check_can_write(config.out, f"--out {config.out}")  # a bad --out fails now, not after the timing
-    inputs, source = load_inputs(config.images, max(config.n, config.loop_n), config.seed, config.synthetic)
-    report: dict[str, Any] = {"label": config.label, "config": {**asdict(config), "out": str(config.out)},
+    inputs, source = load_inputs(config.images, config.n, config.seed, config.synthetic)
+    # Paths as absolute ones (the report outlives the folder it was run from); the loop times the first of the
+    # N images (at most N: "x loop" compares the same images).
+    paths = {name: str(Path(getattr(config, name)).resolve()) for name in ("out", "bundle", "images")
+             if getattr(config, name) is not None}
+    report: dict[str, Any] = {"label": config.label,
+                              "config": {**asdict(config), **paths, "loop_n": min(config.loop_n, config.n)},
                               "engines": [], "inputs": source, "environment": {}, "compile_errors": {},
                               "compile_seconds": {}, "runs": []}
     for backend in config.backends:

@@ -95,14 +95,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
             continue
         pts = sorted((r["k"], 1000 * r["seconds_per_image_median"]) for r in runs)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
+    ks = sorted({r["k"] for r in report["runs"] if r["k"] is not None})
+    if ks:
+        ax.set_xticks(ks, [str(k) for k in ks])  # whole K values, not fractional ticks
     ax.set_xlabel("K (patches per image)")
     ax.set_ylabel("ms per image (median, end to end)")
     ax.set_yscale("log")
     ax.set_title(f"{report['environment']['device']}, {', '.join(sorted({e['precision'] for e in report['engines']}))}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")  # beside the plot, off the lines
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

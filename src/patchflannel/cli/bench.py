@@ -29,7 +29,7 @@ def bench(
     images: Optional[Path] = typer.Option(None, help="Image folder or manifest (default: shared cxr4 if present, else phantoms)."),
     synthetic: bool = typer.Option(False, "--synthetic", metavar="", help="Use deterministic synthetic phantom JPEGs."),
     n: int = typer.Option(8, "--n", "-n", help="Images a run."),
-    loop_n: int = typer.Option(2, help="Images a run in loop mode (it is slow)."),
+    loop_n: int = typer.Option(2, help="Images a run in loop mode: the first of the --n images, at most --n (it is slow)."),
     k: str = typer.Option("16,50,100", "--k", "-k", help="Comma-separated K values."),
     modes: str = typer.Option("loop,batched,packed,auto,global", help="Comma-separated modes."),
     pack: Optional[int] = typer.Option(None, help="Images a call in packed and global modes (default 4, or N when "

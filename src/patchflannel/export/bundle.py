@@ -174,25 +174,25 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _check_format(path: Path, fmt: str) -> None:
+def _check_format(path: Path, fmt: str, label: str) -> None:
     head = path.read_bytes()[:8] if path.stat().st_size else b""
     if not head:
-        raise BundleError(f"{path.name}: file is empty")
+        raise BundleError(f"{label}: file is empty")
     if fmt in ("torch", "torch_export") and not head.startswith(b"PK\x03\x04"):
-        raise BundleError(f"{path.name}: declared {fmt} but is not a torch zip archive")
+        raise BundleError(f"{label}: declared {fmt} but is not a torch zip archive")
     if fmt == "onnx":
         try:
             import onnx
         except ImportError:
             if head[0] != 0x08:
-                raise BundleError(f"{path.name}: declared onnx but is not an ONNX protobuf") from None
+                raise BundleError(f"{label}: declared onnx but is not an ONNX protobuf") from None
             return
         try:
             model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:
-            raise BundleError(f"{path.name}: declared onnx but cannot be parsed as ONNX ({exc})") from exc
+            raise BundleError(f"{label}: declared onnx but cannot be parsed as ONNX ({exc})") from exc
         if not model.graph.node:
-            raise BundleError(f"{path.name}: declared onnx but holds no graph")
+            raise BundleError(f"{label}: declared onnx but holds no graph")
 
 
 def _entry(data: Any, key: str) -> ModelEntry:
@@ -228,7 +228,9 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         root = root.parent
     spec_file = root / BUNDLE_FILE
     if not spec_file.is_file():
-        raise BundleError(f"{root}: no {BUNDLE_FILE} found (not a patchflannel bundle)")
+        why = ("no such bundle folder" if not root.exists() else "not a folder" if not root.is_dir()
+               else f"no {BUNDLE_FILE} found (not a patchflannel bundle)")
+        raise BundleError(f"{root}: {why}")
     data = read_json(spec_file, BundleError)
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
@@ -279,7 +281,7 @@ def verify_bundle(bundle: Bundle) -> None:
                 problems.append(f"{f.path}: sha256 mismatch (file changed or corrupted)")
             else:
                 try:
-                    _check_format(p, f.format)
+                    _check_format(p, f.format, f.path)
                 except BundleError as exc:
                     problems.append(str(exc))
     if problems:
