@@ -27,6 +27,8 @@ from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
 
 K = 8
+TEXTURE = np.random.default_rng(7).uniform(0.2, 0.8, (256, 256)).astype(np.float32)
+"""An image that is not blank (a blank one is flagged as such)."""
 SEG_SIZE = 64  # a smaller segmentation input (recorded in the bundle) keeps these tests fast on 2 cores
 
 
@@ -146,6 +148,7 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
         ("empty", tmp_path / "empty.png"),
         ("too_small", np.zeros((10, 10), np.float32)),
         ("rgb_array", np.zeros((64, 64, 3), np.float32)),
+        ("rgba_array", np.zeros((64, 64, 4), np.uint8)),
         ("out_of_range", np.full((64, 64), 2.0, np.float32)),
         ("levels_as_floats", np.arange(64 * 64, dtype=np.float32).reshape(64, 64) % 256),
         ("nan", np.full((64, 64), np.nan, np.float32)),
@@ -166,13 +169,13 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     for name in ("black", "tiny", "grey", "big_endian"):
         p = preds[name]
         assert p.status in ("ok", "flagged") and abs(sum(p.probabilities.values()) - 1) < 1e-5
-        assert ("blank_image" in p.flags) == (name != "tiny") and (p.status == "flagged") == bool(p.flags)
+        assert ("blank_image" in p.flags) == (name != "tiny")
     assert "small_image" in preds["tiny"].flags and preds["tiny"].status == "flagged"
     assert "nope.jpg: file not found" in preds["missing"].error
     assert "not a recognised image format" in preds["junk"].error
     assert "empty file" in preds["empty"].error
     assert "too small" in preds["too_small"].error
-    assert "2-D" in preds["rgb_array"].error
+    assert "2-D" in preds["rgb_array"].error and "colour: convert to grey" in preds["rgba_array"].error
     assert "[0, 1]; its values run from 2 to 2" in preds["out_of_range"].error
     assert "values run from 0 to 255 (8-bit levels as floats? divide by 255" in preds["levels_as_floats"].error
     assert "holds NaN or infinite values" in preds["nan"].error
@@ -187,7 +190,7 @@ def test_bad_and_degenerate_inputs_never_crash(engine, tmp_path):
     assert "sparse: cannot read the input" in preds["sparse"].error
     assert "got shape ()" in preds["zero_d"].error
     assert "garbage_tiff: cannot decode TIFF: not a readable TIFF file" == preds["garbage_tiff"].error
-    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "out_of_range", "levels_as_floats", "nan", "a_dict", "objects", "strings",
+    for name in ("junk", "missing", "empty", "too_small", "rgb_array", "rgba_array", "out_of_range", "levels_as_floats", "nan", "a_dict", "objects", "strings",
                  "booleans", "huge", "nul_path", "meta_tensor", "sparse", "zero_d", "garbage_tiff"):
         assert preds[name].status == "error" and preds[name].probabilities is None and preds[name].label is None
 
@@ -200,21 +203,21 @@ def test_empty_mask_falls_back_and_is_flagged(bundle_dir):
         final = [m for m in seg.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         final.weight.zero_()
         final.bias.fill_(-10.0)  # sigmoid ~ 0 everywhere: an empty lung mask
-    p = engine.predict(np.full((256, 256), 0.3, np.float32))
-    assert p.status == "flagged" and "mask_fallback" in p.flags
+    p = engine.predict(TEXTURE)
+    assert p.status == "flagged" and p.flags == ["mask_fallback"]
     assert p.centres.min() >= 0 and p.centres.max() < 1024
 
 
 def test_non_finite_learner_outputs_are_flagged(bundle_dir):
     """A learner whose logits overflow (NaN/inf) still votes through argmax: the result must say so."""
     engine = Engine.from_bundle(bundle_dir, device="cpu", k=K)
-    p = engine.predict(np.full((256, 256), 0.3, np.float32))
-    assert p.ok and "non_finite_outputs" not in p.flags
+    p = engine.predict(TEXTURE)
+    assert p.status == "ok" and not p.flags
     with torch.no_grad():
         head = [m for m in engine.learners[1].backend.module.modules() if isinstance(m, torch.nn.Linear)][-1]
         head.bias.fill_(float("nan"))
-    p = engine.predict(np.full((256, 256), 0.3, np.float32))
-    assert p.status == "flagged" and "non_finite_outputs" in p.flags
+    p = engine.predict(TEXTURE)
+    assert p.status == "flagged" and p.flags == ["non_finite_outputs"]
 
 
 def test_array_inputs_hash_their_float_content(engine, jpegs):

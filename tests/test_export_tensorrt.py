@@ -36,7 +36,7 @@ def test_bundle_and_batch_range_are_checked_before_tensorrt_is_needed(tmp_path: 
         build_engines(tmp_path, k_opt=0)
     k = int(load_bundle(tmp_path).preprocessing["k"])
     with pytest.raises(ConfigError, match=f"--k-max {k - 1} is below the bundle's K={k}"):
-        build_engines(tmp_path, k_max=k - 1, k_opt=1)
+        build_engines(tmp_path, k_max=k - 1)
     with pytest.raises(BundleError, match="has no model.s. nothere"):
         build_engines(tmp_path, models=["nothere"])
 

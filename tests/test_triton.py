@@ -108,6 +108,21 @@ def test_tensorrt_learners_take_at_most_their_engines_batch(onnx_bundle: Path, t
         export_triton(root, tmp_path / "repo3", k_max=k - 1)
 
 
+def test_cli_format_picks_every_networks_files(onnx_bundle: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from patchflannel.cli.export import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "triton", str(onnx_bundle), str(tmp_path / "t"), "--format", "tensorrt"])
+    assert result.exit_code == 2 and "no tensorrt file for segmentation, " in result.output, result.output
+    result = runner.invoke(app, ["export", "triton", str(onnx_bundle), str(tmp_path / "o"), "--format", "onnx"])
+    assert result.exit_code == 0 and (tmp_path / "o" / "segmentation" / "1" / "model.onnx").is_file(), result.output
+
+
 def test_broken_chains_and_bad_configs_are_reported(repo: Path) -> None:
     cfg = repo / ENSEMBLE / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace('value: "patches"', 'value: "patchez"', 1))  # the sampler's output

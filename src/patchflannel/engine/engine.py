@@ -370,14 +370,15 @@ class Engine:
         worker thread). While the learners classify one group, the one before is read back (see the module
         docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
         then its exception is raised; when the engine fails (a network raises), the results already classified
-        are yielded first. A 2-D array is one input (use :meth:`predict`); an (N, H, W) array or tensor is N images.
+        are yielded first, where they can still be read back (not after a device error). A 2-D array is one input (use :meth:`predict`); an (N, H, W) array or tensor is N images.
         """
         one = isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)) or (
             isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 2)  # a stack (N, H, W) is N images
         if one:
             raise TypeError(f"expected an iterable of inputs, got one {type(xs).__name__}: use predict() for one input")
-        if isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 3 and xs.shape[-1] in (3, 4):
-            raise TypeError(f"expected an iterable of inputs, got an array of shape {tuple(xs.shape)}: a colour image, "
+        shape = tuple(getattr(xs, "shape", ())) if hasattr(xs, "__dlpack__") or isinstance(xs, np.ndarray) else ()
+        if len(shape) == 3 and shape[-1] in (3, 4):  # numpy, torch or CuPy
+            raise TypeError(f"expected an iterable of inputs, got an array of shape {shape}: a colour image, "
                             "not a stack of (N, H, W) grey images; convert it to grey first (e.g. PIL's .convert('L'))")
         if isinstance(xs, Mapping):
             raise TypeError("expected an iterable of inputs, got a mapping: pass its items() as (item_id, input) pairs")

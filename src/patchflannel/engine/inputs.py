@@ -71,7 +71,7 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
     if t.ndim == 3 and 1 in (t.shape[0], t.shape[-1]):  # (1, H, W) or (H, W, 1): one grey image
         t = t.squeeze(0 if t.shape[0] == 1 else -1)
     if t.ndim != 2:
-        colour = t.ndim == 3 and 3 in (t.shape[0], t.shape[-1])
+        colour = t.ndim == 3 and bool({3, 4} & {t.shape[0], t.shape[-1]})  # RGB or RGBA
         rgb = " (colour: convert to grey first, e.g. PIL's .convert('L'))" if colour else ""
         raise ImageReadError(label, f"expected a 2-D grey image array, got shape {tuple(t.shape)}{rgb}")
     check_size(label, *t.shape)

@@ -44,7 +44,15 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+def check_k_max(k_max: int, k: int) -> None:
+    """Refuse a learner batch limit (``--k-max``) below an image's K patches, which a learner takes in one call."""
+    if k_max < k:
+        raise ConfigError(f"--k-max {k_max} is below the bundle's K={k}: each learner takes an image's K patches in "
+                          "one call")
+
+
 def _tensorrt() -> Any:
+    """The ``tensorrt`` module where a CUDA device is visible too (building and checking engines needs one)."""
     trt = import_tensorrt()
     import torch
 
@@ -139,12 +147,10 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
     k = int(b.preprocessing["k"])
     k_opt = k if k_opt is None else k_opt
     k_max = 4 * k if k_max is None else k_max
+    check_k_max(k_max, k)
     if not 1 <= k_opt <= k_max or max_images < 1:
-        raise ConfigError(f"need 1 <= --k-opt <= --k-max and --max-images >= 1 (got --k-opt {k_opt}, --k-max {k_max}, "
-                          f"--max-images {max_images})")
-    if k_max < k:
-        raise ConfigError(f"--k-max {k_max} is below the bundle's K={k}: each learner takes an image's K patches in "
-                          "one call")
+        raise ConfigError(f"need 1 <= --k-opt <= --k-max and max_images >= 1 (got --k-opt {k_opt}, --k-max {k_max}, "
+                          f"max_images {max_images})")
     entries = select_models(b, models)
     trt = _tensorrt()
     import torch

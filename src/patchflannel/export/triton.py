@@ -22,6 +22,7 @@ import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
+from patchflannel.export.tensorrt import check_k_max
 from patchflannel.io.files import publish_folder
 
 ENSEMBLE = "patchflannel"
@@ -218,9 +219,8 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, model_
     if not b.learners:
         raise BundleError(f"bundle {b.root} has no learners; a Triton ensemble needs at least one")
     k = int(b.preprocessing["k"])
-    if k_max is not None and k_max < k:
-        raise ConfigError(f"--k-max {k_max} is below the bundle's K={k}: each learner takes an image's K patches in "
-                          "one request")
+    if k_max is not None:
+        check_k_max(k_max, k)
     k_max = k_max or 4 * k
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -70,14 +70,15 @@ def check_can_write(folder: str | os.PathLike[str], label: str | os.PathLike[str
 
 
 def copy_contents(source: Path, out: Path) -> None:
-    """Copy what the folder ``source`` holds into ``out``, made if missing. A folder the user gave (empty, or a link
-    to one) keeps its own permissions and stays a link: only its contents are new."""
+    """Copy what the folder ``source`` holds into ``out``, made if missing (links followed: the copy stands on its
+    own). A folder the user gave (empty, or a link to one) keeps its own permissions and stays a link: only its
+    contents are new."""
     out.mkdir(parents=True, exist_ok=True)
     for child in source.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.copytree(child, out / child.name, symlinks=True)
+        if child.is_dir():
+            shutil.copytree(child, out / child.name)
         else:
-            shutil.copy2(child, out / child.name, follow_symlinks=False)
+            shutil.copy2(child, out / child.name)
 
 
 def publish_folder(built: Path, out: Path) -> None:
@@ -87,6 +88,8 @@ def publish_folder(built: Path, out: Path) -> None:
     if not out.exists():
         built.rename(out)
         return
+    if any(out.iterdir()):  # checked again: something may have been written there while ``built`` was made
+        raise ConfigError(f"{out}: no longer empty; nothing was moved into it")
     try:
         for child in built.iterdir():
             shutil.move(child, out / child.name)

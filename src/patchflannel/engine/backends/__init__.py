@@ -72,9 +72,10 @@ def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.dev
         f = _pick(entry, "onnx", precision)
         return OnnxRuntimeBackend(bundle.path_of(f), device, f.precision)
     if name == "tensorrt":
-        from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend, _tensorrt
+        from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend
+        from patchflannel.export.tensorrt import import_tensorrt
 
-        _tensorrt()  # a missing runtime is the first thing to say
+        import_tensorrt()  # a missing runtime is the first thing to say
         f = _pick(entry, "tensorrt", precision)
         return TensorRTBackend(bundle.path_of(f), device, f.precision)
     raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
