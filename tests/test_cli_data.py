@@ -180,7 +180,8 @@ def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_d
     assert replaced.exit_code == 0 and (tmp_path / "c.csv").read_bytes() != kept, replaced.output
     into_itself = runner.invoke(app, ["data", "split", str(tmp_path / "c.csv"), "--out", str(tmp_path / "c.csv"),
                                       "--overwrite"])
-    _assert_clean_failure(into_itself, "is the manifest being split")
+    _assert_clean_failure(into_itself, "--out", "c.csv is an input of this command")
+    _assert_clean_failure(runner.invoke(app, [*args, "--out", str(tmp_path / "a")]), "--out", "a: a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c.csv"]  # no temporary file left
 
 
@@ -188,7 +189,7 @@ def test_split_command_bad_option_fails_cleanly(app: typer.Typer, cxr4_dir: Path
     out = tmp_path / "s.csv"
     manifest = str(cxr4_dir / "manifest.csv")
     result = runner.invoke(app, ["data", "split", manifest, "--out", str(out), "--test-frac", "0.9"])
-    _assert_clean_failure(result, "test_frac must be in (0, 0.5]")
+    _assert_clean_failure(result, "test_frac (--test-frac) must be in (0, 0.5]")
     assert not out.exists()
     result = runner.invoke(app, ["data", "split", str(tmp_path / "none.csv"), "--out", str(out)])
     _assert_clean_failure(result, "none.csv", "file not found")
@@ -220,6 +221,16 @@ def test_build_covid_collection_command(app: typer.Typer, tmp_path: Path) -> Non
     assert [(row["label"], row["patient_id"]) for row in rows] == [("covid", "ieee8023:7"), ("normal", "ieee8023:8")]
     assert [record["path"] for record in _raw(out)] == ["images/a.jpg", "images/b.png"]
     assert json.loads(report.read_text())["left_out"] == {"finding: fungal": 1}
+    built, source = out.read_bytes(), metadata.read_bytes()
+    _assert_clean_failure(runner.invoke(app, [*command, "--out", str(out)]), "manifest.csv already exists",
+                          "--overwrite replaces it")
+    _assert_clean_failure(runner.invoke(app, [*command, "--out", str(metadata), "--overwrite"]),
+                          "metadata.csv is an input of this command")
+    _assert_clean_failure(runner.invoke(app, [*command, "--out", str(out), "--report", str(out), "--overwrite"]),
+                          "--report", "is the --out manifest")
+    assert out.read_bytes() == built and metadata.read_bytes() == source  # nothing written over
+    result = runner.invoke(app, [*command, "--out", str(out), "--report", str(report), "--overwrite"])
+    assert result.exit_code == 0 and out.read_bytes() == built, result.output
 
 
 def test_build_kermany_command_and_errors(app: typer.Typer, tmp_path: Path) -> None:
@@ -235,7 +246,7 @@ def test_build_kermany_command_and_errors(app: typer.Typer, tmp_path: Path) -> N
     result = runner.invoke(app, ["data", "build", "kermany", str(tmp_path / "out"), "--out", str(tmp_path / "x.csv")])
     _assert_clean_failure(result, "no images found")
     result = runner.invoke(
-        app, ["data", "build", "covid-collection", str(tmp_path / "meta.csv"), str(tmp_path), "--out", str(out)]
+        app, ["data", "build", "covid-collection", str(tmp_path / "meta.csv"), str(tmp_path), "--out", str(tmp_path / "y.csv")]
     )
     _assert_clean_failure(result, "meta.csv", "file not found")
 

@@ -113,6 +113,14 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
         assert f"]({png.name})" in md
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] > 300
+    # a second report into the same folder replaces the first: none of its PNGs is left beside the new ones
+    with open(tmp_path / "predictions.csv", newline="") as fh:
+        renamed = [r | {"model": "other"} for r in csv.DictReader(fh) if r["model"] == "flannel_patch"]
+    write_predictions(renamed, tmp_path / "other.csv")
+    result = CliRunner().invoke(_app(), ["eval", str(tmp_path / "other.csv"), "--out", str(tmp_path / "rep"),
+                                         "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == ["confusion_test_other.png", "confusion_val_other.png"]
 
 
 def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
@@ -131,6 +139,9 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     assert "line 4: repeats line 3 (same path, model, fold and split)" in result.output
     missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
     assert missing.exit_code == 2 and "file not found" in missing.output
+    (tmp_path / "empty.csv").write_bytes(b"")
+    empty = CliRunner().invoke(_app(), ["eval", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "rep")])
+    assert empty.exit_code == 2 and "empty file: no header row" in empty.output and "missing column" not in empty.output
     assert not (tmp_path / "rep" / "report.json").exists()
 
 

@@ -329,6 +329,14 @@ def test_phantoms_command_and_a_clean_run_exits_0(tmp_path: Path, bundle: Path) 
     assert a[128, 40:80].mean() + 60 < a[128, 118:138].mean()  # dark lung field beside the bright spine
     clash = CliRunner().invoke(_app(), ["phantoms", str(tmp_path / "demo" / "README.txt")])
     assert clash.exit_code == 2 and "README.txt: a file is in the way where a folder is wanted" in clash.output
+    rerun = CliRunner().invoke(_app(), ["phantoms", str(tmp_path / "demo"), "-n", "1", "--size", "256"])
+    assert rerun.exit_code == 0 and "wrote 1 synthetic phantom(s)" in rerun.output  # one set, not two mixed
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["README.txt", "synthetic_phantom_00.png"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("my notes")
+    refused = CliRunner().invoke(_app(), ["phantoms", str(tmp_path / "notes")])
+    assert refused.exit_code == 2 and "holds files that are not phantoms (README.txt)" in refused.output
+    assert (tmp_path / "notes" / "README.txt").read_text() == "my notes"
     again = write_phantoms(tmp_path / "again", 1, size=256)
     assert again[0].read_bytes() == (tmp_path / "demo" / "synthetic_phantom_00.png").read_bytes()  # deterministic
     result = CliRunner().invoke(_app(), ["score", str(tmp_path / "again"), "--out", str(tmp_path / "s.parquet"),

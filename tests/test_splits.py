@@ -94,9 +94,9 @@ def test_splits_file_round_trips_and_validates(tmp_path: Path, split_rows: list[
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"test_frac": 0.0}, "test_frac must be in"),
-        ({"test_frac": 0.7}, "test_frac must be in"),
-        ({"test_frac": 0.3}, "test_frac must be 1/n .* 0.3 would give 1/3 = 0.333"),
+        ({"test_frac": 0.0}, r"test_frac \(--test-frac\) must be in"),
+        ({"test_frac": 0.7}, r"test_frac \(--test-frac\) must be in"),
+        ({"test_frac": 0.3}, r"test_frac \(--test-frac\) must be 1/n .* 0.3 would give 1/3 = 0.333"),
         ({"folds": 1}, "folds must be at least 2"),
     ],
 )

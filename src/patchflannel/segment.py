@@ -68,7 +68,7 @@ def load_segmenter(model: str | Path | None = None, device: str = "auto", batch_
     """A Segmenter from a bundle folder, a segmentation run folder (run.json + best.pt), or the default bundle."""
     device = str(resolve_device(device))
     if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
     if model is None or (Path(model) / BUNDLE_FILE).is_file() or Path(model).name == BUNDLE_FILE:
         bundle = load_bundle(model)
         seg = bundle.preprocessing["segmentation"]

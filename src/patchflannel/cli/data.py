@@ -21,7 +21,19 @@ console = Console()
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest CSV (path,label,patient_id,view,source,...).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Manifest CSV to write.")]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Also save the build report as JSON.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace an existing --out.")]
 
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool, why: str = "", option: str = "--out") -> None:
+    """Refuse, before any work, an output file (``option``) that is a folder, one of the command's ``inputs``, or
+    (without ``--overwrite``) an existing file; ``why`` says what an existing one may be."""
+    if out.is_dir():
+        raise ConfigError(f"{option} {out}: a folder; {option} names the file to write")
+    if out.exists() and any(out.resolve() == i.resolve() for i in inputs):
+        raise ConfigError(f"{option} {out} is an input of this command: write the new file beside it")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{option} {out} already exists{why}; --overwrite replaces it")
 
 
 def _partition(row: Row) -> str:
@@ -40,7 +52,8 @@ def stats(manifest: ManifestArg) -> None:
 
 def validate(
     manifest: ManifestArg,
-    check_files: Annotated[bool, typer.Option(metavar="", help="Also check that every image file exists.")] = True,
+    check_files: Annotated[bool, typer.Option(metavar="", help="Check that every image file exists (--no-check-files: "
+                                                               "only the CSV itself).")] = True,
     decode: Annotated[bool, typer.Option(
         "--decode", help="Also read every image as training and scoring do (reports every unreadable one).")] = False,
 ) -> None:
@@ -63,15 +76,12 @@ def split(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     test_frac: Annotated[float, typer.Option(help="Fraction of patients held out as the test set: 1/n (0.5, 0.25, 0.2, ...).")] = 0.2,
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the rest.")] = 5,
-    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace an existing --out.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Patient-grouped, label-stratified test set and cross-validation folds."""
     with fail_cleanly():
-        if out.exists() and out.resolve() == manifest.resolve():
-            raise ConfigError(f"{out} is the manifest being split: write the splits file beside it")
-        if out.exists() and not overwrite:
-            raise ConfigError(f"{out} already exists: a splits file is the record of the runs made on it (splitting "
-                              "again after a change moves patients between partitions); --overwrite replaces it")
+        _check_out(out, [manifest], overwrite, ": a splits file is the record of the runs made on it (splitting again "
+                                               "after a change moves patients between partitions)")
         loaded = read_manifest(manifest)
         rows = make_splits(loaded.rows, seed=seed, test_frac=test_frac, folds=folds)
         columns = [name for name in loaded.columns if name not in SPLIT_COLUMNS] + list(SPLIT_COLUMNS)
@@ -85,9 +95,11 @@ def build_collection(
     images_dir: Annotated[Path, typer.Argument(help="The collection's images folder.")],
     out: OutOpt,
     report: ReportOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Manifest from the COVID-19 image data collection (metadata.csv + images folder)."""
     with fail_cleanly():
+        _check_outs(out, report, [metadata_csv], overwrite)
         _write_build(build_covid_collection(metadata_csv, images_dir), out, report)
 
 
@@ -95,10 +107,21 @@ def build_kermany_set(
     root: Annotated[Path, typer.Argument(help="Folder with NORMAL/ and PNEUMONIA/ (possibly under train/, test/).")],
     out: OutOpt,
     report: ReportOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Manifest from the Kermany pediatric set."""
     with fail_cleanly():
+        _check_outs(out, report, [], overwrite)
         _write_build(build_kermany(root), out, report)
+
+
+def _check_outs(out: Path, report: Path | None, inputs: list[Path], overwrite: bool) -> None:
+    """A build's --out and --report: new files (or, with --overwrite, existing ones), not its inputs."""
+    _check_out(out, inputs, overwrite)
+    if report is not None:
+        if report.resolve() == out.resolve():
+            raise ConfigError(f"--report {report} is the --out manifest: name another file")
+        _check_out(report, inputs, overwrite, option="--report")
 
 
 def _write_build(build: Build, out: Path, report: Path | None) -> None:

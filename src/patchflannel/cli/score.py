@@ -100,7 +100,7 @@ def phantoms(
 
     with fail_cleanly(EXIT_USAGE):
         paths = write_phantoms(out_dir, n, size=size, seed=seed)
-    Console(stderr=True).print(f"wrote {len(paths)} synthetic phantoms (not medical images) to {out_dir}",
+    Console(stderr=True).print(f"wrote {len(paths)} synthetic phantom(s) (not medical images) to {out_dir}",
                                markup=False, highlight=False)
 
 

@@ -9,6 +9,7 @@ bootstrap intervals of the pooled metrics resampled by patient.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import re
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
+from patchflannel.data.manifest import header_problems
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 from patchflannel.settings import read_json
@@ -51,6 +53,9 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
+            header = header_problems(list(reader.fieldnames or []))  # empty, repeated columns, another separator
+            if header:
+                raise ManifestError(path, header)
             missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 hint = [f"this is a scoring output: {SCORE_HINT}"] if "content_hash" in (reader.fieldnames or []) else []
@@ -164,6 +169,7 @@ def confusion_png(group: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     counts = np.array(group["pooled"]["confusion"])
     norm = np.array(group["pooled"]["confusion_normalized"])
@@ -178,7 +184,7 @@ def confusion_png(group: dict[str, Any], path: Path) -> Path:
         for (i, j), v in np.ndenumerate(mat):
             ax.text(j, i, fmt.format(v), ha="center", va="center",
                     color="white" if v > 0.6 * mat.max() else "black", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        fig.colorbar(im, ax=ax, fraction=0.046, ticks=MaxNLocator(integer=True) if title == "counts" else None)
     fig.suptitle(f"{group['model']} | {group['split']} | source {group['source']} | n={group['n_rows']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,16 +275,24 @@ def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _png_names(report: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """The confusion PNG of each (split, model) of a report."""
+    return {(g["split"], g["model"]): f"confusion_{g['split']}_{_slug(g['model'])}.png"
+            for g in report["groups"] if g["source"] == "all"}
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and one confusion PNG per (split, model) under ``out_dir``."""
+    """Write report.json, report.md and one confusion PNG per (split, model) under ``out_dir``, replacing a report
+    already there (the PNGs it had and this one has not are removed: a folder holds one report)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pngs: dict[tuple[str, str], str] = {}
+    pngs = _png_names(report)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # an earlier report.json, if readable
+        for name in set(_png_names(json.loads((out / "report.json").read_text())).values()) - set(pngs.values()):
+            (out / Path(name).name).unlink(missing_ok=True)
     for g in report["groups"]:
         if g["source"] == "all":
-            name = f"confusion_{g['split']}_{_slug(g['model'])}.png"
-            confusion_png(g, out / name)
-            pngs[(g["split"], g["model"])] = name
+            confusion_png(g, out / pngs[(g["split"], g["model"])])
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(render_markdown(report, pngs))
     return {"json": out / "report.json", "md": out / "report.md", **{f"png:{k[0]}:{k[1]}": out / v for k, v in pngs.items()}}
