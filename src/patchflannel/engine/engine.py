@@ -370,7 +370,8 @@ class Engine:
         worker thread). While the learners classify one group, the one before is read back (see the module
         docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
         then its exception is raised; when the engine fails (a network raises), the results already classified
-        are yielded first, where they can still be read back (not after a device error). A 2-D array is one input (use :meth:`predict`); an (N, H, W) array or tensor is N images.
+        are yielded first, where they can still be read back (not after a device error). A 2-D array is one input
+        (use :meth:`predict`); an (N, H, W) array or tensor is N images.
         """
         one = isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)) or (
             isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 2)  # a stack (N, H, W) is N images
