@@ -121,6 +121,13 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
                                          "--bootstrap", "0"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == ["confusion_test_other.png", "confusion_val_other.png"]
+    assert report["pred_not_most_probable"] == 0 and "is not the class of the highest" not in result.output
+    renamed[0] |= {"pred": next(c for c in CLASSES if c != renamed[0]["pred"])}  # pred against its probabilities
+    write_predictions(renamed, tmp_path / "other.csv")
+    result = CliRunner().invoke(_app(), ["eval", str(tmp_path / "other.csv"), "--out", str(tmp_path / "rep"),
+                                         "--bootstrap", "0"])
+    assert result.exit_code == 0 and "in 1 rows pred is not the class of the highest probability" in result.output
+    assert "**Note:** in 1 rows `pred` is not" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import fail_cleanly, fresh_run, metrics_text
+from patchflannel.cli._common import errors, fail_cleanly, fresh_run, metrics_text
 
 console = Console()
 
@@ -72,6 +72,9 @@ def eval_cmd(predictions: Annotated[Path, typer.Argument(help="Predictions CSV w
             console.print(f"{g['split']:5s} {g['model']:32s} macro-F1 {g['pooled']['macro_f1']:.3f} "
                           f"(folds {g['fold_mean']['macro_f1']:.3f} +- {'n/a' if std is None else f'{std:.3f}'})",
                           markup=False, highlight=False)
+    if report["pred_not_most_probable"]:
+        errors.print(f"note: in {report['pred_not_most_probable']} rows pred is not the class of the highest "
+                     "probability (F1 counts pred, ROC-AUC the probabilities)", markup=False, highlight=False)
     console.print(f"report: {out / 'report.md'}", markup=False, highlight=False)
 
 

@@ -133,7 +133,11 @@ def build_report(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 
                 if part:
                     groups.append({"split": split, "model": model, "source": source,
                                    **_group_report(part, n_boot, seed)})
+    # F1 and the confusion count ``pred``, AUC the probabilities: rows where they disagree are counted, not refused
+    # (another tool may threshold its classes), so that a report never contradicts itself unnoticed.
+    disagree = sum(CLASS_INDEX[r["pred"]] != int(np.argmax(r["probs"])) for r in rows)
     return {"classes": list(CLASSES), "models": models, "sources": sources[1:], "n_rows": len(rows),
+            "pred_not_most_probable": int(disagree),
             "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "patient_id", "level": 0.95},
             "std": "sample standard deviation over folds (ddof=1)",
             "confusion": "rows: true label, columns: predicted label, both in the order of 'classes'", "groups": groups}
@@ -202,6 +206,9 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
              "of the pooled rows. `val` = out-of-fold predictions, `test` = held-out test set, `train` = images "
              "the model trained on (a fit figure, not generalisation). `n` counts rows: each fold's models score "
              "the whole test set, so a test image counts once per fold.", ""]
+    if report.get("pred_not_most_probable"):
+        lines += [f"**Note:** in {report['pred_not_most_probable']} rows `pred` is not the class of the highest "
+                  "probability: F1, accuracy and the confusion matrices count `pred`, ROC-AUC the probabilities.", ""]
     for split in SPLITS:
         gs = [g for g in report["groups"] if g["split"] == split]
         if not gs:
