@@ -172,6 +172,9 @@ def test_a_resume_says_which_stored_rows_it_drops(mixed_folder: Path, bundle: Pa
     with pytest.raises(ConfigError, match="ray_batch_size must be at least 1, got 0"):  # before Ray starts
         score(files, tmp_path / "r.csv", options=options, ray=True, ray_batch_size=0, quiet=True)
     assert not (tmp_path / "r.csv").exists()
+    with pytest.raises(ConfigError, match=r"different precision \(precision fp32 there, bf16 now\)"):
+        score(files, tmp_path / "s.csv", options=EngineOptions(bundle=str(bundle), k=K, precision="bf16"), resume=True,
+              quiet=True)  # rows at two precisions never mix in one output
     log = Console(file=io.StringIO(), width=200)
     again = score(files[:1], tmp_path / "s.csv", options=options, resume=True, console=log)
     assert again.rows == 1 and again.scored_now == 0

@@ -12,7 +12,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.scoring.writers import META_KEY, ResultStore, output_format, output_schema, read_output
 
 SCHEMA = output_schema(["resnet18_patch"], ["label"])
-RUN_KEY = {"bundle_id": "abc", "seed": 0, "k": 4}
+RUN_KEY = {"bundle_id": "abc", "seed": 0, "k": 4, "precision": "fp32", "backend": "torch"}
 
 
 def _row(i: int, **over: object) -> dict[str, object]:
@@ -146,11 +146,18 @@ def test_resume_refuses_another_run_key_or_schema(tmp_path: Path) -> None:
     store.finalize({})
     with pytest.raises(ConfigError, match=r"different bundle_id, k \(bundle_id abc there, other now; k 4 there, 8 now\)"):
         ResultStore(out, SCHEMA).begin({**RUN_KEY, "bundle_id": "other", "k": 8}, resume=True)
-    with pytest.raises(ConfigError, match="different columns"):
+    with pytest.raises(ConfigError, match=r"different columns \(columns: vgg19_bn_patch_covid, .* only now; resnet18_patch_covid, .* only there"):
         ResultStore(out, output_schema(["vgg19_bn_patch"], ["label"])).begin(RUN_KEY, resume=True)
+    with pytest.raises(ConfigError, match=r"different precision \(precision fp32 there, bf16 now\)"):
+        ResultStore(out, SCHEMA).begin({**RUN_KEY, "precision": "bf16"}, resume=True)
     store.meta_path.unlink()
     with pytest.raises(ConfigError, match="metadata .*meta.json is missing"):
         ResultStore(out, SCHEMA).begin(RUN_KEY, resume=True)
+    older = ResultStore(tmp_path / "older.parquet", SCHEMA)  # made before precision and backend were recorded
+    older.begin({k: v for k, v in RUN_KEY.items() if k not in ("precision", "backend")}, resume=False)
+    older.write_chunk(_full_rows())
+    older.finalize({})
+    ResultStore(older.out, SCHEMA).begin(RUN_KEY, resume=True)  # resumes on what it recorded
 
 
 def test_a_csv_output_with_newlines_in_paths_reads_back_across_blocks(tmp_path: Path) -> None:

@@ -150,7 +150,11 @@ def score(
             verify_bundle(bundle)
         if overwrite:
             store.clear()
-        store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k}, resume=resume)
+        # What the rows depend on: with Ray the actors resolve 'auto' for themselves, so the run records it as asked.
+        description = describe_engine(engine) if engine is not None else {}
+        store.begin({"bundle_id": bundle.bundle_id, "seed": options.seed, "k": k,
+                     "precision": description.get("precision", options.precision),
+                     "backend": description.get("backend", options.backend)}, resume=resume)
 
         console = console or Console(stderr=True)
         todo, keep = (items, None)
@@ -168,7 +172,6 @@ def score(
             if said and not quiet:
                 console.print(f"resume: {'; '.join(said)}", markup=False, highlight=False, soft_wrap=True)
         if engine is not None:
-            description = describe_engine(engine)
             if options.precision != "auto" and description["precision"] != options.precision and not quiet:
                 console.print(f"note: precision {options.precision} was asked for; the networks run at "
                               f"{description['precision']} (an exported backend runs the bundle's fp32 files where "

@@ -146,13 +146,21 @@ class ResultStore:
         self.check(resume=resume)
         if resume:
             for source, previous in self._previous_run_keys():
-                if previous != run_key:
-                    changed = sorted(k for k in set(run_key) | set(previous) if run_key.get(k) != previous.get(k))
-                    values = "; ".join(f"{k} {_shown(previous.get(k))} there, {_shown(run_key.get(k))} now"
-                                       for k in changed if k != "columns")
+                # A key an older output did not record (precision, backend) is not held against it.
+                changed = sorted(k for k in previous.keys() | run_key.keys()
+                                 if run_key.get(k) != previous.get(k) and (k in previous or k not in LATER_KEYS))
+                if changed:
+                    values = [f"{k} {_shown(previous.get(k))} there, {_shown(run_key.get(k))} now"
+                              for k in changed if k != "columns"]
+                    if "columns" in changed:
+                        old, new = previous.get("columns") or [], run_key["columns"]
+                        sides = [f"{_listed([c for c in new if c not in old])} only now",
+                                 f"{_listed([c for c in old if c not in new])} only there"]
+                        values.append("columns: " + "; ".join(side for side in sides if not side.startswith(" ")) +
+                                      " (learner columns come from the bundle, the others from the manifests given)")
                     raise ConfigError(f"cannot resume into {self.out}: {source} was made with a different "
-                                      f"{', '.join(changed)}{f' ({values})' if values else ''}; score to a new output "
-                                      "or pass --overwrite")
+                                      f"{', '.join(changed)} ({'; '.join(values)}); score to a new output or pass "
+                                      "--overwrite")
         self.run_key = run_key
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +260,15 @@ def _with_extras(batch: pa.RecordBatch, extras: dict[str, dict[str, str]]) -> pa
         new = [extras[p][name] if p in extras else v for p, v in zip(paths, old)]
         batch = batch.set_column(i, batch.schema.field(i), pa.array(new, batch.schema.field(i).type))
     return batch
+
+
+LATER_KEYS = ("precision", "backend")
+"""Run-key entries recorded since 2026-11-27: an output made before has none, and resumes on what it has."""
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    """Column names in a message: the first ``most``, then how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _shown(value: Any) -> str:
