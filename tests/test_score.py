@@ -187,16 +187,19 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
     image = real_images(cxr4_dir, 1)[0]
     (tmp_path / "zero.png").write_bytes(b"")
     manifest = tmp_path / "m.csv"
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "black.png")
     manifest.write_text(f"path,label,patient_id,source,license,split\n{image},covid,pt0,src0,CC,train\n"
-                        "zero.png,normal,pt1,src1,CC,test\n")
+                        "zero.png,normal,pt1,src1,CC,test\nblack.png,normal,pt2,src2,CC,test\n")
     out = tmp_path / "out.csv"
     runner = CliRunner()
     result = runner.invoke(_app(), ["score", str(manifest), "--out", str(out), "--bundle", str(bundle), "-k", str(K),
                                     "--predictions", str(tmp_path / "pred.csv")])
     assert result.exit_code == EXIT_INPUT_ERRORS and "1 predictions for `patchflannel eval`" in result.output
+    assert "1 with flag blank_image (no result to trust)" in result.output  # a blank film's "diagnosis" is not graded
     table, meta = read_output(out)
     assert table.column_names[:4] == ["path", "label", "patient_id", "source"]
-    assert table.column("label").to_pylist() == ["covid", "normal"] and table.column("patient_id").to_pylist() == ["pt0", "pt1"]
+    assert table.column("label").to_pylist() == ["covid", "normal", "normal"]
+    assert table.column("patient_id").to_pylist() == ["pt0", "pt1", "pt2"]
     assert meta["bundle"]["name"] == "test-mixed" and meta["engine"]["device"] == "cpu" and meta["config"]["k"] == K
     (pred,) = read_predictions(tmp_path / "pred.csv")
     row = table.to_pylist()[0]

@@ -306,11 +306,17 @@ def read_output(path: str | os.PathLike[str]) -> tuple[pa.Table, dict[str, Any]]
     return pa.Table.from_batches(list(read_batches(path, fmt, schema)), schema=schema), metadata
 
 
+UNTRUSTED_FLAGS = ("blank_image", "non_finite_outputs")
+"""Flags whose rows hold no result to evaluate: a blank image (nothing to classify) and a NaN/inf network output.
+A ``mask_fallback`` or ``small_image`` row is a result on a real image, and is kept."""
+
+
 def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLike[str], *,
                        split: str = "test") -> tuple[int, dict[str, int]]:
     """Write the rows of scoring output ``out`` that have a result and a known ``label`` (carried from a
     manifest) as a predictions CSV for ``patchflannel eval``; returns the rows written and the rows left out
-    by reason (``no result``, ``no label``, ``label 'X' (not a class)``).
+    by reason (``no result``, ``flag ...`` for :data:`UNTRUSTED_FLAGS`, ``no label``, ``label 'X' (not a
+    class)``).
 
     ``model`` is the bundle's name, ``fold`` the carried fold (else ``all``), ``split`` the carried split
     (a splits file's ``train``/``test``) else ``split``, and a missing ``patient_id`` is the path (each image
@@ -322,8 +328,11 @@ def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLi
     rows, left_out, unknown = [], Counter(), Counter()
     for r in table.to_pylist():
         label = r.get("label") or ""
+        distrusted = [f for f in (r.get("flags") or "").split(";") if f in UNTRUSTED_FLAGS]
         if r["status"] == "error":
             left_out["no result"] += 1
+        elif distrusted:
+            left_out[f"flag {distrusted[0]} (no result to trust)"] += 1
         elif not label:
             left_out["no label"] += 1
         elif label not in CLASSES:
