@@ -78,7 +78,10 @@ def test_sigkill_then_resume_scores_each_input_once(cxr4_dir: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code", "said"), [(signal.SIGINT, 130, "interrupted"),
+                                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")])  # a scheduler's stop
+def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_path: Path, sig: int, code: int,
+                                                            said: str) -> None:
     bundle = random_bundle(tmp_path / "bundle", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",)).root
     images = tmp_path / "images"
     images.mkdir()
@@ -86,9 +89,9 @@ def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_
         shutil.copy(p, images / p.name)
     out, parts = tmp_path / "scores.parquet", tmp_path / "scores.parquet.parts"
     proc = _scoring_with_a_part(images, out, bundle, chunk_size=2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130 and "interrupted: the rows scored so far are kept" in output, output
+    assert proc.returncode == code and f"{said}: the rows scored so far are kept" in output, output
     assert "--resume" in output and not out.exists() and not (tmp_path / "scores.parquet.lock").exists()
     kept = sum(pq.read_table(p).num_rows for p in parts.glob("part-*.parquet"))
     summary = score([images], out, options=EngineOptions(bundle=str(bundle), k=2), resume=True, quiet=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,38 @@ EXIT_STOPPED = 3
 """Exit status when an unexpected failure stopped the run (``score`` keeps the chunks written: ``--resume``)."""
 EXIT_INTERRUPTED = 130
 """Exit status when the run was interrupted (Ctrl-C)."""
+EXIT_TERMINATED = 143
+"""Exit status when SIGTERM (a batch scheduler stopping the job) stopped the run, as cleanly as Ctrl-C would."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that a stopped job keeps what it did."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within it, SIGTERM raises :class:`Terminated` in the main thread (a second one, while stopping, is ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit(exc: KeyboardInterrupt, message: str) -> typer.Exit:
+    """Say how the run was stopped (Ctrl-C or SIGTERM) and ``message`` (what is kept); the exit to raise."""
+    terminated = isinstance(exc, Terminated)
+    errors.print(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {message}", markup=False, highlight=False,
+                 soft_wrap=True)
+    return typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
 
 
 @contextmanager
@@ -33,18 +68,18 @@ def fail_cleanly(code: int = 2, interrupted: str | None = None) -> Iterator[None
     """A PatchflannelError, or an operating-system error on a path (a file where a folder is wanted, no
     permission, a full disk), becomes its message on stderr and exit status ``code`` (no traceback): 2, nothing
     done (bad options, inputs or files, as for click's usage errors), for every command but the checks
-    (``data validate``, ``export verify``), whose finding is exit status 1. With ``interrupted``, Ctrl-C
-    prints that (how to go on) and exits 130."""
-    try:
-        yield
-    except (PatchflannelError, OSError) as exc:
-        errors.print(f"error: {_reason(exc)}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code) from None
-    except KeyboardInterrupt:
-        if interrupted is None:
-            raise
-        errors.print(f"interrupted: {interrupted}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    (``data validate``, ``export verify``), whose finding is exit status 1. With ``interrupted``, Ctrl-C (or
+    SIGTERM) prints that (how to go on) and exits 130 (143)."""
+    with sigterm_as_interrupt() if interrupted is not None else contextlib.nullcontext():
+        try:
+            yield
+        except (PatchflannelError, OSError) as exc:
+            errors.print(f"error: {_reason(exc)}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
+        except KeyboardInterrupt as exc:
+            if interrupted is None:
+                raise
+            raise interrupted_exit(exc, interrupted) from None
 
 
 def _reason(exc: Exception) -> str:

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import (EXIT_INPUT_ERRORS, EXIT_INTERRUPTED, EXIT_STOPPED, EXIT_USAGE, QuietOpt,
-                                      fail_cleanly)
+from patchflannel.cli._common import (EXIT_INPUT_ERRORS, EXIT_STOPPED, EXIT_USAGE, QuietOpt, fail_cleanly,
+                                      interrupted_exit, sigterm_as_interrupt)
 from patchflannel.classes import CLASSES
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
@@ -47,7 +47,7 @@ def score(
     1 some inputs are error rows (the run still completed);
     2 bad options, sources, manifest or bundle (nothing scored);
     3 an unexpected failure stopped the run (the chunks written are kept: --resume continues);
-    130 interrupted (Ctrl-C; the rows scored so far are kept: --resume continues).
+    130 interrupted (Ctrl-C; the rows scored so far are kept: --resume continues); 143 the same on SIGTERM.
     """
     from patchflannel.scoring.run import EngineOptions, score as run_score, summary_text
 
@@ -55,15 +55,15 @@ def score(
     options = EngineOptions(bundle=str(bundle) if bundle else None, device=device, backend=backend, loader=loader,
                             sampler=sampler, precision=precision, seed=seed, k=k)
     try:
-        summary = run_score(inputs, out, options=options, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
-                            ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
-                            console=errors, predictions=predictions)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():  # a batch scheduler's stop keeps the rows, as Ctrl-C does
+            summary = run_score(inputs, out, options=options, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
+                                ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
+                                console=errors, predictions=predictions)
+    except KeyboardInterrupt as exc:
         parts = out.with_name(out.name + ".parts")
         kept = (f"the rows scored so far are kept in {parts}; rerun with --resume to continue" if parts.is_dir()
                 else "nothing was written")
-        errors.print(f"interrupted: {kept}.", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise interrupted_exit(exc, f"{kept}.") from None
     except PatchflannelError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None

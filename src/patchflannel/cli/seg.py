@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import (EXIT_INTERRUPTED, EXIT_STOPPED, QuietOpt, errors, fail_cleanly, fresh_run,
-                                      metrics_text)
+from patchflannel.cli._common import (EXIT_STOPPED, QuietOpt, errors, fail_cleanly, fresh_run, interrupted_exit,
+                                      metrics_text, sigterm_as_interrupt)
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write
 
@@ -96,7 +96,7 @@ def segment_cmd(
     """Lung masks (0/255 PNG at each input's size); bad inputs and tiny masks are reported in the CSV.
 
     Exit status: 0 all masks written, 1 done but some inputs gave no mask, 2 nothing done (bad options or model),
-    3 stopped by an unexpected failure, 130 interrupted.
+    3 stopped by an unexpected failure, 130 interrupted (143 by SIGTERM).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -127,14 +127,12 @@ def segment_cmd(
     bar = Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors,
                    disable=quiet or not errors.is_terminal)
     try:
-        with bar:
+        with bar, sigterm_as_interrupt():
             task = bar.add_task("segment", total=len(items))
             rows = segment_images([i.source for i in items], segmenter, out, overlays=overlay, min_fraction=min_fraction,
                                   progress=lambda n: bar.advance(task, n))
-    except KeyboardInterrupt:
-        errors.print(f"interrupted: the masks written so far are in {out}, listed in {out / REPORT_FILE}",
-                     markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt as exc:
+        raise interrupted_exit(exc, f"the masks written so far are in {out}, listed in {out / REPORT_FILE}") from None
     except Exception as exc:  # noqa: BLE001 - a bug or a system failure (a full disk), not a bad input: say so
         errors.print_exception(max_frames=8)
         errors.print(f"error: segmenting stopped by an unexpected {type(exc).__name__}: {exc}", markup=False,
