@@ -172,6 +172,10 @@ def test_a_resume_says_which_stored_rows_it_drops(mixed_folder: Path, bundle: Pa
     with pytest.raises(ConfigError, match="ray_batch_size must be at least 1, got 0"):  # before Ray starts
         score(files, tmp_path / "r.csv", options=options, ray=True, ray_batch_size=0, quiet=True)
     assert not (tmp_path / "r.csv").exists()
+    with pytest.raises(ConfigError, match="unknown precision"):  # refused after the output was locked
+        score(files, tmp_path / "new" / "deeper" / "s.csv", options=EngineOptions(bundle=str(bundle), precision="fp8"),
+              quiet=True)
+    assert not (tmp_path / "new").exists()  # the folders made for it are gone again
     with pytest.raises(ConfigError, match=r"different precision \(precision fp32 there, bf16 now\)"):
         score(files, tmp_path / "s.csv", options=EngineOptions(bundle=str(bundle), k=K, precision="bf16"), resume=True,
               quiet=True)  # rows at two precisions never mix in one output
@@ -232,6 +236,7 @@ def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Pa
          "p.csv: a file is in the way where a folder is wanted"),  # checked before scoring, not after
         (["--out", str(tmp_path / "folder.csv")], "folder.csv: a folder is in the way where the output file goes"),
         (["--out", str(tmp_path / "folder.csv"), "--overwrite"], "a folder is in the way"),
+        (["--out", str(tmp_path)], "a folder is in the way where the output file goes"),  # not "unknown extension"
     ]
     cases.append((["--out", str(tmp_path / "o.csv"), "--ray-address", "127.0.0.1:1"], "127.0.0.1:1: nothing answers"))
     cases.append((["--out", str(tmp_path / "o.csv"), "--ray-address", "headnode"], "expected host:port"))

@@ -42,6 +42,9 @@ Key = tuple[str, str]
 def output_format(out: str | os.PathLike[str]) -> str:
     """The format chosen by ``out``'s extension; ConfigError for any other extension."""
     ext = Path(out).suffix.lower()
+    if Path(out).is_dir():  # whatever its name: a folder is not an output file
+        raise ConfigError(f"{out}: a folder is in the way where the output file goes (name a .parquet, .csv or "
+                          ".jsonl file)")
     if ext not in FORMATS:
         raise ConfigError(f"{out}: unknown output extension {ext or '(none)'!r} (use {', '.join(FORMATS)})")
     return FORMATS[ext]
@@ -71,6 +74,7 @@ class ResultStore:
         self._run_file = self.parts_dir / "run.json"
         self.lock_path = self.out.with_name(self.out.name + ".lock")
         self._lock: IO[str] | None = None
+        self._made: list[Path] = []
         self.run_key: dict[str, Any] = {}
         self._next_part: int | None = None
 
@@ -81,6 +85,10 @@ class ResultStore:
             import fcntl
         except ImportError:  # Windows
             return
+        folder = self.out.parent
+        while not folder.exists() and folder != folder.parent:  # the folders this run makes (deepest first)
+            self._made.append(folder)
+            folder = folder.parent
         while self._lock is None:
             try:
                 self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,11 +111,18 @@ class ResultStore:
                 handle.close()
 
     def unlock(self) -> None:
-        """Release the lock of :meth:`lock` and remove its file (nothing when not held)."""
+        """Release the lock of :meth:`lock` and remove its file (nothing when not held); folders :meth:`lock` made
+        for the output go again when nothing was written into them (a refused or failed start)."""
         if self._lock is not None:
             self.lock_path.unlink(missing_ok=True)  # while still held: a newcomer then locks a new file
             self._lock.close()
             self._lock = None
+        for folder in self._made:
+            try:
+                folder.rmdir()  # only an empty one
+            except OSError:
+                break
+        self._made = []
 
     def exists(self) -> bool:
         """True when an output or the parts of an unfinished run are already there."""
