@@ -143,6 +143,8 @@ def _expand(source: str) -> Iterator[ScoreInput]:
         if not matches:
             raise ConfigError(f"{source}: pattern matches no image files")
         yield from (ScoreInput(os.path.abspath(m)) for m in matches)
+    elif os.path.islink(source):
+        raise ConfigError(f"{source}: a symbolic link to nothing (its target {os.readlink(source)} does not exist)")
     else:
         raise ConfigError(f"{source}: no such file or folder")
 
