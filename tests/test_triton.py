@@ -50,6 +50,7 @@ def test_repository_parses_and_chains(repo: Path, onnx_bundle: Path) -> None:
                             "learner_0_squeezenet1_1", "learner_1_squeezenet1_1"}
     steps = [s.model_name for s in configs[ENSEMBLE].ensemble_scheduling.step]
     assert steps[:3] == ["preprocess", "segmentation", "sampler"] and steps[-2:] == ["votes", "flannel"]
+    assert [o.name for o in configs[ENSEMBLE].output] == ["FALLBACK", "BLANK", "CONFIDENCES", "LOGITS"]
     for i in range(2):
         learner = configs[f"learner_{i}_squeezenet1_1"]
         assert learner.platform == "onnxruntime_onnx" and learner.max_batch_size >= k
@@ -145,7 +146,8 @@ def test_python_stages_compute_what_the_ops_compute(cxr4_dir: Path) -> None:
     image = torch.from_numpy(read_image(next((cxr4_dir / "images" / "covid").iterdir())))
     pre = preprocess_stage(image, b_pre)
     assert pre["SEG_INPUT"].shape == (1, 1, 256, 256) and pre["IMAGE_FULL"].shape == (1024, 1024)
-    assert pre["GLOBAL"].shape == (1, 3, 224, 224)
+    assert pre["GLOBAL"].shape == (1, 3, 224, 224) and pre["BLANK"].tolist() == [False]
+    assert preprocess_stage(torch.zeros(300, 300), b_pre)["BLANK"].tolist() == [True]  # the engine's blank_image
     logits = torch.full((1, 1, 256, 256), -5.0)
     logits[..., 64:192, 32:128] = 5.0  # two lung-like boxes, one with a hole, and a speck outside them
     logits[..., 64:192, 150:230] = 5.0

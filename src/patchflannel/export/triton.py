@@ -41,13 +41,15 @@ def _pb() -> tuple[Any, Any]:
 # ---- stage functions the python-backend models call (plain torch, testable without a server) ----
 
 def preprocess_stage(image: torch.Tensor, preprocessing: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """(H, W) grey image -> ``SEG_INPUT`` (1, 1, s, s), ``IMAGE_FULL`` (S, S), ``GLOBAL`` (1, 3, c, c)."""
+    """(H, W) grey image -> ``SEG_INPUT`` (1, 1, s, s), ``IMAGE_FULL`` (S, S), ``GLOBAL`` (1, 3, c, c), ``BLANK`` (1,):
+    whether the image is one grey level (the engine's ``blank_image`` flag)."""
     from patchflannel.export.onnx import _global_inputs, _seg_inputs
     from patchflannel.ops.preprocess import learner_image
 
     return {"SEG_INPUT": _seg_inputs([image], preprocessing),
             "IMAGE_FULL": learner_image(image, preprocessing["image_size"]),
-            "GLOBAL": _global_inputs([image], preprocessing)}
+            "GLOBAL": _global_inputs([image], preprocessing),
+            "BLANK": torch.eq(*torch.aminmax(image)).reshape(1)}
 
 
 def sampler_stage(image_full: torch.Tensor, seg_logits: torch.Tensor, seed: int,
@@ -150,7 +152,8 @@ def _ensemble(pb: Any, bundle: Bundle, names: list[str]) -> Any:
     seg = bundle.segmentation
     steps = [
         {"model_name": "preprocess", "model_version": -1, "input_map": {"IMAGE": "IMAGE"},
-         "output_map": {"SEG_INPUT": "seg_input", "IMAGE_FULL": "image_full", "GLOBAL": "global_crop"}},
+         "output_map": {"SEG_INPUT": "seg_input", "IMAGE_FULL": "image_full", "GLOBAL": "global_crop",
+                        "BLANK": "BLANK"}},
         {"model_name": "segmentation", "model_version": -1, "input_map": {seg.inputs[0]["name"]: "seg_input"},
          "output_map": {seg.outputs[0]["name"]: "seg_logits"}},
         {"model_name": "sampler", "model_version": -1,
@@ -165,7 +168,7 @@ def _ensemble(pb: Any, bundle: Bundle, names: list[str]) -> Any:
     votes_in = {f"LOGITS_{i}": f"logits_{i}" for i in range(len(bundle.learners))}
     steps.append({"model_name": "votes", "model_version": -1, "input_map": votes_in,
                   "output_map": {"CONFIDENCES": "CONFIDENCES"}})
-    outputs = [_tensor("FALLBACK", "bool", [1]), _tensor("CONFIDENCES", "float32", [1, len(bundle.learners), len(bundle.classes)])]
+    outputs = [_tensor("FALLBACK", "bool", [1]), _tensor("BLANK", "bool", [1]), _tensor("CONFIDENCES", "float32", [1, len(bundle.learners), len(bundle.classes)])]
     if bundle.ensemble is not None:
         ens = bundle.ensemble
         steps.append({"model_name": "flannel", "model_version": -1, "input_map": {ens.inputs[0]["name"]: "CONFIDENCES"},
@@ -233,7 +236,8 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, model_
     configs: dict[str, Any] = {
         "preprocess": _python_model(pb, "preprocess", [_tensor("IMAGE", "float32", [-1, -1])],
                                     [_tensor("SEG_INPUT", "float32", [1, 1, s, s]), _tensor("IMAGE_FULL", "float32", [size, size]),
-                                     _tensor("GLOBAL", "float32", [1, 3, crop, crop])], pre, modes),
+                                     _tensor("GLOBAL", "float32", [1, 3, crop, crop]), _tensor("BLANK", "bool", [1])],
+                                    pre, modes),
         "sampler": _python_model(pb, "sampler", [_tensor("IMAGE_FULL", "float32", [size, size]),
                                                  _tensor("SEG_LOGITS", "float32", [1, 1, s, s]), _tensor("SEED", "int64", [1])],
                                  [_tensor("PATCHES", "float32", [-1, 3, p, p]), _tensor("FALLBACK", "bool", [1])], pre, modes),
