@@ -5,7 +5,7 @@ Rules (also in docs/scoring.md):
 - A named file is always scored, whatever its name; its content decides the format when it is read.
   A named file ending in ``.csv`` is a manifest instead: a CSV with a ``path`` column (relative paths are
   resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view``, ``split`` and ``fold``
-  columns, when present, are carried into the output so that it joins with the manifest.
+  columns, when present, are carried into the output (no join with the manifest is needed).
 - A folder is walked recursively and a glob pattern expanded (``**`` recurses); from those, files with an
   image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes
   carry the DICOM ``DICM`` marker (PACS exports often have no extension, or are named by UID: ``1.2.840...``). Hidden files and folders

@@ -68,8 +68,8 @@ class ScoreSummary:
     scored_now: int
     seconds: float
     predictions: tuple[int, dict[str, int]] | None = None
-    """With a predictions CSV: the rows written to it, and those left out by reason (no result, no label, a
-    label that is not a class)."""
+    """With a predictions CSV: the rows written to it, and those left out by reason (no result, a flag that
+    leaves nothing to grade, no label, a label that is not a class)."""
 
     @property
     def images_per_second(self) -> float:
