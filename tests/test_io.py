@@ -25,6 +25,7 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom (the patchflannel[dicom
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import get_encoder  # noqa: E402
 from pydicom.uid import (  # noqa: E402
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -246,6 +247,11 @@ def test_dicom_monochrome1_is_inverted(tmp_path: Path, real_u16: np.ndarray) -> 
     inverse1 = read_image(_save(_dicom(real_u16, "MONOCHROME1", 16, PresentationLUTShape="INVERSE"), tmp_path / "i1.dcm"))
     np.testing.assert_allclose(inverse2, mono1, atol=1e-6)
     np.testing.assert_allclose(inverse1, mono1, atol=1e-6)
+    # A PACS that converts MONOCHROME1 to MONOCHROME2 on export inverts the stored values: the same image, bit for
+    # bit, so the same content hash and patches.
+    converted = _save(_dicom(real_u16.max() + real_u16.min() - real_u16, "MONOCHROME2", 16), tmp_path / "conv.dcm")
+    assert np.array_equal(read_image(converted), mono1)
+    assert content_hash(converted) == content_hash(tmp_path / "m1.dcm")
 
 
 def test_dicom_rescale_then_window(tmp_path: Path, real_u16: np.ndarray) -> None:
@@ -468,6 +474,13 @@ def test_dicom_padding_is_left_out_of_the_range(tmp_path: Path, real_u16: np.nda
     real = pixels[:, 20:]
     np.testing.assert_allclose(image[:, 20:], (real - real.min()) / (real.max() - real.min()), atol=1e-6)
     assert (image[:, :20] == 0).all()
+    signed = pixels.astype(np.int16) - 2000
+    signed[:, :20] = -32768  # the padding of signed pixels, written (as some exporters do) as US 0x8000
+    ds = _dicom(signed, "MONOCHROME2", 16)
+    ds.add_new(0x00280120, "US", 0x8000)  # PixelPaddingValue
+    image = read_image(_save(ds, tmp_path / "signed_pad.dcm"))
+    np.testing.assert_allclose(image[:, 20:], (real - real.min()) / (real.max() - real.min()), atol=1e-6)
+    assert (image[:, :20] == 0).all()
 
 
 def test_tiff_multipage_nan_and_int32_refused(tmp_path: Path, real_u8: np.ndarray) -> None:
@@ -493,7 +506,21 @@ def test_dicom_refusals(tmp_path: Path, real_u16: np.ndarray) -> None:
 
     data = _save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "whole.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[:-1000])
-    _assert_refused(tmp_path / "cut.dcm", "cannot decode DICOM pixel data")
+    _assert_refused(tmp_path / "cut.dcm", "DICOM file cut short (inside its PixelData element)")
+    # Cut inside a UID: an error naming the element, and no partial UID among the attributes it reports.
+    uid = str(pydicom.dcmread(tmp_path / "whole.dcm").StudyInstanceUID)
+    (tmp_path / "header.dcm").write_bytes(data[:data.index(uid.encode()) + 8])
+    error = _assert_refused(tmp_path / "header.dcm", "cut short (inside its StudyInstanceUID element)")
+    assert "StudyInstanceUID" not in error.meta and error.meta["format"] == "dicom"
+    (tmp_path / "meta_only.dcm").write_bytes(data[:200])
+    _assert_refused(tmp_path / "meta_only.dcm", "holds no data set")
+    index = Dataset()  # a media export's DICOMDIR: named for what it is
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = index.SOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.file_meta.MediaStorageSOPInstanceUID = index.SOPInstanceUID = generate_uid()
+    index.FileSetID = "EXPORT"
+    _assert_refused(_save(index, tmp_path / "DICOMDIR"), "no PixelData (a DICOMDIR")
 
     mpeg = _dicom(real_u16 >> 4, "MONOCHROME2", 12)
     mpeg.compress(RLELossless)

@@ -29,6 +29,7 @@ def test_folder_is_recursive_sorted_and_filtered(tmp_path: Path) -> None:
     _touch(tmp_path / "IM0001", _dicom_bytes())  # extension-less DICOM is taken, "README" is not
     _touch(tmp_path / "1.2.826.0.1.3680043.8.498.1234", _dicom_bytes())  # named by UID: taken too
     _touch(tmp_path / "1.2.826.0.1.3680043.8.498.99", b"not dicom")
+    _touch(tmp_path / "DICOMDIR", _dicom_bytes())  # a media export's index: not an image, not taken
     os.mkfifo(tmp_path / "pipe")  # never opened: reading it would block the run
     os.mkfifo(tmp_path / "pipe.png")
     found = [Path(i.path).relative_to(tmp_path).as_posix() for i in discover_inputs([tmp_path])]

@@ -44,12 +44,36 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except Exception as exc:  # any parser failure on untrusted bytes is a bad input
         raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
+    cut = _cut_short(ds)  # pydicom reads a file cut short without a word, and keeps a partial last value
+    if cut is not None and cut[0] != PIXEL_DATA:
+        del ds[cut[0]]  # a partial UID is no UID
     attributes = _attributes(ds)
     try:
+        if cut is not None:
+            raise ImageReadError(label, f"DICOM file cut short (inside its {cut[1]} element): truncated or corrupt")
         grey, pixels = _decode(ds, label)
     except ImageReadError as exc:  # an error row still names the study and the instance
         raise ImageReadError(label, exc.reason, meta={"format": "dicom", **attributes}) from None
     return grey, {"format": "dicom", **pixels, **attributes}
+
+
+PIXEL_DATA = 0x7FE00010
+"""The (7FE0,0010) PixelData tag."""
+
+
+def _cut_short(ds: Dataset) -> tuple[int, str] | None:
+    """The tag and name of a top-level element whose value holds fewer bytes than its declared length."""
+    from pydicom.datadict import keyword_for_tag
+
+    for tag, raw in ds._dict.items():  # the elements as read, before any conversion
+        declared, value = getattr(raw, "length", None), getattr(raw, "value", None)
+        if isinstance(value, bytes) and declared is not None and declared != 0xFFFFFFFF and len(value) < declared:
+            return tag, keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    return None
+
+
+NOT_IMAGES = {"1.2.840.10008.1.3.10": "a DICOMDIR (a media export's index of the images beside it)"}
+"""SOP classes without pixel data that turn up among images, named in their error."""
 
 
 def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -58,7 +82,13 @@ def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
 
     try:
         if "PixelData" not in ds:
-            raise ImageReadError(label, "DICOM has no PixelData (not an image)")
+            if len(ds) == 0:
+                raise ImageReadError(label, "DICOM holds no data set (empty, or cut short within its header)")
+            if "Rows" in ds and "Columns" in ds:
+                raise ImageReadError(label, "DICOM describes an image (Rows, Columns) but holds no PixelData: "
+                                            "truncated or corrupt")
+            what = NOT_IMAGES.get(str(ds.get("SOPClassUID", "")) or str(ds.file_meta.get("MediaStorageSOPClassUID", "")))
+            raise ImageReadError(label, f"DICOM has no PixelData ({what or 'not an image'})")
         frames = int(ds.get("NumberOfFrames") or 1)
         rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
         if not rows or not columns:
@@ -140,11 +170,13 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     padding = _padding(pixels, ds)  # outside the image: left out of the range, shown black
     real = values[~padding] if padding.any() and not padding.all() else values
     lo, hi = float(real.min()), float(real.max())
-    scaled = np.clip((values - lo) / np.float32(hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     # MONOCHROME1 shows low values white; a MONOCHROME2 image may ask for the same with an INVERSE Presentation
     # LUT Shape (with MONOCHROME1, INVERSE is what the DX standard requires: the same inversion, not a second).
-    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
-        scaled = 1.0 - scaled
+    # Inverted as (hi - v) / (hi - lo), not 1 - (v - lo) / (hi - lo): the same float32 values, so the same hash,
+    # as a MONOCHROME2 copy of the film whose stored values were inverted.
+    inverse = photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    offset = (np.float32(hi) - values) if inverse else (values - np.float32(lo))
+    scaled = np.clip(offset / np.float32(hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     scaled[padding] = 0.0
     return scaled.astype(np.float32)
 
@@ -155,5 +187,8 @@ def _padding(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     if pad is None:
         return np.zeros(pixels.shape, bool)
     limit = ds.get("PixelPaddingRangeLimit")
+    if int(ds.get("PixelRepresentation") or 0) == 1:  # signed pixels: a value written as US is read as signed
+        bits = int(ds.get("BitsAllocated") or 16)
+        pad, limit = (None if v is None else (v - (1 << bits) if v >= 1 << (bits - 1) else v) for v in (pad, limit))
     lo, hi = (min(pad, limit), max(pad, limit)) if limit is not None else (pad, pad)
     return (pixels >= lo) & (pixels <= hi)

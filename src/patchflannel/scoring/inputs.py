@@ -118,8 +118,8 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
     """True when a file found in a folder or by a pattern is taken (see the module rules); never a pipe,
     socket or device, which could block the reading of its first bytes."""
     name = os.path.basename(path)
-    if name.startswith(".") or not os.path.isfile(path):
-        return False
+    if name.startswith(".") or name.upper() == "DICOMDIR" or not os.path.isfile(path):
+        return False  # a DICOMDIR is a media export's index of the images beside it, not an image
     # DICOM files are often named by UID (1.2.840....) or with no extension: any other name is taken when it
     # holds the DICOM marker.
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS or _has_dicom_marker(path)
