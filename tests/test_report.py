@@ -121,7 +121,9 @@ def test_eval_report_matches_sklearn(cxr4_dir: Path, tmp_path: Path) -> None:
                                          "--bootstrap", "0"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == ["confusion_test_other.png", "confusion_val_other.png"]
-    assert report["pred_not_most_probable"] == 0 and "is not the class of the highest" not in result.output
+    second = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert second["models"] == ["other"] and second["pred_not_most_probable"] == 0
+    assert "is not the class of the highest" not in result.output
     renamed[0] |= {"pred": next(c for c in CLASSES if c != renamed[0]["pred"])}  # pred against its probabilities
     write_predictions(renamed, tmp_path / "other.csv")
     result = CliRunner().invoke(_app(), ["eval", str(tmp_path / "other.csv"), "--out", str(tmp_path / "rep"),

@@ -158,6 +158,8 @@ def test_resume_refuses_another_run_key_or_schema(tmp_path: Path) -> None:
     older.write_chunk(_full_rows())
     older.finalize({})
     ResultStore(older.out, SCHEMA).begin(RUN_KEY, resume=True)  # resumes on what it recorded
+    with pytest.raises(ConfigError, match=r"different precision .*--precision and --backend pin them"):
+        ResultStore(older.out, SCHEMA).begin({**RUN_KEY, "precision": "bf16"}, resume=True)  # now it is recorded
 
 
 def test_a_csv_output_with_newlines_in_paths_reads_back_across_blocks(tmp_path: Path) -> None:

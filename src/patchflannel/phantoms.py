@@ -7,6 +7,7 @@ nothing clinically.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,10 @@ def write_phantoms(out_dir: str | Path, n: int = 4, *, size: int = 512, seed: in
         raise ValueError(f"n must be >= 1, got {n}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = sorted(out.glob("synthetic_phantom_*.png"))
+    earlier = [p for p in out.iterdir() if re.fullmatch(r"synthetic_phantom_\d+\.png", p.name) and p.is_file()]
     others = [p.name for p in out.iterdir() if p not in earlier and p.name != "README.txt"]
     readme = out / "README.txt"
-    if readme.exists() and (not readme.is_file() or readme.read_bytes() != PHANTOM_README.encode()):
+    if readme.exists() and (not readme.is_file() or readme.read_text(errors="replace").strip() != PHANTOM_README.strip()):
         others.append("README.txt")
     if others:
         raise ConfigError(f"{out}: holds files that are not phantoms ({', '.join(sorted(others)[:3])}"

@@ -44,15 +44,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
 
+    stopping = False
+
     def stop(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        nonlocal stopping
+        stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean stop is under way: not interrupted again
         raise Terminated
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if not stopping:  # (None: a handler not set from Python, the default one)
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def interrupted_exit(exc: KeyboardInterrupt, message: str) -> typer.Exit:

@@ -15,6 +15,7 @@ from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
 from patchflannel.data.stats import counts_table, crosstab, dataset_stats
 from patchflannel.cli._common import errors, fail_cleanly
 from patchflannel.errors import ConfigError
+from patchflannel.io.files import check_can_write
 
 console = Console()
 
@@ -122,6 +123,7 @@ def _check_outs(out: Path, report: Path | None, inputs: list[Path], overwrite: b
         if report.resolve() == out.resolve():
             raise ConfigError(f"--report {report} is the --out manifest: name another file")
         _check_out(report, inputs, overwrite, option="--report")
+        check_can_write(report.parent, f"--report {report}")  # before the manifest is written, not after
 
 
 def _write_build(build: Build, out: Path, report: Path | None) -> None:

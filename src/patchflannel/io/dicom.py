@@ -44,8 +44,8 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except Exception as exc:  # any parser failure on untrusted bytes is a bad input
         raise ImageReadError(label, f"cannot parse DICOM: {exc}") from None
-    cut = _cut_short(ds)  # pydicom reads a file cut short without a word, and keeps a partial last value
-    if cut is not None and cut[0] != PIXEL_DATA:
+    cut = _cut_short(ds)  # pydicom reads a header cut short without a word, and keeps a partial last value
+    if cut is not None:
         del ds[cut[0]]  # a partial UID is no UID
     attributes = _attributes(ds)
     try:
@@ -62,10 +62,14 @@ PIXEL_DATA = 0x7FE00010
 
 
 def _cut_short(ds: Dataset) -> tuple[int, str] | None:
-    """The tag and name of a top-level element whose value holds fewer bytes than its declared length."""
+    """The tag and name of a header element (before the pixel data) whose value holds fewer bytes than its
+    declared length. Pixel data cut short is the decoder's to judge (a missing pad byte is no loss), and what
+    follows it (trailing padding) is not read."""
     from pydicom.datadict import keyword_for_tag
 
     for tag, raw in ds._dict.items():  # the elements as read, before any conversion
+        if tag >= PIXEL_DATA:
+            break
         declared, value = getattr(raw, "length", None), getattr(raw, "value", None)
         if isinstance(value, bytes) and declared is not None and declared != 0xFFFFFFFF and len(value) < declared:
             return tag, keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
@@ -181,6 +185,16 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     return scaled.astype(np.float32)
 
 
+def _signed(value: int, ds: Dataset) -> int:
+    """A padding value of signed pixels that was written unsigned, as the signed number it stands for: two's
+    complement in BitsStored bits (a 12-bit 0x800 is -2048) or in BitsAllocated bits (0x8000 is -32768)."""
+    stored, allocated = int(ds.get("BitsStored") or 16), int(ds.get("BitsAllocated") or 16)
+    for bits in (stored, allocated):
+        if 1 << (bits - 1) <= value < 1 << bits:
+            return value - (1 << bits)
+    return value
+
+
 def _padding(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     """Pixels whose stored value is the PixelPaddingValue (to PixelPaddingRangeLimit, when given)."""
     pad = ds.get("PixelPaddingValue")
@@ -188,7 +202,6 @@ def _padding(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
         return np.zeros(pixels.shape, bool)
     limit = ds.get("PixelPaddingRangeLimit")
     if int(ds.get("PixelRepresentation") or 0) == 1:  # signed pixels: a value written as US is read as signed
-        bits = int(ds.get("BitsAllocated") or 16)
-        pad, limit = (None if v is None else (v - (1 << bits) if v >= 1 << (bits - 1) else v) for v in (pad, limit))
+        pad, limit = (None if v is None else _signed(int(v), ds) for v in (pad, limit))
     lo, hi = (min(pad, limit), max(pad, limit)) if limit is not None else (pad, pad)
     return (pixels >= lo) & (pixels <= hi)

@@ -13,7 +13,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,12 +89,16 @@ def _rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions, ad
 
     own_session = not ray.is_initialized()
     if own_session:
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             ray.init(address=None if address is True else address, include_dashboard=False, log_to_driver=False)
         except Exception as exc:  # noqa: BLE001 - something answers there, but not a Ray cluster
             where = "a local Ray instance" if address is True else f"--ray-address {address}"
             raise ConfigError(f"{where}: cannot start or join a Ray cluster ({first_line(exc)}); check the address "
                               "(a Ray head: `ray start --head`) or RAY_ADDRESS") from None
+        if main and sigterm is not None:  # ray.init sets its own (sys.exit): SIGTERM stops a run as the caller chose
+            signal.signal(signal.SIGTERM, sigterm)
     try:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))

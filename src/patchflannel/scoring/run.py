@@ -190,7 +190,11 @@ def score(
         done, errors, loop_start = 0, 0, time.perf_counter()
 
         def flush(chunk: list[dict[str, Any]]) -> None:
-            store.write_chunk(chunk)
+            try:
+                store.write_chunk(chunk)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM during the write: the chunk is written whole first
+                store.write_chunk(chunk)
+                raise
             if log_lines:
                 rate = done / max(time.perf_counter() - loop_start, 1e-9)
                 console.print(f"scored {done}/{len(todo)} ({rate:.2f} img/s, {errors} errors so far)",

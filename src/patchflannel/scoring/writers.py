@@ -173,14 +173,17 @@ class ResultStore:
                                  f"{_listed([c for c in old if c not in new])} only there"]
                         values.append("columns: " + "; ".join(side for side in sides if not side.startswith(" ")) +
                                       " (learner columns come from the bundle, the others from the manifests given)")
+                    pin = (" (a local run records the precision and backend it resolved, a Ray run what was asked: "
+                           "--precision and --backend pin them)" if set(changed) & set(LATER_KEYS) else "")
                     raise ConfigError(f"cannot resume into {self.out}: {source} was made with a different "
-                                      f"{', '.join(changed)} ({'; '.join(values)}); score to a new output or pass "
-                                      "--overwrite")
+                                      f"{', '.join(changed)} ({'; '.join(values)}){pin}; score to a new output or "
+                                      "pass --overwrite")
         self.run_key = run_key
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
-            if not self._run_file.exists():
-                _atomic_write_text(self._run_file, json.dumps(run_key, indent=2, sort_keys=True))
+            # Rewritten on a resume too: an older run's record gains the keys it lacked, so a later resume at
+            # another precision is refused.
+            _atomic_write_text(self._run_file, json.dumps(run_key, indent=2, sort_keys=True))
         except OSError as exc:
             raise ConfigError(f"{self.out}: cannot write the output there ({exc.strerror or exc})") from None
 
@@ -197,11 +200,15 @@ class ResultStore:
         if self._next_part is None:
             self._next_part = max((int(p.stem.split("-")[1]) for p in self._parts()), default=-1) + 1
         part = self.parts_dir / f"part-{self._next_part:06d}.parquet"
-        self._next_part += 1
         tmp = part.with_name(part.name + ".tmp")
-        pq.write_table(table, tmp)
-        _fsync(tmp)
-        os.replace(tmp, part)
+        try:
+            pq.write_table(table, tmp)
+            _fsync(tmp)
+            os.replace(tmp, part)
+        except BaseException:  # an interrupt mid-write: no half file left, and the number is used again
+            tmp.unlink(missing_ok=True)
+            raise
+        self._next_part += 1
         _fsync(self.parts_dir)  # the rename itself on disk: a power cut then keeps the part
         return part
 

@@ -109,12 +109,19 @@ def _parallel_learner_runs(tasks: list[tuple], jobs: int) -> None:
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(_learner_run, *task): task for task in tasks}
-        for n, future in enumerate(as_completed(futures), 1):
-            if future.exception() is not None:  # said now: the queued runs are dropped, the running ones end
-                pool.shutdown(wait=False, cancel_futures=True)
-                future.result()
-            task = futures[future]
-            _console.print(f"[{n}/{len(tasks)}] learner {task[1]} fold {task[2]} done", markup=False, highlight=False)
+        try:
+            for n, future in enumerate(as_completed(futures), 1):
+                if future.exception() is not None:  # said now: the queued runs are dropped, the running ones end
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    future.result()
+                task = futures[future]
+                _console.print(f"[{n}/{len(tasks)}] learner {task[1]} fold {task[2]} done", markup=False,
+                               highlight=False)
+        except KeyboardInterrupt:  # Ctrl-C reaches the workers too; SIGTERM to this process alone does not
+            for process in list((getattr(pool, "_processes", None) or {}).values()):  # no public way before 3.14
+                process.terminate()  # their runs keep their last checkpoints: the same command resumes them
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
 
 
 def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: bool = True,

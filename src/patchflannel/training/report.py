@@ -294,14 +294,16 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pngs = _png_names(report)
+    earlier: set[str] = set()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # an earlier report.json, if readable
-        for name in set(_png_names(json.loads((out / "report.json").read_text())).values()) - set(pngs.values()):
-            (out / Path(name).name).unlink(missing_ok=True)
+        earlier = set(_png_names(json.loads((out / "report.json").read_text())).values())
     for g in report["groups"]:
         if g["source"] == "all":
             confusion_png(g, out / pngs[(g["split"], g["model"])])
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(render_markdown(report, pngs))
+    for name in earlier - set(pngs.values()):  # once the new report is whole: the old one's other PNGs
+        (out / Path(name).name).unlink(missing_ok=True)
     return {"json": out / "report.json", "md": out / "report.md", **{f"png:{k[0]}:{k[1]}": out / v for k, v in pngs.items()}}
 
 
