@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -263,3 +264,32 @@ def test_console_script_version_and_commands() -> None:
     run = subprocess.run([sys.executable, "-c", "from patchflannel.cli import main; main()", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and all(c in run.stdout for c in ("score", "bench", "segment", "train", "export"))
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
+    """Within a command's fail_cleanly(interrupted=...), SIGTERM (a batch scheduler's stop) raises Terminated,
+    says so and exits 143; a second one while stopping is ignored; outside, the handler is as it was."""
+    import os
+    import signal
+
+    from patchflannel.cli._common import EXIT_TERMINATED, fail_cleanly
+
+    before = signal.getsignal(signal.SIGTERM)
+    app = typer.Typer()
+
+    @app.command()
+    def job() -> None:
+        with fail_cleanly(interrupted="the run so far is kept"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the signal interrupts it
+            raise AssertionError("SIGTERM did not stop the command")
+
+    try:
+        result = runner.invoke(app, [])
+        assert result.exit_code == EXIT_TERMINATED and "terminated (SIGTERM): the run so far is kept" in result.output
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the stop under way is not interrupted again
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    with fail_cleanly(interrupted="kept"):
+        pass
+    assert signal.getsignal(signal.SIGTERM) == before  # a command that ends normally puts the handler back
