@@ -52,7 +52,7 @@ from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_ho
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
 from patchflannel.export.bundle import Bundle, default_preprocessing, load_bundle, load_torch_model
 from patchflannel.ops.mask import lung_masks, postprocess_mask
-from patchflannel.ops.preprocess import global_view, learner_image, resize_mask, segmentation_input
+from patchflannel.ops.preprocess import global_view, is_blank, learner_image, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
 from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
@@ -516,7 +516,7 @@ class Engine:
                     it.image = it.image.to(self.device, non_blocking=True)
             group = _Group(items)
             if group.good:
-                group.blank = torch.stack([torch.eq(*torch.aminmax(it.image)) for it in group.good])
+                group.blank = torch.stack([is_blank(it.image) for it in group.good])
         if self._prep_stream is not None:
             self._prep_stream.synchronize()
         return group

@@ -17,7 +17,7 @@ import torch
 
 from patchflannel.engine.results import Prediction
 from patchflannel.errors import ImageReadError, first_line
-from patchflannel.io.readers import bytes_hash, check_size, image_hash, read_dicom_bytes, read_file_bytes
+from patchflannel.io.readers import check_size, image_hash, raw_hash, read_dicom_bytes, read_file_bytes
 from patchflannel.ops.preprocess import to_unit
 
 
@@ -128,10 +128,10 @@ def _read_input(x: Any, label: str) -> Item:
         try:  # DICOM is decoded here, once: its content hash is its decoded image
             dicom = read_dicom_bytes(data, label)
         except ImageReadError as exc:  # a DICOM that cannot be decoded: its error keeps the UIDs it holds
-            return Item(label, bytes_hash(data), error=_text(exc), meta=exc.meta)
+            return Item(label, raw_hash(data), error=_text(exc), meta=exc.meta)  # as bytes_hash has it
         if dicom is not None:
             return Item(label, image_hash(dicom[0]), image=torch.from_numpy(dicom[0]), meta=dicom[1])
-        return Item(label, bytes_hash(data), data=data)
+        return Item(label, raw_hash(data), data=data)  # not DICOM: its bytes (bytes_hash without sniffing again)
     if isinstance(x, (np.ndarray, torch.Tensor)) or hasattr(x, "__dlpack__"):
         image = _array_image(x, label)
         return Item(label, array_hash(image), image=image, meta={"format": "array", "shape": tuple(image.shape)})

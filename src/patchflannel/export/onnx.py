@@ -51,6 +51,8 @@ ATOL = 1e-4
 TOLERANCES = {"fp32": (RTOL, ATOL), "fp16": (5e-2, 1e-2)}
 """(rtol, atol) of the parity check by precision of the exported network (ONNX, AOTInductor, TensorRT): in fp16 the
 shipped bundle's shufflenet differs from torch fp32 by 0.026 on real images with logits up to 1.05."""
+
+
 def parity_data_dir(path: str | Path | None = None) -> Path | None:
     """The real-data folder of the parity check: ``path`` if given (ConfigError unless it holds ``lungseg/``
     and ``cxr4/``), else :func:`~patchflannel.data.shared.shared_data_dir`; None if absent."""

@@ -44,12 +44,12 @@ def preprocess_stage(image: torch.Tensor, preprocessing: dict[str, Any]) -> dict
     """(H, W) grey image -> ``SEG_INPUT`` (1, 1, s, s), ``IMAGE_FULL`` (S, S), ``GLOBAL`` (1, 3, c, c), ``BLANK`` (1,):
     whether the image is one grey level (the engine's ``blank_image`` flag)."""
     from patchflannel.export.onnx import _global_inputs, _seg_inputs
-    from patchflannel.ops.preprocess import learner_image
+    from patchflannel.ops.preprocess import is_blank, learner_image
 
     return {"SEG_INPUT": _seg_inputs([image], preprocessing),
             "IMAGE_FULL": learner_image(image, preprocessing["image_size"]),
             "GLOBAL": _global_inputs([image], preprocessing),
-            "BLANK": torch.eq(*torch.aminmax(image)).reshape(1)}
+            "BLANK": is_blank(image).reshape(1)}
 
 
 def sampler_stage(image_full: torch.Tensor, seg_logits: torch.Tensor, seed: int,

@@ -98,7 +98,12 @@ def bytes_hash(data: bytes) -> str:
         dicom = read_dicom_bytes(data, "hash")
     except ImageReadError:
         dicom = None
-    return image_hash(dicom[0]) if dicom is not None else hashlib.sha256(data).hexdigest()
+    return image_hash(dicom[0]) if dicom is not None else raw_hash(data)
+
+
+def raw_hash(data: bytes) -> str:
+    """SHA-256 hex digest of all of ``data``: the content hash of an encoded image that is not (decodable) DICOM."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def image_hash(grey: np.ndarray) -> str:

@@ -29,6 +29,11 @@ def to_unit(levels: torch.Tensor, top: int = LEVELS - 1) -> torch.Tensor:
     return levels.to(torch.float32) / torch.full((), float(top), device=levels.device)
 
 
+def is_blank(image: torch.Tensor) -> torch.Tensor:
+    """Whether an image is one grey level (nothing in it to classify): a 0-d bool tensor on its device."""
+    return torch.eq(*torch.aminmax(image))
+
+
 def equalize_hist(images: torch.Tensor) -> torch.Tensor:
     """Histogram equalisation over 256 grey levels of each (..., H, W) image in [0, 1]; result in [0, 1].
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
 from patchflannel.data.manifest import header_problems
-from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.errors import ConfigError, ManifestError, PatchflannelError
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 from patchflannel.settings import read_json
 
@@ -295,8 +295,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     pngs = _png_names(report)
     earlier: set[str] = set()
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # an earlier report.json, if readable
-        earlier = set(_png_names(json.loads((out / "report.json").read_text())).values())
+    with contextlib.suppress(PatchflannelError, OSError, KeyError, TypeError):  # an earlier report, if readable
+        earlier = set(_png_names(read_report(out)).values())
     for g in report["groups"]:
         if g["source"] == "all":
             confusion_png(g, out / pngs[(g["split"], g["model"])])
