@@ -11,6 +11,7 @@
 # LSTREAMS: learner-stream counts every bench run compares (default "1, 5" on a GPU; the loop runs on one).
 # overlap (named in SECTIONS only): the learners on one stream against 2 and 5 streams and a CUDA graph;
 # OVERLAP_ARGS=--compile times them compiled (OVERLAP_LIMIT seconds, default 150).
+# segmenter (named in SECTIONS only): scripts/gpu_segmenter.py (SEGMENTER_LIMIT, default 120; SEGMENTER_REPEATS).
 # At the end, on a GPU (or with PACK_OUT=1), every file but summary.txt and targets.json goes into
 # $OUT/gpu_check.tgz (the device tool returns at most 8 files). Targets over two calls' results, worked out afterwards on any machine:
 #   SECTIONS=targets PREVIOUS=<first call's files, unpacked> OUT=<second call's, unpacked> bash scripts/gpu_check.sh
@@ -99,6 +100,8 @@ fi
 if [ "$GPU" = "1" ]; then  # not in the default SECTIONS: an experiment (scripts/gpu_learner_overlap.py)
   section overlap "${OVERLAP_LIMIT:-150}" $PY scripts/gpu_learner_overlap.py ${OVERLAP_ARGS:-}
 fi
+# Not in the default SECTIONS: the segmenter eager and compiled, from the main and a worker thread.
+section segmenter "${SEGMENTER_LIMIT:-120}" $PY scripts/gpu_segmenter.py --repeats "${SEGMENTER_REPEATS:-10}"
 
 section targets 30 $PY - <<PYEOF
 import json
