@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import os
@@ -282,7 +283,7 @@ def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, ba
         assert [p.item_id for p in got] == [str(j) for j in jpegs]
         for a, b in zip(got, baseline):
             np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
-    assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
+    assert not engine._prep_lock.locked()  # no preparation left running
     with pytest.raises(TypeError, match=r"use predict\(\) for one input"):
         engine.predict_many(str(jpegs[0]))
     with pytest.raises(TypeError, match=r"got one bytes"):
@@ -320,8 +321,8 @@ def test_an_engine_failure_still_gives_what_was_classified(jpegs):
             for p in engine.stream(jpegs, prefetch=prefetch):
                 got.append(p)
         assert [p.item_id for p in got] == [str(j) for j in jpegs[:2]] and all(p.ok for p in got)
+        assert not engine._prep_lock.locked()  # no preparation left running
         assert engine.predict(jpegs[0]).ok  # the fourth call
-        assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
 
 
 def test_inputs_that_fail_as_they_are_taken_are_their_own_errors(engine, jpegs, baseline):
@@ -378,9 +379,28 @@ def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, basel
             np.testing.assert_allclose(got[name].probability_array, ref.probability_array, atol=1e-6)
     stream = engine.stream(jpegs)
     assert next(stream).item_id == str(jpegs[0])
-    assert any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
     stream.close()  # a consumer that stops early leaves nothing running
-    assert not any(t.name.startswith("patchflannel-prepare") for t in threading.enumerate())
+    assert not engine._prep_lock.locked()
+
+
+def test_preparation_runs_in_one_long_lived_thread_per_engine(bundle_dir, jpegs):
+    """PyTorch keeps cuDNN's autotuned plans per thread: the segmenter runs in one thread for warm_up, predict
+    and every stream of an engine and its configured copies (a thread made per call had it autotuned again on
+    every call on a GPU); that thread ends with the engine."""
+    eng = Engine.from_bundle(bundle_dir, device="cpu", k=K, seed=3)
+    threads: list[threading.Thread] = []
+    eng.segmenter.module.register_forward_hook(lambda *_: threads.append(threading.current_thread()))
+    eng.warm_up()
+    eng.predict(jpegs[0])
+    list(eng.stream(jpegs, prefetch=2))
+    list(eng.configured(images_per_call=2).stream(jpegs, prefetch=0))
+    assert len(threads) == 1 + 1 + len(jpegs) + 2
+    (thread,) = set(threads)
+    assert thread is not threading.current_thread() and thread.name.startswith("patchflannel-prepare")
+    del eng
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 @pytest.mark.slow

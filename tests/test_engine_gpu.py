@@ -69,7 +69,7 @@ def test_gpu_preparation_does_not_wait_for_the_learners_stream(tmp_path):
     engine = Engine.from_bundle(tmp_path, device="cuda", precision="fp32", k=16, images_per_call=2)
     items = phantom_jpegs(2, size=512)
     idle = engine.predict_many(items)  # also the warm-up: first calls load kernels
-    for prefetch in (0, 2):  # in the caller's thread, and in the worker thread
+    for prefetch in (0, 2):  # one group at a time, and prepared ahead
         list(engine.stream(items, prefetch=prefetch))  # warm-up of this path
         torch.cuda.synchronize()
         timer = PerfTimer()

@@ -85,7 +85,7 @@ class BenchConfig:
 
 # -------------------------------------------------------------------------------------------- timers
 class PerfTimer:
-    """Wall-clock stage timer (thread-safe: the decode stage runs in the engine's worker thread)."""
+    """Wall-clock stage timer (thread-safe: the preparation stages run in the engine's preparation thread)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -236,7 +236,7 @@ def _p95(values: list[float]) -> float:
 def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warmup: int,
              warmup_engine: Engine | None = None, prefetch: int = 2) -> dict[str, Any]:
     """Median/p95 seconds an image (end to end) and per-stage seconds an image over ``repeats`` runs
-    (``engine.stream`` with ``prefetch``: 0 runs everything in one thread, as the reference's loop did).
+    (``engine.stream`` with ``prefetch``: 0 runs one step at a time, as the reference's loop did).
 
     ``preprocess_fraction`` is the share of the time per image outside the learners and the ensemble: the
     preparation (decode to gathered patches) that they did not hide. ``preprocess_busy_fraction`` is the
@@ -404,8 +404,8 @@ def _time_engine(engine: Engine, described: dict[str, Any], config: BenchConfig,
             started = time.perf_counter()
             if config.compile:  # compile each network now, one progress line each, before the timed runs
                 eng.warm_up(progress)
-            # The loop as the reference ran it: one thread (a preparation thread beside it would take cores
-            # from its per-patch calls on a CPU, and make the loop, hence every "x loop", look slower).
+            # The loop as the reference ran it: one step at a time (preparing ahead, beside its per-patch calls,
+            # would take cores from them on a CPU, and make the loop, hence every "x loop", look slower).
             timing = time.perf_counter()
             result = time_run(eng, subset, config.repeats if mode != "loop" else 1, config.warmup, warm,
                               **({"prefetch": 0} if mode == "loop" else {}))

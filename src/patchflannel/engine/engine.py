@@ -9,14 +9,20 @@ over patches; the device -> host copies are the masks (post-processed on the hos
 scalar checks (an array input's range, an empty mask), and an array input on the device, once, for its
 content hash. In-memory inputs are copied as they are handed over (a producer may reuse its buffer).
 
-Overlap (``stream``): a worker thread prepares groups of ``images_per_call`` images, ``prefetch`` groups
-ahead: decode, segmentation, mask post-processing on the host, centre sampling and the patch gather, on a
+Overlap (``stream``): the engine's preparation thread prepares groups of ``images_per_call`` images,
+``prefetch`` groups ahead: decode, segmentation, mask post-processing on the host, centre sampling and the patch gather, on a
 GPU on the engine's own high-priority CUDA stream. The caller's thread only launches the learners and the
 ensemble on its stream, then reads back the previous group's results while they run. So on a GPU the
 preprocessing (small kernels and host work) runs beside the learners instead of between them; on a CPU the
 same order runs in two threads sharing the cores. With ``learner_streams`` > 1 (GPU only) the caller's thread
 deals the learners' calls over that many CUDA streams, so that a learner that leaves SMs idle (densenet161's
 memory-bound layers) may share the GPU with another; the caller's stream waits for all of them.
+
+The preparation thread is one long-lived thread per engine (shared by its ``configured`` copies; it ends with
+them): PyTorch keeps cuDNN's autotuned convolution plans per thread, and a thread made for each call had the
+segmenter autotuned again on every call (about 4 s on an H200, docs/benchmarks.md). The learners run in the
+calling thread, so with cuDNN's autotuning on (``torch.backends.cudnn.benchmark``) call an engine from
+long-lived threads, and warm it up in the thread that will use it.
 
 Thread safety: an engine may be shared by threads. Preparation (loader, segmenter) is serialised by one
 lock and the learners by another, so a thread's preparation overlaps another's inference; for parallel
@@ -223,6 +229,8 @@ class Engine:
         # torch hands out streams from a small pool round-robin, so sets made and dropped would wrap it around
         # onto the streams of others (the GPU decoder's).
         self._stream_sets: dict[int, list[torch.cuda.Stream]] = {}
+        # The preparation thread (started at first use; see the module docstring), shared by configured() copies.
+        self._prep_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-prepare")
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
         self._global_mode = any(lr.mode == "global" for lr in learners)
 
@@ -280,8 +288,8 @@ class Engine:
     def configured(self, *, k: int | None = None, images_per_call: int | str | None = None,
                    patch_batch: int | str | None = None, learner_mode: str | None = None,
                    return_centres: bool | None = None, learner_streams: int | None = None) -> Engine:
-        """A new engine sharing this one's networks, loader and sampler (and the locks and preparation stream
-        that guard them, so both engines may be used from different threads), with other settings.
+        """A new engine sharing this one's networks, loader and sampler (and the locks, preparation thread and
+        stream that guard them, so both engines may be used from different threads), with other settings.
 
         ``k``, ``return_centres`` and ``learner_streams`` default to this engine's; ``images_per_call`` and
         ``patch_batch`` to 'auto' (the device's choice). ``learner_mode`` ('patch' or 'global') overrides every learner's mode
@@ -298,6 +306,7 @@ class Engine:
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
         engine._compute_lock, engine._prep_lock, engine._prep_stream = self._compute_lock, self._prep_lock, self._prep_stream
         engine._stream_sets = self._stream_sets  # every use is under the compute lock
+        engine._prep_pool = self._prep_pool
         return engine
 
     def describe(self) -> dict[str, Any]:
@@ -324,29 +333,35 @@ class Engine:
     # ------------------------------------------------------------------------------------------ public
     def warm_up(self, progress: Callable[[str], None] | None = None) -> dict[str, float]:
         """Run every network once at the input shapes of a full group, so that compiling and autotuning
-        happen now rather than at the first request; returns wall seconds per network.
+        happen now rather than at the first request; returns wall seconds per network. The segmenter runs in
+        the preparation thread and the learners in the calling thread, as they do in :meth:`stream`.
 
         ``progress`` gets a line as each network is done (compiling five large learners takes minutes).
         """
         pre, n = self.pre, self.images_per_call
         seg, patch, crop = pre["segmentation"]["size"], pre["patch_size"], pre["global"]["crop"]
-        # Each network under the lock that guards it in ``stream`` (the segmenter belongs to the preparation).
-        jobs: list[tuple[str, threading.Lock, Callable[[], Any]]] = [
-            ("segmentation", self._prep_lock, lambda: _run_batched(
-                self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n))
-        ] if self._patch_mode else []
-        for lr in self.learners:
-            shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
-            jobs.append((lr.name, self._compute_lock,
-                         lambda lr=lr, shape=shape: self._run_learner(lr, torch.zeros(shape, device=self.device))))
-        seconds = {}
-        for name, lock, job in jobs:
-            with lock:
+
+        def timed(lock: threading.Lock, job: Callable[[], Any]) -> float:
+            with lock:  # the lock that guards the network in ``stream``
                 start = time.perf_counter()
                 job()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                seconds[name] = time.perf_counter() - start
+                return time.perf_counter() - start
+
+        def segment() -> Any:
+            return _run_batched(self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n)
+
+        jobs: dict[str, Callable[[], float]] = {}
+        if self._patch_mode:
+            jobs["segmentation"] = lambda: self._prep_pool.submit(timed, self._prep_lock, segment).result()
+        for lr in self.learners:
+            shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
+            jobs[lr.name] = lambda lr=lr, shape=shape: timed(
+                self._compute_lock, lambda: self._run_learner(lr, torch.zeros(shape, device=self.device)))
+        seconds = {}
+        for name, job in jobs.items():
+            seconds[name] = job()
             if progress is not None:
                 progress(f"warm-up {name}: {seconds[name]:.1f} s")
         return seconds
@@ -366,8 +381,8 @@ class Engine:
     def stream(self, xs: Iterable[Any], *, prefetch: int = 2, timer: StageTimer | None = None) -> Iterator[Prediction]:
         """Yield results group by group, in input order, while the next groups are prepared in a worker thread.
 
-        ``prefetch`` is how many groups may be prepared (decoded, segmented, patches gathered) ahead (0: no
-        worker thread). While the learners classify one group, the one before is read back (see the module
+        ``prefetch`` is how many groups may be prepared (decoded, segmented, patches gathered) ahead (0: each
+        group once the one before is classified). While the learners classify one group, the one before is read back (see the module
         docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
         then its exception is raised; when the engine fails (a network raises), the results already classified
         are yielded first, where they can still be read back (not after a device error). A 2-D array is one input
@@ -438,7 +453,7 @@ class Engine:
             yield group
 
     def _prepared(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[_Group]:
-        """Prepared groups in input order, ``prefetch`` groups ahead in a worker thread.
+        """Prepared groups in input order, ``prefetch`` groups ahead, in the engine's preparation thread.
 
         A group with inputs in device memory records an event on the caller's stream as it is handed over:
         its preparation waits for the caller's kernels up to then, not for the engine's later ones.
@@ -446,32 +461,29 @@ class Engine:
         def ready(group: list[tuple[str, Any]]) -> torch.cuda.Event | None:
             return record_event(self.device) if any(on_device(x) for _, x in group) else None
 
-        if prefetch <= 0:
-            for group in self._groups(xs):
-                yield self._prepare_group(group, timer, ready(group))
-            return
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-prepare") as pool:
-            pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
-            failure: _SourceFailure | None = None
-            try:
-                groups = self._groups(xs)
-                while True:
-                    try:
-                        group = next(groups)
-                    except StopIteration:
-                        break
-                    except _SourceFailure as exc:  # the groups already taken are still delivered first
-                        failure = exc
-                        break
-                    pending.append(pool.submit(self._prepare_group, group, timer, ready(group)))
-                    if len(pending) > prefetch:
-                        yield pending.popleft().result()
-                while pending:
+        pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
+        failure: _SourceFailure | None = None
+        try:
+            groups = self._groups(xs)
+            while True:
+                try:
+                    group = next(groups)
+                except StopIteration:
+                    break
+                except _SourceFailure as exc:  # the groups already taken are still delivered first
+                    failure = exc
+                    break
+                pending.append(self._prep_pool.submit(self._prepare_group, group, timer, ready(group)))
+                if len(pending) > prefetch:
                     yield pending.popleft().result()
-            finally:  # an error or a consumer that stops early: groups not yet started are dropped
-                pool.shutdown(cancel_futures=True)
-            if failure is not None:
-                raise failure
+            while pending:
+                yield pending.popleft().result()
+        finally:  # an error or a consumer that stops early: groups not yet started are dropped, a running one ends
+            for future in pending:
+                future.cancel()
+            concurrent.futures.wait(pending)
+        if failure is not None:
+            raise failure
 
     def _prepare_group(self, inputs: list[tuple[str, Any]], timer: StageTimer,
                        inputs_ready: torch.cuda.Event | None) -> _Group:
