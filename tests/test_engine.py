@@ -267,6 +267,25 @@ def test_real_image_end_to_end_and_row(engine, jpegs, baseline):
     assert list(error) == list(row) and error["shufflenet_v2_x0_5_patch_covid"] is None  # the same columns
 
 
+@contextlib.contextmanager
+def segmenter_calls(engine: Engine):
+    """A list that gains an entry at each call of the engine's segmenter, while the block runs."""
+    calls: list[int] = []
+    handle = engine.segmenter.module.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def assert_preparation_done(engine: Engine, calls: list[int]) -> None:
+    """Nothing of an ended stream is left to prepare: a job queued now in the engine's preparation thread, after
+    anything still waiting there, finds no more segmenter calls than there are now."""
+    before = len(calls)
+    engine._prep_pool.submit(lambda: None).result()
+    assert len(calls) == before
+
+
 def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, baseline):
     """The caller's generator fails after three inputs: their results come first (any prefetch, any grouping),
     then its own exception; a single string is refused as an iterable of inputs."""
@@ -276,14 +295,14 @@ def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, ba
 
     for images_per_call, prefetch in ((1, 0), (2, 0), (2, 2), (4, 1)):
         got = []
-        with pytest.raises(RuntimeError, match="producer failed") as caught:
+        with pytest.raises(RuntimeError, match="producer failed") as caught, segmenter_calls(engine) as calls:
             for p in engine.configured(images_per_call=images_per_call).stream(source(), prefetch=prefetch):
                 got.append(p)
+        assert_preparation_done(engine, calls)
         assert isinstance(caught.value.__cause__, OSError)  # the caller's exception as the caller raised it
         assert [p.item_id for p in got] == [str(j) for j in jpegs]
         for a, b in zip(got, baseline):
             np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-6)
-    assert not engine._prep_lock.locked()  # no preparation left running
     with pytest.raises(TypeError, match=r"use predict\(\) for one input"):
         engine.predict_many(str(jpegs[0]))
     with pytest.raises(TypeError, match=r"got one bytes"):
@@ -317,11 +336,11 @@ def test_an_engine_failure_still_gives_what_was_classified(jpegs):
         learner = _FailsOnCall(3)
         engine = Engine.from_modules(get_model("fcdensenet56"), {"flaky": learner}, None, device="cpu", k=4)
         got = []
-        with pytest.raises(RuntimeError, match="learner failed"):
-            for p in engine.stream(jpegs, prefetch=prefetch):
+        with pytest.raises(RuntimeError, match="learner failed"), segmenter_calls(engine) as calls:
+            for p in engine.stream(jpegs * 3, prefetch=prefetch):
                 got.append(p)
         assert [p.item_id for p in got] == [str(j) for j in jpegs[:2]] and all(p.ok for p in got)
-        assert not engine._prep_lock.locked()  # no preparation left running
+        assert_preparation_done(engine, calls)
         assert engine.predict(jpegs[0]).ok  # the fourth call
 
 
@@ -377,30 +396,44 @@ def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, basel
         for name, ref in zip("abc", baseline):
             assert got[name].status == ref.status
             np.testing.assert_allclose(got[name].probability_array, ref.probability_array, atol=1e-6)
-    stream = engine.stream(jpegs)
-    assert next(stream).item_id == str(jpegs[0])
-    stream.close()  # a consumer that stops early leaves nothing running
-    assert not engine._prep_lock.locked()
+    with segmenter_calls(engine) as calls:
+        stream = engine.stream(jpegs * 3)
+        assert next(stream).item_id == str(jpegs[0])
+        stream.close()  # a consumer that stops early leaves nothing running
+        assert_preparation_done(engine, calls)
+        assert len(calls) < len(jpegs) * 3
 
 
-def test_preparation_runs_in_one_long_lived_thread_per_engine(bundle_dir, jpegs):
-    """PyTorch keeps cuDNN's autotuned plans per thread: the segmenter runs in one thread for warm_up, predict
-    and every stream of an engine and its configured copies (a thread made per call had it autotuned again on
-    every call on a GPU); that thread ends with the engine."""
+def test_networks_run_in_two_long_lived_threads_per_engine(bundle_dir, jpegs):
+    """PyTorch keeps cuDNN's autotuned plans per thread: the segmenter runs in one thread and the learners in
+    one other for warm_up, predict and every stream of an engine and its configured copies, whichever thread
+    calls (a preparation thread made per call had the segmenter autotuned again on every call on a GPU); the
+    threads end with the engine."""
     eng = Engine.from_bundle(bundle_dir, device="cpu", k=K, seed=3)
-    threads: list[threading.Thread] = []
-    eng.segmenter.module.register_forward_hook(lambda *_: threads.append(threading.current_thread()))
+    seen: dict[str, list[threading.Thread]] = {"seg": [], "learners": []}
+
+    def record(key: str):
+        return lambda *_: seen[key].append(threading.current_thread())
+
+    eng.segmenter.module.register_forward_hook(record("seg"))
+    for lr in eng.learners:
+        lr.backend.module.register_forward_hook(record("learners"))
     eng.warm_up()
     eng.predict(jpegs[0])
     list(eng.stream(jpegs, prefetch=2))
-    list(eng.configured(images_per_call=2).stream(jpegs, prefetch=0))
-    assert len(threads) == 1 + 1 + len(jpegs) + 2
-    (thread,) = set(threads)
-    assert thread is not threading.current_thread() and thread.name.startswith("patchflannel-prepare")
+    caller = threading.Thread(target=lambda e=eng: list(e.configured(images_per_call=2).stream(jpegs, prefetch=0)))
+    caller.start()
+    caller.join()
+    assert len(seen["seg"]) == 1 + 1 + len(jpegs) + 2
+    (seg_thread,) = set(seen["seg"])
+    (learner_thread,) = set(seen["learners"])
+    assert seg_thread.name.startswith("patchflannel-prepare")
+    assert learner_thread.name.startswith("patchflannel-learners")
     del eng
     gc.collect()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    for thread in (seg_thread, learner_thread):
+        thread.join(timeout=30)
+        assert not thread.is_alive()
 
 
 @pytest.mark.slow
@@ -536,8 +569,8 @@ def test_one_engine_shared_by_threads(engine, jpegs, baseline):
         for a, b in zip(got, rotated):
             np.testing.assert_allclose(a, b, atol=1e-6)
     assert len(results) == 2
-    other = engine.configured(k=4)  # shares the networks, so the locks that guard them too
-    assert other._prep_lock is engine._prep_lock and other._compute_lock is engine._compute_lock
+    other = engine.configured(k=4)  # shares the networks, so the threads that run them too
+    assert other._prep_pool is engine._prep_pool and other._learner_pool is engine._learner_pool
 
 
 def test_describe_and_choices(engine, bundle_dir):

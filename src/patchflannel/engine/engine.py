@@ -10,23 +10,24 @@ scalar checks (an array input's range, an empty mask), and an array input on the
 content hash. In-memory inputs are copied as they are handed over (a producer may reuse its buffer).
 
 Overlap (``stream``): the engine's preparation thread prepares groups of ``images_per_call`` images,
-``prefetch`` groups ahead: decode, segmentation, mask post-processing on the host, centre sampling and the patch gather, on a
-GPU on the engine's own high-priority CUDA stream. The caller's thread only launches the learners and the
-ensemble on its stream, then reads back the previous group's results while they run. So on a GPU the
-preprocessing (small kernels and host work) runs beside the learners instead of between them; on a CPU the
-same order runs in two threads sharing the cores. With ``learner_streams`` > 1 (GPU only) the caller's thread
-deals the learners' calls over that many CUDA streams, so that a learner that leaves SMs idle (densenet161's
-memory-bound layers) may share the GPU with another; the caller's stream waits for all of them.
+``prefetch`` groups ahead: decode, segmentation, mask post-processing on the host, centre sampling and the
+patch gather, on a GPU on the engine's own high-priority CUDA stream. The engine's learner thread launches
+the learners and the ensemble on the caller's stream, and the caller's thread reads back the previous group's
+results while they run. So on a GPU the preprocessing (small kernels and host work) runs beside the learners
+instead of between them; on a CPU the same order runs in two threads sharing the cores. With
+``learner_streams`` > 1 (GPU only) the learner thread deals the learners' calls over that many CUDA streams,
+so that a learner that leaves SMs idle (densenet161's memory-bound layers) may share the GPU with another;
+the caller's stream waits for all of them.
 
-The preparation thread is one long-lived thread per engine (shared by its ``configured`` copies; it ends with
-them): PyTorch keeps cuDNN's autotuned convolution plans per thread, and a thread made for each call had the
-segmenter autotuned again on every call (about 4 s on an H200, docs/benchmarks.md). The learners run in the
-calling thread, so with cuDNN's autotuning on (``torch.backends.cudnn.benchmark``) call an engine from
-long-lived threads, and warm it up in the thread that will use it.
+The preparation thread and the learner thread are long-lived, one of each per engine (shared by its
+``configured`` copies; they end with them): PyTorch keeps cuDNN's autotuned convolution plans per thread, and
+a preparation thread made for each call had the segmenter autotuned again on every call (about 4 s on an
+H200, docs/benchmarks.md). So the networks run in the same threads for :meth:`Engine.warm_up` and for every
+call, whichever threads the callers use.
 
-Thread safety: an engine may be shared by threads. Preparation (loader, segmenter) is serialised by one
-lock and the learners by another, so a thread's preparation overlaps another's inference; for parallel
-device work use one engine per thread (or per device).
+Thread safety: an engine may be shared by threads. Preparation (loader, segmenter) runs one group at a time in
+its thread and the learners one group at a time in theirs, so a thread's preparation overlaps another's
+inference; for parallel device work use one engine per thread (or per device).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import collections
 import concurrent.futures
 import contextlib
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +135,17 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
+def _thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """One long-lived worker thread (started at its first job; it ends when its executor is collected)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
+def _on_stream(stream: torch.cuda.Stream | None, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with ``stream`` current (None: as it is, on a CPU)."""
+    with on_stream(stream):
+        return fn(*args)
+
+
 def _run_batched(backend: Backend, batch: torch.Tensor, size: int) -> torch.Tensor:
     """``backend``'s outputs for ``batch`` in calls of at most ``size`` inputs (and of at most the backend's
     ``max_batch``, where it has one).
@@ -221,16 +232,16 @@ class Engine:
         norm = self.pre["normalization"]
         self._mean = torch.tensor(norm["mean"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(norm["std"], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._compute_lock = threading.Lock()
-        self._prep_lock = threading.Lock()
         # High priority: the preparation's small kernels take free SMs first, between the learners' blocks.
         self._prep_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         # The learners' side streams, one set per count, made at first use and shared by configured() copies:
         # torch hands out streams from a small pool round-robin, so sets made and dropped would wrap it around
         # onto the streams of others (the GPU decoder's).
         self._stream_sets: dict[int, list[torch.cuda.Stream]] = {}
-        # The preparation thread (started at first use; see the module docstring), shared by configured() copies.
-        self._prep_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchflannel-prepare")
+        # The preparation and learner threads (see the module docstring), started at first use and shared by
+        # configured() copies: each runs one job at a time, which is what guards the networks and streams.
+        self._prep_pool = _thread("patchflannel-prepare")
+        self._learner_pool = _thread("patchflannel-learners")
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
         self._global_mode = any(lr.mode == "global" for lr in learners)
 
@@ -288,8 +299,8 @@ class Engine:
     def configured(self, *, k: int | None = None, images_per_call: int | str | None = None,
                    patch_batch: int | str | None = None, learner_mode: str | None = None,
                    return_centres: bool | None = None, learner_streams: int | None = None) -> Engine:
-        """A new engine sharing this one's networks, loader and sampler (and the locks, preparation thread and
-        stream that guard them, so both engines may be used from different threads), with other settings.
+        """A new engine sharing this one's networks, loader and sampler (and the threads and streams that run
+        them, so both engines may be used from different threads), with other settings.
 
         ``k``, ``return_centres`` and ``learner_streams`` default to this engine's; ``images_per_call`` and
         ``patch_batch`` to 'auto' (the device's choice). ``learner_mode`` ('patch' or 'global') overrides every learner's mode
@@ -304,9 +315,8 @@ class Engine:
                           patch_batch=patch_batch if patch_batch is not None else "auto",
                           learner_streams=self.learner_streams if learner_streams is None else learner_streams,
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
-        engine._compute_lock, engine._prep_lock, engine._prep_stream = self._compute_lock, self._prep_lock, self._prep_stream
-        engine._stream_sets = self._stream_sets  # every use is under the compute lock
-        engine._prep_pool = self._prep_pool
+        engine._prep_stream, engine._stream_sets = self._prep_stream, self._stream_sets
+        engine._prep_pool, engine._learner_pool = self._prep_pool, self._learner_pool
         return engine
 
     def describe(self) -> dict[str, Any]:
@@ -333,35 +343,32 @@ class Engine:
     # ------------------------------------------------------------------------------------------ public
     def warm_up(self, progress: Callable[[str], None] | None = None) -> dict[str, float]:
         """Run every network once at the input shapes of a full group, so that compiling and autotuning
-        happen now rather than at the first request; returns wall seconds per network. The segmenter runs in
-        the preparation thread and the learners in the calling thread, as they do in :meth:`stream`.
+        happen now rather than at the first request; returns wall seconds per network. Each network runs in
+        the thread that runs it in :meth:`stream` (cuDNN's autotuned plans are kept per thread).
 
         ``progress`` gets a line as each network is done (compiling five large learners takes minutes).
         """
         pre, n = self.pre, self.images_per_call
         seg, patch, crop = pre["segmentation"]["size"], pre["patch_size"], pre["global"]["crop"]
 
-        def timed(lock: threading.Lock, job: Callable[[], Any]) -> float:
-            with lock:  # the lock that guards the network in ``stream``
-                start = time.perf_counter()
-                job()
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                return time.perf_counter() - start
+        def timed(job: Callable[[], Any]) -> float:
+            start = time.perf_counter()
+            job()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - start
 
-        def segment() -> Any:
-            return _run_batched(self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n)
-
-        jobs: dict[str, Callable[[], float]] = {}
+        jobs: dict[str, tuple[concurrent.futures.Executor, Callable[[], Any]]] = {}
         if self._patch_mode:
-            jobs["segmentation"] = lambda: self._prep_pool.submit(timed, self._prep_lock, segment).result()
+            jobs["segmentation"] = self._prep_pool, lambda: _run_batched(
+                self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n)
         for lr in self.learners:
             shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
-            jobs[lr.name] = lambda lr=lr, shape=shape: timed(
-                self._compute_lock, lambda: self._run_learner(lr, torch.zeros(shape, device=self.device)))
+            jobs[lr.name] = self._learner_pool, lambda lr=lr, shape=shape: self._run_learner(
+                lr, torch.zeros(shape, device=self.device))
         seconds = {}
-        for name, job in jobs.items():
-            seconds[name] = job()
+        for name, (pool, job) in jobs.items():
+            seconds[name] = pool.submit(timed, job).result()
             if progress is not None:
                 progress(f"warm-up {name}: {seconds[name]:.1f} s")
         return seconds
@@ -379,11 +386,11 @@ class Engine:
         return list(self.stream(xs, prefetch=0))
 
     def stream(self, xs: Iterable[Any], *, prefetch: int = 2, timer: StageTimer | None = None) -> Iterator[Prediction]:
-        """Yield results group by group, in input order, while the next groups are prepared in a worker thread.
+        """Yield results group by group, in input order, while the next groups are prepared (module docstring).
 
         ``prefetch`` is how many groups may be prepared (decoded, segmented, patches gathered) ahead (0: each
-        group once the one before is classified). While the learners classify one group, the one before is read back (see the module
-        docstring). When ``xs`` itself raises, the results of every input it gave before are yielded first,
+        group once the one before is classified). While the learners classify one group, the one before is read
+        back. When ``xs`` itself raises, the results of every input it gave before are yielded first,
         then its exception is raised; when the engine fails (a network raises), the results already classified
         are yielded first, where they can still be read back (not after a device error). A 2-D array is one input
         (use :meth:`predict`); an (N, H, W) array or tensor is N images.
@@ -408,8 +415,7 @@ class Engine:
         prev: _Group | None = None  # classified, waiting to be read back
         try:
             for group in self._prepared(xs, prefetch, timer):
-                with self._compute_lock, on_stream(compute):
-                    self._classify(group, timer)
+                self._learner_pool.submit(_on_stream, compute, self._classify, group, timer).result()
                 done, prev = prev, group
                 if done is not None:
                     yield from self._results(done)
@@ -489,8 +495,7 @@ class Engine:
                        inputs_ready: torch.cuda.Event | None) -> _Group:
         """Decode one group, segment it and gather its patches: on a GPU on the engine's preparation stream,
         so that it overlaps the learners, and finished there before the group is handed over."""
-        # Under the lock from the start: array inputs already queue work on the shared preparation stream.
-        with on_stream(self._prep_stream), self._prep_lock:
+        with on_stream(self._prep_stream):
             if inputs_ready is not None:
                 torch.cuda.current_stream(self.device).wait_event(inputs_ready)
             with timer.stage("decode"):  # reading the inputs: file bytes, content hashes, DICOM decoding
