@@ -6,10 +6,13 @@ import contextlib
 import gc
 import hashlib
 import io
+import multiprocessing
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -268,10 +271,16 @@ def test_real_image_end_to_end_and_row(engine, jpegs, baseline):
 
 
 @contextlib.contextmanager
-def segmenter_calls(engine: Engine):
-    """A list that gains an entry at each call of the engine's segmenter, while the block runs."""
+def segmenter_calls(engine: Engine, seconds: float = 0.0):
+    """A list that gains an entry at each call of the engine's segmenter, while the block runs; each call takes
+    ``seconds`` longer (so that a stream has groups waiting to be prepared)."""
     calls: list[int] = []
-    handle = engine.segmenter.module.register_forward_hook(lambda *_: calls.append(1))
+
+    def hook(*_: Any) -> None:
+        time.sleep(seconds)
+        calls.append(1)
+
+    handle = engine.segmenter.module.register_forward_hook(hook)
     try:
         yield calls
     finally:
@@ -282,7 +291,7 @@ def assert_preparation_done(engine: Engine, calls: list[int]) -> None:
     """Nothing of an ended stream is left to prepare: a job queued now in the engine's preparation thread, after
     anything still waiting there, finds no more segmenter calls than there are now."""
     before = len(calls)
-    engine._prep_pool.submit(lambda: None).result()
+    engine._prep_worker.submit(lambda: None).result()
     assert len(calls) == before
 
 
@@ -295,10 +304,9 @@ def test_an_input_iterable_that_raises_still_gets_what_it_gave(engine, jpegs, ba
 
     for images_per_call, prefetch in ((1, 0), (2, 0), (2, 2), (4, 1)):
         got = []
-        with pytest.raises(RuntimeError, match="producer failed") as caught, segmenter_calls(engine) as calls:
+        with pytest.raises(RuntimeError, match="producer failed") as caught:
             for p in engine.configured(images_per_call=images_per_call).stream(source(), prefetch=prefetch):
                 got.append(p)
-        assert_preparation_done(engine, calls)
         assert isinstance(caught.value.__cause__, OSError)  # the caller's exception as the caller raised it
         assert [p.item_id for p in got] == [str(j) for j in jpegs]
         for a, b in zip(got, baseline):
@@ -396,12 +404,60 @@ def test_stream_pipeline_keeps_order_with_error_only_groups(engine, jpegs, basel
         for name, ref in zip("abc", baseline):
             assert got[name].status == ref.status
             np.testing.assert_allclose(got[name].probability_array, ref.probability_array, atol=1e-6)
-    with segmenter_calls(engine) as calls:
-        stream = engine.stream(jpegs * 3)
-        assert next(stream).item_id == str(jpegs[0])
+    with segmenter_calls(engine, seconds=0.3) as calls:
+        stream = engine.stream(jpegs * 3, prefetch=2)
+        assert next(stream).item_id == str(jpegs[0])  # meanwhile groups 2 and 3 wait or are being prepared
         stream.close()  # a consumer that stops early leaves nothing running
         assert_preparation_done(engine, calls)
-        assert len(calls) < len(jpegs) * 3
+        assert len(calls) < 4
+
+
+def _predict_into(engine: Engine, x: Path, queue: Any) -> None:
+    queue.put(engine.predict(x).probability_array)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_runs_an_engine_its_parent_used(engine, jpegs, baseline):
+    """A child forked after the engine ran (a server forking its workers) inherits none of its threads: the
+    engine starts its own there instead of waiting for ever on the parent's."""
+    engine.predict(jpegs[0])  # the parent's threads are running
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_predict_into, args=(engine, jpegs[0], queue))
+    child.start()
+    child.join(120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0
+    np.testing.assert_allclose(queue.get(timeout=10), baseline[0].probability_array, atol=1e-6)
+
+
+def test_a_stream_closed_in_the_preparation_thread_does_not_wait_for_itself(engine, jpegs):
+    """A stream dropped in a reference cycle is closed by whichever thread runs the garbage collector: when that
+    is the preparation thread, amid one of the stream's own groups, closing must not wait for that group."""
+    handed_over, closed = threading.Event(), threading.Event()
+    calls: list[int] = []
+    holder: dict[str, Any] = {}
+
+    def close_there(*_: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:  # the third group, prepared once the first result is out and the stream handed over
+            assert handed_over.wait(60)
+            holder.pop("stream").close()  # what the collector does to a dropped generator, in this thread
+            closed.set()
+
+    handle = engine.segmenter.module.register_forward_hook(close_there)
+    try:
+        stream = engine.stream(jpegs * 3, prefetch=2)
+        next(stream)
+        holder["stream"] = stream
+        del stream
+        handed_over.set()
+        assert closed.wait(60), "closing the stream in the preparation thread did not return"
+        assert engine.predict(jpegs[0]).ok  # the thread is free again
+    finally:
+        handle.remove()
 
 
 def test_networks_run_in_two_long_lived_threads_per_engine(bundle_dir, jpegs):
@@ -570,7 +626,7 @@ def test_one_engine_shared_by_threads(engine, jpegs, baseline):
             np.testing.assert_allclose(a, b, atol=1e-6)
     assert len(results) == 2
     other = engine.configured(k=4)  # shares the networks, so the threads that run them too
-    assert other._prep_pool is engine._prep_pool and other._learner_pool is engine._learner_pool
+    assert other._prep_worker is engine._prep_worker and other._learner_worker is engine._learner_worker
 
 
 def test_describe_and_choices(engine, bundle_dir):

@@ -36,6 +36,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,9 +136,34 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def _thread(name: str) -> concurrent.futures.ThreadPoolExecutor:
-    """One long-lived worker thread (started at its first job; it ends when its executor is collected)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+class _Worker:
+    """One long-lived thread that runs an engine's jobs one at a time: started at the first job, it ends when
+    this object is collected; made anew in a forked child (which inherits no threads)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pid = 0
+        self._idents: list[int] = []  # the thread's id once it runs (held by the pool, not this object)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """``fn(*args)`` in the thread, after the jobs already given."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._idents = []
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=self.name, initializer=_record_ident, initargs=(self._idents,))
+                self._pid = os.getpid()
+            return self._pool.submit(fn, *args)
+
+    def is_current(self) -> bool:
+        """Whether the calling thread is this worker's."""
+        return threading.get_ident() in self._idents
+
+
+def _record_ident(idents: list[int]) -> None:
+    idents.append(threading.get_ident())
 
 
 def _on_stream(stream: torch.cuda.Stream | None, fn: Callable[..., Any], *args: Any) -> Any:
@@ -240,8 +266,8 @@ class Engine:
         self._stream_sets: dict[int, list[torch.cuda.Stream]] = {}
         # The preparation and learner threads (see the module docstring), started at first use and shared by
         # configured() copies: each runs one job at a time, which is what guards the networks and streams.
-        self._prep_pool = _thread("patchflannel-prepare")
-        self._learner_pool = _thread("patchflannel-learners")
+        self._prep_worker = _Worker("patchflannel-prepare")
+        self._learner_worker = _Worker("patchflannel-learners")
         self._patch_mode = any(lr.mode == "patch" for lr in learners)  # else no segmentation, no patches
         self._global_mode = any(lr.mode == "global" for lr in learners)
 
@@ -316,7 +342,7 @@ class Engine:
                           learner_streams=self.learner_streams if learner_streams is None else learner_streams,
                           bundle_id=self.bundle_id, bundle_name=self.bundle_name, backend=self.backend)
         engine._prep_stream, engine._stream_sets = self._prep_stream, self._stream_sets
-        engine._prep_pool, engine._learner_pool = self._prep_pool, self._learner_pool
+        engine._prep_worker, engine._learner_worker = self._prep_worker, self._learner_worker
         return engine
 
     def describe(self) -> dict[str, Any]:
@@ -358,17 +384,17 @@ class Engine:
                 torch.cuda.synchronize(self.device)
             return time.perf_counter() - start
 
-        jobs: dict[str, tuple[concurrent.futures.Executor, Callable[[], Any]]] = {}
+        jobs: dict[str, tuple[_Worker, Callable[[], Any]]] = {}
         if self._patch_mode:
-            jobs["segmentation"] = self._prep_pool, lambda: _run_batched(
+            jobs["segmentation"] = self._prep_worker, lambda: _run_batched(
                 self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n)
         for lr in self.learners:
             shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
-            jobs[lr.name] = self._learner_pool, lambda lr=lr, shape=shape: self._run_learner(
+            jobs[lr.name] = self._learner_worker, lambda lr=lr, shape=shape: self._run_learner(
                 lr, torch.zeros(shape, device=self.device))
         seconds = {}
-        for name, (pool, job) in jobs.items():
-            seconds[name] = pool.submit(timed, job).result()
+        for name, (worker, job) in jobs.items():
+            seconds[name] = worker.submit(timed, job).result()
             if progress is not None:
                 progress(f"warm-up {name}: {seconds[name]:.1f} s")
         return seconds
@@ -415,7 +441,7 @@ class Engine:
         prev: _Group | None = None  # classified, waiting to be read back
         try:
             for group in self._prepared(xs, prefetch, timer):
-                self._learner_pool.submit(_on_stream, compute, self._classify, group, timer).result()
+                self._learner_worker.submit(_on_stream, compute, self._classify, group, timer).result()
                 done, prev = prev, group
                 if done is not None:
                     yield from self._results(done)
@@ -479,7 +505,7 @@ class Engine:
                 except _SourceFailure as exc:  # the groups already taken are still delivered first
                     failure = exc
                     break
-                pending.append(self._prep_pool.submit(self._prepare_group, group, timer, ready(group)))
+                pending.append(self._prep_worker.submit(self._prepare_group, group, timer, ready(group)))
                 if len(pending) > prefetch:
                     yield pending.popleft().result()
             while pending:
@@ -487,7 +513,8 @@ class Engine:
         finally:  # an error or a consumer that stops early: groups not yet started are dropped, a running one ends
             for future in pending:
                 future.cancel()
-            concurrent.futures.wait(pending)
+            if not self._prep_worker.is_current():  # closed by a garbage collection run in that very thread
+                concurrent.futures.wait(pending)
         if failure is not None:
             raise failure
 
@@ -636,7 +663,7 @@ class Engine:
         group.global_view = group.patches = None
 
     def _side_streams(self) -> list[torch.cuda.Stream]:
-        """The ``learner_streams`` side streams (none for one stream); called under the compute lock."""
+        """The ``learner_streams`` side streams (none for one stream); called in the learner thread."""
         if self.learner_streams == 1:
             return []
         if self.learner_streams not in self._stream_sets:
