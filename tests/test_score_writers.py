@@ -192,3 +192,39 @@ def test_an_interrupt_writes_the_rows_taken_since_the_last_chunk(tmp_path: Path)
     resumed = ResultStore(tmp_path / "out.parquet", SCHEMA)
     resumed.begin(RUN_KEY, resume=True)
     assert len(resumed.scored_keys()) == 3
+
+
+def test_a_write_cut_short_leaves_no_temporary_file_and_an_interrupt_still_writes_the_part(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """A part write that fails half-way (a full disk) leaves no half file, and the next part takes its number;
+    Ctrl-C half-way through a write makes the chunk be written whole first, then the interrupt goes on; a
+    resumed run finds every row once."""
+    from patchflannel.scoring import writers
+    from patchflannel.scoring.run import write_whole
+
+    real = writers.pq.write_table
+    failures: list[BaseException] = [OSError(28, "No space left on device"), KeyboardInterrupt()]
+    calls: list[str] = []
+
+    def cut_short(table, where, *args, **kwargs):
+        calls.append(str(where))
+        if failures:
+            Path(where).write_bytes(b"PAR1 half a file")
+            raise failures.pop(0)
+        return real(table, where, *args, **kwargs)
+
+    store = ResultStore(tmp_path / "out.parquet", SCHEMA)
+    store.begin(RUN_KEY, resume=False)
+    write_whole(store, _full_rows()[:2])  # part 0
+    monkeypatch.setattr(writers.pq, "write_table", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        write_whole(store, _full_rows()[2:])
+    assert sorted(p.name for p in store.parts_dir.glob("part-*")) == ["part-000000.parquet"]  # no .tmp
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(store, _full_rows()[2:])
+    assert len(set(calls)) == 1  # part number 1 each time
+    assert sorted(p.name for p in store.parts_dir.glob("part-*")) == ["part-000000.parquet", "part-000001.parquet"]
+    assert pq.read_table(store.parts_dir / "part-000001.parquet").num_rows == len(_full_rows()) - 2
+    resumed = ResultStore(tmp_path / "out.parquet", SCHEMA)
+    resumed.begin(RUN_KEY, resume=True)
+    assert len(resumed.scored_keys()) == len(_full_rows())

@@ -190,11 +190,7 @@ def score(
         done, errors, loop_start = 0, 0, time.perf_counter()
 
         def flush(chunk: list[dict[str, Any]]) -> None:
-            try:
-                store.write_chunk(chunk)
-            except KeyboardInterrupt:  # Ctrl-C or SIGTERM during the write: the chunk is written whole first
-                store.write_chunk(chunk)
-                raise
+            write_whole(store, chunk)
             if log_lines:
                 rate = done / max(time.perf_counter() - loop_start, 1e-9)
                 console.print(f"scored {done}/{len(todo)} ({rate:.2f} img/s, {errors} errors so far)",
@@ -243,6 +239,16 @@ def score(
                         flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
                         skipped=len(items) - len(todo), scored_now=len(todo),
                         seconds=time.perf_counter() - started, predictions=exported)
+
+
+def write_whole(store: ResultStore, chunk: list[dict[str, Any]]) -> None:
+    """Write ``chunk`` as the store's next part; interrupted during the write (Ctrl-C, SIGTERM), write it whole
+    first, then let the interrupt go on."""
+    try:
+        store.write_chunk(chunk)
+    except KeyboardInterrupt:
+        store.write_chunk(chunk)
+        raise
 
 
 def chunks(rows: Iterator[dict[str, Any]], size: int, store: ResultStore) -> Iterator[list[dict[str, Any]]]:
