@@ -193,6 +193,8 @@ def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path
                 assert cell == f"{f1_score(y, yhat, labels=np.unique(y), average='macro', zero_division=0):.3f}"
             else:
                 assert cell == "-"
+    twice = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), str(tmp_path / "rep" / "report.json")])
+    assert twice.exit_code == 0 and twice.output == result.output  # one report, named twice: its rows once
     missing = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "no report.json" in missing.output
     no_train = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), "--split", "train"])
