@@ -175,3 +175,19 @@ def test_split_columns_are_checked_when_present(tmp_path: Path) -> None:
     assert [p.split(":")[0] for p in problems] == ["line 3", "line 4", "line 5"]
     assert "split 'valid'" in problems[0] and "has fold '0'" in problems[1] and "fold ''" in problems[2]
     validate_manifest(Manifest(path=tmp_path / "splits.csv", columns=columns, rows=rows[:1]))
+
+
+def test_a_manifest_not_in_utf8_names_the_line_and_byte(tmp_path: Path) -> None:
+    """A Latin-1 manifest (an é written as one byte) far into the file: the error names its line, not the
+    decoder's offset into some buffer; data and score manifests say the same."""
+    from patchflannel.scoring.inputs import read_score_manifest
+
+    lines = ["path,label,patient_id,view,source"] + [f"img{i}.png,covid,p{i},PA,s" for i in range(1000)]
+    lines[700] = "caf\u00e9.png,covid,p700,PA,s"
+    path = tmp_path / "m.csv"
+    path.write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    assert path.stat().st_size > 3 * 8192
+    for read in (lambda p: read_manifest(p, check_files=False), read_score_manifest):
+        with pytest.raises(ManifestError) as caught:
+            read(path)
+        assert "line 701: byte 0xe9 is not UTF-8" in str(caught.value) and "Latin-1" in str(caught.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.table import Table
 
 from patchflannel.classes import CLASSES
-from patchflannel.data.manifest import Row
+from patchflannel.data.manifest import Row, unreadable_csv
 from patchflannel.errors import ManifestError
 from patchflannel.io.files import walk_files
 
@@ -246,7 +246,7 @@ def _read_metadata(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     except FileNotFoundError:
         raise ManifestError(path, ["file not found"]) from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
+        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
     if not header:
         raise ManifestError(path, ["empty file: no header row"])
     return header, records

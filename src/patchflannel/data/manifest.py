@@ -8,6 +8,8 @@ folder when the image lies under it.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import os
 from collections import defaultdict
@@ -33,6 +35,22 @@ class Manifest:
     path: Path
     columns: list[str]
     rows: list[Row]
+
+
+def unreadable_csv(path: Path, exc: Exception) -> str:
+    """Why a CSV file could not be read, for an error: where a file that is not UTF-8 first breaks (its line and
+    the byte there: the decoder's own offset counts from a buffer, not the file), else the exception."""
+    if isinstance(exc, UnicodeDecodeError):
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+            data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                line = data[:bad.start].count(b"\n") + 1
+                return (f"line {line}: byte 0x{data[bad.start]:02x} is not UTF-8 ({bad.reason}); save the file as "
+                        "UTF-8 (Excel: 'CSV UTF-8'): it may be in Latin-1 or Windows-1252")
+    return f"cannot read as a UTF-8 CSV file: {exc}"
 
 
 def header_problems(columns: list[str]) -> list[str]:
@@ -61,7 +79,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
     except FileNotFoundError:
         raise ManifestError(path, ["file not found"]) from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
+        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
     if header is None:
         raise ManifestError(path, ["empty file: no header row"])
 

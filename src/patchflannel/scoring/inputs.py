@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patchflannel.data.manifest import header_problems
+from patchflannel.data.manifest import header_problems, unreadable_csv
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io.files import walk_files
 
@@ -184,7 +184,7 @@ def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:
                 raise ManifestError(path, [f"no 'path' column (columns: {', '.join(columns)})"])
             records = [(reader.line_num, record) for record in reader if record]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ManifestError(path, [f"cannot read as a UTF-8 CSV file: {exc}"]) from None
+        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
     problems, rows = [], []
     for line, record in records:
         row = {c: v.strip() for c, v in zip(columns, record)}
