@@ -12,8 +12,10 @@
 # overlap (named in SECTIONS only): the learners on one stream against 2 and 5 streams and a CUDA graph;
 # OVERLAP_ARGS=--compile times them compiled (OVERLAP_LIMIT seconds, default 150).
 # segmenter (named in SECTIONS only): scripts/gpu_segmenter.py (SEGMENTER_LIMIT, default 120; SEGMENTER_REPEATS).
-# At the end, on a GPU (or with PACK_OUT=1), every file but summary.txt and targets.json goes into
-# $OUT/gpu_check.tgz (the device tool returns at most 8 files). Targets over two calls' results, worked out afterwards on any machine:
+# On a GPU (or with PACK_OUT=1), after each section every file but summary.txt and targets.json goes into
+# $OUT/gpu_check.tgz, rewritten whole (the device tool returns at most 8 files, and a call stopped when its device
+# time runs out still returns the sections done, packed, and the one under way, loose).
+# Targets over two calls' results, worked out afterwards on any machine:
 #   SECTIONS=targets PREVIOUS=<first call's files, unpacked> OUT=<second call's, unpacked> bash scripts/gpu_check.sh
 set -u
 export PYTHONUNBUFFERED=1  # a section stopped at its limit still leaves its log
@@ -28,6 +30,17 @@ START=$(date +%s)
 
 SECTIONS=" ${SECTIONS:-env tests eager_fp16 compiled_fp16 targets} "
 
+ARCHIVE=gpu_check.tgz; i=1
+while [ -e "$OUT/$ARCHIVE" ]; do i=$((i + 1)); ARCHIVE="gpu_check.$i.tgz"; done  # a second run into OUT
+STAGE=""  # where packed sections' files wait (set once CUDA is known)
+
+archive() {  # move the finished sections' files out of OUT, then rewrite the archive from all of them
+  [ -n "$STAGE" ] || return 0
+  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name targets.json ! -name 'gpu_check*.tgz' \
+      -exec mv -t "$STAGE" {} + ) && tar -czf "$OUT/$ARCHIVE.part" -C "$STAGE" . && mv "$OUT/$ARCHIVE.part" "$OUT/$ARCHIVE" \
+    || echo "packing failed: the files stay where they are" | tee -a "$SUMMARY"
+}
+
 section() {  # section NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   case "$SECTIONS" in *" $name "*) ;; *) echo "== $name: not in SECTIONS" | tee -a "$SUMMARY"; return 0 ;; esac
@@ -37,11 +50,13 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...
   local rc=$?
   echo "   rc=$rc after $(( $(date +%s) - t0 ))s (total $(( $(date +%s) - START ))s)" | tee -a "$SUMMARY"
   [ $rc -ne 0 ] && tail -n 30 "$OUT/$name.log" > "$OUT/$name.error.txt"
+  archive
   return 0
 }
 
 GPU=$($PY -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 echo "cuda available: $GPU" | tee -a "$SUMMARY"
+[ "${PACK_OUT:-$GPU}" = "1" ] && STAGE=$(mktemp -d)
 
 section env 60 $PY - <<'PYEOF'
 import importlib, platform, torch
@@ -108,14 +123,15 @@ import json
 from pathlib import Path
 out = Path("$OUT")
 rows = []
-for folder in [Path(p) for p in ("${PREVIOUS:-}", "$OUT") if p]:
-    found = [folder / name / "bench.json" for name in ("eager_fp16", "compiled_fp16")]
+# PREVIOUS, then this run's files: under OUT, or packed already (STAGE)
+for folders in [[Path(p)] for p in ("${PREVIOUS:-}",) if p] + [[Path(p) for p in ("$OUT", "$STAGE") if p]]:
+    found = [folder / name / "bench.json" for folder in folders for name in ("eager_fp16", "compiled_fp16")]
     for f in found:
         if f.is_file():
             rows += [dict(r, section=f.parent.name) for r in json.loads(f.read_text())["runs"]]
             print("read", f)
     if not any(f.is_file() for f in found):
-        print(f"WARNING: no eager_fp16/bench.json or compiled_fp16/bench.json under {folder}")
+        print(f"WARNING: no eager_fp16/bench.json or compiled_fp16/bench.json under {' or '.join(map(str, folders))}")
 kmax = max((r["k"] for r in rows if r["k"] is not None), default=None)
 at = [r for r in rows if r["k"] == kmax]
 loop = [r["seconds_per_image_median"] for r in at if r["mode"] == "loop"]
@@ -135,10 +151,5 @@ print(json.dumps(summary, indent=1))
 PYEOF
 echo "done in $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 [ -f "$OUT/targets.json" ] && { echo "targets ($OUT/targets.json):"; cat "$OUT/targets.json"; }
-if [ "${PACK_OUT:-$GPU}" = "1" ]; then  # one archive (on the GPU machine): the device tool returns at most 8 files
-  ARCHIVE=gpu_check.tgz; i=1
-  while [ -e "$OUT/$ARCHIVE" ]; do i=$((i + 1)); ARCHIVE="gpu_check.$i.tgz"; done  # a second run into OUT
-  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name targets.json ! -name 'gpu_check*.tgz' -print0 \
-      | tar --null -T - -czf "$ARCHIVE" --remove-files ) || echo "packing failed: the files stay as they are"
-fi
+[ -n "$STAGE" ] && rm -rf "$STAGE"
 exit 0
