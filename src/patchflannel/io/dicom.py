@@ -114,6 +114,7 @@ def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
         missing = "; ".join(decoder.missing_dependencies)
         raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): no decoder "
                              f"installed (pip install 'patchflannel[dicom]' installs them; {missing})")
+    _check_native_length(ds, tsyntax, rows, columns, label)
     try:
         grey = _to_grey(ds.pixel_array, ds)
     except Exception as exc:  # truncated or corrupt pixel data surfaces here
@@ -121,6 +122,23 @@ def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
     meta = {"shape": (rows, columns), "channels": int(ds.get("SamplesPerPixel") or 1),
             "bit_depth": int(ds.get("BitsStored") or ds.BitsAllocated), "TransferSyntaxUID": str(tsyntax)}
     return grey, meta
+
+
+def _check_native_length(ds: Dataset, tsyntax: UID, rows: int, columns: int, label: str) -> None:
+    """Refuse uncompressed pixel data longer than the header's image by a row or more: its Rows or Columns are
+    wrong, and the decoder would silently read a crop of it (pydicom only warns of "excess padding")."""
+    if tsyntax.is_compressed:
+        return
+    samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 0)
+    if not bits:
+        return  # the decoder names what is missing
+    expected = (rows * columns * samples * bits + 7) // 8
+    held = len(ds.PixelData)
+    row = (columns * samples * bits + 7) // 8
+    if held - expected >= max(row, 2):  # a pad byte to even length is allowed
+        raise ImageReadError(label, f"DICOM PixelData holds {held} bytes, {held - expected} more than its {rows} "
+                                    f"Rows x {columns} Columns need ({expected}): the header's image size is wrong "
+                                    "(read as it is, the image would be cut short)")
 
 
 def _attributes(ds: Dataset) -> dict[str, str]:
