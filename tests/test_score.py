@@ -182,7 +182,7 @@ def test_a_resume_says_which_stored_rows_it_drops(mixed_folder: Path, bundle: Pa
     log = Console(file=io.StringIO(), width=200)
     again = score(files[:1], tmp_path / "s.csv", options=options, resume=True, console=log)
     assert again.rows == 1 and again.scored_now == 0
-    assert "resume: 1 stored rows of files not among these inputs will be dropped" in log.file.getvalue()
+    assert "resume: 1 stored rows of files not among these inputs are left out of" in log.file.getvalue()
     assert "resume: 2 rows stored; hashing their files again" in log.file.getvalue()
     assert not (tmp_path / "s.csv.lock").exists()
 

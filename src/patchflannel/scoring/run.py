@@ -167,7 +167,7 @@ def score(
             paths = {i.path for i in items}
             gone = sum(1 for path, _ in stored if path not in paths)
             changed = sum(1 for key in stored if not keep(key)) - gone
-            said = [f"{gone} stored rows of files not among these inputs will be dropped from {store.out}"] if gone else []
+            said = [f"{gone} stored rows of files not among these inputs are left out of {store.out}"] if gone else []
             said += [f"{changed} stored rows of files changed since are scored again"] if changed else []
             if said and not quiet:
                 console.print(f"resume: {'; '.join(said)}", markup=False, highlight=False, soft_wrap=True)
