@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +195,52 @@ def test_recipes_are_valid_configs() -> None:
     assert cfgs["cv_cpu_patch"]["learners"] == cfgs["cv_cpu_global"]["learners"]
     assert cfgs["cv_cpu_patch"]["mode"] == "patch" and cfgs["cv_cpu_global"]["mode"] == "global"
     assert cfgs["cv_cpu_patch"]["learner"]["l1"] == 1e-5 and cfgs["cv_cpu_global"]["learner"]["l1"] == 0.0
+
+
+def _children(pid: int) -> set[int]:
+    """The process ids of ``pid``'s children (Linux /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from Linux /proc")
+def test_cv_jobs_stopped_by_sigterm_ends_its_workers(cxr4_dir: Path, tmp_path: Path) -> None:
+    """A scheduler's SIGTERM reaches the cv process alone: it ends its worker processes (whose runs keep their
+    checkpoints) and exits 143, leaving no worker training on."""
+    splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
+    config = _config(tmp_path, splits, "global", learner={"epochs": 10000, "patience": 10000, "batch_size": 8, "lr": 1e-3})
+    proc = subprocess.Popen([sys.executable, "-c", "from patchflannel.cli import main; main()", "cv", str(config), "--out", str(tmp_path / "out"),
+                             "--jobs", "2", "--no-report"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list((tmp_path / "out" / "learners").rglob("log.csv")):
+            workers |= _children(proc.pid)  # spawn's helper processes come and go; the workers stay
+            time.sleep(0.2)
+        assert list((tmp_path / "out" / "learners").rglob("log.csv")), "no learner run started training"
+        workers = {w for w in workers | _children(proc.pid) if _alive(w)}
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)  # without ending its workers it would wait for their 10000 epochs
+        assert proc.returncode == 143, err.decode()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers)
+    finally:  # whatever happened, nothing trains on after the test
+        proc.kill()
+        for pid in [w for w in workers if _alive(w)]:  # only where the test failed: ended workers are not looked up again
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
