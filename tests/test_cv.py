@@ -241,6 +241,6 @@ def test_cv_jobs_stopped_by_sigterm_ends_its_workers(cxr4_dir: Path, tmp_path: P
         assert not any(_alive(w) for w in workers)
     finally:  # whatever happened, nothing trains on after the test
         proc.kill()
-        for pid in [w for w in workers if _alive(w)]:  # only where the test failed: ended workers are not looked up again
+        for pid in [w for w in workers if _alive(w)]:  # workers still running: the test failed
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
