@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -24,10 +25,10 @@ CLI = "from patchflannel.cli import app; from patchflannel.cli.score import regi
 """The CLI app with the score commands (the console script once `score` is registered there)."""
 
 
-def _scoring_with_a_part(images: Path, out: Path, bundle: Path, chunk_size: int) -> subprocess.Popen:
-    """A `score` process of ``images`` into ``out``, once it has written its first part."""
+def _scoring_with_a_part(images: Path, out: Path, bundle: Path, chunk_size: int, *more: str) -> subprocess.Popen:
+    """A `score` process of ``images`` into ``out`` (``more``: further options), once it has written its first part."""
     args = [sys.executable, "-c", CLI, "score", str(images), "--out", str(out), "--bundle", str(bundle),
-            "-k", "2", "--chunk-size", str(chunk_size), "--quiet"]
+            "-k", "2", "--chunk-size", str(chunk_size), "--quiet", *more]
     proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     parts, deadline = out.with_name(out.name + ".parts"), time.monotonic() + 240
@@ -99,3 +100,37 @@ def test_ctrl_c_keeps_the_rows_scored_and_says_how_to_go_on(cxr4_dir: Path, tmp_
     paths = read_output(out)[0].column("path").to_pylist()
     assert sorted(paths) == sorted(str(p) for p in images.iterdir())
 
+
+
+def _ray_processes() -> set[int]:
+    """Process ids of a local Ray instance's own processes (Linux /proc)."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if any(name in cmdline.read_bytes() for name in (b"raylet", b"gcs_server", b"ray::")):
+                found.add(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="reads processes from Linux /proc")
+def test_sigterm_stops_a_ray_run_like_a_local_one(cxr4_dir: Path, tmp_path: Path) -> None:
+    """`score --ray` stopped by SIGTERM: exit 143 and the same message (ray.init puts in a handler of its own; ours
+    goes back), the parts kept, and the local Ray instance it started gone with it."""
+    pytest.importorskip("ray", reason="Ray (the patchflannel[ray] extra) is not installed")
+    bundle = random_bundle(tmp_path / "bundle", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",)).root
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted((cxr4_dir / "images" / "viral").iterdir())[:N_IMAGES + 2]:
+        shutil.copy(p, images / p.name)
+    out, parts = tmp_path / "scores.parquet", tmp_path / "scores.parquet.parts"
+    before = _ray_processes()
+    proc = _scoring_with_a_part(images, out, bundle, 2, "--ray", "--actors", "1")
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143 and "terminated (SIGTERM): the rows scored so far are kept" in output, output
+    assert not out.exists() and list(parts.glob("part-*.parquet"))
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes() - before
