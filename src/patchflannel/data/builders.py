@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.table import Table
 
 from patchflannel.classes import CLASSES
-from patchflannel.data.manifest import Row, absolute, unreadable_csv
+from patchflannel.data.manifest import Row, unreadable_csv
 from patchflannel.errors import ManifestError
 from patchflannel.io.files import walk_files
 
@@ -223,7 +223,7 @@ def build_covid_collection(metadata_csv: str | Path, images_dir: str | Path) -> 
             report.keep(label)
             rows.append(
                 {
-                    "path": str(absolute(images_dir / filename)),
+                    "path": str((images_dir / filename).resolve()),
                     "label": label,
                     "view": view,
                     "source": "ieee8023",
@@ -303,7 +303,7 @@ def build_kermany(root: str | Path) -> Build:
         report.keep(label)
         rows.append(
             {
-                "path": str(absolute(path)),
+                "path": str(path.resolve()),
                 "label": label,
                 "view": "AP",
                 "source": "kermany",

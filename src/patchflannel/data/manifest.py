@@ -37,12 +37,6 @@ class Manifest:
     rows: list[Row]
 
 
-def absolute(path: str | os.PathLike[str]) -> Path:
-    """``path`` made absolute without resolving links: a linked data folder (``train -> /scratch/...``) keeps the
-    name it is reached by, in manifests too."""
-    return Path(os.path.abspath(path))
-
-
 def unreadable_csv(path: Path, exc: Exception) -> str:
     """Why a CSV file could not be read, for an error: where a file that is not UTF-8 first breaks (its line and
     the byte there: the decoder's own offset counts from a buffer, not the file), else the exception."""
@@ -97,7 +91,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
             problems.append(f"line {line}: expected {len(columns)} fields, found {len(record)}")
         row = {name: (record[i].strip() if i < len(record) else "") for i, name in enumerate(columns)}
         if row.get("path"):
-            row["path"] = str(absolute(path.parent / row["path"]))
+            row["path"] = str((path.parent / row["path"]).resolve())
         rows.append(row)
 
     lines = [line for line, _ in records]
@@ -204,7 +198,7 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
     if missing:
         raise ManifestError(path, [f"missing required column '{name}'" for name in missing])
     path.parent.mkdir(parents=True, exist_ok=True)
-    folder = absolute(path.parent)
+    folder = path.parent.resolve()
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -219,7 +213,7 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
 
 def _relative_if_under(file: Path, folder: Path) -> str:
     """``file`` relative to ``folder`` (POSIX separators) when it lies under it, else absolute."""
-    file = absolute(file)
+    file = file.resolve()
     if file.is_relative_to(folder):
         return file.relative_to(folder).as_posix()
     return os.fspath(file)
