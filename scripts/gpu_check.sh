@@ -34,11 +34,18 @@ ARCHIVE=gpu_check.tgz; i=1
 while [ -e "$OUT/$ARCHIVE" ]; do i=$((i + 1)); ARCHIVE="gpu_check.$i.tgz"; done  # a second run into OUT
 STAGE=""  # where packed sections' files wait (set once CUDA is known)
 
-archive() {  # move the finished sections' files out of OUT, then rewrite the archive from all of them
+archive() {  # rewrite the archive from the packed files and the new ones, then move the new ones out of OUT
   [ -n "$STAGE" ] || return 0
-  ( cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name targets.json ! -name 'gpu_check*.tgz' \
-      -exec mv -t "$STAGE" {} + ) && tar -czf "$OUT/$ARCHIVE.part" -C "$STAGE" . && mv "$OUT/$ARCHIVE.part" "$OUT/$ARCHIVE" \
-    || echo "packing failed: the files stay where they are" | tee -a "$SUMMARY"
+  local new
+  new=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name targets.json ! -name 'gpu_check*')
+  [ -n "$new" ] || return 0
+  # Nothing moves until the archive holding it is in place: a failure or a kill in between loses no file.
+  if tar -czf "$OUT/$ARCHIVE.part" -C "$STAGE" . -C "$OUT" $new && mv "$OUT/$ARCHIVE.part" "$OUT/$ARCHIVE"; then
+    (cd "$OUT" && mv -t "$STAGE" $new)
+  else
+    rm -f "$OUT/$ARCHIVE.part"
+    echo "packing failed: the files stay in $OUT" | tee -a "$SUMMARY"
+  fi
 }
 
 section() {  # section NAME LIMIT_SECONDS COMMAND...
@@ -151,5 +158,5 @@ print(json.dumps(summary, indent=1))
 PYEOF
 echo "done in $(( $(date +%s) - START ))s" | tee -a "$SUMMARY"
 [ -f "$OUT/targets.json" ] && { echo "targets ($OUT/targets.json):"; cat "$OUT/targets.json"; }
-[ -n "$STAGE" ] && rm -rf "$STAGE"
+[ -n "$STAGE" ] && rm -rf "$STAGE"  # everything in it is in the archive
 exit 0
