@@ -197,12 +197,16 @@ def test_recipes_are_valid_configs() -> None:
     assert cfgs["cv_cpu_patch"]["learner"]["l1"] == 1e-5 and cfgs["cv_cpu_global"]["learner"]["l1"] == 0.0
 
 
-def _children(pid: int) -> set[int]:
-    """The process ids of ``pid``'s children (Linux /proc)."""
+def _workers(pid: int) -> set[int]:
+    """The process ids of ``pid``'s worker processes: its children that multiprocessing spawned to run jobs (not
+    its resource tracker) (Linux /proc)."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").glob("*"):
         with contextlib.suppress(OSError):
-            found |= {int(c) for c in (task / "children").read_text().split()}
+            for child in (task / "children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        found.add(int(child))
     return found
 
 
@@ -227,11 +231,11 @@ def test_cv_jobs_stopped_by_sigterm_ends_its_workers(cxr4_dir: Path, tmp_path: P
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not list((tmp_path / "out" / "learners").rglob("log.csv")):
-            workers |= _children(proc.pid)  # spawn's helper processes come and go; the workers stay
+            workers |= _workers(proc.pid)
             time.sleep(0.2)
         assert list((tmp_path / "out" / "learners").rglob("log.csv")), "no learner run started training"
-        workers = {w for w in workers | _children(proc.pid) if _alive(w)}
-        assert len(workers) >= 2
+        workers = {w for w in workers | _workers(proc.pid) if _alive(w)}
+        assert len(workers) == 2
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)  # without ending its workers it would wait for their 10000 epochs
         assert proc.returncode == 143, err.decode()

@@ -512,7 +512,7 @@ def test_dicom_refusals(tmp_path: Path, real_u16: np.ndarray) -> None:
 
     fewer_rows = _dicom(real_u16, "MONOCHROME2", 16)
     fewer_rows.Rows = real_u16.shape[0] // 2  # the header says half the rows the pixel data holds
-    _assert_refused(_save(fewer_rows, tmp_path / "rows.dcm"), f"{real_u16.size * 2} bytes", "image size is wrong")
+    _assert_refused(_save(fewer_rows, tmp_path / "rows.dcm"), f"{real_u16.size * 2} bytes", "image size or sample layout")
     padded = _dicom(real_u16, "MONOCHROME2", 16)
     padded.PixelData = padded.PixelData + b"\0\0"  # less than a row of trailing padding: read as it is
     np.testing.assert_array_equal(read_image(_save(padded, tmp_path / "padded.dcm")),

@@ -191,3 +191,9 @@ def test_a_manifest_not_in_utf8_names_the_line_and_byte(tmp_path: Path) -> None:
         with pytest.raises(ManifestError) as caught:
             read(path)
         assert "line 701: byte 0xe9 is not UTF-8" in str(caught.value) and "Latin-1" in str(caught.value)
+    path.write_bytes(("\r".join(lines) + "\r").encode("latin-1"))  # an old Mac's line ends
+    with pytest.raises(ManifestError, match="line 701: byte 0xe9"):
+        read_manifest(path, check_files=False)
+    path.write_bytes("\n".join(lines).encode("utf-16"))  # Excel's "Unicode text"
+    with pytest.raises(ManifestError, match="the file is UTF-16"):
+        read_manifest(path, check_files=False)

@@ -160,7 +160,7 @@ def test_eval_names_a_scoring_output_and_how_to_get_predictions(tmp_path: Path) 
     (tmp_path / "s.csv").write_text("path,content_hash,status,pred,p_covid\na.png,ab12,ok,covid,0.9\n")
     (tmp_path / "binary.csv").write_bytes(b"PAR1\x15\x04\xf2\x00 binary")
     for name, needle in (("s.parquet", "a scoring output, not a predictions CSV"), ("s.csv", "this is a scoring output"),
-                         ("binary.csv", "not a UTF-8 text CSV")):
+                         ("binary.csv", "is not UTF-8")):
         result = CliRunner().invoke(_app(), ["eval", str(tmp_path / name), "--out", str(tmp_path / "rep")])
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
         assert needle in result.output

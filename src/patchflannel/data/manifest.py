@@ -44,12 +44,15 @@ def unreadable_csv(path: Path, exc: Exception) -> str:
         with contextlib.suppress(OSError):
             data = path.read_bytes()
             data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+            if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                return "the file is UTF-16 (Excel's 'Unicode text'): save it as UTF-8 (Excel: 'CSV UTF-8')"
             try:
                 data.decode("utf-8")
             except UnicodeDecodeError as bad:
-                line = data[:bad.start].count(b"\n") + 1
+                before = data[:bad.start]  # lines end in \n, \r\n or a lone \r (older Mac files)
+                line = len(before.splitlines()) + (not before or before.endswith((b"\n", b"\r")))
                 return (f"line {line}: byte 0x{data[bad.start]:02x} is not UTF-8 ({bad.reason}); save the file as "
-                        "UTF-8 (Excel: 'CSV UTF-8'): it may be in Latin-1 or Windows-1252")
+                        "UTF-8 (Excel: 'CSV UTF-8'): it may be in Latin-1, Windows-1252 or Mac Roman")
     return f"cannot read as a UTF-8 CSV file: {exc}"
 
 

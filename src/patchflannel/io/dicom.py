@@ -137,8 +137,9 @@ def _check_native_length(ds: Dataset, tsyntax: UID, rows: int, columns: int, lab
     row = (columns * samples * bits + 7) // 8
     if held - expected >= max(row, 2):  # a pad byte to even length is allowed
         raise ImageReadError(label, f"DICOM PixelData holds {held} bytes, {held - expected} more than its {rows} "
-                                    f"Rows x {columns} Columns need ({expected}): the header's image size is wrong "
-                                    "(read as it is, the image would be cut short)")
+                                    f"Rows x {columns} Columns x {samples} samples x {bits} bits need ({expected}): "
+                                    "the header's image size or sample layout (Rows, Columns, SamplesPerPixel, "
+                                    "BitsAllocated) is wrong; read as it is, the image would be cut short")
 
 
 def _attributes(ds: Dataset) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
-from patchflannel.data.manifest import header_problems
+from patchflannel.data.manifest import header_problems, unreadable_csv
 from patchflannel.errors import ConfigError, ManifestError, PatchflannelError
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 from patchflannel.settings import read_json
@@ -61,8 +61,8 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
                 hint = [f"this is a scoring output: {SCORE_HINT}"] if "content_hash" in (reader.fieldnames or []) else []
                 raise ManifestError(path, [f"missing column '{c}'" for c in missing] + hint)
             raw = list(reader)
-    except UnicodeDecodeError:
-        raise ManifestError(path, ["not a UTF-8 text CSV"]) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     first: dict[tuple[str, ...], int] = {}
