@@ -145,7 +145,9 @@ class _Worker:
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid = 0
-        self._idents: list[int] = []  # the thread's id once it runs (held by the pool, not this object)
+        # The thread's id once it runs, put there by the thread itself: its initializer holds this list, not this
+        # object, so that the thread does not keep this object (and its engine) alive.
+        self._idents: list[int] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         """``fn(*args)`` in the thread, after the jobs already given."""
