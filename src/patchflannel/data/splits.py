@@ -29,8 +29,8 @@ def make_splits(rows: list[Row], *, seed: int = 0, test_frac: float = 0.2, folds
         raise ConfigError(f"folds must be at least 2, got {folds}")
     test_cuts = round(1.0 / test_frac)
     if abs(1.0 / test_cuts - test_frac) > 1e-6:  # the test set is one of test_cuts patient groups
-        raise ConfigError(f"test_frac (--test-frac) must be 1/n (0.5, 0.333.., 0.25, 0.2, ...): the test set is one of n patient "
-                          f"groups; {test_frac} would give 1/{test_cuts} = {1.0 / test_cuts:.3g}")
+        raise ConfigError(f"test_frac (--test-frac) must be 1/n (0.5, 0.333.., 0.25, 0.2, ...): the test set is one "
+                          f"of n patient groups; {test_frac} would give 1/{test_cuts} = {1.0 / test_cuts:.3g}")
     labels = np.array([row["label"] for row in rows])
     groups = np.array([row["patient_id"] for row in rows])
     _need_patients(groups, test_cuts + folds - 1, f"a test set of 1/{test_cuts} and {folds} folds")

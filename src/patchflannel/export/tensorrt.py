@@ -44,11 +44,14 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
-def check_k_max(k_max: int, k: int) -> None:
-    """Refuse a learner batch limit (``--k-max``) below an image's K patches, which a learner takes in one call."""
+def learner_k_max(k_max: int | None, k: int) -> int:
+    """A patch learner's batch limit (``--k-max``): 4 K by default; refused below an image's K patches, which a
+    learner takes in one call."""
+    k_max = 4 * k if k_max is None else k_max
     if k_max < k:
         raise ConfigError(f"--k-max {k_max} is below the bundle's K={k}: each learner takes an image's K patches in "
                           "one call")
+    return k_max
 
 
 def _tensorrt() -> Any:
@@ -146,8 +149,7 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
                           "a copy with `patchflannel export onnx --out DIR`, then build its engines")
     k = int(b.preprocessing["k"])
     k_opt = k if k_opt is None else k_opt
-    k_max = 4 * k if k_max is None else k_max
-    check_k_max(k_max, k)
+    k_max = learner_k_max(k_max, k)
     if not 1 <= k_opt <= k_max or max_images < 1:
         raise ConfigError(f"need 1 <= --k-opt <= --k-max and max_images >= 1 (got --k-opt {k_opt}, --k-max {k_max}, "
                           f"max_images {max_images})")

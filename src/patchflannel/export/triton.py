@@ -22,7 +22,7 @@ import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
-from patchflannel.export.tensorrt import check_k_max
+from patchflannel.export.tensorrt import learner_k_max
 from patchflannel.io.files import publish_folder
 
 ENSEMBLE = "patchflannel"
@@ -222,9 +222,7 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, model_
     if not b.learners:
         raise BundleError(f"bundle {b.root} has no learners; a Triton ensemble needs at least one")
     k = int(b.preprocessing["k"])
-    if k_max is not None:
-        check_k_max(k_max, k)
-    k_max = k_max or 4 * k
+    k_max = learner_k_max(k_max, k)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out}: exists and is not empty")

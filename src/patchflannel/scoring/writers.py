@@ -169,9 +169,10 @@ class ResultStore:
                               for k in changed if k != "columns"]
                     if "columns" in changed:
                         old, new = previous.get("columns") or [], run_key["columns"]
-                        sides = [f"{_listed([c for c in new if c not in old])} only now",
-                                 f"{_listed([c for c in old if c not in new])} only there"]
-                        values.append("columns: " + "; ".join(side for side in sides if not side.startswith(" ")) +
+                        sides = [f"{_listed(names)} only {when}" for names, when in
+                                 (([c for c in new if c not in old], "now"), ([c for c in old if c not in new], "there"))
+                                 if names]
+                        values.append("columns: " + "; ".join(sides) +
                                       " (learner columns come from the bundle, the others from the manifests given)")
                     pin = (" (a local run records the precision and backend it resolved, a Ray run what was asked: "
                            "--precision and --backend pin them)" if set(changed) & set(LATER_KEYS) else "")
