@@ -244,12 +244,14 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
     torch.manual_seed(5)
     seg = _run(tmp_path / "seg", "fcdensenet56", get_model("fcdensenet56"), task="segmentation")
     learner = get_model("squeezenet1_1").eval()
-    lrn = _run(tmp_path / "lrn", "squeezenet1_1", learner, mode="max", config={"mode": "global"})
+    digests = {"train": "a" * 64, "val": "b" * 64}  # the learner's train and val images (file names and labels)
+    lrn = _run(tmp_path / "lrn", "squeezenet1_1", learner, mode="max", config={"mode": "global"}, data=digests)
     ens = _run(tmp_path / "ens", "flannel", get_model("flannel", n_learners=1), arch_config={"n_learners": 1},
                learners=["squeezenet1_1"])
     b = make_bundle(tmp_path / "out", segmentation_run=seg, learner_runs=[lrn], ensemble_run=ens, name="t")
     assert b.learners[0].mode == "global" and b.learners[0].inputs[0]["shape"] == ["batch", 3, 224, 224]
     assert b.training["learners"][0]["best"] == {"val_macro_f1": 0.5} and b.training["ensemble"]["best_epoch"] == 3
+    assert load_bundle(tmp_path / "out").training["learners"][0]["data"] == digests
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(load_torch_model(b, b.learners[0])(x), learner(x))

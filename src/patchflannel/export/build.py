@@ -25,7 +25,7 @@ from patchflannel.settings import read_json
 
 MODES = ("patch", "global")
 RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val",
-            "split", "config", "train_seconds")
+            "split", "data", "config", "train_seconds")
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
