@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
 import hashlib
@@ -456,6 +457,32 @@ def test_a_stream_closed_in_the_preparation_thread_does_not_wait_for_itself(engi
         handed_over.set()
         assert closed.wait(60), "closing the stream in the preparation thread did not return"
         assert engine.predict(jpegs[0]).ok  # the thread is free again
+    finally:
+        handle.remove()
+
+
+def test_a_stream_closed_in_the_learner_thread_does_not_wait_for_its_preparation(engine, jpegs):
+    """A collector run in the learner thread (amid a compile, holding the process-wide compile lock) may close a
+    dropped stream whose group being prepared waits for that lock: closing must not wait for the group."""
+    release, calls = threading.Event(), []
+
+    def held_up(*_: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:  # the third group, prepared ahead once the first result is out
+            release.wait(60)  # stands for the lock the learner thread holds
+
+    handle = engine.segmenter.module.register_forward_hook(held_up)
+    try:
+        stream = engine.stream(jpegs * 3, prefetch=2)
+        next(stream)
+        closing = engine._learner_worker.submit(stream.close)  # what the collector does, in that thread
+        try:
+            closing.result(timeout=30)
+        except concurrent.futures.TimeoutError:
+            pytest.fail("closing the stream in the learner thread waited for its group's preparation")
+        finally:
+            release.set()
+        assert engine.predict(jpegs[0]).ok
     finally:
         handle.remove()
 

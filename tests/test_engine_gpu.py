@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -133,3 +135,33 @@ def test_gpu_scoring_engines_use_cudnn_benchmark(tmp_path):
     assert not torch.backends.cudnn.benchmark
     EngineOptions(bundle=str(tmp_path), device="cuda").engine()
     assert torch.backends.cudnn.benchmark
+
+
+def test_gpu_networks_run_on_the_streams_of_their_threads(tmp_path):
+    """warm_up, predict and stream run the segmenter on the engine's preparation stream and the learners on the
+    stream current where the caller called (warm_up, stream: even when the results are read after leaving that
+    stream), each network in one thread throughout."""
+    random_bundle(tmp_path, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5", "resnet18"))
+    engine = Engine.from_bundle(tmp_path, device="cuda", precision="fp32", k=16)
+    seen: dict[str, set[tuple[str, int]]] = {"seg": set(), "learners": set()}
+
+    def record(key: str):
+        return lambda *_: seen[key].add((threading.current_thread().name, torch.cuda.current_stream().cuda_stream))
+
+    engine.segmenter.module.register_forward_hook(record("seg"))
+    for lr in engine.learners:
+        lr.backend.module.register_forward_hook(record("learners"))
+    mine = torch.cuda.Stream()
+    items = phantom_jpegs(6, size=512)
+    with torch.cuda.stream(mine):
+        engine.warm_up()
+        results = engine.stream(items)
+    got = list(results)  # read on the default stream: the learners stay on mine
+    assert all(p.ok for p in got)
+    ((seg_thread, seg_stream),) = seen["seg"]
+    ((learner_thread, learner_stream),) = seen["learners"]
+    assert seg_stream == engine._prep_stream.cuda_stream and learner_stream == mine.cuda_stream
+    assert seg_thread != learner_thread
+    seen["learners"].clear()
+    engine.predict(items[0][1])  # on the default stream now
+    assert seen["learners"] == {(learner_thread, torch.cuda.current_stream().cuda_stream)}

@@ -138,34 +138,36 @@ def _flag(name: str, value: Any) -> bool:
 
 class _Worker:
     """One long-lived thread that runs an engine's jobs one at a time: started at the first job, it ends when
-    this object is collected; made anew in a forked child (which inherits no threads)."""
+    this object is collected; made anew in a forked child (which inherits no threads; on a CPU only: a child
+    forked after its parent used CUDA cannot use CUDA)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pid = 0
-        # The thread's id once it runs, put there by the thread itself: its initializer holds this list, not this
-        # object, so that the thread does not keep this object (and its engine) alive.
-        self._idents: list[int] = []
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         """``fn(*args)`` in the thread, after the jobs already given."""
         with self._lock:
             if self._pid != os.getpid():
-                self._idents = []
                 self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix=self.name, initializer=_record_ident, initargs=(self._idents,))
+                    max_workers=1, thread_name_prefix=self.name, initializer=_mark_worker)
                 self._pid = os.getpid()
             return self._pool.submit(fn, *args)
 
-    def is_current(self) -> bool:
-        """Whether the calling thread is this worker's."""
-        return threading.get_ident() in self._idents
+
+_WORKER = threading.local()
+"""``_WORKER.engine`` is True in the engines' own threads."""
 
 
-def _record_ident(idents: list[int]) -> None:
-    idents.append(threading.get_ident())
+def _mark_worker() -> None:
+    _WORKER.engine = True
+
+
+def _in_worker() -> bool:
+    """Whether the calling thread is one of an engine's (any engine's) own threads."""
+    return getattr(_WORKER, "engine", False)
 
 
 def _on_stream(stream: torch.cuda.Stream | None, fn: Callable[..., Any], *args: Any) -> Any:
@@ -382,21 +384,22 @@ class Engine:
         def timed(job: Callable[[], Any]) -> float:
             start = time.perf_counter()
             job()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":  # this job's stream only: another thread's work on the device is not timed
+                torch.cuda.current_stream(self.device).synchronize()
             return time.perf_counter() - start
 
-        jobs: dict[str, tuple[_Worker, Callable[[], Any]]] = {}
+        compute = self._compute_stream()
+        jobs: dict[str, tuple[_Worker, torch.cuda.Stream | None, Callable[[], Any]]] = {}
         if self._patch_mode:
-            jobs["segmentation"] = self._prep_worker, lambda: _run_batched(
+            jobs["segmentation"] = self._prep_worker, self._prep_stream, lambda: _run_batched(
                 self.segmenter, torch.zeros(n, 1, seg, seg, device=self.device), n)
         for lr in self.learners:
             shape = (n * self.k, 3, patch, patch) if lr.mode == "patch" else (n, 3, crop, crop)
-            jobs[lr.name] = self._learner_worker, lambda lr=lr, shape=shape: self._run_learner(
+            jobs[lr.name] = self._learner_worker, compute, lambda lr=lr, shape=shape: self._run_learner(
                 lr, torch.zeros(shape, device=self.device))
         seconds = {}
-        for name, (worker, job) in jobs.items():
-            seconds[name] = worker.submit(timed, job).result()
+        for name, (worker, on, job) in jobs.items():  # in the thread and on the stream that run it in stream()
+            seconds[name] = worker.submit(_on_stream, on, timed, job).result()
             if progress is not None:
                 progress(f"warm-up {name}: {seconds[name]:.1f} s")
         return seconds
@@ -435,11 +438,15 @@ class Engine:
             raise TypeError("expected an iterable of inputs, got a mapping: pass its items() as (item_id, input) pairs")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ConfigError(f"prefetch must be a whole number >= 0, got {prefetch!r}")
-        return self._stream(xs, prefetch, timer or _NoTimer())
+        return self._stream(xs, prefetch, timer or _NoTimer(), self._compute_stream())
 
-    def _stream(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[Prediction]:
-        # Device work stays on the stream current when the run starts, whatever the consumer does in between.
-        compute = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+    def _compute_stream(self) -> torch.cuda.Stream | None:
+        """The calling thread's current CUDA stream on the engine's device (None on a CPU): the learners' stream."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _stream(self, xs: Iterable[Any], prefetch: int, timer: StageTimer,
+                compute: torch.cuda.Stream | None) -> Iterator[Prediction]:
+        # Device work stays on the stream current when stream() was called, whatever the consumer does later.
         prev: _Group | None = None  # classified, waiting to be read back
         try:
             for group in self._prepared(xs, prefetch, timer):
@@ -489,11 +496,13 @@ class Engine:
     def _prepared(self, xs: Iterable[Any], prefetch: int, timer: StageTimer) -> Iterator[_Group]:
         """Prepared groups in input order, ``prefetch`` groups ahead, in the engine's preparation thread.
 
-        A group with inputs in device memory records an event on the caller's stream as it is handed over:
-        its preparation waits for the caller's kernels up to then, not for the engine's later ones.
+        A group with inputs in device memory records an event on the caller's stream of each device they are on
+        as it is handed over: its preparation waits for the caller's kernels up to then (the copies of the inputs
+        among them), not for the engine's later ones.
         """
-        def ready(group: list[tuple[str, Any]]) -> torch.cuda.Event | None:
-            return record_event(self.device) if any(on_device(x) for _, x in group) else None
+        def ready(group: list[tuple[str, Any]]) -> list[tuple[torch.device, torch.cuda.Event]]:
+            devices = {x.device if isinstance(x, torch.Tensor) else self.device for _, x in group if on_device(x)}
+            return [(d, record_event(d)) for d in devices if d.type == "cuda"]
 
         pending: collections.deque[concurrent.futures.Future[_Group]] = collections.deque()
         failure: _SourceFailure | None = None
@@ -515,18 +524,18 @@ class Engine:
         finally:  # an error or a consumer that stops early: groups not yet started are dropped, a running one ends
             for future in pending:
                 future.cancel()
-            if not self._prep_worker.is_current():  # closed by a garbage collection run in that very thread
-                concurrent.futures.wait(pending)
+            if not _in_worker():  # not when closed by a garbage collection run in an engine's thread: the job
+                concurrent.futures.wait(pending)  # waited for may wait for that thread (a compile's lock)
         if failure is not None:
             raise failure
 
     def _prepare_group(self, inputs: list[tuple[str, Any]], timer: StageTimer,
-                       inputs_ready: torch.cuda.Event | None) -> _Group:
+                       inputs_ready: list[tuple[torch.device, torch.cuda.Event]]) -> _Group:
         """Decode one group, segment it and gather its patches: on a GPU on the engine's preparation stream,
         so that it overlaps the learners, and finished there before the group is handed over."""
         with on_stream(self._prep_stream):
-            if inputs_ready is not None:
-                torch.cuda.current_stream(self.device).wait_event(inputs_ready)
+            for device, event in inputs_ready:  # this thread's stream on each device reads the inputs there
+                torch.cuda.current_stream(device).wait_event(event)
             with timer.stage("decode"):  # reading the inputs: file bytes, content hashes, DICOM decoding
                 items = [prepare(x, item_id) for item_id, x in inputs]
             group = self._decode(items, timer)
