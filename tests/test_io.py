@@ -236,6 +236,21 @@ def test_dicom_monochrome2_minmax_and_meta(tmp_path: Path, real_u16: np.ndarray)
     }
 
 
+def test_dicom_malformed_uid_is_reported_as_written_without_a_warning(tmp_path: Path, real_u16: np.ndarray) -> None:
+    """A PACS export with a malformed UID (letters, an empty component): the meta holds the file's value, and
+    pydicom's validation warning (on stderr, naming no file) is not raised by reading it."""
+    ds = _dicom(real_u16 >> 4, "MONOCHROME2", 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # writing it warns too: the point is what reading does
+        ds.StudyInstanceUID = "1.2.abc..3"
+        path = _save(ds, tmp_path / "bad_uid.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image, meta = read_image_with_meta(path)
+    assert meta["StudyInstanceUID"] == "1.2.abc..3" and meta["Modality"] == "DX"
+    np.testing.assert_array_equal(image, read_image(_save(_dicom(real_u16 >> 4, "MONOCHROME2", 12), tmp_path / "ok.dcm")))
+
+
 def test_dicom_monochrome1_is_inverted(tmp_path: Path, real_u16: np.ndarray) -> None:
     mono2 = read_image(_save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "m2.dcm"))
     mono1 = read_image(_save(_dicom(real_u16, "MONOCHROME1", 16), tmp_path / "m1.dcm"))
@@ -515,8 +530,10 @@ def test_dicom_refusals(tmp_path: Path, real_u16: np.ndarray) -> None:
     _assert_refused(_save(fewer_rows, tmp_path / "rows.dcm"), f"{real_u16.size * 2} bytes", "image size or sample layout")
     padded = _dicom(real_u16, "MONOCHROME2", 16)
     padded.PixelData = padded.PixelData + b"\0\0"  # less than a row of trailing padding: read as it is
-    np.testing.assert_array_equal(read_image(_save(padded, tmp_path / "padded.dcm")),
-                                  read_image(_save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "plain.dcm")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and without pydicom's "excess padding" warning, which names no file
+        np.testing.assert_array_equal(read_image(_save(padded, tmp_path / "padded.dcm")),
+                                      read_image(_save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "plain.dcm")))
 
     data = _save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "whole.dcm").read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[:-1000])

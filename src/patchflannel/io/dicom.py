@@ -114,7 +114,7 @@ def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
         missing = "; ".join(decoder.missing_dependencies)
         raise ImageReadError(label, f"cannot decode DICOM transfer syntax {tsyntax.name} ({tsyntax}): no decoder "
                              f"installed (pip install 'patchflannel[dicom]' installs them; {missing})")
-    _check_native_length(ds, tsyntax, rows, columns, label)
+    _fit_native_length(ds, tsyntax, rows, columns, label)
     try:
         grey = _to_grey(ds.pixel_array, ds)
     except Exception as exc:  # truncated or corrupt pixel data surfaces here
@@ -124,9 +124,10 @@ def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
     return grey, meta
 
 
-def _check_native_length(ds: Dataset, tsyntax: UID, rows: int, columns: int, label: str) -> None:
+def _fit_native_length(ds: Dataset, tsyntax: UID, rows: int, columns: int, label: str) -> None:
     """Refuse uncompressed pixel data longer than the header's image by a row or more: its Rows or Columns are
-    wrong, and the decoder would silently read a crop of it (pydicom only warns of "excess padding")."""
+    wrong, and the decoder would silently read a crop of it (pydicom only warns of "excess padding"). Less than
+    a row of trailing padding is cut off here, as the decoder would, without its warning (which names no file)."""
     if tsyntax.is_compressed:
         return
     samples, bits = int(ds.get("SamplesPerPixel") or 1), int(ds.get("BitsAllocated") or 0)
@@ -140,15 +141,22 @@ def _check_native_length(ds: Dataset, tsyntax: UID, rows: int, columns: int, lab
                                     f"Rows x {columns} Columns x {samples} samples x {bits} bits need ({expected}): "
                                     "the header's image size or sample layout (Rows, Columns, SamplesPerPixel, "
                                     "BitsAllocated) is wrong; read as it is, the image would be cut short")
+    if held > expected + expected % 2:
+        ds.PixelData = ds.PixelData[:expected + expected % 2]
 
 
 def _attributes(ds: Dataset) -> dict[str, str]:
     """The identifying attributes of :data:`META_KEYWORDS` that the file holds and that can be read (a corrupt
-    element is left out: the pixels may still be good)."""
+    element is left out: the pixels may still be good), as the file has them: read without pydicom's value
+    conversion, so that a malformed UID is reported as it is, without a warning on stderr that names no file."""
     out = {}
     for key in META_KEYWORDS:
         try:
-            value = ds.get(key)
+            element = ds.get_item(key)
+            if element is not None and isinstance(element.value, bytes) and element.VR in (None, "UI", "CS"):
+                value = element.value.decode("ascii", "replace").strip("\0 ")  # ASCII, padded with a NUL or spaces
+            else:
+                value = ds.get(key)  # converted by pydicom (another VR than the standard's: it may fail)
         except Exception:  # noqa: BLE001 - e.g. an unknown value representation
             continue
         if value not in (None, ""):
