@@ -97,6 +97,9 @@ def test_backend_choice_and_missing_files(tmp_path):
         resolve_backend("tvm", bundle, cpu)
     with pytest.raises(BundleError, match=r"has no onnx file.*make one with `patchflannel export onnx BUNDLE --out DIR`"):
         make_backend("onnxruntime", bundle, bundle.learners[0], cpu, "fp32")
+    with pytest.raises(BundleError, match=f"bundle {tmp_path} has no onnx file for segmentation, shufflenet_v2_x0_5_patch "
+                                          r"\(backend onnxruntime runs them\): make them with `patchflannel export onnx"):
+        resolve_backend("onnxruntime", bundle, cpu)  # before any network is loaded
     if importlib.util.find_spec("tensorrt") is None:
         with pytest.raises(BackendUnavailableError, match="tensorrt"):
             make_backend("tensorrt", bundle, bundle.learners[0], cpu, "fp16")

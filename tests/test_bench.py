@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from patchflannel.bench.harness import BenchConfig, image_files, load_inputs, phantom_jpegs, run_bench
 from patchflannel.bench.report import speedups
 from patchflannel.cli.bench import register
-from patchflannel.errors import ConfigError
+from patchflannel.errors import BundleError, ConfigError
 
 
 @pytest.fixture
@@ -144,15 +144,19 @@ def test_bad_bench_settings_are_refused(tmp_path):
         run_bench(BenchConfig(out=tmp_path / "file" / "b", preset="tiny", synthetic=True))
     with pytest.raises(ConfigError, match="not a folder"):
         image_files(tmp_path / "nothing")
-    with pytest.raises(ConfigError, match="unknown precision"):
-        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, precisions=("fp8",)))
+    # Every backend x precision pair is checked before the first is timed (which may take minutes).
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, precisions=("fp32", "fp8")))
+    with pytest.raises(BundleError, match="bundle .*default has no onnx file for segmentation, mobilenet"):
+        run_bench(BenchConfig(out=tmp_path, synthetic=True, backends=("torch", "onnxruntime")))
     with pytest.raises(ConfigError, match="loop mode runs on one learner stream"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, learner_streams=(5,)))
     with pytest.raises(ConfigError, match="learner_streams=2 needs a CUDA device"):
         run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, device="cpu", learner_streams=(1, 2)))
     assert not (tmp_path / "bench.json").exists()  # refused before the one-stream runs were timed
     with pytest.raises(ConfigError, match="presets hold in-memory torch modules"):
-        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, backends=("onnxruntime",)))
+        run_bench(BenchConfig(out=tmp_path, preset="tiny", synthetic=True, backends=("torch", "onnxruntime")))
+    assert not (tmp_path / "bench.json").exists()
     for bad, match in ((dict(n=0), r"n \(--n\) >= 1"), (dict(repeats=0), r"repeats \(--repeats\) >= 1"),
                        (dict(warmup=-1), r"warmup \(--warmup\) >= 0"), (dict(loop_n=0), r"loop_n \(--loop-n\) >= 1"),
                        (dict(images=tmp_path), "either --images or --synthetic"), (dict(n=2, pack=4), "must be >= pack")):

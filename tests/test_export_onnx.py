@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,13 +186,41 @@ def test_cli_exports_random_architectures_and_verifies(tmp_path: Path, cxr4_dir:
     assert [m.arch for m in b.learners] == ["squeezenet1_1"] and b.learners[0].file("onnx").extra["parity"]["passed"]
     verified = runner.invoke(app, ["export", "verify", str(out)])
     assert verified.exit_code == 0 and "bundle verified" in verified.output
+    inside = runner.invoke(app, ["export", "onnx", str(out), "--out", str(out / "copy"), "--model", "ensemble"])
+    assert inside.exit_code == 2 and "inside the bundle it would copy" in inside.output and not (out / "copy").exists()
     (out / "ensemble.onnx").write_bytes(b"tampered")
     refused = runner.invoke(app, ["export", "verify", str(out)])
     assert refused.exit_code == 1 and "ensemble.onnx: sha256 mismatch" in refused.output
     missing = runner.invoke(app, ["export", "verify", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "nowhere: no such bundle folder" in missing.output  # nothing to check
+    not_one = runner.invoke(app, ["export", "verify", str(tmp_path)])
+    assert not_one.exit_code == 2 and "no bundle.json in it (not a bundle folder)" in not_one.output
+    by_file = runner.invoke(app, ["export", "verify", str(out / "bundle.json")])  # as load_bundle takes it
+    assert by_file.exit_code == 1 and "ensemble.onnx: sha256 mismatch" in by_file.output
+    # A failed export leaves no folder it made, --out's parents included.
+    unknown = runner.invoke(app, ["export", "onnx", "--random", "nosuch", "--out", str(tmp_path / "new" / "x")])
+    assert unknown.exit_code == 2 and "unknown model 'nosuch'" in unknown.output and not (tmp_path / "new").exists()
     shipped = runner.invoke(app, ["export", "verify"])  # no folder: the package's own bundle
     assert shipped.exit_code == 0 and "bundle verified" in shipped.output and "ensemble.pt" in shipped.output
+
+
+@pytest.mark.slow
+def test_sigterm_mid_export_undoes_it(tmp_path: Path, cxr4_dir: Path) -> None:
+    """A batch scheduler's stop during an export into a new folder: exit 143, and neither the copy, the folders
+    made above it, nor the random bundle made beside it are left (a rerun of the command works at once)."""
+    out = tmp_path / "deep" / "b"
+    cli = "from patchflannel.cli import app; from patchflannel.cli.export import register; register(app); app()"
+    proc = subprocess.Popen([sys.executable, "-c", cli, "export", "onnx", "--random", "squeezenet1_1", "--out", str(out),
+                             "--data", str(cxr4_dir.parent)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (out / "bundle.json").exists():  # the copy is made: the export is under way
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "the export did not start in time"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143 and "terminated (SIGTERM): the export was undone" in output, output
+    assert not (tmp_path / "deep").exists()
 
 
 @pytest.mark.slow

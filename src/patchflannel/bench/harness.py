@@ -40,7 +40,9 @@ from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
 from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write, walk_files
-from patchflannel.export.bundle import default_preprocessing
+from patchflannel.devices import resolve_device
+from patchflannel.engine.backends import resolve_backend, resolve_precision
+from patchflannel.export.bundle import default_preprocessing, load_bundle
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
 MODES = ("loop", "batched", "packed", "auto", "global")
@@ -196,10 +198,7 @@ def build_engine(config: BenchConfig, backend: str = "auto", precision: str = "a
               compile=config.compile)
     if config.preset is None:
         return Engine.from_bundle(config.bundle, backend=backend, **kw)
-    if config.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {config.preset!r}; expected one of {', '.join(PRESETS)}")
-    if backend not in ("auto", "torch"):
-        raise ConfigError("presets hold in-memory torch modules: use --backend torch or a --bundle with exported files")
+    _check_preset(config.preset, (backend,))
     from patchflannel.models import get_model
 
     seg_name, learner_names, seg_size = PRESETS[config.preset]
@@ -346,6 +345,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     if "loop" in config.modes and 1 not in config.learner_streams:
         raise ConfigError("loop mode runs on one learner stream (the reference's way): include 1 in the learner "
                           "streams (e.g. 1,5) or leave loop out of the modes")
+    _check_pairs(config)
     check_can_write(config.out, f"--out {config.out}")  # a bad --out fails now, not after the timing
     inputs, source = load_inputs(config.images, config.n, config.seed, config.synthetic)
     # Paths as absolute ones (the report outlives the folder it was run from); the loop times the first of the
@@ -362,6 +362,27 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             if torch.cuda.is_available():  # the pair's networks are gone with _time_pair's frame
                 torch.cuda.empty_cache()
     return report
+
+
+def _check_pairs(config: BenchConfig) -> None:
+    """Every backend and precision asked for can be timed (names, a preset's torch-only modules, a bundle's
+    exported files): checked before the first pair is timed, which may take minutes."""
+    device = resolve_device(config.device)
+    for precision in config.precisions:
+        resolve_precision(precision, device)
+    if config.preset is not None:
+        _check_preset(config.preset, config.backends)
+        return
+    bundle = load_bundle(config.bundle)
+    for backend in config.backends:
+        resolve_backend(backend, bundle, device)
+
+
+def _check_preset(preset: str, backends: tuple[str, ...]) -> None:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    if set(backends) - {"auto", "torch"}:
+        raise ConfigError("presets hold in-memory torch modules: use --backend torch or a --bundle with exported files")
 
 
 def _time_pair(config: BenchConfig, backend: str, precision: str, inputs: list[tuple[str, bytes]],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from patchflannel.cli._common import QuietOpt
+from patchflannel.cli._common import QuietOpt, interrupted_exit, sigterm_as_interrupt
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -62,8 +63,15 @@ def bench(
         config.preset = config.preset or (None if bundle is not None else "tiny")
         config.n, config.loop_n, config.ks, config.repeats, config.warmup, config.pack = 2, 1, (4,), 1, 0, 2
         config.modes = ("loop", "batched", "packed", "global")
+    started = time.time()
     try:
-        report = run_bench(config, progress=None if quiet else lambda line: typer.echo(line, err=True))
+        with sigterm_as_interrupt():
+            report = run_bench(config, progress=None if quiet else lambda line: typer.echo(line, err=True))
+    except KeyboardInterrupt as exc:
+        written = out / "bench.json"
+        kept = (f"{written} (and bench.md) hold the runs finished so far"
+                if written.is_file() and written.stat().st_mtime >= started else "no run had finished: no report was written")
+        raise interrupted_exit(exc, f"{kept}.") from None
     except (PatchflannelError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

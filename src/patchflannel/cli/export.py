@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,8 @@ from patchflannel.data.shared import DATA_ENV
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()
+UNDONE = "the export was undone: a new folder is removed, a bundle exported in place keeps its files as they were"
+"""What Ctrl-C or SIGTERM leaves of an export (its cleanup runs as for any failure)."""
 
 
 def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
@@ -47,14 +50,14 @@ def bundle_cmd(
     """Assemble a torch bundle from training runs (best.pt + run.json)."""
     from patchflannel.export.build import make_bundle
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=UNDONE):
         _summary(make_bundle(out, segmentation_run=segmentation, learner_runs=learner, ensemble_run=ensemble, name=name))
 
 
 @export_app.command("onnx")
 def onnx_cmd(
     bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
-    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
+    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place; needed for the package's bundle)."),
     model: list[str] = typer.Option([], help="Export only these model names (repeat)."),
     preset: Optional[str] = typer.Option(None, help="'flannel5': random-weight FC-DenseNet103 + the five FLANNEL learners."),
     random: list[str] = typer.Option([], help="Random-weight learner architecture (repeat) instead of a bundle."),
@@ -65,9 +68,11 @@ def onnx_cmd(
     """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
     from patchflannel.export.bundle import random_bundle
     from patchflannel.export.onnx import export_onnx
+    from patchflannel.io.files import first_missing
     from patchflannel.models.classifiers import FLANNEL_LEARNERS
+    from patchflannel.models.registry import model_family
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=UNDONE):
         if preset is None and not random:
             _summary(export_onnx(bundle, out, models=model or None, opset=opset, data_dir=data, precision=precision))
             return
@@ -76,12 +81,22 @@ def onnx_cmd(
         if bundle is not None or out is None:
             raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
         learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
+        for arch in learners:
+            model_family(arch)  # an unknown name is refused before any folder is made
+        made = first_missing(out.parent)
         out.parent.mkdir(parents=True, exist_ok=True)
         # Made beside --out, then exported into it as any bundle is (a failed export leaves nothing there).
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as made:
-            source = random_bundle(made, segmentation="fcdensenet103" if preset else "fcdensenet56",
-                                   learners=learners, name=preset or "random")
-            _summary(export_onnx(source, out, models=model or None, opset=opset, data_dir=data, precision=precision))
+        try:
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as tmp:
+                source = random_bundle(tmp, segmentation="fcdensenet103" if preset else "fcdensenet56",
+                                       learners=learners, name=preset or "random")
+                _summary(export_onnx(source, out, models=model or None, opset=opset, data_dir=data,
+                                     precision=precision))
+        except BaseException:
+            if made is not None:  # the folders made above --out, for the random bundle
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+
 
 
 @export_app.command("tensorrt")
@@ -95,14 +110,14 @@ def tensorrt_cmd(
     """Build TensorRT engines (needs TensorRT and an NVIDIA GPU) and record them in the bundle."""
     from patchflannel.export.tensorrt import build_engines
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=UNDONE):
         _summary(build_engines(bundle, k_max=k_max, k_opt=k_opt, fp16=fp16, models=model or None))
 
 
 @export_app.command("compiled")
 def compiled_cmd(
     bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
-    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place)."),
+    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place; needed for the package's bundle)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (auto: cuda when available); compiled code is for the device it was made on."),
     precision: str = typer.Option("fp32", help="fp32 or fp16."),
     model: list[str] = typer.Option([], help="Compile only these model names (repeat)."),
@@ -111,7 +126,7 @@ def compiled_cmd(
     """Compile AOTInductor packages (torch.export, dynamic batch), checked against eager torch."""
     from patchflannel.export.compiled import export_compiled
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=UNDONE):
         _summary(export_compiled(bundle, out, models=model or None, device=device, precision=precision, data_dir=data))
 
 
@@ -125,7 +140,7 @@ def triton_cmd(
     """Write a Triton model repository (ensemble of preprocess, segmentation, sampler, learners, votes, flannel)."""
     from patchflannel.export.triton import export_triton, validate_repository
 
-    with fail_cleanly():
+    with fail_cleanly(interrupted=UNDONE):
         repo = export_triton(bundle, out, model_format=model_format, k_max=k_max)
         console.print(f"wrote {repo}: {', '.join(sorted(validate_repository(repo)))} (configs parsed, tensor chain checked)")
 
@@ -138,8 +153,12 @@ def verify_cmd(bundle: Optional[Path] = typer.Argument(None, help="Bundle folder
 
     bundle = bundle if bundle is not None else default_bundle_path()
     with fail_cleanly():
+        if bundle.name == "bundle.json" and bundle.is_file():  # the bundle's own file names its folder
+            bundle = bundle.parent
         if not bundle.is_dir():
             raise ConfigError(f"{bundle}: {'not a folder' if bundle.exists() else 'no such bundle folder'}")
+        if not (bundle / "bundle.json").is_file():
+            raise ConfigError(f"{bundle}: no bundle.json in it (not a bundle folder)")
     with fail_cleanly(1):
         _summary(load_bundle(bundle))
     console.print("[green]bundle verified[/green]")

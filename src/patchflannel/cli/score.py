@@ -60,18 +60,15 @@ def score(
                                 ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
                                 console=errors, predictions=predictions)
     except KeyboardInterrupt as exc:
-        parts = out.with_name(out.name + ".parts")
-        kept = (f"the rows scored so far are kept in {parts}; rerun with --resume to continue" if parts.is_dir()
-                else "nothing was written")
-        raise interrupted_exit(exc, f"{kept}.") from None
+        raise interrupted_exit(exc, f"{_kept(out)}.") from None
     except PatchflannelError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - a bug or a system failure, not a bad input: say so, keep the rows
         errors.print_exception(max_frames=8)
-        errors.print(f"error: scoring stopped by an unexpected {type(exc).__name__}: {exc}. The rows written so far "
-                     f"are kept in {out}.parts; rerun with --resume to continue.", markup=False, highlight=False,
-                     soft_wrap=True)
+        kept = _kept(out)
+        errors.print(f"error: scoring stopped by an unexpected {type(exc).__name__}: {exc}. {kept[0].upper()}{kept[1:]}.",
+                     markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED) from None
     if not quiet:
         errors.print(summary_text(summary), markup=False, highlight=False, soft_wrap=True)
@@ -87,6 +84,14 @@ def score(
             errors.print("note: no row has a label: the predictions need a manifest with a 'label' column",
                          markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)
+
+
+def _kept(out: Path) -> str:
+    """What a stopped run leaves for ``--resume``, said to the user."""
+    parts = out.with_name(out.name + ".parts")
+    if parts.is_dir():
+        return f"the rows scored so far are kept in {parts}; rerun with --resume to continue"
+    return "nothing was written"
 
 
 def phantoms(

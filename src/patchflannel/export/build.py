@@ -32,6 +32,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     """A finished training run's ``run.json``; ConfigError when the folder is not one."""
     run_dir = Path(run_dir)
     info_file, best = run_dir / "run.json", run_dir / "best.pt"
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'no such folder'} (a training run's)")
     for p in (info_file, best):
         if not p.is_file():
             raise ConfigError(f"{run_dir}: not a finished training run ({p.name} missing)")

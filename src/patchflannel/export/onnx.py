@@ -40,7 +40,7 @@ from patchflannel.export.bundle import (
     role_of,
     write_bundle,
 )
-from patchflannel.io.files import copy_contents, remove_written
+from patchflannel.io.files import copy_contents, first_missing, remove_written
 
 OPSET = 17
 """Default opset: run by ONNX Runtime >= 1.14 and parsed by TensorRT 8.6, 10 and 11."""
@@ -249,17 +249,19 @@ def export_target(bundle: Bundle | str | Path | None, out: str | Path | None,
         yield source, select_models(source, models)
         return
     out = Path(out)
+    if source.root.resolve() in out.resolve().parents:
+        raise BundleError(f"{out}: inside the bundle it would copy ({source.root}); choose a folder outside it")
     if (out / "bundle.json").exists():
         raise BundleError(f"{out}: already holds a bundle; choose an empty folder or export in place")
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out}: not empty; choose a new or empty folder for the bundle's copy")
-    existed = out.exists()
+    made = first_missing(out)  # the topmost folder the copy makes (None: out exists)
     try:
         copy_contents(source.root, out)
         copy = load_bundle(out)
         yield copy, select_models(copy, models)
     except BaseException:
-        remove_written(out, existed)  # nothing half-made is left behind
+        remove_written(made or out, existed=made is None)  # nothing half-made is left behind, nor folders above
         raise
 
 

@@ -98,6 +98,16 @@ def publish_folder(built: Path, out: Path) -> None:
         raise
 
 
+def first_missing(path: Path) -> Path | None:
+    """The topmost folder of ``path`` that does not exist yet (``path`` itself, or one above it); None when
+    ``path`` exists: what to remove to undo making ``path``."""
+    missing = None
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
 def remove_written(out: Path, existed: bool) -> None:
     """Undo what a failed command wrote into ``out``: the folder itself when the command made it, else (an empty
     folder, or a link to one, given by the user) only its contents. Never raises: the command's own error is the

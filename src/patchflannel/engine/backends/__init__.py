@@ -46,7 +46,8 @@ def _has_file(entry: ModelEntry, fmt: str) -> bool:
 
 
 def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
-    """'auto' picks TensorRT on CUDA when installed and every learner has an engine file, else torch."""
+    """'auto' picks TensorRT on CUDA when installed and every learner has an engine file, else torch; a named
+    backend that reads exported files needs one for the segmenter and every learner (BundleError)."""
     if name == "auto":
         if (device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None
                 and all(_has_file(m, "tensorrt") for m in [bundle.segmentation, *bundle.learners])):
@@ -54,6 +55,15 @@ def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
         return "torch"
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; expected auto, {', '.join(BACKENDS)}")
+    if name == "tensorrt":
+        from patchflannel.export.tensorrt import import_tensorrt
+
+        import_tensorrt()  # a missing runtime is the first thing to say
+    fmt = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}.get(name)
+    missing = [m.name for m in (bundle.segmentation, *bundle.learners) if fmt and not _has_file(m, fmt)]
+    if missing:
+        raise BundleError(f"bundle {bundle.root} has no {fmt} file for {', '.join(missing)} (backend {name} runs "
+                          f"them): make them with {export_hint(fmt)}")
     return name
 
 
