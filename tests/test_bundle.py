@@ -220,6 +220,64 @@ def test_not_a_bundle_and_missing_format_are_named(tmp_path: Path, pristine: Pat
         load_bundle(pristine).segmentation.file("onnx")
 
 
+def _edit(key: str, value: object):  # noqa: ANN202 - an edit of bundle.json's data
+    def apply(data: dict) -> None:
+        *path, last = key.split(".")
+        node = data
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[int(last) if isinstance(node, list) else last] = value
+    return apply
+
+
+_DELETE = object()
+HAND_EDITS = [  # what a hand edit of bundle.json can get wrong, and the line that names it
+    (_edit("preprocessing.normalization", _DELETE), "preprocessing.normalization.mean missing"),
+    (_edit("preprocessing.patch_size", "abc"), "preprocessing.patch_size is 'abc'; it takes a whole number"),
+    (_edit("preprocessing.patch_size", 2048), "preprocessing.patch_size is 2048; it takes a whole number from 1 to image_size"),
+    (_edit("preprocessing.k", 0), "preprocessing.k is 0"),
+    (_edit("preprocessing.global", "336"), "preprocessing.global.resize missing"),
+    (_edit("preprocessing.normalization.std", [0.2, 0, 0.2]), "preprocessing.normalization.std is [0.2, 0, 0.2]"),
+    (lambda d: d["learners"].pop(), "the ensemble weighs 2 learners, but the bundle lists 1"),
+    (_edit("learners", []), "the ensemble weighs 2 learners, but the bundle lists 0"),
+    (_edit("learners.0.arch", "nosuch"), "architecture 'nosuch' is not registered"),
+    (_edit("learners.0.mode", "Patch"), "mode 'Patch'; it takes 'patch' or 'global'"),
+    (_edit("learners.0.files.0.precision", "fp64"), "precision 'fp64'; it takes fp32, fp16, bf16"),
+    (_edit("learners.1.name", "shufflenet_v2_x0_5_patch"), "model name 'shufflenet_v2_x0_5_patch' is used twice"),
+    (_edit("learners.0.inputs.0.shape", ["batch", 3, 256, 256]), "input shape ['batch', 3, 256, 256] does not fit"),
+]
+
+
+@pytest.mark.parametrize(("edit", "said"), HAND_EDITS)
+def test_a_hand_edited_bundle_json_is_refused_naming_what_is_wrong(bundle_dir: Path, edit, said: str) -> None:
+    """Each value the engine reads is checked as the bundle loads (`export verify` says so, exit 1; `score`
+    exits 2 naming it), instead of a KeyError or a shape error from deep in a run."""
+    data = _spec(bundle_dir)
+    edit(data)
+    _write_spec(bundle_dir, data)
+    assert said in _refused(bundle_dir)
+
+
+def test_export_verify_lists_every_problem_of_a_hand_edited_bundle(bundle_dir: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from patchflannel.cli.export import register
+
+    data = _spec(bundle_dir)
+    data["learners"].pop()
+    data["learners"][0]["files"][0]["precision"] = "fp64"
+    _write_spec(bundle_dir, data)
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["export", "verify", str(bundle_dir)])
+    assert result.exit_code == 1 and "bundle verified" not in result.output
+    assert "the ensemble weighs 2 learners, but the bundle lists 1" in result.output and "precision 'fp64'" in result.output
+
+
 def test_weights_of_another_architecture_are_refused(bundle_dir: Path) -> None:
     data = _spec(bundle_dir)
     data["learners"][0]["arch"] = "resnet18"

@@ -27,6 +27,7 @@ from patchflannel.settings import read_json
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 FORMATS = ("torch", "onnx", "tensorrt", "torch_export")
+PRECISIONS = ("fp32", "fp16", "bf16")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -245,6 +246,9 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
     if data["preprocessing"].get("segmentation", {}).get("equalize", True) is not True:
         raise BundleError(f"{spec_file}: preprocessing.segmentation.equalize must be true: the segmentation input is "
                           "always histogram-equalised (SPEC.md stage 1), as in training")
+    problems = _preprocessing_problems(data["preprocessing"])
+    if problems:  # the entries' shapes are checked against it below
+        raise BundleError(f"{spec_file} refused:\n  " + "\n  ".join(problems))
     bundle = Bundle(
         root=root,
         name=data.get("name", root.name),
@@ -257,9 +261,80 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         versions=data.get("versions", {}),
         bundle_id=hashlib.sha256(spec_file.read_bytes()).hexdigest()[:16],
     )
+    problems = _entry_problems(bundle)
+    if problems:
+        raise BundleError(f"{spec_file} refused:\n  " + "\n  ".join(problems))
     if verify:
         verify_bundle(bundle)
     return bundle
+
+
+def _preprocessing_problems(pre: dict[str, Any]) -> list[str]:
+    """What is missing or out of range in bundle.json's ``preprocessing`` (each value the engine reads)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def bound(value: Any) -> int:  # a limit another value sets: 0 where that value is itself wrong
+        return value if whole(value) else 0
+
+    resize = bound(pre["global"].get("resize")) if isinstance(pre.get("global"), dict) else 0
+    checks = {
+        "segmentation.size": (whole, lambda v: v >= 32, "a whole number >= 32"),
+        "segmentation.gamma": (number, lambda v: v > 0, "a number > 0"),
+        "segmentation.threshold": (number, lambda v: 0 < v < 1, "a number between 0 and 1"),
+        "image_size": (whole, lambda v: v >= 1, "a whole number >= 1"),
+        "patch_size": (whole, lambda v: 1 <= v <= bound(pre.get("image_size")), "a whole number from 1 to image_size"),
+        "k": (whole, lambda v: v >= 1, "a whole number >= 1"),
+        "min_lung_fraction": (number, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+        "normalization.mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(number, v)), bool,
+                               "a list of 3 numbers"),
+        "normalization.std": (lambda v: isinstance(v, list) and len(v) == 3 and all(map(number, v)),
+                              lambda v: min(v) > 0, "a list of 3 numbers > 0"),
+        "global.resize": (whole, lambda v: v >= 1, "a whole number >= 1"),
+        "global.crop": (whole, lambda v: 1 <= v <= resize, "a whole number from 1 to global.resize"),
+    }
+    problems = []
+    for key, (kind, within, what) in checks.items():
+        value: Any = pre
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            problems.append(f"preprocessing.{key} missing (it takes {what})")
+        elif not kind(value) or not within(value):
+            problems.append(f"preprocessing.{key} is {value!r}; it takes {what}")
+    return problems
+
+
+def _entry_problems(bundle: Bundle) -> list[str]:
+    """What in the model entries does not fit together: names, learner modes, precisions, the ensemble's learner
+    count, input shapes against the preprocessing, architectures a torch file needs."""
+    from patchflannel.models.registry import list_models
+
+    known = set(list_models())
+    names = [m.name for m in bundle.models()]  # (no learner at all is a segmentation-only bundle: allowed)
+    problems = [f"model name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for m in bundle.learners:
+        if m.mode not in (None, "patch", "global"):
+            problems.append(f"learner {m.name!r}: mode {m.mode!r}; it takes 'patch' or 'global'")
+    n_learners = (bundle.ensemble.arch_config or {}).get("n_learners") if bundle.ensemble else None
+    if n_learners is not None and n_learners != len(bundle.learners):
+        problems.append(f"the ensemble weighs {n_learners} learners, but the bundle lists {len(bundle.learners)}")
+    for m in bundle.models():
+        problems += [f"{f.path}: precision {f.precision!r}; it takes {', '.join(PRECISIONS)}"
+                     for f in m.files if f.precision not in PRECISIONS]
+        if any(f.format == "torch" for f in m.files) and m.arch not in known:
+            problems.append(f"model {m.name!r}: architecture {m.arch!r} is not registered (its torch file needs it)")
+        role = role_of(bundle, m)
+        if role not in ("segmentation", "patch", "global") and not (role == "ensemble" and n_learners is not None):
+            continue  # a wrong mode is said above; an ensemble of another kind has no shape to expect
+        want = io_signature(role, bundle.preprocessing, len(bundle.learners))["inputs"][0]["shape"]
+        got = m.inputs[0].get("shape") if m.inputs and isinstance(m.inputs[0], dict) else None
+        if got is not None and list(got) != want:
+            problems.append(f"model {m.name!r}: input shape {got} does not fit the preprocessing ({want})")
+    return problems
 
 
 def verify_bundle(bundle: Bundle) -> None:

@@ -13,10 +13,9 @@ from typing import Protocol
 import torch
 
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import Bundle, ModelEntry, export_hint
+from patchflannel.export.bundle import PRECISIONS, Bundle, ModelEntry, export_hint
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
