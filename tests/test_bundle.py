@@ -239,10 +239,15 @@ HAND_EDITS = [  # what a hand edit of bundle.json can get wrong, and the line th
     (_edit("preprocessing.patch_size", "abc"), "preprocessing.patch_size is 'abc'; it takes a whole number"),
     (_edit("preprocessing.patch_size", 2048), "preprocessing.patch_size is 2048; it takes a whole number from 1 to image_size"),
     (_edit("preprocessing.k", 0), "preprocessing.k is 0"),
-    (_edit("preprocessing.global", "336"), "preprocessing.global.resize missing"),
+    (_edit("preprocessing.global", "336"), "preprocessing.global is '336'; it takes an object"),
     (_edit("preprocessing.normalization.std", [0.2, 0, 0.2]), "preprocessing.normalization.std is [0.2, 0, 0.2]"),
-    (lambda d: d["learners"].pop(), "the ensemble weighs 2 learners, but the bundle lists 1"),
-    (_edit("learners", []), "the ensemble weighs 2 learners, but the bundle lists 0"),
+    (lambda d: d["learners"].pop(), "the ensemble weighs 2 learners (n_learners), but the bundle lists 1"),
+    (_edit("learners", []), "the ensemble weighs 2 learners (n_learners), but the bundle lists 0"),
+    (_edit("ensemble.arch_config.n_learners", "2"), "the ensemble weighs '2' learners"),
+    (_edit("ensemble.arch_config", [2]), "ensemble: arch_config is [2]; it takes an object"),
+    (_edit("preprocessing.segmentation", "256"), "preprocessing.segmentation is '256'; it takes an object"),
+    (_edit("learners.0.inputs.0.shape", 224), "input shape 224 does not fit"),
+    (_edit("learners.0.arch", ["x"]), "architecture ['x'] is not registered"),
     (_edit("learners.0.arch", "nosuch"), "architecture 'nosuch' is not registered"),
     (_edit("learners.0.mode", "Patch"), "mode 'Patch'; it takes 'patch' or 'global'"),
     (_edit("learners.0.files.0.precision", "fp64"), "precision 'fp64'; it takes fp32, fp16, bf16"),
@@ -261,6 +266,15 @@ def test_a_hand_edited_bundle_json_is_refused_naming_what_is_wrong(bundle_dir: P
     assert said in _refused(bundle_dir)
 
 
+def test_a_bundle_load_bundle_would_refuse_is_not_written(tmp_path: Path) -> None:
+    seg = entry_from_module("segmentation", "fcdensenet56", get_model("fcdensenet56"), tmp_path, "seg.pt")
+    pre = {**default_preprocessing(), "k": 0}
+    bundle = Bundle(root=tmp_path, classes=list(CLASSES), preprocessing=pre, segmentation=seg, learners=[], ensemble=None)
+    with pytest.raises(BundleError, match="preprocessing.k is 0"):
+        write_bundle(bundle)
+    assert not (tmp_path / "bundle.json").exists()
+
+
 def test_export_verify_lists_every_problem_of_a_hand_edited_bundle(bundle_dir: Path) -> None:
     import typer
     from typer.testing import CliRunner
@@ -275,7 +289,7 @@ def test_export_verify_lists_every_problem_of_a_hand_edited_bundle(bundle_dir: P
     register(app)
     result = CliRunner().invoke(app, ["export", "verify", str(bundle_dir)])
     assert result.exit_code == 1 and "bundle verified" not in result.output
-    assert "the ensemble weighs 2 learners, but the bundle lists 1" in result.output and "precision 'fp64'" in result.output
+    assert "the ensemble weighs 2 learners (n_learners), but the bundle lists 1" in result.output and "precision 'fp64'" in result.output
 
 
 def test_weights_of_another_architecture_are_refused(bundle_dir: Path) -> None:
@@ -323,5 +337,8 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="weights do not fit architecture 'resnet18'"):
         make_bundle(tmp_path / "o4", segmentation_run=seg, learner_runs=[wrong])
     assert not (tmp_path / "o4").exists() and not list(tmp_path.glob(".o4*"))  # never half-written
+    with pytest.raises(BundleError, match="weights do not fit architecture 'resnet18'"):
+        make_bundle(tmp_path / "deep" / "er" / "o4", segmentation_run=seg, learner_runs=[wrong])
+    assert not (tmp_path / "deep").exists()  # nor the folders made above it
     with pytest.raises(ConfigError, match="not a finished training run"):
         make_bundle(tmp_path / "o5", segmentation_run=tmp_path)

@@ -23,7 +23,7 @@ from PIL import Image
 from patchflannel.classes import CLASSES
 from patchflannel.engine.engine import Engine
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import load_bundle, load_torch_model, random_bundle, write_bundle
+from patchflannel.export.bundle import io_signature, load_bundle, load_torch_model, random_bundle, write_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, learner_image, resize_mask, segmentation_input
@@ -42,6 +42,8 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bundle")
     b = random_bundle(root, segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5", "mobilenet_v3_small"))
     b.preprocessing["segmentation"]["size"] = SEG_SIZE
+    signature = io_signature("segmentation", b.preprocessing)  # the segmenter's shapes follow the size
+    b.segmentation.inputs, b.segmentation.outputs = signature["inputs"], signature["outputs"]
     write_bundle(b)
     return root
 

@@ -379,6 +379,7 @@ def _check_pairs(config: BenchConfig) -> None:
 
 
 def _check_preset(preset: str, backends: tuple[str, ...]) -> None:
+    """ConfigError for an unknown preset, or a backend other than torch for one (its networks are in memory)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     if set(backends) - {"auto", "torch"}:

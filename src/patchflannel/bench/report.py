@@ -36,7 +36,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# bench {report.get('label') or ''}".rstrip(),
         "",
-        f"- device: {env['device']} (torch {env['torch']} built for CUDA {env['cuda']}, {env['cpu_count']} CPUs: "
+        f"- device: {env['device']} (torch {env['torch']}{' built for CUDA ' + str(env['cuda']) if env['cuda'] else ''}, {env['cpu_count']} CPUs: "
         f"{env.get('cpu', '?')}, {env['torch_threads']} torch threads)",
         *(f"- engine: bundle {eng['bundle']}, backend {eng['backend']}, precision {eng['precision']}, "
           f"compiled {eng['compiled']}, loader {eng['loader']}, sampler {eng['sampler']}, "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -68,7 +67,7 @@ def onnx_cmd(
     """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
     from patchflannel.export.bundle import random_bundle
     from patchflannel.export.onnx import export_onnx
-    from patchflannel.io.files import first_missing
+    from patchflannel.io.files import first_missing, remove_written
     from patchflannel.models.classifiers import FLANNEL_LEARNERS
     from patchflannel.models.registry import model_family
 
@@ -90,13 +89,13 @@ def onnx_cmd(
             with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as tmp:
                 source = random_bundle(tmp, segmentation="fcdensenet103" if preset else "fcdensenet56",
                                        learners=learners, name=preset or "random")
-                _summary(export_onnx(source, out, models=model or None, opset=opset, data_dir=data,
-                                     precision=precision))
+                exported = export_onnx(source, out, models=model or None, opset=opset, data_dir=data,
+                                       precision=precision)
         except BaseException:
-            if made is not None:  # the folders made above --out, for the random bundle
-                shutil.rmtree(made, ignore_errors=True)
+            if made is not None and not (out / "bundle.json").is_file():  # the folders made above --out
+                remove_written(made, existed=False)
             raise
-
+        _summary(exported)
 
 
 @export_app.command("tensorrt")

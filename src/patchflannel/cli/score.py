@@ -91,6 +91,8 @@ def _kept(out: Path) -> str:
     parts = out.with_name(out.name + ".parts")
     if parts.is_dir():
         return f"the rows scored so far are kept in {parts}; rerun with --resume to continue"
+    if out.exists():  # whole (a run stopped after it, writing --predictions, or before its first new part)
+        return f"{out} is kept as it is; rerun with --resume to continue"
     return "nothing was written"
 
 

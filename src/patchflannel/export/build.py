@@ -21,6 +21,7 @@ from patchflannel.export.bundle import (
     write_bundle,
 )
 from patchflannel.models import list_models, model_family
+from patchflannel.io.files import first_missing, remove_written
 from patchflannel.settings import read_json
 
 MODES = ("patch", "global")
@@ -108,6 +109,7 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
 
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
+    made = first_missing(out.parent)  # folders above out that building beside it makes: gone again if it fails
     tmp.mkdir(parents=True)
     try:
         entries: dict[str, ModelEntry] = {}
@@ -136,6 +138,10 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except BaseException:
+        if made is not None:
+            remove_written(made, existed=False)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_bundle(out)

@@ -243,12 +243,6 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         raise BundleError(f"{spec_file}: 'learners' must be a list and 'preprocessing' an object")
     if list(data["classes"]) != list(CLASSES):
         raise BundleError(f"{spec_file}: classes {data['classes']} differ from this package's {list(CLASSES)}")
-    if data["preprocessing"].get("segmentation", {}).get("equalize", True) is not True:
-        raise BundleError(f"{spec_file}: preprocessing.segmentation.equalize must be true: the segmentation input is "
-                          "always histogram-equalised (SPEC.md stage 1), as in training")
-    problems = _preprocessing_problems(data["preprocessing"])
-    if problems:  # the entries' shapes are checked against it below
-        raise BundleError(f"{spec_file} refused:\n  " + "\n  ".join(problems))
     bundle = Bundle(
         root=root,
         name=data.get("name", root.name),
@@ -261,12 +255,18 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         versions=data.get("versions", {}),
         bundle_id=hashlib.sha256(spec_file.read_bytes()).hexdigest()[:16],
     )
-    problems = _entry_problems(bundle)
-    if problems:
-        raise BundleError(f"{spec_file} refused:\n  " + "\n  ".join(problems))
+    check_spec(bundle, spec_file)
     if verify:
         verify_bundle(bundle)
     return bundle
+
+
+def check_spec(bundle: Bundle, where: Path) -> None:
+    """BundleError naming every problem of the bundle's preprocessing or, that being sound, of its model entries
+    (``where`` names the bundle.json in the message)."""
+    problems = _preprocessing_problems(bundle.preprocessing) or _entry_problems(bundle)
+    if problems:
+        raise BundleError(f"{where} refused:\n  " + "\n  ".join(problems))
 
 
 def _preprocessing_problems(pre: dict[str, Any]) -> list[str]:
@@ -284,7 +284,7 @@ def _preprocessing_problems(pre: dict[str, Any]) -> list[str]:
     checks = {
         "segmentation.size": (whole, lambda v: v >= 32, "a whole number >= 32"),
         "segmentation.gamma": (number, lambda v: v > 0, "a number > 0"),
-        "segmentation.threshold": (number, lambda v: 0 < v < 1, "a number between 0 and 1"),
+        "segmentation.threshold": (number, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
         "image_size": (whole, lambda v: v >= 1, "a whole number >= 1"),
         "patch_size": (whole, lambda v: 1 <= v <= bound(pre.get("image_size")), "a whole number from 1 to image_size"),
         "k": (whole, lambda v: v >= 1, "a whole number >= 1"),
@@ -296,15 +296,19 @@ def _preprocessing_problems(pre: dict[str, Any]) -> list[str]:
         "global.resize": (whole, lambda v: v >= 1, "a whole number >= 1"),
         "global.crop": (whole, lambda v: 1 <= v <= resize, "a whole number from 1 to global.resize"),
     }
-    problems = []
+    problems = [f"preprocessing.{key} is {pre[key]!r}; it takes an object" for key in ("segmentation", "normalization", "global")
+                if key in pre and not isinstance(pre[key], dict)]
     for key, (kind, within, what) in checks.items():
         value: Any = pre
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if value is None:
+        if value is None and not any(p.startswith(f"preprocessing.{key.split('.')[0]} is") for p in problems):
             problems.append(f"preprocessing.{key} missing (it takes {what})")
-        elif not kind(value) or not within(value):
+        elif value is not None and (not kind(value) or not within(value)):
             problems.append(f"preprocessing.{key} is {value!r}; it takes {what}")
+    if isinstance(pre.get("segmentation"), dict) and pre["segmentation"].get("equalize", True) is not True:
+        problems.append("preprocessing.segmentation.equalize must be true: the segmentation input is always "
+                        "histogram-equalised (SPEC.md stage 1), as in training")
     return problems
 
 
@@ -314,25 +318,29 @@ def _entry_problems(bundle: Bundle) -> list[str]:
     from patchflannel.models.registry import list_models
 
     known = set(list_models())
-    names = [m.name for m in bundle.models()]  # (no learner at all is a segmentation-only bundle: allowed)
+    names = [str(m.name) for m in bundle.models()]  # (no learner at all is a segmentation-only bundle: allowed)
     problems = [f"model name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     for m in bundle.learners:
         if m.mode not in (None, "patch", "global"):
             problems.append(f"learner {m.name!r}: mode {m.mode!r}; it takes 'patch' or 'global'")
-    n_learners = (bundle.ensemble.arch_config or {}).get("n_learners") if bundle.ensemble else None
-    if n_learners is not None and n_learners != len(bundle.learners):
-        problems.append(f"the ensemble weighs {n_learners} learners, but the bundle lists {len(bundle.learners)}")
+    config = bundle.ensemble.arch_config if bundle.ensemble else None
+    n_learners = config.get("n_learners") if isinstance(config, dict) else None
+    if bundle.ensemble and not isinstance(config, dict):
+        problems.append(f"ensemble: arch_config is {config!r}; it takes an object")
+    elif n_learners is not None and n_learners != len(bundle.learners):
+        problems.append(f"the ensemble weighs {n_learners!r} learners (n_learners), but the bundle lists "
+                        f"{len(bundle.learners)}")
     for m in bundle.models():
         problems += [f"{f.path}: precision {f.precision!r}; it takes {', '.join(PRECISIONS)}"
                      for f in m.files if f.precision not in PRECISIONS]
-        if any(f.format == "torch" for f in m.files) and m.arch not in known:
+        if any(f.format == "torch" for f in m.files) and not (isinstance(m.arch, str) and m.arch in known):
             problems.append(f"model {m.name!r}: architecture {m.arch!r} is not registered (its torch file needs it)")
         role = role_of(bundle, m)
         if role not in ("segmentation", "patch", "global") and not (role == "ensemble" and n_learners is not None):
             continue  # a wrong mode is said above; an ensemble of another kind has no shape to expect
         want = io_signature(role, bundle.preprocessing, len(bundle.learners))["inputs"][0]["shape"]
-        got = m.inputs[0].get("shape") if m.inputs and isinstance(m.inputs[0], dict) else None
-        if got is not None and list(got) != want:
+        got = m.inputs[0].get("shape") if isinstance(m.inputs, list) and m.inputs and isinstance(m.inputs[0], dict) else None
+        if got is not None and got != want:
             problems.append(f"model {m.name!r}: input shape {got} does not fit the preprocessing ({want})")
     return problems
 
@@ -365,10 +373,11 @@ def verify_bundle(bundle: Bundle) -> None:
 
 def write_bundle(bundle: Bundle) -> Path:
     """Write bundle.json for ``bundle`` (its files must already be in ``bundle.root``), then verify it."""
+    spec_file = bundle.root / BUNDLE_FILE
+    check_spec(bundle, spec_file)  # before anything is written: a bundle load_bundle would refuse is not made
     bundle.root.mkdir(parents=True, exist_ok=True)
     if not bundle.versions:
         bundle.versions = library_versions()
-    spec_file = bundle.root / BUNDLE_FILE
     spec_file.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
     verify_bundle(bundle)
     return spec_file

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from patchflannel.errors import BundleError, ConfigError
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import PRECISIONS, Bundle, ModelEntry, export_hint
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -45,8 +45,9 @@ def _has_file(entry: ModelEntry, fmt: str) -> bool:
 
 
 def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
-    """'auto' picks TensorRT on CUDA when installed and every learner has an engine file, else torch; a named
-    backend that reads exported files needs one for the segmenter and every learner (BundleError)."""
+    """'auto' picks TensorRT on CUDA when installed and the segmenter and every learner have an engine file, else
+    torch; a named backend that reads exported files needs its runtime (BackendUnavailableError) and a file for
+    the segmenter and every learner (BundleError)."""
     if name == "auto":
         if (device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None
                 and all(_has_file(m, "tensorrt") for m in [bundle.segmentation, *bundle.learners])):
@@ -58,6 +59,8 @@ def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
         from patchflannel.export.tensorrt import import_tensorrt
 
         import_tensorrt()  # a missing runtime is the first thing to say
+    if name == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        raise BackendUnavailableError("onnxruntime is not installed (pip install 'patchflannel[onnx]')")
     fmt = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}.get(name)
     missing = [m.name for m in (bundle.segmentation, *bundle.learners) if fmt and not _has_file(m, fmt)]
     if missing:
