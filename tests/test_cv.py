@@ -20,7 +20,7 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
-from patchflannel.errors import ConfigError
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.cli.learn import register, register_train
 from patchflannel.export.bundle import random_bundle
 from patchflannel.training.cv import run_cv
@@ -169,16 +169,26 @@ def test_cv_refuses_a_splits_file_without_folds(cxr4_dir: Path, tmp_path: Path) 
     result = CliRunner().invoke(app, ["train", "learner", str(tmp_path / "cv_global.yaml"), "--out", str(tmp_path / "cvrun")])
     assert result.exit_code == 2 and "holds a `cv` run (learners/, config.yaml)" in result.output, result.output
     assert (tmp_path / "cvrun" / "config.yaml").read_text() == "mode: global\n"
+    (tmp_path / "segrun").mkdir()  # a segmentation run (its weights would not load into a learner)
+    (tmp_path / "segrun" / "run.json").write_text('{"task": "segmentation", "arch": "fcdensenet56"}')
+    result = CliRunner().invoke(app, ["train", "learner", str(tmp_path / "cv_global.yaml"), "--out",
+                                      str(tmp_path / "segrun"), "--resume"])
+    assert result.exit_code == 2 and "holds a segmentation run, not a learner run" in result.output, result.output
+    assert sorted(p.name for p in (tmp_path / "segrun").iterdir()) == ["run.json"]  # nothing written there
 
 
 def test_a_refused_cv_records_nothing(cxr4_dir: Path, tmp_path: Path) -> None:
-    """A weights file that is missing is refused before config.yaml is written: the fixed rerun is not taken for
-    a resume under changed settings."""
+    """A weights file or a segmentation bundle that is missing is refused before config.yaml is written: the fixed
+    rerun is not taken for a resume under changed settings."""
     splits = small_splits(cxr4_dir, tmp_path / "splits.csv", per_class=6)
     weights = {LEARNERS[0]: str(tmp_path / "absent.pt")}
     broken = _config(tmp_path, splits, "global", learner={"epochs": 1, "imagenet_weights": weights})
     with pytest.raises(ConfigError, match="absent.pt"):
         run_cv(broken, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+    typo = _config(tmp_path, splits, "patch", segmentation_bundle=str(tmp_path / "nonexist"))  # nor a missing bundle
+    with pytest.raises(BundleError, match="nonexist: no such bundle folder"):
+        run_cv(typo, tmp_path / "out")
     assert not (tmp_path / "out" / "config.yaml").exists()
 
 

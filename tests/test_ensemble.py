@@ -101,5 +101,8 @@ def test_ensemble_refuses_mismatched_inputs(tmp_path: Path) -> None:
         confidence_matrix(rows, ["a", "c"])
     with pytest.raises(ConfigError, match="got 10 and 0 images; is val_fold '7' one of"):
         train_ensemble(x, y, x[:0], y[:0], {"val_fold": 7}, tmp_path, learners=["a", "b", "c"][: x.shape[1]])
+    scored = [{**r, "split": "test"} for r in rows]  # `score --predictions` rows: no out-of-fold rows to train on
+    with pytest.raises(ConfigError, match=r"no val rows for a \(the predictions hold split\(s\) test\); .*`patchflannel cv`"):
+        confidence_matrix(scored, ["a", "b"])
     base, cx, cy = confidence_matrix(rows[:4], ["a", "b"])
     assert cx.shape == (2, 2, 4) and cy.tolist() == [0, 0] and [b["path"] for b in base] == ["i0", "i1"]

@@ -123,8 +123,11 @@ def test_a_class_too_small_for_every_partition_is_named() -> None:
     with pytest.raises(ConfigError, match=r"class viral \(1 patients\) is missing from the test set, fold"):
         make_splits(rows)
     tiny = _synthetic({"covid": 3, "viral": 3, "bacterial": 3, "normal": 3})  # 12 patients, 3 a class
-    with pytest.raises(ConfigError, match="too few images a class for a test set of 1/5 and 5 folds"):
+    with pytest.raises(ConfigError, match=r"too few images of class bacterial \(3\), covid \(3\), normal \(3\), viral "
+                                          r"\(3\) for a test set of 1/5 and 5 folds: each class needs at least 5"):
         make_splits(tiny)
+    with pytest.raises(ConfigError, match=r"seed \(--seed\) must be from 0 to 2\*\*32 - 1, got -1"):
+        make_splits(tiny, seed=-1)
     assert {r["split"] for r in make_splits(_synthetic(dict.fromkeys(("covid", "viral", "bacterial", "normal"), 12)))} \
         == {"train", "test"}
 

@@ -97,12 +97,17 @@ def _reason(exc: Exception) -> str:
     return f"{path}: {exc.strerror or exc}"
 
 
-def fresh_run(out: Path, resume: bool) -> None:
-    """Refuse to train into a folder that holds a run already, unless resuming it, or a `cv` run at all."""
-    from patchflannel.training.loop import LAST_FILE
+def fresh_run(out: Path, resume: bool, task: str) -> None:
+    """Refuse to train into a folder that holds a run already, unless resuming it (a run of the same ``task``:
+    segmentation, learner or ensemble), or a `cv` run at all."""
+    from patchflannel.settings import read_json
+    from patchflannel.training.loop import LAST_FILE, RUN_FILE
 
     if (Path(out) / "learners").is_dir() and (Path(out) / "config.yaml").is_file():
         raise ConfigError(f"{out} holds a `cv` run (learners/, config.yaml): train into another --out")
+    recorded = read_json(Path(out) / RUN_FILE).get("task") if (Path(out) / RUN_FILE).is_file() else None
+    if recorded is not None and recorded != task:
+        raise ConfigError(f"{out} holds a {recorded} run, not a {task} run: train into another --out")
     if not resume and (Path(out) / LAST_FILE).is_file():
         raise ConfigError(f"{out} already holds a training run ({LAST_FILE}): --resume continues it; to start again, "
                           "remove it or train into another --out")

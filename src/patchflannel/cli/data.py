@@ -74,7 +74,7 @@ def validate(
 def split(
     manifest: ManifestArg,
     out: Annotated[Path, typer.Option("--out", help="Splits CSV to write (manifest + split, fold).")],
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.", min=0, max=2**32 - 1)] = 0,
     test_frac: Annotated[float, typer.Option(help="Fraction of patients held out as the test set: 1/n (0.5, 0.25, 0.2, ...).")] = 0.2,
     folds: Annotated[int, typer.Option(help="Cross-validation folds of the rest.")] = 5,
     overwrite: OverwriteOpt = False,

@@ -24,7 +24,7 @@ def train_learner_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False)
     from patchflannel.training.learners import train_learner
 
     with fail_cleanly(interrupted=f"the run so far is in {out}; the same command with --resume continues it"):
-        fresh_run(out, resume)
+        fresh_run(out, resume, "learner")
         summary = train_learner(config, out, resume=resume)
     console.print(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])}", markup=False, highlight=False)
 
@@ -35,7 +35,7 @@ def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False
     from patchflannel.training.ensemble import train_ensemble_from_predictions
 
     with fail_cleanly(interrupted=f"the run so far is in {out}; the same command with --resume continues it"):
-        fresh_run(out, resume)
+        fresh_run(out, resume, "ensemble")
         summary = train_ensemble_from_predictions(config, out, resume=resume)
     console.print(f"best epoch {summary['best_epoch']}: {metrics_text(summary['best'])}", markup=False, highlight=False)
 
@@ -60,7 +60,7 @@ def cv_cmd(config: ConfigArg,
 def eval_cmd(predictions: Annotated[Path, typer.Argument(help="Predictions CSV written by `patchflannel cv` or `patchflannel score --predictions`.")],
              out: Annotated[Path, typer.Option("--out", help="Report folder (report.json, report.md, PNGs).")],
              bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples (by patient) for the 95% intervals.", min=0)] = 1000,
-             seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0) -> None:
+             seed: Annotated[int, typer.Option(help="Seed of the bootstrap.", min=0, max=2**32 - 1)] = 0) -> None:
     """Evaluation report of a predictions file: per-class metrics, fold mean (std), confusion, AUC, bootstrap, per source."""
     from patchflannel.training.report import evaluate_predictions
 

@@ -40,7 +40,7 @@ def train_seg_cmd(
 
     overrides = {"manifest": manifest, "arch": arch, "max_epochs": epochs, "device": device}
     with fail_cleanly(interrupted=f"the run so far is in {out}; the same command with --resume continues it"):
-        fresh_run(out, resume)
+        fresh_run(out, resume, "segmentation")
         cfg = (SegConfig.from_file(config, **overrides) if config is not None
                else SegConfig.from_dict({k: v for k, v in overrides.items() if v is not None}, source="options"))
         summary = train_segmentation(cfg, out, resume=resume)

@@ -27,6 +27,8 @@ def make_splits(rows: list[Row], *, seed: int = 0, test_frac: float = 0.2, folds
         raise ConfigError(f"test_frac (--test-frac) must be in (0, 0.5], got {test_frac}")
     if folds < 2:
         raise ConfigError(f"folds must be at least 2, got {folds}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"seed (--seed) must be from 0 to 2**32 - 1, got {seed}")
     test_cuts = round(1.0 / test_frac)
     if abs(1.0 / test_cuts - test_frac) > 1e-6:  # the test set is one of test_cuts patient groups
         raise ConfigError(f"test_frac (--test-frac) must be 1/n (0.5, 0.333.., 0.25, 0.2, ...): the test set is one "
@@ -47,8 +49,11 @@ def make_splits(rows: list[Row], *, seed: int = 0, test_frac: float = 0.2, folds
             inner = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
             for k, (_, held_out) in enumerate(inner.split(train_index, labels[train_index], groups[train_index])):
                 fold[train_index[held_out]] = k
-        except ValueError as exc:  # every class has fewer images than cuts
-            raise ConfigError(f"too few images a class for a test set of 1/{test_cuts} and {folds} folds: {exc}") from None
+        except ValueError as exc:  # a class has fewer images than cuts
+            few = [f"{c} ({n})" for c, n in zip(*np.unique(labels, return_counts=True)) if n < max(test_cuts, folds)]
+            raise ConfigError(f"too few images of class {', '.join(few)} for a test set of 1/{test_cuts} and {folds} "
+                              f"folds: each class needs at least {max(test_cuts, folds)}" if few else
+                              f"no test set of 1/{test_cuts} and {folds} folds: {exc}") from None
     _every_class_everywhere(labels, groups, test_index, fold, folds)
 
     test = np.zeros(len(rows), dtype=bool)

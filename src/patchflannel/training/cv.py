@@ -36,7 +36,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.training.datasets import read_splits
 from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
 from patchflannel.devices import resolve_device
-from patchflannel.training.learners import (LEARNER_SETTINGS, check_resumable, check_weights_files,
+from patchflannel.training.learners import (LEARNER_SETTINGS, check_resumable, check_named_files,
                                             load_config, load_learner, predict_items, prepare, train_learner)
 from patchflannel.training.report import evaluate_predictions, write_predictions
 from patchflannel.settings import read_json
@@ -154,7 +154,7 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
                    f"{len(train_rows)} training and {len(test_rows)} test images", markup=False, highlight=False)
     run_dirs = {(a, f): out / "learners" / a / f"fold{f}" for a in archs for f in folds}
     finished = {key: _read_done(d) for key, d in run_dirs.items()} if resume else {}  # done.json as the run starts
-    check_weights_files(cfg, sorted({a for (a, f) in run_dirs if finished.get((a, f)) is None}))
+    check_named_files(cfg, sorted({a for (a, f) in run_dirs if finished.get((a, f)) is None}))
     out.mkdir(parents=True, exist_ok=True)  # recorded once the splits file and the weights files have passed
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     prepare(cfg, rows, resolve_device(cfg["device"]))  # masks and cached arrays once for all runs

@@ -109,10 +109,15 @@ def confidence_matrix(rows: list[dict[str, Any]], learners: list[str], split: st
         if r["split"] == split and r["model"] in by_model and (fold is None or r["fold"] == fold):
             by_model[r["model"]][r["path"]] = r
     base = list(by_model[learners[0]].values())
+    if not base:
+        splits = sorted({r["split"] for r in rows})
+        raise ConfigError(f"no {split} rows{'' if fold is None else f' of fold {fold}'} for {learners[0]} (the "
+                          f"predictions hold split(s) {', '.join(splits) or 'none'}); the ensemble trains on the "
+                          "out-of-fold 'val' rows that `patchflannel cv` writes, not on `score --predictions` rows")
     missing = [f"{m}: {len([b for b in base if b['path'] not in by_model[m]])} image(s)" for m in learners
                if any(b["path"] not in by_model[m] for b in base) or len(by_model[m]) != len(base)]
-    if missing or not base:
-        raise ConfigError(f"learners' {split} predictions do not cover the same images ({'; '.join(missing) or 'none'})")
+    if missing:
+        raise ConfigError(f"learners' {split} predictions do not cover the same images ({'; '.join(missing)})")
     x = np.array([[by_model[m][b["path"]]["probs"] for m in learners] for b in base], dtype=np.float32)
     y = np.array([CLASS_INDEX[b["label"]] for b in base])
     return base, x, y

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from patchflannel.errors import ConfigError, ImageReadError
-from patchflannel.export.bundle import default_preprocessing
+from patchflannel.export.bundle import default_preprocessing, load_bundle
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
@@ -237,9 +237,12 @@ def build_learner(cfg: dict[str, Any], arch: str, options: dict[str, Any] | None
     return model
 
 
-def check_weights_files(cfg: dict[str, Any], archs: list[str]) -> None:
-    """Every ImageNet weights file the config names for ``archs`` exists and fits its architecture (checked
-    before any image is read: a wrong file is said in seconds, not after the images are prepared)."""
+def check_named_files(cfg: dict[str, Any], archs: list[str]) -> None:
+    """Every ImageNet weights file the config names for ``archs`` exists and fits its architecture, and in patch
+    mode its segmentation bundle loads (checked before any image is read, and before a run folder records the
+    config: a wrong file is said in seconds, and the fixed rerun is not taken for a change of settings)."""
+    if cfg["mode"] == "patch":
+        load_bundle(cfg["segmentation_bundle"])
     files = cfg["learner"]["imagenet_weights"] or {}
     missing = [f"{a}: {files[a]}" for a in archs if files.get(a) and not Path(files[a]).is_file()]
     if missing:
@@ -336,7 +339,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     if not train_rows or not val_rows:
         raise ConfigError(f"{cfg['splits']}: fold {val_fold} leaves {len(train_rows)} training and "
                           f"{len(val_rows)} validation images; both must be non-empty")
-    check_weights_files(cfg, [cfg["arch"]])
+    check_named_files(cfg, [cfg["arch"]])
     device = resolve_device(cfg["device"])
     run_dir = Path(run_dir)  # made once the config is known to be good: a refused one leaves nothing behind
     data = {"train": images_digest(train_rows), "val": images_digest(val_rows)}
