@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
 from patchflannel.cli.learn import register
-from patchflannel.training.report import PREDICTION_COLUMNS, write_predictions
+from patchflannel.training.report import PREDICTION_COLUMNS, PROB_COLUMNS, write_predictions
 
 IDX = {c: i for i, c in enumerate(CLASSES)}
 
@@ -140,12 +140,16 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     with open(bad, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS)
         w.writeheader()
-        w.writerows([row, nan, nan | {"p_covid": "0.25"}])
+        w.writerows([row, nan, nan | {"p_covid": "0.25"}, nan | {"path": "z", **dict.fromkeys(PROB_COLUMNS, "0")},
+                     nan | {"path": "a", "p_covid": "0.25", "source": "all"}])
     result = CliRunner().invoke(_app(), ["eval", str(bad), "--out", str(tmp_path / "rep")])
     assert result.exit_code == 2
     assert "bad.csv" in result.output and "unknown pred 'flu'" in result.output and "not a number" in result.output
     assert "line 2: empty patient_id" in result.output and "line 3: a probability is not within [0, 1]" in result.output
     assert "line 4: repeats line 3 (same path, model, fold and split)" in result.output
+    assert "line 5: the probabilities sum to 0, not 1" in result.output and "line 6: source 'all' is the name" in result.output
+    few = CliRunner().invoke(_app(), ["eval", str(bad), "--out", str(tmp_path / "rep"), "--bootstrap", "5"])
+    assert few.exit_code == 2 and "bad.csv" in few.output  # the file's problems come first
     missing = CliRunner().invoke(_app(), ["eval", str(tmp_path / "none.csv"), "--out", str(tmp_path / "rep")])
     assert missing.exit_code == 2 and "file not found" in missing.output
     (tmp_path / "empty.csv").write_bytes(b"")
@@ -170,8 +174,11 @@ def test_eval_names_a_scoring_output_and_how_to_get_predictions(tmp_path: Path) 
 
 def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path) -> None:
     rows = _predictions(cxr4_dir, tmp_path / "predictions.csv")
+    few = CliRunner().invoke(_app(), ["eval", str(tmp_path / "predictions.csv"), "--out", str(tmp_path / "rep"),
+                                      "--bootstrap", "5"])
+    assert few.exit_code == 2 and "--bootstrap takes 0 (no intervals) or at least 100 resamples, got 5" in few.output
     assert CliRunner().invoke(_app(), ["eval", str(tmp_path / "predictions.csv"), "--out", str(tmp_path / "rep"),
-                                       "--bootstrap", "20"]).exit_code == 0
+                                       "--bootstrap", "100"]).exit_code == 0
     result = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()

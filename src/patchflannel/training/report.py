@@ -27,6 +27,8 @@ from patchflannel.settings import read_json
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "patient_id", "source", "label", "model", "fold", "split", *PROB_COLUMNS, "pred")
 SPLITS = ("val", "test", "train")
+MIN_BOOTSTRAP = 100
+"""The fewest bootstrap resamples a report takes (0: none)."""
 SCORE_HINT = "`patchflannel score MANIFEST --out OUT --predictions FILE.csv` writes one from a labelled manifest"
 
 
@@ -80,11 +82,15 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
             probs = []
         if probs and not all(0.0 <= p <= 1.0 for p in probs):  # NaN fails this too
             bad.append("a probability is not within [0, 1]")
+        elif probs and abs(sum(probs) - 1.0) > 0.01:  # a class's column left out or zeroed: AUCs would be meaningless
+            bad.append(f"the probabilities sum to {sum(probs):.3g}, not 1")
+        if r["source"] == "all":
+            bad.append("source 'all' is the name of every report's overall group: rename that source")
         if not (r.get("patient_id") or "").strip():
             bad.append("empty patient_id (the bootstrap resamples patients)")
         problems.extend(f"line {i}: {b}" for b in bad)
         if not bad:
-            rows.append({**r, "probs": probs})
+            rows.append({**r, "source": r["source"].strip() or "(none)", "probs": probs})
     if not raw:
         problems.append("no prediction rows")
     if problems:
@@ -122,6 +128,9 @@ def _group_report(rows: list[dict[str, Any]], n_boot: int, seed: int) -> dict[st
 
 def build_report(rows: list[dict[str, Any]], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The report of prediction rows (as :func:`read_predictions` returns them): groups by split, model, source."""
+    if 0 < n_boot < MIN_BOOTSTRAP:
+        raise ConfigError(f"--bootstrap takes 0 (no intervals) or at least {MIN_BOOTSTRAP} resamples, got {n_boot}: "
+                          "fewer give intervals that can miss the figure they bound")
     groups = []
     models = list(dict.fromkeys(r["model"] for r in rows))
     sources = ["all", *sorted({r["source"] for r in rows})]
