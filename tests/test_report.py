@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,11 @@ def test_eval_table_lays_reports_out_like_table_3(cxr4_dir: Path, tmp_path: Path
                 assert cell == "-"
     twice = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), str(tmp_path / "rep" / "report.json")])
     assert twice.exit_code == 0 and twice.output == result.output  # one report, named twice: its rows once
+    shutil.copytree(tmp_path / "rep", tmp_path / "rep_b")  # another run of the same models (bf16, say)
+    both = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), str(tmp_path / "rep_b")])
+    names = [line.split(" | ")[1] for line in both.output.strip().splitlines()[2:]]
+    assert both.exit_code == 0 and len(names) == 2 * len(by_model) and len(set(names)) == len(names)
+    assert f"flannel_patch ({tmp_path / 'rep_b'})" in names
     missing = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "no report.json" in missing.output
     no_train = CliRunner().invoke(_app(), ["eval-table", str(tmp_path / "rep"), "--split", "train"])

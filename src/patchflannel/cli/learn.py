@@ -95,14 +95,16 @@ class Split(str, Enum):
 def eval_table_cmd(reports: Annotated[list[Path], typer.Argument(help="Report folders (or report.json files) of `eval`/`cv`.")],
                    split: Annotated[Split, typer.Option(help="Split to tabulate.")] = Split.test) -> None:
     """Print one markdown table over report folders (modes side by side, per-class F1, macro-F1, per source);
-    a report named twice (its folder and its report.json, say) is tabulated once."""
+    a report named twice (its folder and its report.json, say) is tabulated once; a model in several reports
+    is followed by the report's name as given."""
     from patchflannel.training.report import read_report, results_table
 
     files: dict[Path, Path] = {}
     for p in reports:
         files.setdefault((p / "report.json" if p.is_dir() else p).resolve(), p)
     with fail_cleanly():
-        print(results_table([read_report(p) for p in files.values()], split.value), end="")
+        print(results_table([read_report(p) for p in files.values()], split.value,
+                            [str(p) for p in files.values()]), end="")
 
 
 def register(app: typer.Typer) -> None:

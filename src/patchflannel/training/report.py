@@ -266,18 +266,21 @@ def render_markdown(report: dict[str, Any], pngs: dict[tuple[str, str], str]) ->
     return "\n".join(lines) + "\n"
 
 
-def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
+def results_table(reports: list[dict[str, Any]], split: str = "test", labels: list[str] | None = None) -> str:
     """One markdown table over several reports (e.g. global and patch runs), laid out like the seed paper's
     Table 3: a row per model with its mode (the ``_global``/``_patch`` suffix of its name), per-class F1 and
-    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source over its classes. ConfigError
-    when no report has rows of ``split``."""
+    macro-F1 as mean (std) over folds, then the pooled macro-F1 of each data source over its classes. A model
+    named in more than one report is followed by its report's label (``labels``, one a report; default its
+    number). ConfigError when no report has rows of ``split``."""
     if not any(g["split"] == split for r in reports for g in r["groups"]):
         have = sorted({g["split"] for r in reports for g in r["groups"]})
         raise ConfigError(f"no report has {split} rows (they have: {', '.join(have) or 'none'}); pick another --split")
     sources = sorted({s for r in reports for s in r["sources"]})
     lines = ["| mode | model | " + " | ".join(f"{c} F1" for c in CLASSES) + " | macro-F1 | " + " | ".join(sources) + " |",
              "|---|---|" + "---|" * (len(CLASSES) + 1 + len(sources))]
-    for r in reports:
+    labels = labels or [f"report {i + 1}" for i in range(len(reports))]
+    shared = {m for m in {m for r in reports for m in r["models"]} if sum(m in r["models"] for r in reports) > 1}
+    for r, label in zip(reports, labels):
         by_key = {(g["model"], g["source"]): g for g in r["groups"] if g["split"] == split}
         for model in r["models"]:
             g = by_key.get((model, "all"))
@@ -285,7 +288,8 @@ def results_table(reports: list[dict[str, Any]], split: str = "test") -> str:
                 continue
             per_source = [_fmt(_source_f1(by_key[(model, s)])) if (model, s) in by_key else "-" for s in sources]
             suffix = model.rsplit("_", 1)[-1]
-            lines.append(f"| {suffix if suffix in ('global', 'patch') else '-'} | {model} | "
+            name = f"{model} ({label})" if model in shared else model
+            lines.append(f"| {suffix if suffix in ('global', 'patch') else '-'} | {name} | "
                          + " | ".join(_ms(g, f"f1_{c}") for c in CLASSES)
                          + f" | {_ms(g, 'macro_f1')} | " + " | ".join(per_source) + " |")
     return "\n".join(lines) + "\n"
