@@ -91,6 +91,8 @@ def test_cv_global_end_to_end_and_resume(cxr4_dir: Path, tmp_path: Path) -> None
     assert log.stat().st_mtime_ns == stamp  # finished runs are skipped, not retrained
     assert f"learner {LEARNERS[0]} fold 0: finished earlier, kept" in result.output
     assert _read(tmp_path / "out" / "predictions.csv") == preds
+    # --no-report leaves no earlier report beside the predictions (a changed ensemble would not match it)
+    assert not (tmp_path / "out" / "report").exists() and "it was an earlier run's" in result.output
 
     # Other settings are refused before any work, and config.yaml keeps the ones the runs were made under.
     recorded = (tmp_path / "out" / "config.yaml").read_text()

@@ -468,8 +468,8 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     assert res.exit_code == 2 and "a file is in the way where a folder is wanted" in res.output
     res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(tmp_path)])  # above them: fine
     assert res.exit_code == 0 and "1 ok" in res.output, res.output
-    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks")])
-    assert res.exit_code == 0 and "1 ok" in res.output, res.output
+    res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks"), "--overlay"])
+    assert res.exit_code == 0 and "1 ok" in res.output and (folder / "0masks" / "overlays").is_dir(), res.output
     (folder / "0masks" / "stale.png").write_bytes((folder / "0masks" / f"{image.stem}.png").read_bytes())
     with open(folder / "0masks" / "segment_report.csv", "a") as fh:  # as if an earlier run had masked stale.png
         fh.write("gone/stale.png,ok,0.3,stale.png,\n")
@@ -478,7 +478,7 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     assert res.exit_code == 2 and "holds an earlier run (segment_report.csv): --overwrite replaces it" in res.output
     res = runner.invoke(app, ["segment", str(folder), "--model", str(run), "--out", str(folder / "0masks"), "--overwrite"])
     assert res.exit_code == 0 and "1 ok" in res.output, res.output
-    assert "2 file(s) in" in res.output  # the first run's masks are not inputs
+    assert "3 file(s) in" in res.output  # the first run's masks and overlay are not inputs
     assert sorted(p.name for p in (folder / "0masks").iterdir()) == [f"{image.stem}.png", "notes.txt", "segment_report.csv"]
     assert (folder / image.name).read_bytes() == kept
     png = tmp_path / "png"
@@ -498,6 +498,8 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
 
     res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "neither a bundle" in res.output
+    res = runner.invoke(app, ["segment", str(image), "--model", str(tmp_path / "nonexist"), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "nonexist: no such bundle or run folder" in res.output
 
     # A finished run is not trained over by mistake, and a resume keeps the split it started with.
     again = ["train", "seg", "--config", str(recipe), "--manifest", str(manifest), "--out", str(run)]

@@ -9,6 +9,7 @@ inputs that cannot be read get an ``error`` row and are skipped, the rest are se
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -85,6 +86,8 @@ def load_segmenter(model: str | Path | None = None, device: str = "auto", batch_
             raise ConfigError(f"{run_dir}/run.json: no preprocessing recorded (not a finished segmentation run)")
         return Segmenter(net.to(device), pre["size"], pre["gamma"], pre["threshold"], device, batch_size,
                          str(run_dir), info)
+    if not run_dir.exists():
+        raise ConfigError(f"{model}: no such bundle or run folder")
     raise ConfigError(f"{model}: neither a bundle (no {BUNDLE_FILE}) nor a segmentation run (no run.json)")
 
 
@@ -215,6 +218,8 @@ def remove_run(out_dir: str | Path) -> int:
             if path.is_file():
                 path.unlink()
                 removed += 1
+    with contextlib.suppress(OSError):  # the overlays folder the run made, now empty (a folder with more stays)
+        (out_dir / "overlays").rmdir()
     report.unlink()
     return removed + 1
 

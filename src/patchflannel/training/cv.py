@@ -22,6 +22,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -221,5 +222,9 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     if report:
         evaluate_predictions(pred_file, out / "report")
         result["report"] = str(out / "report")
+    elif (out / "report").is_dir():  # an earlier run's report would sit beside predictions it was not made from
+        shutil.rmtree(out / "report")
+        _console.print(f"removed {out / 'report'}: it was an earlier run's (`patchflannel eval {pred_file} --out "
+                       f"{out / 'report'}` writes this run's)", markup=False, highlight=False, soft_wrap=True)
     _console.print(f"cv done: {pred_file}", markup=False, highlight=False)
     return result
