@@ -43,7 +43,7 @@ def train_ensemble_cmd(config: ConfigArg, out: RunOpt, resume: ResumeOpt = False
 def cv_cmd(config: ConfigArg,
            out: Annotated[Path, typer.Option("--out", help="Output folder of the whole protocol.")] = Path("runs/cv"),
            resume: Annotated[bool, typer.Option("--resume/--restart", metavar="", help="Skip finished runs, resume the interrupted one (under the learner settings OUT/config.yaml records); --restart retrains all.")] = True,
-           report: Annotated[bool, typer.Option("--report/--no-report", metavar="", help="Write the evaluation report at the end.")] = True,
+           report: Annotated[bool, typer.Option("--report/--no-report", metavar="", help="Write the evaluation report at the end (--no-report removes an earlier run's report from OUT).")] = True,
            jobs: Annotated[int, typer.Option("--jobs", "-j", min=1,
                                              help="Learner runs at a time, in separate processes (GPU or many cores).")] = 1,
            ) -> None:
