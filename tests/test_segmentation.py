@@ -352,8 +352,13 @@ def test_remove_run_removes_what_its_report_lists_and_nothing_else(tmp_path: Pat
     report.write_text("file,status,lung_fraction,mask,message\nin/scan-\\xff.jpg,ok,0.3,scan-\\xff.png,\n"
                       "in/a.jpg,ok,0.3,a.png,\nx,ok,0.3,../victim.png,\nbad.jpg,error,,,unreadable\n")
     assert remove_run(out) == 4  # the odd mask, a.png and its overlay, the report
-    assert sorted(os.listdir(out)) == ["mine.png", "overlays"] and not os.listdir(out / "overlays")
+    assert sorted(os.listdir(out)) == ["mine.png"]  # the overlays folder it left empty too
     assert (tmp_path / "victim.png").read_bytes() == b"keep"
+    (out / "overlays").mkdir()
+    (out / "overlays" / "b.png").write_bytes(b"png")  # an overlay it does not list: kept, and its folder
+    report.write_text("file,status,lung_fraction,mask,message\nin/a.jpg,ok,0.3,a.png,\n")
+    (out / "a.png").write_bytes(b"png")
+    assert remove_run(out) == 2 and sorted(os.listdir(out / "overlays")) == ["b.png"]
     for text, needle in (("something,else\na,b\n", "not a segment report"),
                          (b"file,status,lung_fraction,mask,message\ncaf\xe9.jpg,ok,0.3,caf\xe9.png,\n", "cannot be read")):
         report.write_bytes(text.encode() if isinstance(text, str) else text)
