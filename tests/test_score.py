@@ -200,6 +200,7 @@ def test_manifest_columns_carried_eval_export_and_rerun_refused(cxr4_dir: Path, 
                                     "--predictions", str(tmp_path / "pred.csv")])
     assert result.exit_code == EXIT_INPUT_ERRORS and "1 predictions for `patchflannel eval`" in result.output
     assert "1 with flag blank_image (no result to trust)" in result.output  # a blank film's "diagnosis" is not graded
+    assert "carry no split" not in result.output  # the manifest's split column is carried
     table, meta = read_output(out)
     assert table.column_names[:4] == ["path", "label", "patient_id", "source"]
     assert table.column("label").to_pylist() == ["covid", "normal", "normal"]
@@ -264,7 +265,7 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
     options = EngineOptions(bundle=str(bundle), k=K)
     first = score([manifest, tmp_path], tmp_path / "o.parquet", options=options, quiet=True,
                   predictions=tmp_path / "p.csv")
-    assert (first.rows, first.ok + first.flagged, first.predictions) == (2, 2, (1, {"no label": 1}))
+    assert (first.rows, first.ok + first.flagged, first.predictions) == (2, 2, (1, {"no label": 1}, 1))
     table, _ = read_output(tmp_path / "o.parquet")
     assert table.column("path").to_pylist() == [str(images[0]), str(tmp_path / "scan-\\xff.jpg")]
     manifest.write_text(f"path,label\n{images[0]},viral\n")  # corrected
@@ -280,6 +281,11 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
     assert result.exit_code == 0, result.output
     assert "0 predictions for `patchflannel eval`; left out: 1 with no label, 1 with label 'Viral' (not a class)" in (
         result.output) and "a manifest's labels are covid, viral, bacterial, normal" in result.output
+    manifest.write_text(f"path,label\n{images[0]},viral\n")  # no split column: said to be no held-out test
+    result = CliRunner().invoke(_app(), ["score", str(manifest), str(tmp_path), "--out", str(tmp_path / "o.parquet"),
+                                         "--bundle", str(bundle), "-k", str(K), "--resume",
+                                         "--predictions", str(tmp_path / "p3.csv")])
+    assert result.exit_code == 0 and "note: 1 of them carry no split" in result.output, result.output
     # Many distinct wrong labels: the five commonest by name, the others counted together.
     table = read_output(tmp_path / "o.parquet")[0].slice(0, 1)
     labels = ["Covid"] * 3 + ["a", "b", "c", "d", "e", "f", "normal"]
@@ -287,8 +293,8 @@ def test_a_resume_takes_the_corrected_manifest_and_odd_file_names(cxr4_dir: Path
     many = tmp_path / "many.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), many)
     shutil.copy(tmp_path / "o.parquet.meta.json", tmp_path / "many.parquet.meta.json")
-    written, left_out = export_predictions(many, tmp_path / "many.csv")
-    assert written == 1 and left_out == {"label 'Covid' (not a class)": 3, **{f"label {x!r} (not a class)": 1 for x in "abcd"},
+    written, left_out, unsplit = export_predictions(many, tmp_path / "many.csv")
+    assert written == unsplit == 1 and left_out == {"label 'Covid' (not a class)": 3, **{f"label {x!r} (not a class)": 1 for x in "abcd"},
                                          "another label that is not a class": 2}
 
 

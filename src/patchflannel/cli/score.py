@@ -73,7 +73,7 @@ def score(
     if not quiet:
         errors.print(summary_text(summary), markup=False, highlight=False, soft_wrap=True)
     if summary.predictions is not None and not quiet:
-        written, left_out = summary.predictions
+        written, left_out, unsplit = summary.predictions
         left = "; left out: " + ", ".join(f"{n} with {reason}" for reason, n in left_out.items()) if left_out else ""
         errors.print(f"{predictions}: {written} predictions for `patchflannel eval`{left}", markup=False,
                      highlight=False, soft_wrap=True)
@@ -82,6 +82,11 @@ def score(
                          soft_wrap=True)
         elif not written and set(left_out) == {"no label"}:  # not one row had a label
             errors.print("note: no row has a label: the predictions need a manifest with a 'label' column",
+                         markup=False, highlight=False, soft_wrap=True)
+        if unsplit:
+            errors.print(f"note: {unsplit} of them carry no split (their manifest has no 'split' column): written as "
+                         "split 'test', which `eval` reports as held out; they are held out only if the bundle's "
+                         "networks never trained on them (a splits file's test rows: docs/scoring.md)",
                          markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_INPUT_ERRORS if summary.errors else 0)
 

@@ -67,9 +67,9 @@ class ScoreSummary:
     skipped: int
     scored_now: int
     seconds: float
-    predictions: tuple[int, dict[str, int]] | None = None
-    """With a predictions CSV: the rows written to it, and those left out by reason (no result, a flag that
-    leaves nothing to grade, no label, a label that is not a class)."""
+    predictions: tuple[int, dict[str, int], int] | None = None
+    """With a predictions CSV: the rows written to it, those left out by reason (no result, a flag that leaves
+    nothing to grade, no label, a label that is not a class), and how many written carried no split."""
 
     @property
     def images_per_second(self) -> float:

@@ -335,11 +335,11 @@ A ``mask_fallback`` or ``small_image`` row is a result on a real image, and is k
 
 
 def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLike[str], *,
-                       split: str = "test") -> tuple[int, dict[str, int]]:
+                       split: str = "test") -> tuple[int, dict[str, int], int]:
     """Write the rows of scoring output ``out`` that have a result and a known ``label`` (carried from a
-    manifest) as a predictions CSV for ``patchflannel eval``; returns the rows written and the rows left out
+    manifest) as a predictions CSV for ``patchflannel eval``; returns the rows written, the rows left out
     by reason (``no result``, ``flag ...`` for :data:`UNTRUSTED_FLAGS`, ``no label``, ``label 'X' (not a
-    class)``).
+    class)``), and how many rows written carried no split (given ``split``).
 
     ``model`` is the bundle's name, ``fold`` the carried fold (else ``all``), ``split`` the carried split
     (a splits file's ``train``/``test``) else ``split``, and a missing ``patient_id`` is the path (each image
@@ -368,7 +368,7 @@ def export_predictions(out: str | os.PathLike[str], predictions: str | os.PathLi
     write_predictions([{"patient_id": r["path"], "source": "", **{k: v for k, v in r.items() if v not in (None, "")},
                         "model": model, "fold": r.get("fold") or "all", "split": r.get("split") or split} for r in rows],
                       Path(predictions))
-    return len(rows), dict(left_out)
+    return len(rows), dict(left_out), sum(not r.get("split") for r in rows)
 
 
 def schema_columns(schema: pa.Schema) -> list[list[str]]:
