@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -65,11 +64,8 @@ def onnx_cmd(
     data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA, else shared/data beside the repository, else ../shared/data)."),
 ) -> None:
     """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
-    from patchflannel.export.bundle import random_bundle
-    from patchflannel.export.onnx import export_onnx
-    from patchflannel.io.files import first_missing, remove_written
+    from patchflannel.export.onnx import export_onnx, export_random_onnx
     from patchflannel.models.classifiers import FLANNEL_LEARNERS
-    from patchflannel.models.registry import model_family
 
     with fail_cleanly(interrupted=UNDONE):
         if preset is None and not random:
@@ -79,23 +75,11 @@ def onnx_cmd(
             raise PatchflannelError(f"unknown preset {preset!r}: the one preset is flannel5")
         if bundle is not None or out is None:
             raise PatchflannelError("--preset flannel5 / --random ARCH need --out DIR and no BUNDLE")
-        learners = tuple(FLANNEL_LEARNERS) if preset else tuple(random)
-        for arch in learners:
-            model_family(arch)  # an unknown name is refused before any folder is made
-        made = first_missing(out.parent)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # Made beside --out, then exported into it as any bundle is (a failed export leaves nothing there).
-        try:
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as tmp:
-                source = random_bundle(tmp, segmentation="fcdensenet103" if preset else "fcdensenet56",
-                                       learners=learners, name=preset or "random")
-                exported = export_onnx(source, out, models=model or None, opset=opset, data_dir=data,
-                                       precision=precision)
-        except BaseException:
-            if made is not None and not (out / "bundle.json").is_file():  # the folders made above --out
-                remove_written(made, existed=False)
-            raise
-        _summary(exported)
+        exported = export_random_onnx(out, FLANNEL_LEARNERS if preset else random,
+                                      segmentation="fcdensenet103" if preset else "fcdensenet56",
+                                      name=preset or "random", models=model or None, opset=opset, data_dir=data,
+                                      precision=precision)
+    _summary(exported)
 
 
 @export_app.command("tensorrt")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import (
+    BUNDLE_FILE,
     Bundle,
     ModelEntry,
     StagedFiles,
@@ -299,6 +301,30 @@ def export_onnx(bundle: Bundle | str | Path | None = None, out: str | Path | Non
     with export_target(bundle, out, models) as (b, entries):
         _export_entries(b, entries, data, opset, precision, rtol, atol)
     return load_bundle(b.root)
+
+
+def export_random_onnx(out: str | Path, learners: Sequence[str], *, segmentation: str = "fcdensenet56",
+                       name: str = "random", **options: Any) -> Bundle:
+    """A bundle of random-weight networks (``segmentation``, ``learners``, an ensemble) exported to ONNX into the
+    new folder ``out`` (``options`` as for :func:`export_onnx`): made beside ``out``, then exported into it as any
+    bundle is. A failure leaves neither ``out`` nor the folders made above it."""
+    from patchflannel.export.bundle import random_bundle
+    from patchflannel.models.registry import model_family
+
+    for arch in (segmentation, *learners):
+        model_family(arch)  # an unknown name is refused before any folder is made
+    out = Path(out)
+    made = first_missing(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as tmp:
+            source = random_bundle(tmp, segmentation=segmentation, learners=tuple(learners), name=name)
+            exported = export_onnx(source, out, **options)
+    except BaseException:
+        if made is not None and not (out / BUNDLE_FILE).is_file():  # (a clean-up failure after the export keeps it)
+            remove_written(made, existed=False)
+        raise
+    return exported
 
 
 def _export_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, opset: int, precision: str,
