@@ -376,6 +376,14 @@ def test_inputs_that_fail_as_they_are_taken_are_their_own_errors(engine, jpegs, 
         assert got[1].item_id == "<BadPath #1>" and "ValueError: no such mount" in got[1].error
         assert got[2].item_id == "<BadDLPack #2>" and "KeyError" in got[2].error
         np.testing.assert_allclose(got[3].probability_array, baseline[1].probability_array, atol=1e-6)
+    # Nor an id that cannot be read as text, nor an input that cannot be copied as it is taken.
+    released = memoryview(bytearray(jpegs[0].read_bytes()))
+    released.release()
+    got = list(engine.stream([jpegs[0], released, (10**5000, jpegs[1]), (BadPath(), jpegs[1]), jpegs[1]]))
+    assert [p.status for p in got] == [baseline[0].status, "error", "error", "error", baseline[1].status]
+    assert got[1].item_id == "<bytes #1>" and "cannot take the input: ValueError" in got[1].error
+    assert got[2].item_id == "<input #2>" and "cannot take the input: ValueError: Exceeds the limit" in got[2].error
+    assert got[3].item_id == "<input #3>" and "no such mount" in got[3].error
 
 
 

@@ -433,6 +433,24 @@ def test_truncated_real_jpeg(tmp_path: Path, cxr4_dir: Path) -> None:
     _assert_refused(path, "cannot decode", "JPEG")
 
 
+def test_a_jpeg_damaged_inside_is_refused_not_decoded_into_another_image(tmp_path: Path, cxr4_dir: Path) -> None:
+    """Bytes zeroed or changed inside the compressed data, the end-of-image marker intact: Pillow (and nvJPEG)
+    only print libjpeg's warning, naming no file, and decode what is left; stray bytes before a marker are no
+    damage to the image and are read as before."""
+    from patchflannel.engine.loaders import eight_bit_image
+
+    data = _manifest_paths(cxr4_dir)[0].read_bytes()
+    middle = len(data) // 2
+    for name, damaged in (("zeroed", data[:middle] + bytes(3000) + data[middle + 3000:]),
+                          ("cut", data[:middle] + data[middle + 20000:])):
+        (tmp_path / f"{name}.jpg").write_bytes(damaged)
+        _assert_refused(tmp_path / f"{name}.jpg", "cannot decode JPEG: Corrupt JPEG data", "the file is damaged")
+        assert not eight_bit_image(damaged, ("jpeg",))  # the GPU loaders leave it to the cpu loader's refusal
+    stray = data[:-2] + b"\0\0" + data[-2:]  # two bytes before the end-of-image marker
+    np.testing.assert_array_equal(read_image(stray), read_image(data))
+    assert eight_bit_image(data, ("jpeg",)) and eight_bit_image(stray, ("jpeg",))
+
+
 @pytest.mark.parametrize("side", [(1, 1), (MIN_SIDE - 1, 200), (200, MIN_SIDE - 1)])
 def test_too_small(tmp_path: Path, side: tuple[int, int]) -> None:
     path = tmp_path / "tiny.png"

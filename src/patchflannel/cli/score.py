@@ -84,7 +84,7 @@ def score(
             errors.print("note: no row has a label: the predictions need a manifest with a 'label' column",
                          markup=False, highlight=False, soft_wrap=True)
         if unsplit:
-            errors.print(f"note: {unsplit} of them carry no split (their manifest has no 'split' column): written as "
+            errors.print(f"note: {unsplit} of them carry no split (no 'split' value in their manifest): written as "
                          "split 'test', which `eval` reports as held out; they are held out only if the bundle's "
                          "networks never trained on them (a splits file's test rows: docs/scoring.md)",
                          markup=False, highlight=False, soft_wrap=True)

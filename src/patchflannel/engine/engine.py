@@ -51,7 +51,7 @@ from patchflannel.classes import CLASSES
 from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import Backend, make_backend, resolve_backend, resolve_precision
 from patchflannel.engine.backends.torch_backend import TorchBackend
-from patchflannel.engine.inputs import Item, default_id, on_device, prepare, snapshot, split_pair
+from patchflannel.engine.inputs import Item, on_device, prepare, take
 from patchflannel.engine.loaders import Loader, make_loader
 from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
@@ -484,8 +484,7 @@ class Engine:
                 if group:
                     yield group
                 raise _SourceFailure(exc) from exc
-            item_id, x = split_pair(x)
-            group.append((item_id if item_id is not None else default_id(x, index), snapshot(x)))
+            group.append(take(x, index))
             index += 1
             if len(group) == self.images_per_call:
                 yield group

@@ -93,6 +93,19 @@ def _array_image(x: Any, label: str) -> torch.Tensor:
     return t
 
 
+def take(x: Any, index: int) -> tuple[str, Any]:
+    """The ``index``-th input as the engine holds it until its group is prepared: its id, and a copy of it
+    (:func:`snapshot`). An id that cannot be read as text, or an input that cannot be copied (a released
+    memoryview), is held as its error, which :func:`prepare` turns into its error result."""
+    label = f"<input #{index}>"
+    try:
+        item_id, x = split_pair(x)
+        label = item_id if item_id is not None else default_id(x, index)
+        return label, snapshot(x)
+    except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the stream's
+        return label, ImageReadError(label, f"cannot take the input: {type(exc).__name__}: {first_line(exc)[:300]}")
+
+
 def default_id(x: Any, index: int) -> str:
     """The id of an input given without one: a path names itself; in-memory data is named by its kind and its
     position in the input (``<bytes #3>``, ``<ndarray #0>``)."""
@@ -123,6 +136,8 @@ def _text(exc: ImageReadError) -> str:
 
 
 def _read_input(x: Any, label: str) -> Item:
+    if isinstance(x, ImageReadError):  # what take() could not hold
+        raise x
     if isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview)):
         data = bytes(x) if isinstance(x, (bytes, bytearray, memoryview)) else read_file_bytes(x)
         try:  # DICOM is decoded here, once: its content hash is its decoded image

@@ -169,7 +169,29 @@ def _looks_like_bare_dicom(data: bytes) -> bool:
     return data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08") and len(data) >= 8
 
 
+CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file")
+"""How libjpeg's warnings about damaged compressed data begin."""
+
+
+def jpeg_corruption(data: bytes) -> str | None:
+    """libjpeg's complaint about a JPEG's compressed data (bytes changed, lost or zeroed inside it), which Pillow and
+    nvJPEG only warn of on stderr, decoding what is left into a wrong image; None when it decodes cleanly, or
+    libjpeg-turbo cannot judge it (a CMYK or 12-bit JPEG). Stray bytes before a marker are not damage to the image.
+    A strict grey decode by simplejpeg: about 2.4 ms a cxr4 film on this project's CPU."""
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", strict=True)
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(CORRUPT_JPEG) and "extraneous bytes before marker" not in message:
+            return message
+    return None
+
+
 def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, Any]]:
+    if fmt == "jpeg" and (damage := jpeg_corruption(data)) is not None:
+        raise ImageReadError(label, f"cannot decode JPEG: {damage} (the file is damaged)")
     try:
         with warnings.catch_warnings():
             # Our own MAX_PIXELS check below gives the clear refusal; PIL's warning would only be noise.

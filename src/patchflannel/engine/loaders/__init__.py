@@ -45,7 +45,7 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
 
     from PIL import Image
 
-    from patchflannel.io.readers import EXIF_ORIENTATION, MAX_PIXELS, MIN_SIDE, detect_format
+    from patchflannel.io.readers import EXIF_ORIENTATION, MAX_PIXELS, MIN_SIDE, detect_format, jpeg_corruption
 
     fmt = detect_format(data)
     if fmt not in formats:
@@ -57,6 +57,8 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
             # thumbnail's): cut short. A GPU decoder may return a partly grey image, and DALI fails its whole
             # batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot occur inside the
             # entropy-coded data, which stuffs every FF; a trailer after the marker is allowed.)
+            return False
+        if jpeg_corruption(data) is not None:  # damaged inside: the GPU decoders would decode what is left
             return False
     try:
         with Image.open(io.BytesIO(data)) as img:
