@@ -169,8 +169,9 @@ def _looks_like_bare_dicom(data: bytes) -> bool:
     return data[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08") and len(data) >= 8
 
 
-CORRUPT_JPEG = ("Corrupt JPEG data", "Premature end of JPEG file")
-"""How libjpeg's warnings about damaged compressed data begin."""
+CORRUPT_JPEG = "Corrupt JPEG data"
+"""How libjpeg's warnings about damaged compressed data begin (a file cut short, "Premature end of JPEG file",
+Pillow refuses itself: "image file is truncated")."""
 
 
 def jpeg_corruption(data: bytes) -> str | None:
@@ -190,8 +191,6 @@ def jpeg_corruption(data: bytes) -> str | None:
 
 
 def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, Any]]:
-    if fmt == "jpeg" and (damage := jpeg_corruption(data)) is not None:
-        raise ImageReadError(label, f"cannot decode JPEG: {damage} (the file is damaged)")
     try:
         with warnings.catch_warnings():
             # Our own MAX_PIXELS check below gives the clear refusal; PIL's warning would only be noise.
@@ -205,7 +204,9 @@ def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, 
         raise ImageReadError(label, f"cannot decode {fmt.upper()}: {exc}") from None
     with img:
         columns, rows = img.size
-        check_size(label, rows, columns)
+        check_size(label, rows, columns)  # (before any decoding: a decompression bomb is refused from its header)
+        if fmt == "jpeg" and (damage := jpeg_corruption(data)) is not None:
+            raise ImageReadError(label, f"cannot decode JPEG: {damage} (the file is damaged)")
         try:
             if getattr(img, "n_frames", 1) > 1 and fmt == "tiff":
                 raise ImageReadError(label, f"multi-page TIFF ({img.n_frames} pages) is not supported")

@@ -58,16 +58,16 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
             # batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot occur inside the
             # entropy-coded data, which stuffs every FF; a trailer after the marker is allowed.)
             return False
-        if jpeg_corruption(data) is not None:  # damaged inside: the GPU decoders would decode what is left
-            return False
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             single = getattr(img, "n_frames", 1) == 1  # multi-page TIFFs: the cpu loader refuses them
             upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1  # the cpu loader turns the others upright
-            return img.mode in ("L", "RGB") and single and upright and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
+            fits = img.mode in ("L", "RGB") and single and upright and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
     except Exception:  # noqa: BLE001 - unreadable header: the cpu loader reports why
         return False
+    # A JPEG damaged inside (checked once its size is known to be sane): the GPU decoders would decode what is left.
+    return fits and (fmt != "jpeg" or jpeg_corruption(data) is None)
 
 
 def available_loaders(device: torch.device) -> list[str]:
