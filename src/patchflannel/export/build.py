@@ -21,7 +21,7 @@ from patchflannel.export.bundle import (
     write_bundle,
 )
 from patchflannel.models import list_models, model_family
-from patchflannel.io.files import first_missing, remove_written
+from patchflannel.io.files import made_folders_removed_on_failure
 from patchflannel.settings import read_json
 
 MODES = ("patch", "global")
@@ -109,39 +109,35 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
 
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
-    made = first_missing(out.parent)  # folders above out that building beside it makes: gone again if it fails
-    tmp.mkdir(parents=True)
-    try:
-        entries: dict[str, ModelEntry] = {}
-        for i, (key, info) in enumerate(infos.items()):
-            role = "segmentation" if key == "segmentation" else "ensemble" if key == "ensemble" else _learner_mode(runs[key], info)
-            arch = info["arch"]
-            rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(runs[key] / "best.pt", tmp / rel)
-            entries[key] = ModelEntry(
-                name=key if key in families else f"{arch}_{role}", arch=arch, arch_config=dict(info.get("arch_config") or {}),
-                files=[add_file(tmp, rel, "torch")], mode=role if role in MODES else None,
-                **io_signature(role, pre, len(learner_runs)))
-        learners = [entries[f"learner {i}"] for i in range(len(learner_runs))]
-        if len({m.name for m in learners}) != len(learners):
-            for i, m in enumerate(learners):
-                m.name = f"{i}_{m.name}"
-        training = {key: _summary(runs[key], info) for key, info in infos.items() if key in families}
-        training["learners"] = [_summary(runs[f"learner {i}"], infos[f"learner {i}"]) for i in range(len(learner_runs))]
-        bundle = Bundle(root=tmp, name=name, classes=list(CLASSES), preprocessing=pre, segmentation=entries["segmentation"],
-                        learners=learners, ensemble=entries.get("ensemble"), training=training)
-        write_bundle(bundle)
-        for entry in bundle.models():
-            load_torch_model(bundle, entry)  # refuses weights that do not fit the architecture
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        if made is not None:
-            remove_written(made, existed=False)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with made_folders_removed_on_failure(out.parent):  # building beside out may make the folders above it
+        tmp.mkdir(parents=True)
+        try:
+            entries: dict[str, ModelEntry] = {}
+            for i, (key, info) in enumerate(infos.items()):
+                role = "segmentation" if key == "segmentation" else "ensemble" if key == "ensemble" else _learner_mode(runs[key], info)
+                arch = info["arch"]
+                rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(runs[key] / "best.pt", tmp / rel)
+                entries[key] = ModelEntry(
+                    name=key if key in families else f"{arch}_{role}", arch=arch, arch_config=dict(info.get("arch_config") or {}),
+                    files=[add_file(tmp, rel, "torch")], mode=role if role in MODES else None,
+                    **io_signature(role, pre, len(learner_runs)))
+            learners = [entries[f"learner {i}"] for i in range(len(learner_runs))]
+            if len({m.name for m in learners}) != len(learners):
+                for i, m in enumerate(learners):
+                    m.name = f"{i}_{m.name}"
+            training = {key: _summary(runs[key], info) for key, info in infos.items() if key in families}
+            training["learners"] = [_summary(runs[f"learner {i}"], infos[f"learner {i}"]) for i in range(len(learner_runs))]
+            bundle = Bundle(root=tmp, name=name, classes=list(CLASSES), preprocessing=pre, segmentation=entries["segmentation"],
+                            learners=learners, ensemble=entries.get("ensemble"), training=training)
+            write_bundle(bundle)
+            for entry in bundle.models():
+                load_torch_model(bundle, entry)  # refuses weights that do not fit the architecture
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_bundle(out)

@@ -29,7 +29,6 @@ from torch import nn
 from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import (
-    BUNDLE_FILE,
     Bundle,
     ModelEntry,
     StagedFiles,
@@ -42,7 +41,7 @@ from patchflannel.export.bundle import (
     role_of,
     write_bundle,
 )
-from patchflannel.io.files import copy_contents, first_missing, remove_written
+from patchflannel.io.files import copy_contents, first_missing, made_folders_removed_on_failure, remove_written
 
 OPSET = 17
 """Default opset: run by ONNX Runtime >= 1.14 and parsed by TensorRT 8.6, 10 and 11."""
@@ -314,17 +313,11 @@ def export_random_onnx(out: str | Path, learners: Sequence[str], *, segmentation
     for arch in (segmentation, *learners):
         model_family(arch)  # an unknown name is refused before any folder is made
     out = Path(out)
-    made = first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-") as tmp:
+    with made_folders_removed_on_failure(out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=".random-bundle-", ignore_cleanup_errors=True) as tmp:
             source = random_bundle(tmp, segmentation=segmentation, learners=tuple(learners), name=name)
-            exported = export_onnx(source, out, **options)
-    except BaseException:
-        if made is not None and not (out / BUNDLE_FILE).is_file():  # (a clean-up failure after the export keeps it)
-            remove_written(made, existed=False)
-        raise
-    return exported
+            return export_onnx(source, out, **options)
 
 
 def _export_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, opset: int, precision: str,

@@ -23,7 +23,7 @@ import torch
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
 from patchflannel.export.tensorrt import learner_k_max
-from patchflannel.io.files import first_missing, publish_folder, remove_written
+from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
 
 ENSEMBLE = "patchflannel"
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
@@ -255,23 +255,19 @@ def export_triton(bundle: Bundle | str | Path | None, out: str | Path, *, model_
     configs[ENSEMBLE] = _ensemble(pb, b, names)
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
-    made = first_missing(out.parent)  # folders above out that building beside it makes: gone again if it fails
-    try:
-        for name, config in configs.items():
-            (tmp / name / "1").mkdir(parents=True)
-            (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
-            if name in files:
-                shutil.copyfile(b.path_of(files[name]), tmp / name / "1" / PLATFORMS[model_format][1])
-            elif config.backend == "python":
-                (tmp / name / "1" / "model.py").write_text(MODEL_PY)
-        validate_repository(tmp)
-        publish_folder(tmp, out)  # a user's empty folder (or a link to one) keeps its permissions and link
-    except BaseException:
-        if made is not None:
-            remove_written(made, existed=False)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with made_folders_removed_on_failure(out.parent):  # building beside out may make the folders above it
+        try:
+            for name, config in configs.items():
+                (tmp / name / "1").mkdir(parents=True)
+                (tmp / name / "config.pbtxt").write_text(text_format.MessageToString(config))
+                if name in files:
+                    shutil.copyfile(b.path_of(files[name]), tmp / name / "1" / PLATFORMS[model_format][1])
+                elif config.backend == "python":
+                    (tmp / name / "1" / "model.py").write_text(MODEL_PY)
+            validate_repository(tmp)
+            publish_folder(tmp, out)  # a user's empty folder (or a link to one) keeps its permissions and link
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

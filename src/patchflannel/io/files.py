@@ -108,6 +108,19 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
+@contextlib.contextmanager
+def made_folders_removed_on_failure(folder: Path) -> Iterator[None]:
+    """Within it, ``folder`` and the folders above it that do not exist yet are removed again if the block fails
+    (or is interrupted): a failed command leaves no folders it made."""
+    made = first_missing(folder)
+    try:
+        yield
+    except BaseException:
+        if made is not None:
+            remove_written(made, existed=False)
+        raise
+
+
 def remove_written(out: Path, existed: bool) -> None:
     """Undo what a failed command wrote into ``out``: the folder itself when the command made it, else (an empty
     folder, or a link to one, given by the user) only its contents. Never raises: the command's own error is the
