@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.io.files import glob_paths
 from patchflannel.scoring.inputs import discover_inputs, extra_columns, read_score_manifest
 
 
@@ -59,6 +61,27 @@ def test_glob_patterns_recurse_and_filter(tmp_path: Path) -> None:
     _touch(tmp_path / "one" / "two" / "c.txt")
     found = discover_inputs([str(tmp_path / "one" / "**" / "*")])
     assert [Path(i.path).name for i in found] == ["a.png", "b.jpg"]
+
+
+def test_glob_patterns_match_as_python_glob_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for rel in ("a.png", "s/b.png", "s/.c.png", ".h/d.png", "s/.h/e.png", "s/t/u/f.png", "s[1]/g.png", "x.txt"):
+        _touch(tmp_path / rel)
+    os.symlink(tmp_path / "s" / "t", tmp_path / "linked")  # a linked folder, no loop: followed, as glob does
+    monkeypatch.chdir(tmp_path)
+    for pattern in ("**/*.png", "**", "s/**/*.png", "*/**/f.png", "**/.h/*.png", "**/.*.png", "s/**", "s[[]1]/**/*",
+                    f"{tmp_path}/**/u/*.png", "**/t/**/*.png", "s/*/**/*.png", "a.png", "none/**/*.png"):
+        assert sorted(glob_paths(pattern)) == sorted(glob.glob(pattern, recursive=True)), pattern
+
+
+def test_glob_patterns_do_not_follow_links_round_a_loop(tmp_path: Path) -> None:
+    """Python's glob follows a link back up the tree until the path is too long: with two such links it never
+    ends (2 ** 40 paths)."""
+    _touch(tmp_path / "d" / "a.png")
+    _touch(tmp_path / "d" / "sub" / "b.png")
+    os.symlink("..", tmp_path / "d" / "sub" / "up")
+    os.symlink("../sub", tmp_path / "d" / "sub" / "self")
+    found = discover_inputs([str(tmp_path / "d" / "**" / "*.png")])
+    assert [Path(i.path).relative_to(tmp_path / "d").as_posix() for i in found] == ["a.png", "sub/b.png"]
 
 
 def test_manifest_relative_paths_and_carried_columns(tmp_path: Path) -> None:

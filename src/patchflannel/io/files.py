@@ -1,10 +1,11 @@
-"""Files and folders: finding files below a folder (linked folders followed, a cluster's ``train -> /scratch/...``,
-each way round a loop cut, hidden folders skipped), checking that an output can be made before any work, and
+"""Files and folders: finding files below a folder or by a glob pattern (linked folders followed, a cluster's
+``train -> /scratch/...``, each way round a loop cut, hidden folders skipped), checking that an output can be made before any work, and
 writing outputs whole (a file atomically; a folder into a user's empty folder without changing it)."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -38,6 +39,50 @@ def _loops(top: str, folder: str) -> bool:
         if os.path.realpath(parent) == real:
             return True
     return False
+
+
+def glob_paths(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)`` (``**`` matches any number of folders), in no set order, except that
+    ``**`` does not enter a linked folder that is one of its own ancestors: glob follows a link back up the tree
+    until the path is too long, and with two such links it never ends."""
+    parts = pattern.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(pattern)
+    first = parts.index("**")
+    top = os.sep.join(parts[:first]) or (os.sep if pattern.startswith(os.sep) else "")  # "": the current folder
+    bases = glob.glob(top) if glob.has_magic(top) else [top]
+    return [path for base in bases if os.path.isdir(base or os.curdir)
+            for path in _below(base, parts[first:], (os.path.realpath(base),))]
+
+
+def _below(folder: str, parts: list[str], ancestors: tuple[str, ...]) -> Iterator[str]:
+    """The paths below ``folder`` that match the pattern ``parts``; ``ancestors``: the real paths of the folders
+    ``**`` came through."""
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        if not rest and folder:
+            yield os.path.join(folder, "")  # as glob: a last "**" names the folder it starts from, and all below
+        for sub, above in _folders(folder, ancestors):
+            yield from _below(sub, rest or ["*"], above)
+        return
+    for path in glob.glob(os.path.join(glob.escape(folder), part)):
+        if not rest:
+            yield path
+        elif os.path.isdir(path):
+            yield from _below(path, rest, ancestors)
+
+
+def _folders(folder: str, ancestors: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
+    """``folder`` and the folders below it that ``**`` goes through (not hidden, not a link back to one of their
+    ancestors), each with its ancestors' real paths."""
+    yield folder, ancestors
+    names: list[str] = []
+    with contextlib.suppress(OSError), os.scandir(folder or os.curdir) as entries:  # glob skips what it cannot list
+        names = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    for sub in (os.path.join(folder, name) for name in names):
+        real = os.path.realpath(sub)
+        if real not in ancestors:
+            yield from _folders(sub, (*ancestors, real))
 
 
 def save_atomic(path: Path, write: Callable[[Path], None]) -> None:

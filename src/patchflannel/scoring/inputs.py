@@ -6,7 +6,8 @@ Rules (also in docs/scoring.md):
   A named file ending in ``.csv`` is a manifest instead: a CSV with a ``path`` column (relative paths are
   resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view``, ``split`` and ``fold``
   columns, when present, are carried into the output (no join with the manifest is needed).
-- A folder is walked recursively and a glob pattern expanded (``**`` recurses); from those, files with an
+- A folder is walked recursively and a glob pattern expanded (``**`` recurses); linked folders are followed,
+  except into one of their own ancestors (a loop); from those, files with an
   image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes
   carry the DICOM ``DICM`` marker (PACS exports often have no extension, or are named by UID: ``1.2.840...``). Hidden files and folders
   (name starting with ``.``) are skipped.
@@ -17,7 +18,6 @@ Rules (also in docs/scoring.md):
 from __future__ import annotations
 
 import csv
-import glob
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from patchflannel.data.manifest import header_problems, unreadable_csv
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.io.files import walk_files
+from patchflannel.io.files import glob_paths, walk_files
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
@@ -139,7 +139,7 @@ def _expand(source: str) -> Iterator[ScoreInput]:
         else:
             yield ScoreInput(os.path.abspath(source))
     elif _GLOB_CHARS & set(source):
-        matches = sorted(m for m in glob.glob(source, recursive=True) if is_image_name(m) or _dangling_image(m))
+        matches = sorted(m for m in glob_paths(source) if is_image_name(m) or _dangling_image(m))
         if not matches:
             raise ConfigError(f"{source}: pattern matches no image files")
         yield from (ScoreInput(os.path.abspath(m)) for m in matches)
