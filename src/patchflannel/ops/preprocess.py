@@ -57,6 +57,10 @@ def gamma_correct(images: torch.Tensor, gamma: float = GAMMA) -> torch.Tensor:
     return images.clamp(0, 1).pow(gamma)
 
 
+def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear, antialiased resize of (H, W), (B, H, W) or (B, C, H, W) images."""
     size = (size, size) if isinstance(size, int) else tuple(size)
@@ -64,7 +68,10 @@ def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     squeeze = 4 - x.ndim
     for _ in range(squeeze):
         x = x.unsqueeze(0)
-    out = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    (h, w), (out_h, out_w) = x.shape[-2:], size
+    if h * out_w > 4 * out_h * w:  # torch resizes the width first: a tall narrow image (600000 x 33) would be
+        x = _interpolate(x, (out_h, w))  # widened whole (to 600000 x 1024, 2.4 GB) before its height shrinks
+    out = _interpolate(x, size)
     for _ in range(squeeze):
         out = out.squeeze(0)
     return out
