@@ -289,6 +289,29 @@ def test_dicom_with_an_invalid_window_shows_the_full_range(tmp_path: Path, real_
     plain = read_image(_save(_dicom(pixels, "MONOCHROME2", 12), tmp_path / "plain.dcm"))
     zero = read_image(_save(_dicom(pixels, "MONOCHROME2", 12, WindowCenter=2000.0, WindowWidth=0.0), tmp_path / "w0.dcm"))
     np.testing.assert_array_equal(zero, plain)
+    letters = _dicom(pixels, "MONOCHROME2", 12, WindowWidth=400.0)
+    _raw(letters, "WindowCenter", "DS", "abc")  # no number: as if no window were set (it raised a TypeError)
+    np.testing.assert_array_equal(read_image(_save(letters, tmp_path / "wabc.dcm")), plain)
+
+
+def test_dicom_rescale_that_is_no_number_is_refused_naming_it(tmp_path: Path, real_u16: np.ndarray) -> None:
+    """A decimal comma (a European PACS) or an empty slope: the pixel values cannot be known (it was an error
+    row quoting numpy: "ufunc 'multiply' did not contain a loop")."""
+    for slope in ("1,5", ""):
+        ds = _dicom(real_u16 >> 4, "MONOCHROME2", 12, RescaleIntercept=-1024.0)
+        _raw(ds, "RescaleSlope", "DS", slope)
+        _assert_refused(_save(ds, tmp_path / "rescale.dcm"),
+                        f"DICOM rescale is not a number (RescaleSlope '{slope}', RescaleIntercept '-1024.0')")
+
+
+def _raw(ds: Dataset, keyword: str, vr: str, text: str) -> None:
+    """Set ``keyword`` to ``text`` as a file would hold it, unchecked (pydicom refuses to set a bad value)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    value = text.encode() + b" " * (len(text) % 2)
+    tag = tag_for_keyword(keyword)
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
 
 
 def test_dicom_rgb_and_ybr_to_luma(tmp_path: Path, real_u8: np.ndarray) -> None:

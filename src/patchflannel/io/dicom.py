@@ -116,7 +116,9 @@ def _decode(ds: Dataset, label: str) -> tuple[np.ndarray, dict[str, Any]]:
                              f"installed (pip install 'patchflannel[dicom]' installs them; {missing})")
     _fit_native_length(ds, tsyntax, rows, columns, label)
     try:
-        grey = _to_grey(ds.pixel_array, ds)
+        grey = _to_grey(ds.pixel_array, ds, label)
+    except ImageReadError:
+        raise
     except Exception as exc:  # truncated or corrupt pixel data surfaces here
         raise ImageReadError(label, f"cannot decode DICOM pixel data ({tsyntax.name}): {exc}") from None
     meta = {"shape": (rows, columns), "channels": int(ds.get("SamplesPerPixel") or 1),
@@ -182,7 +184,7 @@ def _transfer_syntax(ds: Dataset, label: str) -> UID:
     return tsyntax
 
 
-def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
+def _to_grey(pixels: np.ndarray, ds: Dataset, label: str) -> np.ndarray:
     """Grey float32 in [0, 1] from decoded pixels (colour arrives as RGB: pydicom converts YBR)."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -193,11 +195,15 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     if pixels.ndim == 3:
         full_scale = np.float32(2 ** int(ds.get("BitsStored") or ds.BitsAllocated) - 1)
         return np.ascontiguousarray(np.clip(luma(pixels) / full_scale, 0.0, 1.0))
-    modality = apply_modality_lut(pixels, ds)
+    try:
+        modality = apply_modality_lut(pixels, ds)
+    except (TypeError, ValueError):  # a rescale that is no number ('1,5', empty): the values cannot be known
+        written = ", ".join(f"{key} {_written(ds, key)!r}" for key in ("RescaleSlope", "RescaleIntercept") if key in ds)
+        raise ImageReadError(label, f"DICOM rescale is not a number ({written}): its pixel values are unknown") from None
     try:
         values = apply_voi_lut(modality, ds).astype(np.float32)  # float32: exact for 16-bit data, half the memory
-    except ValueError:  # an invalid window (WindowWidth 0): the pixels are good, the full range is shown
-        values = modality.astype(np.float32)
+    except (TypeError, ValueError):  # an invalid window (WindowWidth 0, 'abc'): the pixels are good, the full
+        values = modality.astype(np.float32)  # range is shown
     padding = _padding(pixels, ds)  # outside the image: left out of the range, shown black
     real = values[~padding] if padding.any() and not padding.all() else values
     lo, hi = float(real.min()), float(real.max())
@@ -210,6 +216,12 @@ def _to_grey(pixels: np.ndarray, ds: Dataset) -> np.ndarray:
     scaled = np.clip(offset / np.float32(hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(values)
     scaled[padding] = 0.0
     return scaled.astype(np.float32)
+
+
+def _written(ds: Dataset, key: str) -> str:
+    """The value of the element ``key`` as text ('' when empty)."""
+    value = ds[key].value
+    return "" if value is None else str(value)
 
 
 def _signed(value: int, ds: Dataset) -> int:
