@@ -39,7 +39,7 @@ def score(
         help="Also write the rows with a result and a manifest label as a predictions CSV for `patchflannel eval`.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Score images into one table: one row per input (path, hash, status, error, pred, p_covid..p_normal,
+    """Score images into one table: one row per input (path, hash, status, error, flags, pred, p_covid..p_normal,
     per-learner confidences, K, seed, bundle id, backend, DICOM UIDs).
 
     Exit status:
