@@ -131,6 +131,23 @@ def test_split_is_seeded_disjoint_and_80_20() -> None:
     assert split_indices(200, 0.2, seed=4)[1] != val
 
 
+def test_pairs_manifest_is_read_as_every_manifest_is(tmp_path: Path) -> None:
+    """Excel's byte-order mark, blank lines and a file not in UTF-8, as the other manifests handle them (the
+    mark hid the 'image' column, and a Latin-1 byte raised a traceback)."""
+    from patchflannel.errors import ManifestError
+
+    for name in ("a.png", "a_mask.png"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfimage,mask\r\n\r\na.png,a_mask.png\r\nb.png,a_mask.png\r\n")
+    with pytest.raises(ManifestError, match=r"line 4: \S*b.png not found"):
+        read_pairs_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_bytes(b"\xef\xbb\xbfimage,mask\r\n\r\na.png,a_mask.png\r\n")
+    assert read_pairs_manifest(tmp_path / "m.csv") == [(tmp_path / "a.png", tmp_path / "a_mask.png")]
+    (tmp_path / "m.csv").write_bytes("image,mask\nä.png,a_mask.png\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match="line 2: byte 0xe4 is not UTF-8"):
+        read_pairs_manifest(tmp_path / "m.csv")
+
+
 def test_load_pairs_gives_spec_input_and_binary_masks(lungseg_dir: Path) -> None:
     pairs = read_pairs_manifest(lungseg_dir / "manifest.csv")
     assert len(pairs) == 200

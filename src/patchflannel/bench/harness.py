@@ -19,7 +19,6 @@ a warm-up run (loop mode runs once: its K*N calls are slow).
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import os
 import platform
@@ -37,6 +36,7 @@ import torch
 
 from patchflannel.bench.report import pair, variant, write_report
 from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
+from patchflannel.data.manifest import read_csv
 from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write, walk_files
@@ -170,11 +170,11 @@ def image_files(source: Path) -> list[Path]:
     if source.is_dir() and (source / "manifest.csv").is_file():
         source = source / "manifest.csv"
     if source.is_file():
-        with open(source, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "path" not in reader.fieldnames:
-                raise ConfigError(f"{source}: a manifest needs a 'path' column")
-            return [source.parent / row["path"] for row in reader]
+        columns, records = read_csv(source)
+        if "path" not in columns:
+            raise ConfigError(f"{source}: a manifest needs a 'path' column")
+        at = columns.index("path")
+        return [source.parent / record[at].strip() for _, record in records if len(record) > at]
     if source.is_dir():
         return sorted(p for p in map(Path, walk_files(source)) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     raise ConfigError(f"{source}: not a folder or manifest file")

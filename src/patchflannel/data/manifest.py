@@ -56,6 +56,24 @@ def unreadable_csv(path: Path, exc: Exception) -> str:
     return f"cannot read as a UTF-8 CSV file: {exc}"
 
 
+def read_csv(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The column names (stripped) and the non-empty records, each with its line number, of a UTF-8 CSV file
+    (Excel's byte-order mark allowed); ManifestError naming the file when it is missing, unreadable or empty."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            records = [(reader.line_num, record) for record in reader if record]
+    except FileNotFoundError:
+        raise ManifestError(path, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
+    if header is None:
+        raise ManifestError(path, ["empty file: no header row"])
+    return [name.strip() for name in header], records
+
+
 def header_problems(columns: list[str]) -> list[str]:
     """What is wrong with a manifest's header row (any manifest: data, splits or score): a column named twice,
     or one column whose name holds another separator. Unnamed columns (a spreadsheet's trailing commas) are not
@@ -74,19 +92,7 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
     """Read and validate a manifest CSV; raises ManifestError listing every problem found. ``decode`` also reads
     every image that exists (``progress`` is called after each), so unreadable images are listed with the rest."""
     path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            records = [(reader.line_num, record) for record in reader if record]
-    except FileNotFoundError:
-        raise ManifestError(path, ["file not found"]) from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
-    if header is None:
-        raise ManifestError(path, ["empty file: no header row"])
-
-    columns = [name.strip() for name in header]
+    columns, records = read_csv(path)
     problems = header_problems(columns)
     rows: list[Row] = []
     for line, record in records:

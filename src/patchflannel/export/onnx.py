@@ -15,7 +15,6 @@ the registry with the same numerics as the dynamo exporter and several times fas
 from __future__ import annotations
 
 import contextlib
-import csv
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from patchflannel.data.manifest import read_csv
 from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.bundle import (
@@ -66,8 +66,8 @@ def parity_data_dir(path: str | Path | None = None) -> Path | None:
 
 def _manifest_paths(folder: Path, column: str, n: int, by: str | None = None) -> list[Path]:
     """The first ``n`` paths of ``column`` in folder/manifest.csv, one per distinct ``by`` value first."""
-    with open(folder / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    columns, records = read_csv(folder / "manifest.csv")
+    rows = [dict(zip(columns, record)) for _, record in records]
     if by is not None:
         firsts: dict[str, dict[str, str]] = {}
         for r in rows:

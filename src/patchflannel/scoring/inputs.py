@@ -17,13 +17,12 @@ Rules (also in docs/scoring.md):
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from patchflannel.data.manifest import header_problems, unreadable_csv
+from patchflannel.data.manifest import header_problems, read_csv
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io.files import glob_paths, walk_files
 
@@ -173,19 +172,13 @@ def read_score_manifest(path: str | os.PathLike[str]) -> list[ScoreInput]:
     Files the manifest names but that are missing are kept: they become error rows when scored.
     """
     path = Path(path)
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
-            reader = csv.reader(handle)
-            columns = [c.strip() for c in next(reader, None) or []]
-            problems = header_problems(columns)
-            if problems:
-                raise ManifestError(path, problems)
-            if "path" not in columns:
-                raise ManifestError(path, [f"no 'path' column (columns: {', '.join(columns)})"])
-            records = [(reader.line_num, record) for record in reader if record]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
-    problems, rows = [], []
+    columns, records = read_csv(path)
+    problems = header_problems(columns)
+    if problems:
+        raise ManifestError(path, problems)
+    if "path" not in columns:
+        raise ManifestError(path, [f"no 'path' column (columns: {', '.join(columns)})"])
+    rows = []
     for line, record in records:
         row = {c: v.strip() for c, v in zip(columns, record)}
         if len(record) != len(columns):

@@ -12,7 +12,6 @@ the left), and every radiograph is read in the same orientation.
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 import time
@@ -28,6 +27,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
 from patchflannel.devices import resolve_device
+from patchflannel.data.manifest import header_problems, read_csv
 from patchflannel.errors import ConfigError, ManifestError, first_line
 from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models
@@ -133,20 +133,21 @@ class Pairs:
 def read_pairs_manifest(manifest: str | Path) -> list[tuple[Path, Path]]:
     """The (image, mask) paths of a pairs manifest with columns ``image,mask`` (relative to its folder)."""
     manifest = Path(manifest)
-    if not manifest.is_file():
-        raise ManifestError(manifest, ["file not found"])
-    with open(manifest, newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"image", "mask"} - set(reader.fieldnames or [])
-        if missing:
-            raise ManifestError(manifest, [f"missing column(s) {', '.join(sorted(missing))}"])
-        rows = list(reader)
-    problems, pairs = [], []
-    for i, row in enumerate(rows, start=2):
+    columns, records = read_csv(manifest)
+    problems = header_problems(columns)
+    missing = {"image", "mask"} - set(columns)
+    if missing:
+        raise ManifestError(manifest, [*problems, f"missing column(s) {', '.join(sorted(missing))}"])
+    pairs = []
+    for line, record in records:
+        if len(record) != len(columns):
+            problems.append(f"line {line}: expected {len(columns)} fields, found {len(record)}")
+            continue
+        row = {name: value.strip() for name, value in zip(columns, record)}
         image, mask = manifest.parent / row["image"], manifest.parent / row["mask"]
         for p in (image, mask):
             if not p.is_file():
-                problems.append(f"line {i}: {p} not found")
+                problems.append(f"line {line}: {p} not found")
         pairs.append((image, mask))
     if not pairs:
         problems.append("no pairs")
