@@ -197,3 +197,14 @@ def test_a_manifest_not_in_utf8_names_the_line_and_byte(tmp_path: Path) -> None:
     path.write_bytes("\n".join(lines).encode("utf-16"))  # Excel's "Unicode text"
     with pytest.raises(ManifestError, match="the file is UTF-16"):
         read_manifest(path, check_files=False)
+
+
+def test_a_nul_byte_in_a_manifest_is_named_by_line(tmp_path: Path) -> None:
+    """No path can hold a NUL byte: it raised a ValueError traceback out of score, segment and data validate."""
+    from patchflannel.scoring.inputs import read_score_manifest
+
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"path,label,patient_id,view,source\na.png,covid,p1,PA,s\n\nb\0.png,covid,p2,PA,s\n")
+    for read in (lambda p: read_manifest(p, check_files=False), read_score_manifest):
+        with pytest.raises(ManifestError, match=r"m.csv: line 4: holds a NUL byte"):
+            read(path)

@@ -58,7 +58,8 @@ def unreadable_csv(path: Path, exc: Exception) -> str:
 
 def read_csv(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The column names (stripped) and the non-empty records, each with its line number, of a UTF-8 CSV file
-    (Excel's byte-order mark allowed); ManifestError naming the file when it is missing, unreadable or empty."""
+    (Excel's byte-order mark allowed); ManifestError naming the file when it is missing, unreadable or empty, or
+    the lines that hold a NUL byte."""
     path = Path(path)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's "CSV UTF-8" byte-order mark
@@ -71,6 +72,10 @@ def read_csv(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raise ManifestError(path, [unreadable_csv(path, exc)]) from None
     if header is None:
         raise ManifestError(path, ["empty file: no header row"])
+    nul = [f"line {line}: holds a NUL byte (no file name or value can)" for line, record in records
+           if any("\0" in value for value in record)]
+    if nul:
+        raise ManifestError(path, nul)
     return [name.strip() for name in header], records
 
 
