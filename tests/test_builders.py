@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,16 @@ def test_kermany_without_images_is_an_error(tmp_path: Path) -> None:
         build_kermany(tmp_path)
     with pytest.raises(ManifestError, match="not found"):
         build_kermany(tmp_path / "absent")
+
+
+def test_kermany_names_a_manifest_cannot_hold_are_left_out_and_odd_ones_kept_whole(kermany: Path) -> None:
+    """A name that is not UTF-8 is left out with its reason (writing it raised a traceback); one holding a
+    carriage return is written quoted and read back whole (it was split into two rows)."""
+    _image(kermany / "train" / "PNEUMONIA" / "person4_virus_a\rb.jpeg")
+    _image(Path(os.fsdecode(os.fsencode(kermany / "train" / "PNEUMONIA") + b"/person5_virus_\xff.jpeg")))
+    build = build_kermany(kermany)
+    assert build.report.to_dict()["examples"]["file name not valid UTF-8: rename it"] == [
+        "train/PNEUMONIA/person5_virus_\\xff.jpeg"]
+    manifest = read_manifest(write_manifest(build.rows, kermany / "manifest.csv", build.columns))
+    assert manifest.rows == build.rows
+    assert "train/PNEUMONIA/person4_virus_a\rb.jpeg" in {row["original_name"] for row in manifest.rows}

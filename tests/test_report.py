@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
 from patchflannel.cli.learn import register
+from patchflannel.errors import ManifestError
 from patchflannel.training.report import PREDICTION_COLUMNS, PROB_COLUMNS, write_predictions
 
 IDX = {c: i for i, c in enumerate(CLASSES)}
@@ -157,6 +158,21 @@ def test_eval_refuses_bad_predictions_file(tmp_path: Path) -> None:
     empty = CliRunner().invoke(_app(), ["eval", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "rep")])
     assert empty.exit_code == 2 and "empty file: no header row" in empty.output and "missing column" not in empty.output
     assert not (tmp_path / "rep" / "report.json").exists()
+
+
+def test_predictions_with_odd_names_and_short_rows(tmp_path: Path) -> None:
+    """A carriage return in a path is written quoted and read back (it split the row: eval crashed on the short
+    one); a row short of fields is named by its line."""
+    from patchflannel.training.report import read_predictions
+
+    row = {"path": "/x/a\rb.png", "patient_id": "p1", "source": "s", "label": "covid", "model": "m", "fold": "0",
+           "split": "val", "pred": "covid", **dict.fromkeys(PROB_COLUMNS, 0.25)}
+    path = write_predictions([row, {**row, "path": "/x/c.png"}], tmp_path / "p.csv")
+    assert [r["path"] for r in read_predictions(path)] == ["/x/a\rb.png", "/x/c.png"]
+    with open(path, "a", newline="") as fh:
+        fh.write("/x/d.png,p2,s\r\n")  # line 5: the first row's quoted name spans lines 2 and 3
+    with pytest.raises(ManifestError, match=f"line 5: expected {len(PREDICTION_COLUMNS)} fields, found 3"):
+        read_predictions(path)
 
 
 def test_eval_names_a_scoring_output_and_how_to_get_predictions(tmp_path: Path) -> None:

@@ -28,7 +28,8 @@ from patchflannel.export.bundle import BUNDLE_FILE, load_bundle, load_torch_mode
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
 from patchflannel.ops.preprocess import resize_mask, segmentation_input
-from patchflannel.scoring.inputs import IMAGE_EXTENSIONS, printable
+from patchflannel.io.files import printable
+from patchflannel.scoring.inputs import IMAGE_EXTENSIONS
 
 REPORT_FILE = "segment_report.csv"
 REPORT_COLUMNS = ("file", "status", "lung_fraction", "mask", "message")

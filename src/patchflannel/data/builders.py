@@ -21,7 +21,7 @@ from rich.table import Table
 from patchflannel.classes import CLASSES
 from patchflannel.data.manifest import Row, unreadable_csv
 from patchflannel.errors import ManifestError
-from patchflannel.io.files import walk_files
+from patchflannel.io.files import printable, walk_files
 
 MAX_EXAMPLES = 5
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
@@ -284,6 +284,9 @@ def build_kermany(root: str | Path) -> Build:
     seen: set[tuple[str, ...]] = set()
     for path in files:
         name = path.relative_to(root).as_posix()
+        if printable(name) != name:  # a manifest is UTF-8 text: it cannot name this file
+            report.leave_out("file name not valid UTF-8: rename it", printable(name))
+            continue
         # The Kaggle archive holds a second full copy under chest_xray/chest_xray/: one image a split/class/name.
         key = tuple(part.lower() for part in path.parts[-3:])
         if key in seen:

@@ -216,7 +216,8 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+            # csv's own "\r\n" line ends: a field holding a "\r" (a file name can) is quoted too
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             for row in rows:
                 writer.writerow({**row, "path": _relative_if_under(Path(row["path"]), folder)})

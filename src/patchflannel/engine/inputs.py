@@ -17,6 +17,7 @@ import torch
 
 from patchflannel.engine.results import Prediction
 from patchflannel.errors import ImageReadError, first_line
+from patchflannel.io.files import printable
 from patchflannel.io.readers import check_size, image_hash, raw_hash, read_dicom_bytes, read_file_bytes
 from patchflannel.ops.preprocess import to_unit
 
@@ -124,15 +125,10 @@ def prepare(x: Any, label: str) -> Item:
     try:
         return _read_input(x, label)
     except ImageReadError as exc:
-        return Item(label, error=_text(exc))
+        return Item(label, error=printable(str(exc)))
     except Exception as exc:  # noqa: BLE001 - one input's failure is its own error, never the batch's
         return Item(label, error=str(ImageReadError(label, f"cannot read the input: {type(exc).__name__}: "
                                                            f"{first_line(exc)[:300]}")))
-
-
-def _text(exc: ImageReadError) -> str:
-    """An error as text the outputs can hold: bytes of a name that is not UTF-8 escaped."""
-    return os.fsencode(str(exc)).decode("utf-8", "backslashreplace")
 
 
 def _read_input(x: Any, label: str) -> Item:
@@ -143,7 +139,7 @@ def _read_input(x: Any, label: str) -> Item:
         try:  # DICOM is decoded here, once: its content hash is its decoded image
             dicom = read_dicom_bytes(data, label)
         except ImageReadError as exc:  # a DICOM that cannot be decoded: its error keeps the UIDs it holds
-            return Item(label, raw_hash(data), error=_text(exc), meta=exc.meta)  # as bytes_hash has it
+            return Item(label, raw_hash(data), error=printable(str(exc)), meta=exc.meta)  # as bytes_hash has it
         if dicom is not None:
             return Item(label, image_hash(dicom[0]), image=torch.from_numpy(dicom[0]), meta=dicom[1])
         return Item(label, raw_hash(data), data=data)  # not DICOM: its bytes (bytes_hash without sniffing again)

@@ -16,6 +16,15 @@ from pathlib import Path
 from patchflannel.errors import ConfigError
 
 
+def printable(path: str) -> str:
+    """``path`` as valid UTF-8 text: the bytes of a name that is not UTF-8 shown as ``\\x..`` escapes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of the name, held as surrogates
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
 def walk_files(folder: str | os.PathLike[str], onerror: Callable[[OSError], None] | None = None) -> Iterator[str]:
     """Paths of the entries that are not folders below ``folder`` (links to nowhere included), in no set order.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from patchflannel.data.manifest import header_problems, read_csv
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.io.files import glob_paths, walk_files
+from patchflannel.io.files import glob_paths, printable, walk_files
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
@@ -52,15 +52,6 @@ class ScoreInput:
     def source(self) -> str:
         """The name to open."""
         return self.file or self.path
-
-
-def printable(path: str) -> str:
-    """``path`` as valid UTF-8 text: the bytes of a name that is not shown as ``\\x..`` escapes."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes of the name, held as surrogates
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
-    return path
 
 
 def _named(path: str, extra: dict[str, str]) -> ScoreInput:

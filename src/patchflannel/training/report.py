@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
-from patchflannel.data.manifest import header_problems, unreadable_csv
+from patchflannel.data.manifest import header_problems, read_csv
 from patchflannel.errors import ConfigError, ManifestError, PatchflannelError
+from patchflannel.io.files import save_atomic
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 from patchflannel.settings import read_json
 
@@ -33,15 +34,15 @@ SCORE_HINT = "`patchflannel score MANIFEST --out OUT --predictions FILE.csv` wri
 
 
 def write_predictions(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write prediction rows (dicts with :data:`PREDICTION_COLUMNS`; probabilities as floats) to a CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}})
-    tmp.replace(path)
+    """Write prediction rows (dicts with :data:`PREDICTION_COLUMNS`; probabilities as floats) to a CSV, whole."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:  # csv's own "\r\n" line ends: a "\r" in a name is quoted too
+            writer = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}})
+
+    save_atomic(path, write)
     return path
 
 
@@ -52,23 +53,22 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
         raise ManifestError(path, ["file not found"])
     if path.suffix.lower() in (".parquet", ".jsonl"):
         raise ManifestError(path, [f"a scoring output, not a predictions CSV: {SCORE_HINT}"])
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = header_problems(list(reader.fieldnames or []))  # empty, repeated columns, another separator
-            if header:
-                raise ManifestError(path, header)
-            missing = [c for c in PREDICTION_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                hint = [f"this is a scoring output: {SCORE_HINT}"] if "content_hash" in (reader.fieldnames or []) else []
-                raise ManifestError(path, [f"missing column '{c}'" for c in missing] + hint)
-            raw = list(reader)
-    except UnicodeDecodeError as exc:
-        raise ManifestError(path, [unreadable_csv(path, exc)]) from None
+    columns, records = read_csv(path)
+    header = header_problems(columns)  # empty, repeated columns, another separator
+    if header:
+        raise ManifestError(path, header)
+    missing = [c for c in PREDICTION_COLUMNS if c not in columns]
+    if missing:
+        hint = [f"this is a scoring output: {SCORE_HINT}"] if "content_hash" in columns else []
+        raise ManifestError(path, [f"missing column '{c}'" for c in missing] + hint)
     problems: list[str] = []
     rows: list[dict[str, Any]] = []
     first: dict[tuple[str, ...], int] = {}
-    for i, r in enumerate(raw, start=2):
+    for i, record in records:
+        if len(record) != len(columns):
+            problems.append(f"line {i}: expected {len(columns)} fields, found {len(record)}")
+            continue
+        r = dict(zip(columns, record))
         bad = [f"unknown {k} '{r[k]}'" for k in ("label", "pred") if r[k] not in CLASS_INDEX]
         key = (r["path"], r["model"], r["fold"], r["split"])
         if first.setdefault(key, i) != i:  # a file given twice would count twice in the pooled figures
@@ -91,7 +91,7 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
         problems.extend(f"line {i}: {b}" for b in bad)
         if not bad:
             rows.append({**r, "source": r["source"].strip() or "(none)", "probs": probs})
-    if not raw:
+    if not records:
         problems.append("no prediction rows")
     if problems:
         raise ManifestError(path, problems)
