@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.io.files import glob_paths
+from patchflannel.io.files import glob_paths, walk_files
 from patchflannel.scoring.inputs import discover_inputs, extra_columns, read_score_manifest
 
 
@@ -206,6 +206,8 @@ def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
         discover_inputs([tmp_path])
+    with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
+        discover_inputs([str(tmp_path / "**" / "*.png")])  # Python's glob passes over it without a word
 
 
 def test_a_name_that_is_not_utf8_is_written_escaped_and_read_as_it_is(tmp_path: Path) -> None:
@@ -231,3 +233,24 @@ def test_a_manifest_with_a_bad_header_is_refused(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("path,label,,\na.png,covid,,\n")  # a spreadsheet's trailing commas
     assert [i.extra for i in read_score_manifest(tmp_path / "m.csv")] == [{"label": "covid"}]
 
+
+
+def test_deep_trees_and_many_links_to_one_folder_are_walked_once(tmp_path: Path) -> None:
+    """1200 nested folders (the walk re-resolved every ancestor of every folder, cubic in depth, and the pattern
+    walk recursed past Python's limit), and 16 levels of two links each to the next (2 ** 16 ways down)."""
+    deep = folder = tmp_path / "deep"
+    for _ in range(1201):  # not os.makedirs: it recurses too
+        folder.mkdir()
+        folder = folder / "d"
+    bottom = _touch(folder.parent / "x.png")
+    assert [i.path for i in discover_inputs([deep])] == [str(bottom)]
+    assert [i.path for i in discover_inputs([str(deep / "**" / "*.png")])] == [str(bottom)]
+    wide = tmp_path / "wide"
+    for level in range(16):
+        (wide / f"l{level}").mkdir(parents=True)
+        for link in ("a", "b"):
+            os.symlink(wide / f"l{level + 1}", wide / f"l{level}" / link)
+    (wide / "l16").mkdir()
+    _touch(wide / "l16" / "y.png")
+    found = list(walk_files(wide / "l0"))
+    assert [os.path.relpath(p, wide / "l0") for p in found] == ["/".join(["a"] * 16 + ["y.png"])]

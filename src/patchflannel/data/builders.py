@@ -256,6 +256,11 @@ KERMANY_PNEUMONIA = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 KERMANY_NORMAL = re.compile(r"^((?:NORMAL2-)?IM-\d+)-", re.IGNORECASE)
 
 
+def _unlistable(exc: OSError) -> None:
+    raise ManifestError(exc.filename, [f"cannot list this folder ({exc.strerror or exc}): its images would be left "
+                                       "out; make it readable"])
+
+
 def build_kermany(root: str | Path) -> Build:
     """Build manifest rows from a Kermany layout: ``NORMAL/`` and ``PNEUMONIA/`` folders anywhere under
     ``root`` (e.g. ``train/NORMAL``, ``test/PNEUMONIA``).
@@ -269,7 +274,7 @@ def build_kermany(root: str | Path) -> Build:
         raise ManifestError(root, ["Kermany root folder not found"])
     files = sorted(
         path
-        for path in map(Path, walk_files(root))
+        for path in map(Path, walk_files(root, onerror=_unlistable))
         if path.parent.name.upper() in ("NORMAL", "PNEUMONIA")
         and path.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith((".", "__MACOSX")) for part in path.relative_to(root).parts)

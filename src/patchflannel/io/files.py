@@ -25,35 +25,27 @@ def printable(path: str) -> str:
     return path
 
 
-def walk_files(folder: str | os.PathLike[str], onerror: Callable[[OSError], None] | None = None) -> Iterator[str]:
-    """Paths of the entries that are not folders below ``folder`` (links to nowhere included), in no set order.
+OnError = Callable[[OSError], None]
 
-    Folders whose names start with "." are skipped; a folder that is one of its own ancestors (a link back up
-    the tree) is not entered again. ``onerror`` gets the ``OSError`` of a folder that cannot be listed.
+
+def walk_files(folder: str | os.PathLike[str], onerror: OnError | None = None) -> Iterator[str]:
+    """Paths of the entries that are not folders below ``folder`` (links to nowhere included), folders in name
+    order, depth first.
+
+    Folders whose names start with "." are skipped; linked folders are followed, each folder walked once (a link
+    back up the tree, or a second link to a folder already walked, is not entered). ``onerror`` gets the
+    ``OSError`` of a folder that cannot be listed.
     """
-    top = os.fspath(folder)
-    for root, dirs, files in os.walk(top, onerror=onerror, followlinks=True):
-        if _loops(top, root):
-            dirs[:] = []
-            continue
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (os.path.join(root, name) for name in files)
+    seen: set[tuple[int, int]] = set()
+    for path, _ in _folders(os.fspath(folder), seen, onerror):
+        yield from (os.path.join(path, entry.name) for entry in _entries(path, onerror) if not _is_folder(entry))
 
 
-def _loops(top: str, folder: str) -> bool:
-    """Whether ``folder`` (below ``top``) is the same folder as one of its ancestors up to ``top``."""
-    real, parent = os.path.realpath(folder), folder
-    while os.path.normpath(parent) != os.path.normpath(top) and parent != os.path.dirname(parent):
-        parent = os.path.dirname(parent)
-        if os.path.realpath(parent) == real:
-            return True
-    return False
-
-
-def glob_paths(pattern: str) -> list[str]:
+def glob_paths(pattern: str, onerror: OnError | None = None) -> list[str]:
     """``glob.glob(pattern, recursive=True)`` (``**`` matches any number of folders), in no set order, except that
-    ``**`` does not enter a linked folder that is one of its own ancestors: glob follows a link back up the tree
-    until the path is too long, and with two such links it never ends."""
+    ``**`` does not enter a linked folder that is one of its own ancestors (glob follows a link back up the tree
+    until the path is too long, and with two such links it never ends), and gives ``onerror`` the ``OSError`` of
+    a folder it cannot list (glob passes over it)."""
     parts = pattern.split(os.sep)
     if "**" not in parts:
         return glob.glob(pattern)
@@ -61,37 +53,72 @@ def glob_paths(pattern: str) -> list[str]:
     top = os.sep.join(parts[:first]) or (os.sep if pattern.startswith(os.sep) else "")  # "": the current folder
     bases = glob.glob(top) if glob.has_magic(top) else [top]
     return [path for base in bases if os.path.isdir(base or os.curdir)
-            for path in _below(base, parts[first:], (os.path.realpath(base),))]
+            for path in _below(base, parts[first:], onerror)]
 
 
-def _below(folder: str, parts: list[str], ancestors: tuple[str, ...]) -> Iterator[str]:
-    """The paths below ``folder`` that match the pattern ``parts``; ``ancestors``: the real paths of the folders
-    ``**`` came through."""
+def _below(folder: str, parts: list[str], onerror: OnError | None) -> Iterator[str]:
+    """The paths below ``folder`` that match the pattern ``parts``."""
     part, rest = parts[0], parts[1:]
     if part == "**":
         if not rest and folder:
             yield os.path.join(folder, "")  # as glob: a last "**" names the folder it starts from, and all below
-        for sub, above in _folders(folder, ancestors):
-            yield from _below(sub, rest or ["*"], above)
+        for sub, _ in _folders(folder, None, onerror):
+            yield from _below(sub, rest or ["*"], onerror)
         return
     for path in glob.glob(os.path.join(glob.escape(folder), part)):
         if not rest:
             yield path
         elif os.path.isdir(path):
-            yield from _below(path, rest, ancestors)
+            yield from _below(path, rest, onerror)
 
 
-def _folders(folder: str, ancestors: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...]]]:
-    """``folder`` and the folders below it that ``**`` goes through (not hidden, not a link back to one of their
-    ancestors), each with its ancestors' real paths."""
-    yield folder, ancestors
-    names: list[str] = []
-    with contextlib.suppress(OSError), os.scandir(folder or os.curdir) as entries:  # glob skips what it cannot list
-        names = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
-    for sub in (os.path.join(folder, name) for name in names):
-        real = os.path.realpath(sub)
-        if real not in ancestors:
-            yield from _folders(sub, (*ancestors, real))
+def _folders(top: str, seen: set[tuple[int, int]] | None,
+             onerror: OnError | None) -> Iterator[tuple[str, tuple[tuple[int, int], ...]]]:
+    """``top`` and the folders below it that are not hidden, in name order, depth first, each with the identities
+    of its ancestors and itself; a link back to an ancestor is not entered, nor, given ``seen``, a folder
+    already walked."""
+    stack = [(top, _identity(top or os.curdir, ()))]
+    while stack:
+        path, ancestors = stack.pop()
+        if seen is not None:
+            if ancestors[-1] in seen:
+                continue
+            seen.add(ancestors[-1])
+        yield path, ancestors
+        subs = sorted(entry.name for entry in _entries(path, onerror)
+                      if not entry.name.startswith(".") and _is_folder(entry))
+        for name in reversed(subs):
+            sub = os.path.join(path, name)
+            with contextlib.suppress(OSError):  # gone since it was listed
+                identity = _identity(sub, ancestors)
+                if identity[-1] not in ancestors:
+                    stack.append((sub, identity))
+
+
+def _identity(path: str, ancestors: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """``ancestors`` and the (device, inode) of the folder at ``path`` (through links)."""
+    info = os.stat(path)
+    return (*ancestors, (info.st_dev, info.st_ino))
+
+
+def _entries(folder: str, onerror: OnError | None) -> list[os.DirEntry[str]]:
+    """The entries of ``folder`` (the current folder for ""); none, and ``onerror`` told, when it cannot be
+    listed."""
+    try:
+        with os.scandir(folder or os.curdir) as entries:
+            return list(entries)
+    except OSError as exc:
+        if onerror is not None:
+            onerror(exc)
+        return []
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether an entry is a folder, or a link to one."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 def save_atomic(path: Path, write: Callable[[Path], None]) -> None:

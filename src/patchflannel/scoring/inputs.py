@@ -129,7 +129,7 @@ def _expand(source: str) -> Iterator[ScoreInput]:
         else:
             yield ScoreInput(os.path.abspath(source))
     elif _GLOB_CHARS & set(source):
-        matches = sorted(m for m in glob_paths(source) if is_image_name(m) or _dangling_image(m))
+        matches = sorted(m for m in glob_paths(source, onerror=_refuse) if is_image_name(m) or _dangling_image(m))
         if not matches:
             raise ConfigError(f"{source}: pattern matches no image files")
         yield from (ScoreInput(os.path.abspath(m)) for m in matches)
@@ -143,11 +143,13 @@ def _walk(folder: str) -> Iterator[str]:
     """The image files below ``folder``, linked folders followed (once each); a folder that cannot be listed
     is an error naming it (its images would be missing silently). A link to nowhere with an image extension is
     kept: it becomes an error row."""
-    def refuse(exc: OSError) -> None:
-        raise ConfigError(f"{exc.filename}: cannot list this folder ({exc.strerror or exc}); make it readable, "
-                          "or name the inputs another way (a manifest, a pattern)")
+    return (path for path in walk_files(folder, onerror=_refuse) if is_image_name(path) or _dangling_image(path))
 
-    return (path for path in walk_files(folder, onerror=refuse) if is_image_name(path) or _dangling_image(path))
+
+def _refuse(exc: OSError) -> None:
+    """A folder that cannot be listed, named: its images would be missing without a word."""
+    raise ConfigError(f"{exc.filename}: cannot list this folder ({exc.strerror or exc}); make it readable, "
+                      "or name the inputs another way (a manifest, another pattern)")
 
 
 def _dangling_image(path: str) -> bool:
