@@ -600,6 +600,21 @@ def test_dicom_refusals(tmp_path: Path, real_u16: np.ndarray) -> None:
     _assert_refused(_save(mpeg, tmp_path / "mpeg.dcm"), "unsupported DICOM transfer syntax", MPEG2MPML)
 
 
+def test_files_not_written_whole_or_too_large_are_refused_quickly(tmp_path: Path, real_u16: np.ndarray) -> None:
+    """A DICOM header followed by zeros (a transfer that stopped early; pydicom took 5 s to read 32 MB of them
+    as empty elements), and a file over 1 GiB (a 2 GB sparse file was read whole, then parsed for minutes)."""
+    data = _save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "whole.dcm").read_bytes()
+    header = data[:data.index(b"\xe0\x7f\x10\x00")]
+    (tmp_path / "zeros.dcm").write_bytes(header + bytes(40 << 20))
+    error = _assert_refused(tmp_path / "zeros.dcm", "DICOM holds only zero bytes from byte", "not written whole")
+    assert len(header) - 8 < int(str(error).split("from byte ")[1].split()[0]) <= len(header)  # its last value's 0s
+    black = _dicom(np.zeros((1024, 1024), np.uint16), "MONOCHROME2", 16)  # zeros after the pixel data's tag: read
+    assert read_image(_save(black, tmp_path / "black.dcm")).max() == 0
+    with open(tmp_path / "huge.png", "wb") as fh:  # sparse: no disk used
+        fh.truncate((1 << 30) + 1)
+    _assert_refused(tmp_path / "huge.png", "file too large: 1.0 GiB, over the limit of 1 GiB")
+
+
 def test_dicom_without_pydicom_names_the_extra(tmp_path: Path, real_u16: np.ndarray, monkeypatch) -> None:
     path = _save(_dicom(real_u16, "MONOCHROME2", 16), tmp_path / "x.dcm")
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if the extra were not installed

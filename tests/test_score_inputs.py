@@ -239,12 +239,18 @@ def test_deep_trees_and_many_links_to_one_folder_are_walked_once(tmp_path: Path)
     """1200 nested folders (the walk re-resolved every ancestor of every folder, cubic in depth, and the pattern
     walk recursed past Python's limit), and 16 levels of two links each to the next (2 ** 16 ways down)."""
     deep = folder = tmp_path / "deep"
-    for _ in range(1201):  # not os.makedirs: it recurses too
-        folder.mkdir()
+    for _ in range(1200):  # not os.makedirs: it recurses too
         folder = folder / "d"
-    bottom = _touch(folder.parent / "x.png")
-    assert [i.path for i in discover_inputs([deep])] == [str(bottom)]
-    assert [i.path for i in discover_inputs([str(deep / "**" / "*.png")])] == [str(bottom)]
+        folder.mkdir(parents=folder.parent == deep)
+    bottom = _touch(folder / "x.png")
+    try:
+        assert [i.path for i in discover_inputs([deep])] == [str(bottom)]
+        assert [i.path for i in discover_inputs([str(deep / "**" / "*.png")])] == [str(bottom)]
+    finally:  # bottom up, without recursion: shutil.rmtree (pytest's clean-up of old runs) recurses past the limit
+        bottom.unlink()
+        while folder != tmp_path:
+            folder.rmdir()
+            folder = folder.parent
     wide = tmp_path / "wide"
     for level in range(16):
         (wide / f"l{level}").mkdir(parents=True)

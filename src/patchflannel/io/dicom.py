@@ -40,6 +40,10 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
     except ImportError:
         raise ImageReadError(label, "reading DICOM needs pydicom: install the patchflannel[dicom] extra") from None
 
+    zeros = data.find(ZERO_RUN)
+    if zeros >= 0 and data.find(PIXEL_GROUP_LE, 0, zeros) < 0 and data.find(PIXEL_GROUP_BE, 0, zeros) < 0:
+        raise ImageReadError(label, f"DICOM holds only zero bytes from byte {zeros} on, before any pixel data: the "
+                                    "file was not written whole (a copy or transfer that stopped early)")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
     except Exception as exc:  # any parser failure on untrusted bytes is a bad input
@@ -59,6 +63,13 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
 
 PIXEL_DATA = 0x7FE00010
 """The (7FE0,0010) PixelData tag."""
+
+PIXEL_GROUP_LE, PIXEL_GROUP_BE = b"\xe0\x7f", b"\x7f\xe0"
+"""The pixel data group (7FE0) as little- and big-endian bytes."""
+
+ZERO_RUN = bytes(1 << 20)
+"""A megabyte of zeros: before any pixel data, the mark of a file not written whole (pydicom would read it as
+empty elements, eight bytes at a time: seconds per 32 MB)."""
 
 
 def _cut_short(ds: Dataset) -> tuple[int, str] | None:

@@ -28,6 +28,9 @@ MIN_SIDE = 32
 MAX_PIXELS = 100_000_000
 """Images with more pixels than this are refused (a guard against decompression bombs)."""
 
+MAX_FILE_BYTES = 1 << 30
+"""Image files larger than this (1 GiB) are refused unread: MAX_PIXELS pixels of 16-bit RGB take 600 MB."""
+
 EXIF_ORIENTATION = 0x0112
 """The EXIF tag of the orientation a viewer applies."""
 
@@ -150,12 +153,17 @@ def _load_bytes(source: Source, name: str | None) -> tuple[bytes, str]:
 
 
 def read_file_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the regular file at ``path``; ImageReadError naming it when it is missing, unreadable, or
-    not a regular file (a folder, or a pipe, socket or device, whose reading could block)."""
+    """The bytes of the regular file at ``path``; ImageReadError naming it when it is missing, unreadable, larger
+    than :data:`MAX_FILE_BYTES`, or not a regular file (a folder, or a pipe, socket or device, whose reading
+    could block)."""
     label = os.fspath(path)
     try:
-        if not stat.S_ISREG(os.stat(label).st_mode):
+        info = os.stat(label)
+        if not stat.S_ISREG(info.st_mode):
             raise ImageReadError(label, "not a regular file (a folder, pipe, socket or device is not read)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageReadError(label, f"file too large: {info.st_size / (1 << 30):.1f} GiB, over the limit of "
+                                        f"{MAX_FILE_BYTES >> 30} GiB for an image")
         with open(label, "rb") as fh:
             return fh.read()
     except FileNotFoundError:
