@@ -260,3 +260,12 @@ def test_deep_trees_and_many_links_to_one_folder_are_walked_once(tmp_path: Path)
     _touch(wide / "l16" / "y.png")
     found = list(walk_files(wide / "l0"))
     assert [os.path.relpath(p, wide / "l0") for p in found] == ["/".join(["a"] * 16 + ["y.png"])]
+
+
+def test_two_files_shown_under_one_name_are_refused(tmp_path: Path) -> None:
+    """A name that is not UTF-8 is shown with \\x.. escapes; a second file named with those characters would have
+    shared its rows (--resume then dropped one)."""
+    _touch(Path(os.fsdecode(os.fsencode(tmp_path) + b"/x\xff.jpg")))
+    _touch(tmp_path / "x\\xff.jpg")
+    with pytest.raises(ConfigError, match=r"x\\xff.jpg: two files would be written under this name"):
+        discover_inputs([tmp_path])

@@ -96,7 +96,13 @@ def discover_inputs(sources: str | os.PathLike[str] | Iterable[str | os.PathLike
         raise ConfigError("no inputs: the sources named no image files")
     # Every input carries the same manifest columns (empty where its source had none).
     columns = [c for c in MANIFEST_COLUMNS if c in carried]
-    return [_named(i.path, {c: i.extra.get(c, "") for c in columns}) for i in found]
+    inputs = [_named(i.path, {c: i.extra.get(c, "") for c in columns}) for i in found]
+    shown: dict[str, ScoreInput] = {}
+    for item in inputs:  # a name that is not UTF-8, escaped, can read as another file's literal name
+        if shown.setdefault(item.path, item) is not item:
+            raise ConfigError(f"{item.path}: two files would be written under this name (one's name is not UTF-8, "
+                              "shown with \\x.. escapes, the other's holds them as text): rename one")
+    return inputs
 
 
 def extra_columns(inputs: list[ScoreInput]) -> list[str]:
