@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 import warnings
 from typing import Any
@@ -204,8 +205,10 @@ def _read_pil(data: bytes, label: str, fmt: str) -> tuple[np.ndarray, dict[str, 
             # Our own MAX_PIXELS check below gives the clear refusal; PIL's warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[fmt]])
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(label, f"image too large: {exc}") from None
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused from the header too
+        count = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{count.group(1)} pixels" if count else str(exc)
+        raise ImageReadError(label, f"image too large: {size} exceeds the limit of {MAX_PIXELS}") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError(label, f"cannot decode {fmt.upper()}: not a readable {fmt.upper()} file") from None
     except Exception as exc:  # any parser failure on untrusted bytes is a bad input
