@@ -342,3 +342,7 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "deep").exists()  # nor the folders made above it
     with pytest.raises(ConfigError, match="not a finished training run"):
         make_bundle(tmp_path / "o5", segmentation_run=tmp_path)
+    (tmp_path / "empty").mkdir()  # an empty folder given through a link (a cluster's scratch): filled in place
+    (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
+    make_bundle(tmp_path / "link", segmentation_run=seg)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "bundle.json").is_file()

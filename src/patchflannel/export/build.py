@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from patchflannel.export.bundle import (
     write_bundle,
 )
 from patchflannel.models import list_models, model_family
-from patchflannel.io.files import made_folders_removed_on_failure
+from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
 from patchflannel.settings import read_json
 
 MODES = ("patch", "global")
@@ -135,9 +134,7 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
             for entry in bundle.models():
                 load_torch_model(bundle, entry)  # refuses weights that do not fit the architecture
             out.parent.mkdir(parents=True, exist_ok=True)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
+            publish_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_bundle(out)
