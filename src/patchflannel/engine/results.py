@@ -9,7 +9,6 @@ import numpy as np
 
 from patchflannel.classes import CLASSES
 
-STATUSES = ("ok", "flagged", "error")
 DICOM_COLUMNS: dict[str, str] = {"study_instance_uid": "StudyInstanceUID", "sop_instance_uid": "SOPInstanceUID"}
 """Row column to the DICOM attribute it holds (empty for other formats)."""
 

@@ -29,21 +29,10 @@ from patchflannel.export.bundle import (
     role_of,
     write_bundle,
 )
-from patchflannel.export.onnx import TOLERANCES, export_target, parity_report, reference_inputs, parity_data_dir
+from patchflannel.export.onnx import TOLERANCES, CastIO, export_target, parity_report, reference_inputs, parity_data_dir
 
 MAX_BATCH = 4096
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-class _CastIO(torch.nn.Module):
-    """``module`` in ``dtype`` behind fp32 inputs and outputs."""
-
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.module, self.dtype = module.to(dtype), dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.to(self.dtype)).float()
 
 
 def compile_module(module: torch.nn.Module, example: torch.Tensor, path: Path, max_batch: int = MAX_BATCH) -> Path:
@@ -88,7 +77,7 @@ def _compile_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, de
             x, source = reference_inputs(b, entry, data)
             with torch.no_grad():
                 ref = module(x).numpy()
-            wrapped = _CastIO(module, DTYPES[precision]).to(device)
+            wrapped = CastIO(module, DTYPES[precision]).to(device)
             rel = str(Path(entry.file("torch").path).with_suffix("")) + f".{kind}.{precision}.pt2"
             path = stage.path(rel)
             compile_module(wrapped, x[:2].to(device), path, max_batch)

@@ -194,15 +194,16 @@ def parity_report(reference: np.ndarray, output: np.ndarray, role: str, rtol: fl
             **({} if passed else {"failure": f"max abs diff {diff:.3g} > tolerance {tolerance:.3g}"})}
 
 
-class HalfIO(nn.Module):
-    """``module`` in fp16 behind fp32 inputs and outputs: the strongly typed fp16 graph TensorRT 11 builds."""
+class CastIO(nn.Module):
+    """``module`` in ``dtype`` behind fp32 inputs and outputs (in fp16: the strongly typed graph TensorRT 11
+    builds; the compiled export's reduced precision too)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.module = module.half()
+        self.module, self.dtype = module.to(dtype), dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.half()).float()
+        return self.module(x.to(self.dtype)).float()
 
 
 def _onnx_path(entry: ModelEntry, precision: str) -> str:
@@ -334,7 +335,7 @@ def _export_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, ops
             with torch.no_grad():
                 ref = module(x).numpy()
             path = stage.path(rel)
-            export_module(HalfIO(module) if precision == "fp16" else module, x[:2], path, in_name, out_name, opset)
+            export_module(CastIO(module, torch.float16) if precision == "fp16" else module, x[:2], path, in_name, out_name, opset)
             got = onnx_session(path).run([out_name], {in_name: x.numpy()})[0]
             report = {**parity_report(ref, got, role, rtol, atol), "inputs": source, "batch": int(x.shape[0]),
                       "runtime": "onnxruntime CPUExecutionProvider"}

@@ -12,12 +12,12 @@ GAMMA = 0.5
 LEVELS = 256
 
 
-def as_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """A grey image in [0, 1] as a float32 (H, W) tensor on ``device``."""
+def as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A grey image in [0, 1] as a float32 (H, W) tensor."""
     t = torch.as_tensor(image)
     if t.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {tuple(t.shape)}")
-    return t.to(device=device, dtype=torch.float32)
+    return t.to(torch.float32)
 
 
 def to_unit(levels: torch.Tensor, top: int = LEVELS - 1) -> torch.Tensor:

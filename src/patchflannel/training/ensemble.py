@@ -92,9 +92,9 @@ def predict_ensemble(model: NeuralWeightModule, x: np.ndarray) -> np.ndarray:
     return model(torch.as_tensor(x, dtype=torch.float32)).softmax(-1).numpy()
 
 
-def confidence_matrix(rows: list[dict[str, Any]], learners: list[str], split: str = "val",
-                      fold: str | None = None) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
-    """Stack the learners' confidences of prediction rows (``split``, optionally one ``fold``) per image.
+def confidence_matrix(rows: list[dict[str, Any]],
+                      learners: list[str]) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray]:
+    """Stack the learners' confidences of the out-of-fold (``val``) prediction rows per image.
 
     Returns the first learner's rows (image identity, fold), the (N, n, 4) confidences in ``learners``
     order and the (N,) label indices. Every image must have a row for every learner.
@@ -103,21 +103,21 @@ def confidence_matrix(rows: list[dict[str, Any]], learners: list[str], split: st
     absent = [m for m in learners if not any(r["model"] == m for r in rows)]
     if absent:
         have = sorted({r["model"] for r in rows})
-        raise ConfigError(f"no {split} predictions of model(s) {', '.join(absent)}; the predictions hold "
+        raise ConfigError(f"no val predictions of model(s) {', '.join(absent)}; the predictions hold "
                           f"{', '.join(have) or 'none'} (a model is named <arch>_<mode>, as cv writes it)")
     for r in rows:
-        if r["split"] == split and r["model"] in by_model and (fold is None or r["fold"] == fold):
+        if r["split"] == "val" and r["model"] in by_model:
             by_model[r["model"]][r["path"]] = r
     base = list(by_model[learners[0]].values())
     if not base:
         splits = sorted({r["split"] for r in rows})
-        raise ConfigError(f"no {split} rows{'' if fold is None else f' of fold {fold}'} for {learners[0]} (the "
+        raise ConfigError(f"no val rows for {learners[0]} (the "
                           f"predictions hold split(s) {', '.join(splits) or 'none'}); the ensemble trains on the "
                           "out-of-fold 'val' rows that `patchflannel cv` writes, not on `score --predictions` rows")
     missing = [f"{m}: {len([b for b in base if b['path'] not in by_model[m]])} image(s)" for m in learners
                if any(b["path"] not in by_model[m] for b in base) or len(by_model[m]) != len(base)]
     if missing:
-        raise ConfigError(f"learners' {split} predictions do not cover the same images ({'; '.join(missing)})")
+        raise ConfigError(f"learners' val predictions do not cover the same images ({'; '.join(missing)})")
     x = np.array([[by_model[m][b["path"]]["probs"] for m in learners] for b in base], dtype=np.float32)
     y = np.array([CLASS_INDEX[b["label"]] for b in base])
     return base, x, y

@@ -16,7 +16,7 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, device: torch.device, precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(self, path: Path, device: torch.device, precision: str = "fp32") -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -25,10 +25,7 @@ class OnnxRuntimeBackend:
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0}))
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.session = ort.InferenceSession(str(path), providers=providers)
         self.providers = self.session.get_providers()
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
