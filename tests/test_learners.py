@@ -114,7 +114,7 @@ def test_training_inputs_are_the_engines_inputs(cxr4_dir: Path, tmp_path: Path) 
     from patchflannel.export.bundle import load_bundle, load_torch_model
     from patchflannel.ops.preprocess import global_view
     from patchflannel.ops.votes import mean_softmax
-    from patchflannel.training.datasets import normalize
+    from patchflannel.ops.preprocess import normalize
     from patchflannel.training.mask_cache import MaskCache
 
     rows = read_manifest(cxr4_dir / "manifest.csv").rows[:2]

@@ -13,7 +13,8 @@ pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[g
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import add_file, load_bundle, random_bundle, write_bundle
 from patchflannel.data.shared import DATA_ENV
-from patchflannel.export.onnx import _normalise, export_onnx
+from patchflannel.export.onnx import export_onnx
+from patchflannel.ops.preprocess import normalize
 from patchflannel.export.triton import (
     ENSEMBLE,
     MODEL_PY,
@@ -158,7 +159,7 @@ def test_python_stages_compute_what_the_ops_compute(cxr4_dir: Path) -> None:
     mask[:, 256:768, 128:512] = True
     mask[:, 256:768, 600:920] = True
     direct = draw_patches(pre["IMAGE_FULL"][None], mask, [7], k=5)
-    assert torch.equal(out["PATCHES"], _normalise(direct["patches"][0], b_pre)) and not bool(out["FALLBACK"][0])
+    assert torch.equal(out["PATCHES"], normalize(direct["patches"][0], b_pre)) and not bool(out["FALLBACK"][0])
     votes = votes_stage([torch.tensor([[3.0, 0, 0, 0], [0, 2.0, 0, 0], [4.0, 0, 0, 0]]), torch.zeros(1, 4)],
                         ["patch", "global"])["CONFIDENCES"]
     assert torch.allclose(votes, torch.tensor([[[2 / 3, 1 / 3, 0, 0], [0.25, 0.25, 0.25, 0.25]]]))

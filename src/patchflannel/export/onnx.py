@@ -42,6 +42,7 @@ from patchflannel.export.bundle import (
     write_bundle,
 )
 from patchflannel.io.files import copy_contents, first_missing, made_folders_removed_on_failure, remove_written
+from patchflannel.ops.preprocess import normalize
 
 OPSET = 17
 """Default opset: run by ONNX Runtime >= 1.14 and parsed by TensorRT 8.6, 10 and 11."""
@@ -89,14 +90,6 @@ def _read(paths: list[Path]) -> list[torch.Tensor]:
     return [torch.from_numpy(read_image(p)) for p in paths]
 
 
-def _normalise(grey: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
-    """(N, H, W) grey in [0, 1] -> (N, 3, H, W) normalised with the bundle's mean and std."""
-    norm = preprocessing["normalization"]
-    mean = torch.tensor(norm["mean"], dtype=torch.float32, device=grey.device)[None, :, None, None]
-    std = torch.tensor(norm["std"], dtype=torch.float32, device=grey.device)[None, :, None, None]
-    return (grey[:, None].expand(-1, 3, -1, -1) - mean) / std
-
-
 def _seg_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> torch.Tensor:
     from patchflannel.ops.preprocess import segmentation_input
 
@@ -119,14 +112,14 @@ def _patch_inputs(bundle: Bundle, images: list[torch.Tensor], k: int) -> torch.T
     full = torch.stack([learner_image(im, size) for im in images])
     drawn = draw_patches(full, resize_mask(masks, size), seeds=list(range(len(images))), k=k,
                          patch=pre["patch_size"], min_fraction=pre["min_lung_fraction"])
-    return _normalise(drawn["patches"].flatten(0, 1), pre)
+    return normalize(drawn["patches"].flatten(0, 1), pre)
 
 
 def _global_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> torch.Tensor:
     from patchflannel.ops.preprocess import global_view
 
     g = preprocessing["global"]
-    return _normalise(torch.stack([global_view(im, g["resize"], g["crop"]) for im in images]), preprocessing)
+    return normalize(torch.stack([global_view(im, g["resize"], g["crop"]) for im in images]), preprocessing)
 
 
 def _vote_fractions(n: int, n_learners: int, n_classes: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -166,7 +159,7 @@ def reference_inputs(bundle: Bundle, entry: ModelEntry, data_dir: Path | None, *
         return x, "real: " + ", ".join(p.name for p in paths)
     size = pre["patch_size"] if role == "patch" else pre["global"]["crop"]
     n = n_images * k if role == "patch" else n_images
-    return _normalise(torch.rand(n, size, size), pre), "synthetic (no real data found)"
+    return normalize(torch.rand(n, size, size), pre), "synthetic (no real data found)"
 
 
 def labels_of(output: np.ndarray, role: str) -> np.ndarray:

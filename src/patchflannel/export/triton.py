@@ -55,7 +55,7 @@ def preprocess_stage(image: torch.Tensor, preprocessing: dict[str, Any]) -> dict
 def sampler_stage(image_full: torch.Tensor, seg_logits: torch.Tensor, seed: int,
                   preprocessing: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Full-size image and (1, 1, s, s) segmentation logits -> ``PATCHES`` (K, 3, p, p) normalised, ``FALLBACK`` (1,)."""
-    from patchflannel.export.onnx import _normalise
+    from patchflannel.ops.preprocess import normalize
     from patchflannel.ops.mask import lung_masks, postprocess_mask
     from patchflannel.ops.preprocess import resize_mask
     from patchflannel.ops.sampler import draw_patches
@@ -66,7 +66,7 @@ def sampler_stage(image_full: torch.Tensor, seg_logits: torch.Tensor, seed: int,
     masks = resize_mask(mask, size)
     drawn = draw_patches(image_full[None], masks, [int(seed)], k=preprocessing["k"], patch=preprocessing["patch_size"],
                          min_fraction=preprocessing["min_lung_fraction"])
-    return {"PATCHES": _normalise(drawn["patches"][0], preprocessing), "FALLBACK": drawn["fallback"]}
+    return {"PATCHES": normalize(drawn["patches"][0], preprocessing), "FALLBACK": drawn["fallback"]}
 
 
 def votes_stage(learner_logits: list[torch.Tensor], modes: list[str]) -> dict[str, torch.Tensor]:

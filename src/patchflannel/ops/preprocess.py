@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,15 @@ def equalize_hist(images: torch.Tensor) -> torch.Tensor:
     denom = (total - cdf_min).clamp(min=1)
     out = (cdf.gather(1, levels) - cdf_min) / denom
     return out.to(torch.float32).reshape(shape)
+
+
+def normalize(grey: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """Grey (..., H, W) in [0, 1] -> (..., 3, H, W) normalised with the bundle's mean and std (what the learners
+    take, in training and in the exports' checks; the engine keeps its own on the device)."""
+    norm = preprocessing["normalization"]
+    mean = torch.tensor(norm["mean"], dtype=torch.float32, device=grey.device)[:, None, None]
+    std = torch.tensor(norm["std"], dtype=torch.float32, device=grey.device)[:, None, None]
+    return (grey.unsqueeze(-3).expand(*grey.shape[:-2], 3, *grey.shape[-2:]) - mean) / std
 
 
 def gamma_correct(images: torch.Tensor, gamma: float = GAMMA) -> torch.Tensor:

@@ -26,7 +26,7 @@ from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
-from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, resize_mask
+from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, normalize, resize_mask
 from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
 from patchflannel.training.loop import progress_bar
@@ -96,14 +96,6 @@ def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessi
             _save_atomic(_to_uint8(out), f)
             bar.advance(task)
     return items
-
-
-def normalize(patches: torch.Tensor, preprocessing: dict[str, Any]) -> torch.Tensor:
-    """Grey (..., H, W) in [0, 1] -> (..., 3, H, W) normalised with the recorded mean and std."""
-    mean = torch.tensor(preprocessing["normalization"]["mean"], dtype=torch.float32)[:, None, None]
-    std = torch.tensor(preprocessing["normalization"]["std"], dtype=torch.float32)[:, None, None]
-    x = patches.unsqueeze(-3).expand(*patches.shape[:-2], 3, *patches.shape[-2:])
-    return (x - mean) / std
 
 
 class LearnerDataset(Dataset):
