@@ -34,6 +34,7 @@ from rich.console import Console
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import ConfigError
+from patchflannel.io.files import save_atomic
 from patchflannel.training.datasets import read_splits
 from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
 from patchflannel.devices import resolve_device
@@ -52,9 +53,7 @@ _console = Console(stderr=True)
 
 
 def _write_done(run_dir: Path, payload: dict[str, Any]) -> None:
-    tmp = run_dir / (DONE_FILE + ".tmp")
-    tmp.write_text(json.dumps(payload) + "\n")
-    os.replace(tmp, run_dir / DONE_FILE)
+    save_atomic(run_dir / DONE_FILE, lambda tmp: tmp.write_text(json.dumps(payload) + "\n"))
 
 
 def _read_done(run_dir: Path) -> dict[str, Any] | None:

@@ -20,7 +20,6 @@ from collections import OrderedDict
 import csv
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from patchflannel.errors import ConfigError
+from patchflannel.io.files import save_atomic
 from patchflannel.settings import read_json
 
 RUN_FILE = "run.json"
@@ -90,15 +90,7 @@ def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Trainer:
@@ -148,19 +140,22 @@ class Trainer:
 
     def _write_log(self, rows: list[dict[str, Any]]) -> None:
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.run_dir / (LOG_FILE + ".tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.run_dir / LOG_FILE)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+        save_atomic(self.run_dir / LOG_FILE, write)
 
     def _summary(self, best_epoch: int, best_metrics: dict[str, float], epochs_run: int, stopped: bool) -> dict:
         return {"best_epoch": best_epoch, "best": best_metrics, "epochs_run": epochs_run, "stopped_early": stopped}
 
     def _write_run(self, summary: dict, status: str) -> None:
         info = {**self.run_info, **summary, "status": status, "monitor": self.monitor, "monitor_mode": self.mode}
-        _atomic_write_text(json.dumps(info, indent=2, default=str) + "\n", self.run_dir / RUN_FILE)
+        text = json.dumps(info, indent=2, default=str) + "\n"
+        save_atomic(self.run_dir / RUN_FILE, lambda tmp: tmp.write_text(text))
 
     def fit(self, train_one_epoch: Callable[[int], dict[str, float]], evaluate: Callable[[int], dict[str, float]],
             resume: bool = False) -> dict:
