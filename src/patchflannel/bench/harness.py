@@ -42,7 +42,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write, walk_files
 from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import resolve_backend, resolve_precision
-from patchflannel.export.bundle import default_preprocessing, load_bundle
+from patchflannel.export.bundle import default_preprocessing, library_versions, load_bundle
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
 MODES = ("loop", "batched", "packed", "auto", "global")
@@ -286,17 +286,12 @@ def time_run(engine: Engine, inputs: list[tuple[str, bytes]], repeats: int, warm
 
 def device_info(engine: Engine) -> dict[str, Any]:
     """Device name and library versions for the report."""
-    import torchvision
-
-    from patchflannel import __version__
-
     info: dict[str, Any] = {
         "device": engine.describe()["device_name"], "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "patchflannel": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": np.__version__, "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **library_versions(),
+        "cuda": torch.version.cuda,
     }
-    for mod in ("onnxruntime", "tensorrt", "cupy", "nvidia.dali"):
+    for mod in ("cupy", "nvidia.dali"):
         try:
             info[mod] = __import__(mod, fromlist=["__version__"]).__version__
         except ImportError:

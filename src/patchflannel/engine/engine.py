@@ -57,7 +57,7 @@ from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_host
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
-from patchflannel.export.bundle import Bundle, default_preprocessing, load_bundle, load_torch_model
+from patchflannel.export.bundle import LEARNER_MODES, Bundle, default_preprocessing, load_bundle, load_torch_model
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, is_blank, learner_image, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
@@ -244,7 +244,7 @@ class Engine:
                               f"store it), got {seed!r}")
         self._seed = int(seed)
         self._k = _count("k", k if k is not None else self.pre["k"], auto=False)
-        bad = sorted({lr.mode for lr in learners} - {"patch", "global"})
+        bad = sorted({lr.mode for lr in learners} - set(LEARNER_MODES))
         if bad:
             raise ConfigError(f"learner mode must be 'patch' or 'global', got {', '.join(map(repr, bad))}")
         self._return_centres = _flag("return_centres", return_centres)

@@ -20,6 +20,7 @@ class HostCopy:
     done: torch.cuda.Event | None
 
     def wait(self) -> tuple[torch.Tensor, ...]:
+        """The host tensors, once their copy from the device has finished."""
         if self.done is not None:
             self.done.synchronize()
         return self.tensors

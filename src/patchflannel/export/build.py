@@ -10,6 +10,7 @@ from typing import Any
 from patchflannel.classes import CLASSES
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.bundle import (
+    LEARNER_MODES,
     Bundle,
     ModelEntry,
     add_file,
@@ -22,8 +23,8 @@ from patchflannel.export.bundle import (
 from patchflannel.models import list_models, model_family
 from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
 from patchflannel.settings import read_json
+from patchflannel.training.loop import BEST_FILE, RUN_FILE
 
-MODES = ("patch", "global")
 RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val",
             "split", "data", "config", "train_seconds")
 
@@ -31,7 +32,7 @@ RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """A finished training run's ``run.json``; ConfigError when the folder is not one."""
     run_dir = Path(run_dir)
-    info_file, best = run_dir / "run.json", run_dir / "best.pt"
+    info_file, best = run_dir / RUN_FILE, run_dir / BEST_FILE
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'no such folder'} (a training run's)")
     for p in (info_file, best):
@@ -46,7 +47,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 def _learner_mode(run_dir: Path, info: dict[str, Any]) -> str:
     """'patch' or 'global': run.json's ``mode``, else its training config's (``mode`` may hold the monitor mode)."""
     for mode in (info.get("mode"), (info.get("config") or {}).get("mode")):
-        if mode in MODES:
+        if mode in LEARNER_MODES:
             return mode
     raise ConfigError(f"{run_dir}/run.json: learner mode ('patch' or 'global') not recorded")
 
@@ -117,10 +118,10 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
                 arch = info["arch"]
                 rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(runs[key] / "best.pt", tmp / rel)
+                shutil.copyfile(runs[key] / BEST_FILE, tmp / rel)
                 entries[key] = ModelEntry(
                     name=key if key in families else f"{arch}_{role}", arch=arch, arch_config=dict(info.get("arch_config") or {}),
-                    files=[add_file(tmp, rel, "torch")], mode=role if role in MODES else None,
+                    files=[add_file(tmp, rel, "torch")], mode=role if role in LEARNER_MODES else None,
                     **io_signature(role, pre, len(learner_runs)))
             learners = [entries[f"learner {i}"] for i in range(len(learner_runs))]
             if len({m.name for m in learners}) != len(learners):

@@ -22,12 +22,16 @@ from torch import nn
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import BundleError
+from patchflannel.ops.preprocess import GAMMA, IMAGE_SIZE, SEG_SIZE
+from patchflannel.ops.sampler import DEFAULT_K, MIN_LUNG_FRACTION, PATCH_SIZE
 from patchflannel.settings import read_json
 
 SCHEMA_VERSION = 1
 BUNDLE_FILE = "bundle.json"
 FORMATS = ("torch", "onnx", "tensorrt", "torch_export")
 PRECISIONS = ("fp32", "fp16", "bf16")
+LEARNER_MODES = ("global", "patch")
+"""How a base learner sees an image: the whole film (FLANNEL) or K lung patches (Patched FLANNEL)."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -35,11 +39,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def default_preprocessing() -> dict[str, Any]:
     """The SPEC.md preprocessing, as recorded in bundle.json."""
     return {
-        "segmentation": {"size": 256, "equalize": True, "gamma": 0.5, "threshold": 0.5},
-        "image_size": 1024,
-        "patch_size": 224,
-        "k": 100,
-        "min_lung_fraction": 0.01,
+        "segmentation": {"size": SEG_SIZE, "equalize": True, "gamma": GAMMA, "threshold": 0.5},
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "k": DEFAULT_K,
+        "min_lung_fraction": MIN_LUNG_FRACTION,
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "global": {"resize": 336, "crop": 224},
     }
@@ -78,6 +82,7 @@ class ModelEntry:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelEntry:
+        """The entry of a bundle.json ``models`` item."""
         files = [ModelFile(**f) for f in d.get("files", [])]
         return cls(**{**d, "files": files})
 
@@ -129,7 +134,7 @@ def io_signature(role: str, preprocessing: dict[str, Any], n_learners: int = 0) 
     if role == "segmentation":
         size = preprocessing["segmentation"]["size"]
         inp, out = ("image", [1, size, size]), ("logits", [1, size, size])
-    elif role in ("patch", "global"):
+    elif role in LEARNER_MODES:
         size = preprocessing["patch_size"] if role == "patch" else preprocessing["global"]["crop"]
         inp, out = ("patches", [3, size, size]), ("logits", [n_classes])
     elif role == "ensemble":
@@ -321,7 +326,7 @@ def _entry_problems(bundle: Bundle) -> list[str]:
     names = [str(m.name) for m in bundle.models()]  # (no learner at all is a segmentation-only bundle: allowed)
     problems = [f"model name {n!r} is used twice" for n in sorted({n for n in names if names.count(n) > 1})]
     for m in bundle.learners:
-        if m.mode not in (None, "patch", "global"):
+        if m.mode not in (None, *LEARNER_MODES):
             problems.append(f"learner {m.name!r}: mode {m.mode!r}; it takes 'patch' or 'global'")
     config = bundle.ensemble.arch_config if bundle.ensemble else None
     n_learners = config.get("n_learners") if isinstance(config, dict) else None
@@ -336,7 +341,7 @@ def _entry_problems(bundle: Bundle) -> list[str]:
         if any(f.format == "torch" for f in m.files) and not (isinstance(m.arch, str) and m.arch in known):
             problems.append(f"model {m.name!r}: architecture {m.arch!r} is not registered (its torch file needs it)")
         role = role_of(bundle, m)
-        if role not in ("segmentation", "patch", "global") and not (role == "ensemble" and n_learners is not None):
+        if role not in ("segmentation", *LEARNER_MODES) and not (role == "ensemble" and n_learners is not None):
             continue  # a wrong mode is said above; an ensemble of another kind has no shape to expect
         want = io_signature(role, bundle.preprocessing, len(bundle.learners))["inputs"][0]["shape"]
         got = m.inputs[0].get("shape") if isinstance(m.inputs, list) and m.inputs and isinstance(m.inputs[0], dict) else None

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from patchflannel.classes import CLASS_INDEX
 from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
+from patchflannel.export.bundle import LEARNER_MODES
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, normalize, resize_mask
@@ -32,7 +33,6 @@ from patchflannel.ops.seeding import image_seed
 from patchflannel.training.loop import progress_bar
 from patchflannel.training.mask_cache import MaskCache
 
-MODES = ("global", "patch")
 
 
 @dataclass
@@ -71,8 +71,8 @@ def _falls_back(mask: np.ndarray, size: int, min_fraction: float) -> bool:
 def prepare_items(rows: list[Row], mode: str, cache_dir: str | Path, preprocessing: dict[str, Any],
                   masks: MaskCache | None = None) -> list[Item]:
     """Prepare (or find in ``cache_dir``) the cached arrays of ``rows`` for ``mode``; patch mode needs ``masks``."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if mode not in LEARNER_MODES:
+        raise ConfigError(f"unknown mode {mode!r}; expected one of {LEARNER_MODES}")
     if mode == "patch" and masks is None:
         raise ConfigError("patch mode needs a segmentation model for the lung masks")
     shas = [content_hash(r["path"]) for r in rows]

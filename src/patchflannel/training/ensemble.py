@@ -22,7 +22,7 @@ from patchflannel.models import get_model
 from patchflannel.models.ensemble import NeuralWeightModule
 from patchflannel.models.losses import class_alpha, focal_loss
 from patchflannel.training.learners import ENSEMBLE_SETTINGS, HOW_LONG, SPEED_ONLY, check_resumable, load_config
-from patchflannel.training.loop import BEST_FILE, LAST_FILE, Trainer, seed_everything
+from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
 from patchflannel.training.report import read_predictions
 from patchflannel.settings import read_json
 
@@ -80,7 +80,7 @@ def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
 def load_ensemble(run_dir: str | Path) -> NeuralWeightModule:
     """The best ensemble of a run directory (best.pt, ``weights_only``), in eval mode."""
     run_dir = Path(run_dir)
-    info = read_json(run_dir / "run.json")
+    info = read_json(run_dir / RUN_FILE)
     model = get_model("flannel", **info["arch_config"])
     model.load_state_dict(torch.load(run_dir / BEST_FILE, map_location="cpu", weights_only=True))
     return model.eval()

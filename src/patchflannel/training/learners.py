@@ -27,13 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from patchflannel.errors import ConfigError, ImageReadError
-from patchflannel.export.bundle import default_preprocessing, load_bundle
+from patchflannel.export.bundle import LEARNER_MODES, default_preprocessing, load_bundle
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
 from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
-from patchflannel.training.datasets import MODES, Item, LearnerDataset, prepare_items, read_splits
+from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
 from patchflannel.training.mask_cache import MaskCache
 
@@ -86,8 +86,8 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
         cfg["learners"] = list(cfg["learners"])
     if cfg.get("val_fold") is not None:  # folds are named by strings in splits files
         cfg["val_fold"] = str(cfg["val_fold"])
-    if cfg["mode"] not in MODES:
-        raise ConfigError(f"mode must be one of {MODES}, got {cfg['mode']!r}")
+    if cfg["mode"] not in LEARNER_MODES:
+        raise ConfigError(f"mode must be one of {LEARNER_MODES}, got {cfg['mode']!r}")
     if cfg["learner"]["l1"] is None:
         cfg["learner"]["l1"] = L1_PATCH if cfg["mode"] == "patch" else 0.0
     _check_numbers(cfg)
