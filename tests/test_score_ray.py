@@ -13,7 +13,6 @@ from test_score import K, mixed_bundle, real_images
 from typer.testing import CliRunner
 
 from patchflannel.cli.score import register
-from patchflannel.scoring.ray_runner import score_on_ray
 from patchflannel.scoring.run import EngineOptions, score
 from patchflannel.scoring.writers import read_output
 
@@ -48,8 +47,8 @@ def test_ray_run_equals_local_run(local_ray: None, cxr4_dir: Path, tmp_path: Pat
         local = score([manifest], tmp_path / "local.parquet", options=options, quiet=True)
     finally:
         torch.set_num_threads(threads)
-    on_ray = score_on_ray([manifest], tmp_path / "ray.csv", actors=2, options=options, ray_batch_size=1,
-                          chunk_size=2, quiet=True)
+    on_ray = score([manifest], tmp_path / "ray.csv", ray=True, actors=2, options=options, ray_batch_size=1,
+                   chunk_size=2, quiet=True)
     assert (local.rows, local.errors) == (on_ray.rows, on_ray.errors) == (4, 1)
     app = typer.Typer()
     register(app)

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from patchflannel.errors import ConfigError, first_line
 from patchflannel.scoring.inputs import ScoreInput
-from patchflannel.scoring.run import EngineOptions, ScoreSummary, describe_engine, prediction_row, score
+from patchflannel.scoring.run import EngineOptions, describe_engine, prediction_row
 
 ENGINE_COLUMN = "_engine"
 """Column each actor adds to its batches (its engine's description, host and pid, JSON); the driver removes it."""
@@ -123,9 +123,3 @@ def _rows(items: list[ScoreInput], schema: pa.Schema, options: EngineOptions, ad
     finally:
         if own_session:
             ray.shutdown()
-
-
-def score_on_ray(inputs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
-                 address: bool | str = True, actors: int | None = None, **kwargs: Any) -> ScoreSummary:
-    """:func:`patchflannel.scoring.score` on a Ray cluster (``address`` as in :func:`ray_rows`)."""
-    return score(inputs, out, ray=address, actors=actors, **kwargs)
