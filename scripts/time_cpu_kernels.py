@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from patchflannel.engine.backends.torch_backend import TorchBackend
-from patchflannel.export.bundle import load_bundle, load_torch_model
+from patchflannel.bundle import load_bundle, load_torch_model
 from patchflannel.ops.mask import fill_holes
 
 

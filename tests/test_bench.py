@@ -201,7 +201,7 @@ def test_bench_refuses_inputs_that_do_not_score(tmp_path):
 
 def test_smoke_runs_the_bundle_it_is_given(app, tmp_path):
     """--smoke --bundle B smoke-tests B (not the tiny preset); a missing bundle is an error."""
-    from patchflannel.export.bundle import random_bundle
+    from patchflannel.bundle import random_bundle
 
     random_bundle(tmp_path / "b", segmentation="fcdensenet56", learners=("shufflenet_v2_x0_5",), name="mine")
     result = CliRunner().invoke(app, ["bench", "--smoke", "--synthetic", "--bundle", str(tmp_path / "b"),

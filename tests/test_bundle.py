@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import BundleError
-from patchflannel.export.bundle import (
+from patchflannel.bundle import (
     SCHEMA_VERSION,
     Bundle,
     add_file,

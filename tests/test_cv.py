@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from patchflannel.classes import CLASSES
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.cli.learn import register, register_train
-from patchflannel.export.bundle import random_bundle
+from patchflannel.bundle import random_bundle
 from patchflannel.training.cv import run_cv
 from patchflannel.training.datasets import read_splits
 from test_learners import small_splits

@@ -10,7 +10,7 @@ import torch
 
 from patchflannel.bench.harness import phantom_jpegs
 from patchflannel.engine.engine import Engine
-from patchflannel.export.bundle import random_bundle
+from patchflannel.bundle import random_bundle
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchflannel.errors import ConfigError
-from patchflannel.export.bundle import load_bundle, random_bundle
+from patchflannel.bundle import load_bundle, random_bundle
 from patchflannel.export.compiled import export_compiled, load_compiled
 
 
@@ -30,7 +30,7 @@ def test_cpu_package_of_the_ensemble_runs_any_batch(tmp_path: Path) -> None:
     assert load_bundle(tmp_path).ensemble.file("torch_export").sha256 == f.sha256
     package = load_compiled(b.path_of(f))
     x = torch.softmax(torch.randn(9, 2, 4), -1)
-    from patchflannel.export.bundle import load_torch_model
+    from patchflannel.bundle import load_torch_model
 
     with torch.no_grad():
         for batch in (1, 9):

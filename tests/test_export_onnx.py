@@ -22,7 +22,7 @@ from patchflannel.bench.harness import BenchConfig, phantom_jpegs, run_bench
 from patchflannel.bench.report import variant
 from patchflannel.cli.export import register
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import default_bundle_path, load_bundle, random_bundle
+from patchflannel.bundle import default_bundle_path, load_bundle, random_bundle
 from patchflannel.data.shared import DATA_ENV
 from patchflannel.export.onnx import OPSET, export_onnx, onnx_session, parity_report
 from patchflannel.models.classifiers import FLANNEL_LEARNERS

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from patchflannel.classes import CLASSES
 from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.cli.score import EXIT_INPUT_ERRORS, EXIT_USAGE, register
-from patchflannel.export.bundle import Bundle, default_preprocessing, entry_from_module, write_bundle
+from patchflannel.bundle import Bundle, default_preprocessing, entry_from_module, write_bundle
 from patchflannel.models import get_model
 from patchflannel.phantoms import write_phantoms
 from patchflannel.scoring.run import EngineOptions, score

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from patchflannel.export.bundle import random_bundle
+from patchflannel.bundle import random_bundle
 from patchflannel.scoring.run import EngineOptions, score
 from patchflannel.scoring.writers import read_output
 

@@ -19,7 +19,7 @@ from sklearn.metrics import jaccard_score
 from typer.testing import CliRunner
 
 from patchflannel.errors import ConfigError
-from patchflannel.export.bundle import default_bundle_path
+from patchflannel.bundle import default_bundle_path
 from patchflannel.io import read_image
 from patchflannel.models import get_model
 from patchflannel.ops.mask import fill_holes, lung_masks, mask_fraction, postprocess_mask

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
 
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import add_file, load_bundle, random_bundle, write_bundle
+from patchflannel.bundle import add_file, load_bundle, random_bundle, write_bundle
 from patchflannel.data.shared import DATA_ENV
 from patchflannel.export.onnx import export_onnx
 from patchflannel.ops.preprocess import normalize

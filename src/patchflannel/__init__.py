@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Engine": "patchflannel.engine.engine",
     "Prediction": "patchflannel.engine.results",
-    "load_bundle": "patchflannel.export.bundle",
+    "load_bundle": "patchflannel.bundle",
 }
 
 

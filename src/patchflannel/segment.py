@@ -24,7 +24,7 @@ from torch import nn
 
 from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ImageReadError
-from patchflannel.export.bundle import BUNDLE_FILE, load_bundle, load_torch_model
+from patchflannel.bundle import BUNDLE_FILE, load_bundle, load_torch_model
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
 from patchflannel.training.loop import RUN_FILE

@@ -42,7 +42,7 @@ from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write, walk_files
 from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import resolve_backend, resolve_precision
-from patchflannel.export.bundle import default_preprocessing, library_versions, load_bundle
+from patchflannel.bundle import default_preprocessing, library_versions, load_bundle
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
 
 MODES = ("loop", "batched", "packed", "auto", "global")

@@ -132,7 +132,7 @@ def triton_cmd(
 def verify_cmd(bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle).")) -> None:
     """Check a bundle (schema, files, hashes, formats) and list its files (exit status 1 when it fails; 2 when
     there is no folder to check)."""
-    from patchflannel.export.bundle import default_bundle_path, load_bundle
+    from patchflannel.bundle import default_bundle_path, load_bundle
 
     bundle = bundle if bundle is not None else default_bundle_path()
     with fail_cleanly():

@@ -57,7 +57,7 @@ from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_host
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
-from patchflannel.export.bundle import LEARNER_MODES, Bundle, default_preprocessing, load_bundle, load_torch_model
+from patchflannel.bundle import LEARNER_MODES, Bundle, default_preprocessing, load_bundle, load_torch_model
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, is_blank, learner_image, resize_mask, segmentation_input
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins

@@ -9,7 +9,7 @@ from typing import Any
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import (
+from patchflannel.bundle import (
     LEARNER_MODES,
     Bundle,
     ModelEntry,

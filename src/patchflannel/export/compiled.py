@@ -18,7 +18,7 @@ import torch
 
 from patchflannel.devices import resolve_device
 from patchflannel.errors import BundleError, ConfigError
-from patchflannel.export.bundle import (
+from patchflannel.bundle import (
     Bundle,
     ModelEntry,
     StagedFiles,

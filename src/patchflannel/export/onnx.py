@@ -28,7 +28,7 @@ from torch import nn
 from patchflannel.data.manifest import read_csv
 from patchflannel.data.shared import shared_data_dir
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import (
+from patchflannel.bundle import (
     Bundle,
     ModelEntry,
     StagedFiles,
@@ -38,6 +38,7 @@ from patchflannel.export.bundle import (
     library_versions,
     load_bundle,
     load_torch_model,
+    random_bundle,
     role_of,
     write_bundle,
 )
@@ -301,7 +302,6 @@ def export_random_onnx(out: str | Path, learners: Sequence[str], *, segmentation
     """A bundle of random-weight networks (``segmentation``, ``learners``, an ensemble) exported to ONNX into the
     new folder ``out`` (``options`` as for :func:`export_onnx`): made beside ``out``, then exported into it as any
     bundle is. A failure leaves neither ``out`` nor the folders made above it."""
-    from patchflannel.export.bundle import random_bundle
     from patchflannel.models.registry import model_family
 
     for arch in (segmentation, *learners):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import (
+from patchflannel.bundle import (
     Bundle,
     ModelEntry,
     StagedFiles,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
+from patchflannel.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
 from patchflannel.export.tensorrt import learner_k_max
 from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
 

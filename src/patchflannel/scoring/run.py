@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from patchflannel.engine.results import Prediction
-from patchflannel.export.bundle import library_versions, load_bundle, verify_bundle
+from patchflannel.bundle import library_versions, load_bundle, verify_bundle
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import content_hash
 from patchflannel.io.files import check_can_write

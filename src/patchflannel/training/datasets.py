@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from patchflannel.classes import CLASS_INDEX
 from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.export.bundle import LEARNER_MODES
+from patchflannel.bundle import LEARNER_MODES
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, normalize, resize_mask

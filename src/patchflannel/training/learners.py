@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from patchflannel.errors import ConfigError, ImageReadError
-from patchflannel.export.bundle import LEARNER_MODES, default_preprocessing, load_bundle
+from patchflannel.bundle import LEARNER_MODES, default_preprocessing, load_bundle
 from patchflannel.devices import resolve_device
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchflannel.export.bundle import Bundle, load_bundle, load_torch_model
+from patchflannel.bundle import Bundle, load_bundle, load_torch_model
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
 from patchflannel.ops.preprocess import as_tensor, segmentation_input

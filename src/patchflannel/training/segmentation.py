@@ -429,7 +429,7 @@ def export_segmentation_bundle(run_dir: str | Path, out: str | Path, manifest: s
     ``manifest`` is given, the validation Jaccard measured on the bundle itself.
     """
     from patchflannel.export.build import make_bundle, read_run
-    from patchflannel.export.bundle import write_bundle
+    from patchflannel.bundle import write_bundle
     from patchflannel.segment import load_segmenter
 
     info = read_run(run_dir)

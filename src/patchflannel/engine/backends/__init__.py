@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.bundle import PRECISIONS, Bundle, ModelEntry, export_hint
+from patchflannel.bundle import PRECISIONS, Bundle, ModelEntry, export_hint
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,7 +75,7 @@ def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.dev
     exported file in ``precision`` where the bundle has one, else the fp32 file)."""
     if name == "torch":
         from patchflannel.engine.backends.torch_backend import TorchBackend
-        from patchflannel.export.bundle import load_torch_model
+        from patchflannel.bundle import load_torch_model
 
         return TorchBackend(load_torch_model(bundle, entry), device, precision, compile=compile)
     if name == "onnxruntime":
