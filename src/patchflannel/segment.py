@@ -28,6 +28,7 @@ from patchflannel.bundle import BUNDLE_FILE, load_bundle, load_torch_model
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
 from patchflannel.training.loop import RUN_FILE
+from patchflannel.training.segmentation import load_run_model
 from patchflannel.ops.preprocess import resize_mask, segmentation_input
 from patchflannel.io.files import printable
 from patchflannel.scoring.inputs import IMAGE_EXTENSIONS
@@ -80,8 +81,6 @@ def load_segmenter(model: str | Path | None = None, device: str = "auto", batch_
                          str(bundle.root), (bundle.training or {}).get("segmentation"))
     run_dir = Path(model)
     if (run_dir / RUN_FILE).is_file():
-        from patchflannel.training.segmentation import load_run_model
-
         net, info = load_run_model(run_dir)
         pre = (info.get("preprocessing") or {}).get("segmentation")
         if not pre:

@@ -73,7 +73,7 @@ def seg_bundle_cmd(
         "--manifest", help="Pairs CSV to measure the validation Jaccard recorded in the bundle.")] = None,
 ) -> None:
     """Write a segmentation-only bundle (no learners, no ensemble) from a run's best weights."""
-    from patchflannel.training.segmentation import export_segmentation_bundle
+    from patchflannel.export.build import export_segmentation_bundle
 
     with fail_cleanly():
         path = export_segmentation_bundle(run, out, manifest)

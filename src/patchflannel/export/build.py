@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from patchflannel.classes import CLASSES
-from patchflannel.errors import BundleError, ConfigError
+from patchflannel.errors import BundleError, ConfigError, ManifestError
 from patchflannel.bundle import (
     LEARNER_MODES,
     Bundle,
@@ -22,26 +22,12 @@ from patchflannel.bundle import (
 )
 from patchflannel.models import list_models, model_family
 from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
-from patchflannel.settings import read_json
-from patchflannel.training.loop import BEST_FILE, RUN_FILE
+from patchflannel.segment import load_segmenter
+from patchflannel.training.loop import BEST_FILE, read_run
+from patchflannel.training.segmentation import evaluate_segmentation, read_pairs_manifest, validation_names
 
 RUN_KEYS = ("task", "arch", "learners", "val_fold", "best_epoch", "epochs_run", "stopped_early", "best", "n_train", "n_val",
             "split", "data", "config", "train_seconds")
-
-
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """A finished training run's ``run.json``; ConfigError when the folder is not one."""
-    run_dir = Path(run_dir)
-    info_file, best = run_dir / RUN_FILE, run_dir / BEST_FILE
-    if not run_dir.is_dir():
-        raise ConfigError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'no such folder'} (a training run's)")
-    for p in (info_file, best):
-        if not p.is_file():
-            raise ConfigError(f"{run_dir}: not a finished training run ({p.name} missing)")
-    info = read_json(info_file)
-    if "arch" not in info:
-        raise ConfigError(f"{info_file}: no 'arch' recorded")
-    return info
 
 
 def _learner_mode(run_dir: Path, info: dict[str, Any]) -> str:
@@ -139,3 +125,29 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_bundle(out)
+
+
+def export_segmentation_bundle(run_dir: str | Path, out: str | Path, manifest: str | Path | None = None,
+                               name: str = "default") -> Path:
+    """A segmentation-only bundle (no learners, no ensemble) from a run, via :func:`make_bundle`.
+
+    The bundle's training record also gets the run's split, recipe and training time and, when
+    ``manifest`` is given, the validation Jaccard measured on the bundle itself.
+    """
+    info = read_run(run_dir)
+    if info.get("task") != "segmentation":
+        raise ConfigError(f"{run_dir}: run.json task is {info.get('task')!r}, not 'segmentation'")
+    if manifest is not None:  # checked before anything is written: a bad manifest leaves no bundle behind
+        have = {image.name for image, _ in read_pairs_manifest(manifest)}
+        missing = [n for n in validation_names(info, str(run_dir)) if n not in have]
+        if missing:
+            raise ManifestError(manifest, [f"the run's validation image {n} is not in the manifest" for n in missing])
+    bundle = make_bundle(out, segmentation_run=run_dir, name=name)
+    record = bundle.training.setdefault("segmentation", {})
+    record.update({k: info[k] for k in ("split", "config", "train_seconds") if k in info})
+    write_bundle(bundle)
+    if manifest is not None:
+        result = evaluate_segmentation(load_segmenter(out), manifest)
+        record["validation"] = {k: result[k] for k in ("n", "mean_jaccard", "min_jaccard")}
+        write_bundle(bundle)
+    return Path(out) / "bundle.json"

@@ -93,6 +93,21 @@ def _atomic_save(obj: Any, path: Path) -> None:
     save_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """A finished training run's ``run.json``; ConfigError when the folder is not one."""
+    run_dir = Path(run_dir)
+    info_file, best = run_dir / RUN_FILE, run_dir / BEST_FILE
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'no such folder'} (a training run's)")
+    for p in (info_file, best):
+        if not p.is_file():
+            raise ConfigError(f"{run_dir}: not a finished training run ({p.name} missing)")
+    info = read_json(info_file)
+    if "arch" not in info:
+        raise ConfigError(f"{info_file}: no 'arch' recorded")
+    return info
+
+
 class Trainer:
     """Runs ``train_one_epoch`` / ``evaluate`` epochs with early stopping on ``monitor`` and checkpoints."""
 

@@ -34,7 +34,7 @@ from patchflannel.models import get_model, list_models
 from patchflannel.ops.mask import lung_masks
 from patchflannel.ops.preprocess import GAMMA, SEG_SIZE, resize_mask, segmentation_input
 from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
-from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
+from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, read_run, seed_everything
 
 
 @dataclass
@@ -369,14 +369,9 @@ def train_segmentation(config: SegConfig, run_dir: str | Path, resume: bool = Fa
 def load_run_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The best model of a segmentation run (eval mode) and its run.json."""
     run_dir = Path(run_dir)
-    run_file, best = run_dir / RUN_FILE, run_dir / BEST_FILE
-    if not run_file.is_file() or not best.is_file():
-        raise ConfigError(f"{run_dir}: not a finished segmentation run (needs {RUN_FILE} and {BEST_FILE})")
-    info = read_json(run_file)
+    info, best = read_run(run_dir), run_dir / BEST_FILE
     if info.get("task") != "segmentation":
         raise ConfigError(f"{run_dir}: run.json task is {info.get('task')!r}, not 'segmentation'")
-    if "arch" not in info:
-        raise ConfigError(f"{run_file}: no 'arch' recorded")
     model = get_model(info["arch"], **info.get("arch_config", {}))
     try:
         model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
@@ -419,33 +414,3 @@ def evaluate_segmentation(segmenter: Any, manifest: str | Path, names: list[str]
     values = np.array(list(scores.values()))
     return {"n": len(values), "mean_jaccard": float(values.mean()), "min_jaccard": float(values.min()),
             "per_image": scores}
-
-
-def export_segmentation_bundle(run_dir: str | Path, out: str | Path, manifest: str | Path | None = None,
-                               name: str = "default") -> Path:
-    """A segmentation-only bundle (no learners, no ensemble) from a run, via export.build.make_bundle.
-
-    The bundle's training record also gets the run's split, recipe and training time and, when
-    ``manifest`` is given, the validation Jaccard measured on the bundle itself.
-    """
-    from patchflannel.export.build import make_bundle, read_run
-    from patchflannel.bundle import write_bundle
-    from patchflannel.segment import load_segmenter
-
-    info = read_run(run_dir)
-    if info.get("task") != "segmentation":
-        raise ConfigError(f"{run_dir}: run.json task is {info.get('task')!r}, not 'segmentation'")
-    if manifest is not None:  # checked before anything is written: a bad manifest leaves no bundle behind
-        have = {image.name for image, _ in read_pairs_manifest(manifest)}
-        missing = [n for n in validation_names(info, str(run_dir)) if n not in have]
-        if missing:
-            raise ManifestError(manifest, [f"the run's validation image {n} is not in the manifest" for n in missing])
-    bundle = make_bundle(out, segmentation_run=run_dir, name=name)
-    record = bundle.training.setdefault("segmentation", {})
-    record.update({k: info[k] for k in ("split", "config", "train_seconds") if k in info})
-    write_bundle(bundle)
-    if manifest is not None:
-        result = evaluate_segmentation(load_segmenter(out), manifest)
-        record["validation"] = {k: result[k] for k in ("n", "mean_jaccard", "min_jaccard")}
-        write_bundle(bundle)
-    return Path(out) / "bundle.json"
