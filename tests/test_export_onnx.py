@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 import typer
 from rich.console import Console
 from typer.testing import CliRunner
@@ -24,7 +25,8 @@ from patchflannel.cli.export import register
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import default_bundle_path, load_bundle, random_bundle
 from patchflannel.data.shared import DATA_ENV
-from patchflannel.export.onnx import OPSET, export_onnx, onnx_session, parity_report
+from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from patchflannel.export.onnx import OPSET, export_onnx, parity_report
 from patchflannel.models.classifiers import FLANNEL_LEARNERS
 from patchflannel.scoring.run import EngineOptions, score
 
@@ -72,9 +74,9 @@ def test_graphs_have_a_dynamic_batch_and_reproduce_the_saved_references(exported
         assert [t.name for t in model.graph.input] == [entry.inputs[0]["name"]]
         ref = np.load(b.root / f.extra["reference"])
         x, y = ref[entry.inputs[0]["name"]], ref[entry.outputs[0]["name"]]
-        session = onnx_session(b.path_of(f))
+        backend = OnnxRuntimeBackend(b.path_of(f), torch.device("cpu"))
         for batch in (1, len(x)):
-            got = session.run(None, {entry.inputs[0]["name"]: x[:batch]})[0]
+            got = backend.run(torch.from_numpy(x[:batch])).numpy()
             assert got.shape == y[:batch].shape
             assert parity_report(y[:batch], got, "segmentation" if entry is b.segmentation else "classes")["passed"]
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from patchflannel.data.manifest import read_csv
 from patchflannel.data.shared import shared_data_dir
-from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
+from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend  # the parity check runs the file as the engine will
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import (
     Bundle,
     ModelEntry,
@@ -220,17 +221,6 @@ def export_module(module: nn.Module, example: torch.Tensor, path: Path, input_na
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def onnx_session(path: Path) -> Any:
-    """An ONNX Runtime CPU session for ``path`` using torch's thread count."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise BackendUnavailableError("onnxruntime is not installed (pip install 'patchflannel[onnx]')") from exc
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 @contextlib.contextmanager
 def export_target(bundle: Bundle | str | Path | None, out: str | Path | None,
                   models: Sequence[str] | None) -> Iterator[tuple[Bundle, list[ModelEntry]]]:
@@ -329,7 +319,7 @@ def _export_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, ops
                 ref = module(x).numpy()
             path = stage.path(rel)
             export_module(CastIO(module, torch.float16) if precision == "fp16" else module, x[:2], path, in_name, out_name, opset)
-            got = onnx_session(path).run([out_name], {in_name: x.numpy()})[0]
+            got = OnnxRuntimeBackend(path, torch.device("cpu")).run(x).numpy()
             report = {**parity_report(ref, got, role, rtol, atol), "inputs": source, "batch": int(x.shape[0]),
                       "runtime": "onnxruntime CPUExecutionProvider"}
             if not report["passed"]:

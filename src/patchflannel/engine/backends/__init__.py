@@ -60,7 +60,9 @@ def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
 
         import_tensorrt()  # a missing runtime is the first thing to say
     if name == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        raise BackendUnavailableError("onnxruntime is not installed (pip install 'patchflannel[onnx]')")
+        from patchflannel.engine.backends.onnxruntime_backend import MISSING
+
+        raise BackendUnavailableError(MISSING)
     fmt = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}.get(name)
     missing = [m.name for m in (bundle.segmentation, *bundle.learners) if fmt and not _has_file(m, fmt)]
     if missing:

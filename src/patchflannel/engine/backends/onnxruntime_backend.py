@@ -9,6 +9,8 @@ import torch
 
 from patchflannel.errors import BackendUnavailableError
 
+MISSING = "onnxruntime is not installed (pip install 'patchflannel[onnx]')"
+
 
 class OnnxRuntimeBackend:
     """Runs one ONNX model; inputs are cast to the model's declared input type. ``precision`` is the graph's
@@ -20,7 +22,7 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise BackendUnavailableError("the onnxruntime backend needs onnxruntime (pip install 'patchflannel[onnx]')") from exc
+            raise BackendUnavailableError(MISSING) from exc
         self.device = torch.device(device)
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
