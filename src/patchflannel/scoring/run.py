@@ -116,16 +116,7 @@ def score(
     error rows. Interrupted (KeyboardInterrupt), it writes the rows it holds before the interrupt goes on.
     """
     options = options or EngineOptions()
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-    if resume and overwrite:
-        raise ConfigError("resume and overwrite exclude each other: continue the output, or replace it")
-    if actors is not None and ray is False:
-        raise ConfigError("actors is a Ray setting: score with Ray (--ray or --ray-address) or leave it out")
-    if actors is not None and actors < 1:
-        raise ConfigError(f"actors must be at least 1, got {actors}")
-    if ray_batch_size < 1:
-        raise ConfigError(f"ray_batch_size must be at least 1, got {ray_batch_size}")
+    _check_options(chunk_size, resume, overwrite, ray, actors, ray_batch_size)
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     sources = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
@@ -156,59 +147,17 @@ def score(
                      "precision": description.get("precision", options.precision),
                      "backend": description.get("backend", options.backend)}, resume=resume)
 
-        console = console or Console(stderr=True)
-        todo, keep = (items, None)
-        if resume:
-            stored = store.scored_keys()
-            if stored and not quiet:  # hashing a large archive again takes a while: say what is going on
-                console.print(f"resume: {len(stored)} rows stored; hashing their files again to find what changed",
-                              markup=False, highlight=False, soft_wrap=True)
-            todo, keep = _resume_plan(items, stored)
-            paths = {i.path for i in items}
-            gone = sum(1 for path, _ in stored if path not in paths)
-            changed = sum(1 for key in stored if not keep(key)) - gone
-            said = [f"{gone} stored rows of files not among these inputs are left out of {store.out}"] if gone else []
-            said += [f"{changed} stored rows of files changed since are scored again"] if changed else []
-            if said and not quiet:
-                console.print(f"resume: {'; '.join(said)}", markup=False, highlight=False, soft_wrap=True)
+        say = _Say(console or Console(stderr=True), quiet)
+        todo, keep = _resume(items, store, say) if resume else (items, None)
         if engine is not None:
-            if options.precision != "auto" and description["precision"] != options.precision and not quiet:
-                console.print(f"note: precision {options.precision} was asked for; the networks run at "
-                              f"{description['precision']} (an exported backend runs the bundle's fp32 files where "
-                              f"it has none in {options.precision})", markup=False, highlight=False, soft_wrap=True)
-            if description["precision"] == "fp16" and engine.device.type == "cpu" and not quiet:
-                console.print("note: fp16 on a CPU is slow (few CPU kernels run it natively); fp32, or bf16 on a CPU "
-                              "with bf16 instructions, are the CPU precisions", markup=False, highlight=False,
-                              soft_wrap=True)
+            _precision_notes(options, description, engine, say)
             rows = _local_rows(engine, todo)
         else:
             from patchflannel.scoring.ray_runner import ray_rows
 
             rows, description = ray_rows(todo, store.schema, options, address=ray, actors=actors,
                                          batch_size=ray_batch_size)
-        log_lines = not quiet and not console.is_terminal  # no bar (a log file): a line a chunk written instead
-        done, errors, loop_start = 0, 0, time.perf_counter()
-
-        def flush(chunk: list[dict[str, Any]]) -> None:
-            write_whole(store, chunk)
-            if log_lines:
-                rate = done / max(time.perf_counter() - loop_start, 1e-9)
-                console.print(f"scored {done}/{len(todo)} ({rate:.2f} img/s, {errors} errors so far)",
-                              markup=False, highlight=False)
-
-        with _progress(console, quiet) as progress:
-            task = progress.add_task("scoring", total=len(todo))
-
-            def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-                nonlocal done, errors
-                for row in rows:
-                    done += 1
-                    errors += row["status"] == "error"
-                    progress.advance(task)
-                    yield row
-
-            for chunk in chunks(counted(rows), chunk_size, store):
-                flush(chunk)
+        _write_rows(store, rows, len(todo), chunk_size, say)
 
         metadata = {
             "bundle": {"id": bundle.bundle_id, "name": bundle.name, "path": str(bundle.root.resolve())},
@@ -239,6 +188,66 @@ def score(
                         flagged=counts.get("flagged", 0), errors=counts.get("error", 0),
                         skipped=len(items) - len(todo), scored_now=len(todo),
                         seconds=time.perf_counter() - started, predictions=exported)
+
+
+def _check_options(chunk_size: int, resume: bool, overwrite: bool, ray: bool | str, actors: int | None,
+                   ray_batch_size: int) -> None:
+    """Refuse settings of :func:`score` that cannot go together or are out of range."""
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if resume and overwrite:
+        raise ConfigError("resume and overwrite exclude each other: continue the output, or replace it")
+    if actors is not None and ray is False:
+        raise ConfigError("actors is a Ray setting: score with Ray (--ray or --ray-address) or leave it out")
+    if actors is not None and actors < 1:
+        raise ConfigError(f"actors must be at least 1, got {actors}")
+    if ray_batch_size < 1:
+        raise ConfigError(f"ray_batch_size must be at least 1, got {ray_batch_size}")
+
+
+@dataclass
+class _Say:
+    """Where a run's notes go (stderr), unless ``quiet``."""
+
+    console: Console
+    quiet: bool
+
+    def __call__(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _precision_notes(options: EngineOptions, description: dict[str, Any], engine: Any, say: _Say) -> None:
+    """Say when the networks run at another precision than asked, and when fp16 runs on a CPU."""
+    if options.precision != "auto" and description["precision"] != options.precision:
+        say(f"note: precision {options.precision} was asked for; the networks run at {description['precision']} (an "
+            f"exported backend runs the bundle's fp32 files where it has none in {options.precision})")
+    if description["precision"] == "fp16" and engine.device.type == "cpu":
+        say("note: fp16 on a CPU is slow (few CPU kernels run it natively); fp32, or bf16 on a CPU with bf16 "
+            "instructions, are the CPU precisions")
+
+
+def _write_rows(store: ResultStore, rows: Iterator[dict[str, Any]], total: int, chunk_size: int, say: _Say) -> None:
+    """Write ``rows`` in chunks, with a progress bar (a line a chunk when stderr is no terminal)."""
+    log_lines = not say.quiet and not say.console.is_terminal
+    done, errors, loop_start = 0, 0, time.perf_counter()
+    with _progress(say.console, say.quiet) as progress:
+        task = progress.add_task("scoring", total=total)
+
+        def counted(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            nonlocal done, errors
+            for row in rows:
+                done += 1
+                errors += row["status"] == "error"
+                progress.advance(task)
+                yield row
+
+        for chunk in chunks(counted(rows), chunk_size, store):
+            write_whole(store, chunk)
+            if log_lines:
+                rate = done / max(time.perf_counter() - loop_start, 1e-9)
+                say.console.print(f"scored {done}/{total} ({rate:.2f} img/s, {errors} errors so far)",
+                                  markup=False, highlight=False)
 
 
 def write_whole(store: ResultStore, chunk: list[dict[str, Any]]) -> None:
@@ -294,6 +303,22 @@ def _local_rows(engine: Any, items: list[ScoreInput]) -> Iterator[dict[str, Any]
     preds = engine.stream((i.path, i.source) for i in items)
     for item, pred in zip(items, preds):
         yield prediction_row(pred, item.extra)
+
+
+def _resume(items: list[ScoreInput], store: ResultStore, say: _Say) -> tuple[list[ScoreInput], Callable[[Key], bool]]:
+    """:func:`_resume_plan` of the store's rows, saying what it finds."""
+    stored = store.scored_keys()
+    if stored:  # hashing a large archive again takes a while: say what is going on
+        say(f"resume: {len(stored)} rows stored; hashing their files again to find what changed")
+    todo, keep = _resume_plan(items, stored)
+    paths = {i.path for i in items}
+    gone = sum(1 for path, _ in stored if path not in paths)
+    changed = sum(1 for key in stored if not keep(key)) - gone
+    said = [f"{gone} stored rows of files not among these inputs are left out of {store.out}"] if gone else []
+    said += [f"{changed} stored rows of files changed since are scored again"] if changed else []
+    if said:
+        say(f"resume: {'; '.join(said)}")
+    return todo, keep
 
 
 def _resume_plan(items: list[ScoreInput], done: set[Key]) -> tuple[list[ScoreInput], Callable[[Key], bool]]:
