@@ -255,6 +255,8 @@ def test_kermany_names_a_manifest_cannot_hold_are_left_out_and_odd_ones_kept_who
     manifest = read_manifest(write_manifest(build.rows, kermany / "manifest.csv", build.columns))
     assert manifest.rows == build.rows
     assert "train/PNEUMONIA/person4_virus_a\rb.jpeg" in {row["original_name"] for row in manifest.rows}
+    written = (kermany / "manifest.csv").read_bytes()  # "\n" line ends (a splits file's sha256 is its record)
+    assert b"\r\n" not in written and b',"train/PNEUMONIA/person4_virus_a\rb.jpeg"\n' in written
 
 
 def test_kermany_folder_that_cannot_be_listed_is_named(kermany: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,9 +13,10 @@ import contextlib
 import csv
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 from patchflannel.classes import CLASSES
 from patchflannel.errors import ImageReadError, ManifestError
@@ -201,6 +202,18 @@ def _split_problems(row: Row, columns: list[str]) -> list[str]:
     return []
 
 
+def write_csv_rows(handle: TextIO, columns: list[str], rows: Iterable[dict[str, Any]]) -> None:
+    """A header and ``rows`` (their ``columns``; other keys ignored) as CSV with "\\n" line ends. A row holding a
+    carriage return (a file name can) has every field quoted: csv quotes only the line end's own characters,
+    and a bare "\\r" would split the row when read back."""
+    plain = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    quoted = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", lineterminator="\n",
+                            quoting=csv.QUOTE_ALL)
+    plain.writeheader()
+    for row in rows:
+        (quoted if any("\r" in str(row.get(c, "")) for c in columns) else plain).writerow(row)
+
+
 def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Path:
     """Write ``rows`` as a manifest CSV with ``columns`` in order; returns the path written.
 
@@ -216,11 +229,7 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
-            # csv's own "\r\n" line ends: a field holding a "\r" (a file name can) is quoted too
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "path": _relative_if_under(Path(row["path"]), folder)})
+            write_csv_rows(handle, columns, ({**row, "path": _relative_if_under(Path(row["path"]), folder)} for row in rows))
 
     save_atomic(path, write)
     return path

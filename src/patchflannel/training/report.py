@@ -10,7 +10,6 @@ bootstrap intervals of the pooled metrics resampled by patient.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from patchflannel.classes import CLASS_INDEX, CLASSES
-from patchflannel.data.manifest import header_problems, read_csv
+from patchflannel.data.manifest import header_problems, read_csv, write_csv_rows
 from patchflannel.errors import ConfigError, ManifestError, PatchflannelError
 from patchflannel.io.files import save_atomic
 from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
@@ -36,11 +35,8 @@ SCORE_HINT = "`patchflannel score MANIFEST --out OUT --predictions FILE.csv` wri
 def write_predictions(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write prediction rows (dicts with :data:`PREDICTION_COLUMNS`; probabilities as floats) to a CSV, whole."""
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:  # csv's own "\r\n" line ends: a "\r" in a name is quoted too
-            writer = csv.DictWriter(fh, fieldnames=PREDICTION_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}})
+        with open(tmp, "w", newline="") as fh:
+            write_csv_rows(fh, list(PREDICTION_COLUMNS), ({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}} for r in rows))
 
     save_atomic(path, write)
     return path
