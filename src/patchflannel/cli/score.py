@@ -66,8 +66,7 @@ def score(
         raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # noqa: BLE001 - a bug or a system failure, not a bad input: say so, keep the rows
         errors.print_exception(max_frames=8)
-        kept = _kept(out)
-        errors.print(f"error: scoring stopped by an unexpected {type(exc).__name__}: {exc}. {kept[0].upper()}{kept[1:]}.",
+        errors.print(f"error: scoring stopped by an unexpected {type(exc).__name__}: {exc}; {_kept(out)}.",
                      markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED) from None
     if not quiet:
