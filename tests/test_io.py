@@ -427,6 +427,7 @@ def test_dicom_without_preamble(tmp_path: Path, real_u16: np.ndarray) -> None:
 
 def test_missing_empty_text_and_directory(tmp_path: Path) -> None:
     _assert_refused(tmp_path / "nowhere.png", "not found")
+    _assert_refused("", "'': an empty path names no file")  # the message named nothing: ": file not found"
     (tmp_path / "empty.png").write_bytes(b"")
     _assert_refused(tmp_path / "empty.png", "empty")
     (tmp_path / "notes.png").write_text("this is not an image\n")

@@ -161,6 +161,8 @@ def test_a_manifest_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None
 def test_sources_that_name_nothing_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file or folder"):
         discover_inputs([tmp_path / "absent"])
+    with pytest.raises(ConfigError, match="^'': an empty path names no file or folder$"):  # was ": no such file"
+        discover_inputs([""])
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "gone.png").symlink_to(tmp_path / "moved.png")
     with pytest.raises(ConfigError, match=r"gone.png: a symbolic link to nothing \(its target .*moved.png does not"):

@@ -158,6 +158,8 @@ def read_file_bytes(path: str | os.PathLike[str]) -> bytes:
     than :data:`MAX_FILE_BYTES`, or not a regular file (a folder, or a pipe, socket or device, whose reading
     could block)."""
     label = os.fspath(path)
+    if not label:
+        raise ImageReadError("''", "an empty path names no file")
     try:
         info = os.stat(label)
         if not stat.S_ISREG(info.st_mode):

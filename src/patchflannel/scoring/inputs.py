@@ -122,6 +122,8 @@ def is_image_name(path: str | os.PathLike[str]) -> bool:
 
 
 def _expand(source: str) -> Iterator[ScoreInput]:
+    if not source:
+        raise ConfigError("'': an empty path names no file or folder")
     if os.path.isdir(source):
         files = sorted(_walk(source))
         if not files:
