@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,17 @@ def test_a_nul_byte_in_a_manifest_is_named_by_line(tmp_path: Path) -> None:
     for read in (lambda p: read_manifest(p, check_files=False), read_score_manifest):
         with pytest.raises(ManifestError, match=r"m.csv: line 4: holds a NUL byte"):
             read(path)
+
+
+def test_a_path_that_is_no_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A folder or a pipe is not "not found" (it is there); a missing file is."""
+    (tmp_path / "folder.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
+    path = tmp_path / "m.csv"
+    path.write_text("path,label,patient_id,view,source\nfolder.png,covid,p1,PA,s\npipe.png,covid,p2,PA,s\n"
+                    "gone.png,covid,p3,PA,s\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    problems = caught.value.problems
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3", "line 4"], problems
+    assert "not a regular file" in problems[0] and "not a regular file" in problems[1] and "not found" in problems[2]

@@ -164,7 +164,8 @@ def _problems(rows: list[Row], columns: list[str], lines: list[int], *, check_fi
             else:
                 first_line[file] = line
             if check_files and not Path(file).is_file():
-                bad.append(f"image file not found: {file}")
+                what = "not a regular file (a folder, pipe, socket or device)" if Path(file).exists() else "not found"
+                bad.append(f"image file {what}: {file}")
         bad.extend(_split_problems(row, columns))
         problems.extend(f"line {line}: {reason}" for reason in bad)
     for file, lines in duplicates.items():
