@@ -241,16 +241,16 @@ def test_deep_trees_and_many_links_to_one_folder_are_walked_once(tmp_path: Path)
     """1200 nested folders (the walk re-resolved every ancestor of every folder, cubic in depth, and the pattern
     walk recursed past Python's limit), and 16 levels of two links each to the next (2 ** 16 ways down)."""
     deep = folder = tmp_path / "deep"
-    for _ in range(1200):  # not os.makedirs: it recurses too
-        folder = folder / "d"
-        folder.mkdir(parents=folder.parent == deep)
-    bottom = _touch(folder / "x.png")
     try:
+        for _ in range(1200):  # not os.makedirs: it recurses too
+            folder = folder / "d"
+            folder.mkdir(parents=folder.parent == deep)
+        bottom = _touch(folder / "x.png")
         assert [i.path for i in discover_inputs([deep])] == [str(bottom)]
         assert [i.path for i in discover_inputs([str(deep / "**" / "*.png")])] == [str(bottom)]
     finally:  # bottom up, without recursion: shutil.rmtree (pytest's clean-up of old runs) recurses past the limit
-        bottom.unlink()
-        while folder != tmp_path:
+        (folder / "x.png").unlink(missing_ok=True)
+        while folder != tmp_path and folder.exists():
             folder.rmdir()
             folder = folder.parent
     wide = tmp_path / "wide"
@@ -271,3 +271,33 @@ def test_two_files_shown_under_one_name_are_refused(tmp_path: Path) -> None:
     _touch(tmp_path / "x\\xff.jpg")
     with pytest.raises(ConfigError, match=r"x\\xff.jpg: two files would be written under this name"):
         discover_inputs([tmp_path])
+
+
+def test_walks_list_each_folder_once_and_name_one_they_cannot_enter(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder listed in its parent but not to be entered (the parent readable, not searchable) is named (its
+    images were left out without a word); each folder is listed once; a missing top is told to onerror."""
+    for rel in ("a/x.png", "a/sub/y.png", "b/z.png"):
+        _touch(tmp_path / rel)
+    listed: list[str] = []
+    scandir, stat = os.scandir, os.stat
+
+    def counting(path):  # the real listing, counted
+        listed.append(os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    assert sorted(os.path.relpath(p, tmp_path) for p in walk_files(tmp_path)) == ["a/sub/y.png", "a/x.png", "b/z.png"]
+    assert sorted(listed) == sorted(str(tmp_path / d) for d in ("", "a", "a/sub", "b")), listed
+    locked = tmp_path / "a" / "sub"
+
+    def refusing(path, *args, **kwargs):  # what entering it raises as another user (as root, chmod cannot stop it)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refusing)
+    with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
+        discover_inputs([tmp_path])
+    told: list[OSError] = []
+    assert list(walk_files(tmp_path / "absent", onerror=told.append)) == [] and len(told) == 1

@@ -37,8 +37,8 @@ def walk_files(folder: str | os.PathLike[str], onerror: OnError | None = None) -
     ``OSError`` of a folder that cannot be listed.
     """
     seen: set[tuple[int, int]] = set()
-    for path, _ in _folders(os.fspath(folder), seen, onerror):
-        yield from (os.path.join(path, entry.name) for entry in _entries(path, onerror) if not _is_folder(entry))
+    for path, _, entries in _folders(os.fspath(folder), seen, onerror):
+        yield from (os.path.join(path, entry.name) for entry in entries if not _is_folder(entry))
 
 
 def glob_paths(pattern: str, onerror: OnError | None = None) -> list[str]:
@@ -62,7 +62,7 @@ def _below(folder: str, parts: list[str], onerror: OnError | None) -> Iterator[s
     if part == "**":
         if not rest and folder:
             yield os.path.join(folder, "")  # as glob: a last "**" names the folder it starts from, and all below
-        for sub, _ in _folders(folder, None, onerror):
+        for sub, _, _ in _folders(folder, None, onerror):
             yield from _below(sub, rest or ["*"], onerror)
         return
     for path in glob.glob(os.path.join(glob.escape(folder), part)):
@@ -73,26 +73,31 @@ def _below(folder: str, parts: list[str], onerror: OnError | None) -> Iterator[s
 
 
 def _folders(top: str, seen: set[tuple[int, int]] | None,
-             onerror: OnError | None) -> Iterator[tuple[str, tuple[tuple[int, int], ...]]]:
+             onerror: OnError | None) -> Iterator[tuple[str, tuple[tuple[int, int], ...], list[os.DirEntry[str]]]]:
     """``top`` and the folders below it that are not hidden, in name order, depth first, each with the identities
-    of its ancestors and itself; a link back to an ancestor is not entered, nor, given ``seen``, a folder
-    already walked."""
-    stack = [(top, _identity(top or os.curdir, ()))]
+    of its ancestors and itself and its entries; a link back to an ancestor is not entered, nor, given ``seen``,
+    a folder already walked. ``onerror`` gets the ``OSError`` of a folder that cannot be listed or entered."""
+    stack = [(top, ())]
     while stack:
-        path, ancestors = stack.pop()
+        path, above = stack.pop()
+        try:
+            ancestors = _identity(path or os.curdir, above)
+        except FileNotFoundError as exc:  # gone since its parent was listed (the top: never there)
+            if not above and onerror is not None:
+                onerror(exc)
+            continue
+        except OSError as exc:  # listed, but not to be entered (a parent readable but not searchable)
+            if onerror is not None:
+                onerror(exc)
+            continue
+        if ancestors[-1] in above or (seen is not None and ancestors[-1] in seen):
+            continue
         if seen is not None:
-            if ancestors[-1] in seen:
-                continue
             seen.add(ancestors[-1])
-        yield path, ancestors
-        subs = sorted(entry.name for entry in _entries(path, onerror)
-                      if not entry.name.startswith(".") and _is_folder(entry))
-        for name in reversed(subs):
-            sub = os.path.join(path, name)
-            with contextlib.suppress(OSError):  # gone since it was listed
-                identity = _identity(sub, ancestors)
-                if identity[-1] not in ancestors:
-                    stack.append((sub, identity))
+        entries = _entries(path, onerror)
+        yield path, ancestors, entries
+        subs = sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_folder(entry))
+        stack.extend((os.path.join(path, name), ancestors) for name in reversed(subs))
 
 
 def _identity(path: str, ancestors: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
