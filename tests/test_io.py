@@ -612,6 +612,10 @@ def test_files_not_written_whole_or_too_large_are_refused_quickly(tmp_path: Path
     assert len(header) - 8 < int(str(error).split("from byte ")[1].split()[0]) <= len(header)  # its last value's 0s
     black = _dicom(np.zeros((1024, 1024), np.uint16), "MONOCHROME2", 16)  # zeros after the pixel data's tag: read
     assert read_image(_save(black, tmp_path / "black.dcm")).max() == 0
+    overlay = _dicom(real_u16, "MONOCHROME2", 16)  # an empty overlay of a 3000 x 3000 detector, before the pixels
+    overlay.add_new(0x60003000, "OW", bytes(3000 * 3000 // 8))
+    np.testing.assert_array_equal(read_image(_save(overlay, tmp_path / "overlay.dcm")),
+                                  read_image(tmp_path / "whole.dcm"))
     with open(tmp_path / "huge.png", "wb") as fh:  # sparse: no disk used
         fh.truncate((1 << 30) + 1)
     _assert_refused(tmp_path / "huge.png", "file too large: 1.0 GiB, over the limit of 1 GiB")

@@ -47,7 +47,8 @@ def test_resize_of_a_tall_narrow_image_shrinks_its_height_first():
     reach 1024 x 1024. Height first is the same separable filter, up to float rounding."""
     import torch.nn.functional as F
 
-    for shape, size in (((4000, 33), (256, 256)), ((3, 5000, 40), (64, 96)), ((1, 1, 300, 50), (20, 200))):
+    for shape, size in (((4000, 33), (256, 256)), ((3, 5000, 40), (64, 96)), ((1, 1, 300, 50), (20, 200)),
+                        ((40, 1), (32, 32))):  # one column: left to one call (torch repeats a 1 -> 1 column's first row)
         x = torch.rand(shape)
         whole = F.interpolate(x.reshape(-1, 1, *shape[-2:]), size=size, mode="bilinear", antialias=True)
         torch.testing.assert_close(resize(x, size), whole.reshape(*shape[:-2], *size), atol=1e-5, rtol=0)

@@ -69,10 +69,12 @@ def test_a_stopped_run_resumed_with_more_patience_trains_on(tmp_path: Path) -> N
     first = Trainer(tmp_path, s.model, s.opt, monitor="val_score", patience=2, max_epochs=7).fit(s.train, s.evaluate)
     assert first["stopped_early"] and first["epochs_run"] == 4
     s2 = Scripted(scores)
+    (tmp_path / "best.123-456.tmp.pt").write_bytes(b"half")  # what a SIGKILL leaves of a checkpoint: removed
     again = Trainer(tmp_path, s2.model, s2.opt, monitor="val_score", patience=4, max_epochs=7).fit(
         s2.train, s2.evaluate, resume=True)
     assert again["epochs_run"] == 7 and again["best_epoch"] == 6 and not again["stopped_early"]
     assert [int(r["epoch"]) for r in _rows(tmp_path)] == list(range(7))
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 def test_min_mode_and_max_epochs(tmp_path: Path) -> None:

@@ -69,7 +69,12 @@ def read_csv(path: str | Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
             records = [(reader.line_num, record) for record in reader if record]
     except FileNotFoundError:
         raise ManifestError(path, ["file not found"]) from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except csv.Error as exc:
+        if "NUL" not in str(exc):  # Python 3.10's reader refuses a NUL byte itself, without its line
+            raise ManifestError(path, [unreadable_csv(path, exc)]) from None
+        lines = path.read_bytes().split(b"\n")
+        header, records = [], [(n, ["\0"]) for n, line in enumerate(lines, start=1) if b"\0" in line]
+    except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(path, [unreadable_csv(path, exc)]) from None
     if header is None:
         raise ManifestError(path, ["empty file: no header row"])

@@ -41,7 +41,8 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
         raise ImageReadError(label, "reading DICOM needs pydicom: install the patchflannel[dicom] extra") from None
 
     zeros = data.find(ZERO_RUN)
-    if zeros >= 0 and data.find(PIXEL_GROUP_LE, 0, zeros) < 0 and data.find(PIXEL_GROUP_BE, 0, zeros) < 0:
+    if (zeros >= 0 and data.find(PIXEL_GROUP_LE, 0, zeros) < 0 and data.find(PIXEL_GROUP_BE, 0, zeros) < 0
+            and not np.frombuffer(data, np.uint8, offset=zeros).any()):  # zeros to the end: a large empty element is no damage
         raise ImageReadError(label, f"DICOM holds only zero bytes from byte {zeros} on, before any pixel data: the "
                                     "file was not written whole (a copy or transfer that stopped early)")
     try:
@@ -68,8 +69,8 @@ PIXEL_GROUP_LE, PIXEL_GROUP_BE = b"\xe0\x7f", b"\x7f\xe0"
 """The pixel data group (7FE0) as little- and big-endian bytes."""
 
 ZERO_RUN = bytes(1 << 20)
-"""A megabyte of zeros: before any pixel data, the mark of a file not written whole (pydicom would read it as
-empty elements, eight bytes at a time: seconds per 32 MB)."""
+"""A megabyte of zeros: before any pixel data, and running to the end of the file, the mark of a file not written
+whole (pydicom would read it as empty elements, eight bytes at a time: seconds per 32 MB)."""
 
 
 def _cut_short(ds: Dataset) -> tuple[int, str] | None:

@@ -180,6 +180,8 @@ class Trainer:
         Returns ``{best_epoch, best, epochs_run, stopped_early}`` (epochs are 0-based).
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob("*.tmp*"):  # a hard kill's half-written file (save_atomic's temporary name)
+            stale.unlink(missing_ok=True)
         start, best_epoch, bad, stopped = 0, -1, 0, False
         best_value = -math.inf if self.mode == "max" else math.inf
         best_metrics: dict[str, float] = {}
