@@ -235,7 +235,8 @@ def write_manifest(rows: list[Row], path: str | Path, columns: list[str]) -> Pat
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="", encoding="utf-8") as handle:
-            write_csv_rows(handle, columns, ({**row, "path": _relative_if_under(Path(row["path"]), folder)} for row in rows))
+            relative = ({**row, "path": _relative_if_under(Path(row["path"]), folder)} for row in rows)
+            write_csv_rows(handle, columns, relative)
 
     save_atomic(path, write)
     return path

@@ -27,7 +27,8 @@ from torch import nn
 
 from patchflannel.data.manifest import read_csv
 from patchflannel.data.shared import shared_data_dir
-from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend  # the parity check runs the file as the engine will
+# The parity check runs each file as the engine will, through its backend.
+from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import (
     Bundle,
@@ -318,7 +319,8 @@ def _export_entries(b: Bundle, entries: list[ModelEntry], data: Path | None, ops
             with torch.no_grad():
                 ref = module(x).numpy()
             path = stage.path(rel)
-            export_module(CastIO(module, torch.float16) if precision == "fp16" else module, x[:2], path, in_name, out_name, opset)
+            typed = CastIO(module, torch.float16) if precision == "fp16" else module
+            export_module(typed, x[:2], path, in_name, out_name, opset)
             got = OnnxRuntimeBackend(path, torch.device("cpu")).run(x).numpy()
             report = {**parity_report(ref, got, role, rtol, atol), "inputs": source, "batch": int(x.shape[0]),
                       "runtime": "onnxruntime CPUExecutionProvider"}

@@ -40,9 +40,9 @@ def read_dicom(data: bytes, label: str, *, has_preamble: bool = True) -> tuple[n
     except ImportError:
         raise ImageReadError(label, "reading DICOM needs pydicom: install the patchflannel[dicom] extra") from None
 
-    zeros = data.find(ZERO_RUN)
+    zeros = data.find(ZERO_RUN)  # to the end of the file (a large empty element before the pixels is no damage)
     if (zeros >= 0 and data.find(PIXEL_GROUP_LE, 0, zeros) < 0 and data.find(PIXEL_GROUP_BE, 0, zeros) < 0
-            and not np.frombuffer(data, np.uint8, offset=zeros).any()):  # zeros to the end: a large empty element is no damage
+            and not np.frombuffer(data, np.uint8, offset=zeros).any()):
         raise ImageReadError(label, f"DICOM holds only zero bytes from byte {zeros} on, before any pixel data: the "
                                     "file was not written whole (a copy or transfer that stopped early)")
     try:

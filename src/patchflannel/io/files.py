@@ -1,6 +1,7 @@
 """Files and folders: finding files below a folder or by a glob pattern (linked folders followed, a cluster's
-``train -> /scratch/...``, each way round a loop cut, hidden folders skipped), checking that an output can be made before any work, and
-writing outputs whole (a file atomically; a folder into a user's empty folder without changing it)."""
+``train -> /scratch/...``, each way round a loop cut, hidden folders skipped), checking that an output can be
+made before any work, and writing outputs whole (a file atomically; a folder into a user's empty folder without
+changing it)."""
 
 from __future__ import annotations
 

@@ -80,8 +80,10 @@ def resize(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     for _ in range(squeeze):
         x = x.unsqueeze(0)
     (h, w), (out_h, out_w) = x.shape[-2:], size
-    if w > 1 and h * out_w > 4 * out_h * w:  # (antialiased 1 -> 1 columns repeats the first row in torch)  # torch resizes the width first: a tall narrow image (600000 x 33) would be
-        x = _interpolate(x, (out_h, w))  # widened whole (to 600000 x 1024, 2.4 GB) before its height shrinks
+    # torch resizes the width first: a tall narrow image (600000 x 33) would be widened whole (to 600000 x 1024,
+    # 2.4 GB) before its height shrinks. Not one column: torch's antialiased 1 -> 1 columns repeats the first row.
+    if w > 1 and h * out_w > 4 * out_h * w:
+        x = _interpolate(x, (out_h, w))
     out = _interpolate(x, size)
     for _ in range(squeeze):
         out = out.squeeze(0)

@@ -36,7 +36,8 @@ def write_predictions(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write prediction rows (dicts with :data:`PREDICTION_COLUMNS`; probabilities as floats) to a CSV, whole."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
-            write_csv_rows(fh, list(PREDICTION_COLUMNS), ({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}} for r in rows))
+            rounded = ({**r, **{c: f"{float(r[c]):.6f}" for c in PROB_COLUMNS}} for r in rows)
+            write_csv_rows(fh, list(PREDICTION_COLUMNS), rounded)
 
     save_atomic(path, write)
     return path
