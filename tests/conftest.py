@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,20 @@ def cxr4_dir() -> Path:
 def lungseg_dir() -> Path:
     """The JSRT/SCR lung segmentation pairs (manifest.csv + images/ + masks/)."""
     return _need(SHARED_DATA / "lungseg")
+
+
+@pytest.fixture
+def deny_access(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Path], None]:
+    """``deny_access("scandir" or "stat", folder)``: that os function raises what it raises for another user's
+    folder (as root, chmod cannot stop it), the real one answering for every other path."""
+    def deny(name: str, folder: Path) -> None:
+        real = getattr(os, name)
+
+        def refusing(path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - os's own signature
+            if os.fspath(path) == str(folder):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+
+    return deny

@@ -259,15 +259,9 @@ def test_kermany_names_a_manifest_cannot_hold_are_left_out_and_odd_ones_kept_who
     assert b"\r\n" not in written and b',"train/PNEUMONIA/person4_virus_a\rb.jpeg"\n' in written
 
 
-def test_kermany_folder_that_cannot_be_listed_is_named(kermany: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kermany_folder_that_cannot_be_listed_is_named(kermany: Path, deny_access) -> None:  # noqa: ANN001
     """Its images were left out without a word (the build exited 0)."""
-    locked, listing = kermany / "test" / "NORMAL", os.scandir
-
-    def scandir(path):  # what listing a folder without the permission raises (as root, chmod cannot stop it)
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return listing(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    locked = kermany / "test" / "NORMAL"
+    deny_access("scandir", locked)
     with pytest.raises(ManifestError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
         build_kermany(kermany)

@@ -194,18 +194,11 @@ def test_linked_folders_are_followed_once_and_dangling_links_kept(tmp_path: Path
     assert found == ["b.png", "dangling.png", "linked/a.png"]
 
 
-def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path: Path, deny_access) -> None:  # noqa: ANN001
     _touch(tmp_path / "b.png")
     locked = tmp_path / "locked"
     _touch(locked / "c.png")
-    listing = os.scandir
-
-    def scandir(path):  # what listing a folder without the permission raises (as root, chmod cannot stop it)
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return listing(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny_access("scandir", locked)
     with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
         discover_inputs([tmp_path])
     with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
@@ -273,14 +266,14 @@ def test_two_files_shown_under_one_name_are_refused(tmp_path: Path) -> None:
         discover_inputs([tmp_path])
 
 
-def test_walks_list_each_folder_once_and_name_one_they_cannot_enter(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_walks_list_each_folder_once_and_name_one_they_cannot_enter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     deny_access) -> None:  # noqa: ANN001
     """A folder listed in its parent but not to be entered (the parent readable, not searchable) is named (its
     images were left out without a word); each folder is listed once; a missing top is told to onerror."""
     for rel in ("a/x.png", "a/sub/y.png", "b/z.png"):
         _touch(tmp_path / rel)
     listed: list[str] = []
-    scandir, stat = os.scandir, os.stat
+    scandir = os.scandir
 
     def counting(path):  # the real listing, counted
         listed.append(os.fspath(path))
@@ -290,13 +283,7 @@ def test_walks_list_each_folder_once_and_name_one_they_cannot_enter(tmp_path: Pa
     assert sorted(os.path.relpath(p, tmp_path) for p in walk_files(tmp_path)) == ["a/sub/y.png", "a/x.png", "b/z.png"]
     assert sorted(listed) == sorted(str(tmp_path / d) for d in ("", "a", "a/sub", "b")), listed
     locked = tmp_path / "a" / "sub"
-
-    def refusing(path, *args, **kwargs):  # what entering it raises as another user (as root, chmod cannot stop it)
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return stat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", refusing)
+    deny_access("stat", locked)  # listed in its parent, not to be entered
     with pytest.raises(ConfigError, match=f"{locked}: cannot list this folder \\(Permission denied\\)"):
         discover_inputs([tmp_path])
     told: list[OSError] = []
