@@ -22,16 +22,16 @@ from PIL import Image
 from scipy import ndimage
 from torch import nn
 
+from patchflannel.bundle import BUNDLE_FILE, load_bundle, load_torch_model
 from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ImageReadError
-from patchflannel.bundle import BUNDLE_FILE, load_bundle, load_torch_model
 from patchflannel.io import read_image
+from patchflannel.io.files import printable
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
+from patchflannel.ops.preprocess import resize_mask, segmentation_input
+from patchflannel.scoring.inputs import IMAGE_EXTENSIONS
 from patchflannel.training.loop import RUN_FILE
 from patchflannel.training.segmentation import load_run_model
-from patchflannel.ops.preprocess import resize_mask, segmentation_input
-from patchflannel.io.files import printable
-from patchflannel.scoring.inputs import IMAGE_EXTENSIONS
 
 REPORT_FILE = "segment_report.csv"
 REPORT_COLUMNS = ("file", "status", "lung_fraction", "mask", "message")
