@@ -461,7 +461,7 @@ def test_a_jpeg_damaged_inside_is_refused_not_decoded_into_another_image(tmp_pat
     """Bytes zeroed or changed inside the compressed data, the end-of-image marker intact: Pillow (and nvJPEG)
     only print libjpeg's warning, naming no file, and decode what is left; stray bytes before a marker are no
     damage to the image and are read as before."""
-    from patchflannel.engine.loaders import eight_bit_image
+    from patchflannel.engine.loaders import eight_bit_channels
 
     data = _manifest_paths(cxr4_dir)[0].read_bytes()
     middle = len(data) // 2
@@ -469,10 +469,10 @@ def test_a_jpeg_damaged_inside_is_refused_not_decoded_into_another_image(tmp_pat
                           ("cut", data[:middle] + data[middle + 20000:])):
         (tmp_path / f"{name}.jpg").write_bytes(damaged)
         _assert_refused(tmp_path / f"{name}.jpg", "cannot decode JPEG: Corrupt JPEG data", "the file is damaged")
-        assert not eight_bit_image(damaged, ("jpeg",))  # the GPU loaders leave it to the cpu loader's refusal
+        assert not eight_bit_channels(damaged, ("jpeg",))  # the GPU loaders leave it to the cpu loader's refusal
     stray = data[:-2] + b"\0\0" + data[-2:]  # two bytes before the end-of-image marker
     np.testing.assert_array_equal(read_image(stray), read_image(data))
-    assert eight_bit_image(data, ("jpeg",)) and eight_bit_image(stray, ("jpeg",))
+    assert eight_bit_channels(data, ("jpeg",)) and eight_bit_channels(stray, ("jpeg",))
 
 
 @pytest.mark.parametrize("side", [(1, 1), (MIN_SIDE - 1, 200), (200, MIN_SIDE - 1)])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchflannel.engine.loaders import eight_bit_image, make_loader
+from patchflannel.engine.loaders import eight_bit_channels, make_loader
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import read_image
 
@@ -52,26 +52,38 @@ def test_routing_by_header():
     grey8 = _png(np.zeros((64, 64), np.uint8))
     grey16 = _png(np.zeros((64, 64), np.uint16))
     tiny = _png(np.zeros((8, 8), np.uint8))
-    assert eight_bit_image(grey8, ("png",)) and not eight_bit_image(grey8, ("jpeg",))
-    assert not eight_bit_image(grey16, ("png",)) and not eight_bit_image(tiny, ("png",))
-    assert not eight_bit_image(b"\x89PNG\r\n\x1a\ntruncated", ("png",))
-    assert eight_bit_image(_tiff(1), ("tiff",)) and not eight_bit_image(_tiff(2), ("tiff",))  # pages: the cpu loader
+    assert eight_bit_channels(grey8, ("png",)) == 1 and eight_bit_channels(grey8, ("jpeg",)) is None
+    assert eight_bit_channels(_png(np.zeros((64, 64, 3), np.uint8)), ("png",)) == 3
+    assert not eight_bit_channels(grey16, ("png",)) and not eight_bit_channels(tiny, ("png",))
+    assert not eight_bit_channels(b"\x89PNG\r\n\x1a\ntruncated", ("png",))
+    assert eight_bit_channels(_tiff(1), ("tiff",)) == 1
+    assert eight_bit_channels(_tiff(2), ("tiff",)) is None  # pages: the cpu loader
     exif = Image.Exif()
     exif[0x0112] = 6  # to be turned upright: the GPU decoders would not, the cpu loader does
     turned = io.BytesIO()
     Image.fromarray(np.zeros((64, 96), np.uint8)).save(turned, "JPEG", exif=exif)
-    assert not eight_bit_image(turned.getvalue(), ("jpeg",))
+    assert not eight_bit_channels(turned.getvalue(), ("jpeg",))
     assert make_loader("auto", torch.device("cpu")).name == "cpu"
     with pytest.raises(ConfigError, match="unknown loader"):
         make_loader("magic", torch.device("cpu"))
 
 
+def _rgb_jpeg(item: tuple[str, bytes]) -> tuple[str, bytes]:
+    """A colour JPEG of a real image (its grey levels tinted)."""
+    grey = np.asarray(Image.open(io.BytesIO(item[1])).convert("L"), dtype=np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([grey, grey * 0.9, grey * 0.8], -1).astype(np.uint8)).save(buf, "JPEG", quality=95)
+    return "rgb.jpg", buf.getvalue()
+
+
 @needs_dali
 def test_dali_cpu_pipeline_matches_cpu_loader_on_real_jpegs(real_items):
+    items = real_items + [_rgb_jpeg(real_items[0])]
     dali = make_loader("dali", torch.device("cpu"))
-    ref = make_loader("cpu", torch.device("cpu")).decode(real_items)
-    for (img, meta), (want, _) in zip(dali.decode(real_items), ref):
-        assert meta["decoder"] == "dali-cpu" and img.shape == want.shape
+    ref = make_loader("cpu", torch.device("cpu")).decode(items)
+    for (img, meta), (want, want_meta) in zip(dali.decode(items), ref):
+        assert meta.pop("decoder") == "dali-cpu" and img.shape == want.shape
+        assert meta == want_meta  # format, shape, channels (3 for the colour one), bit depth
         diff = (img - want).abs()
         assert float(diff.mean()) < 1 / 255 and float(diff.max()) <= 4 / 255
 
@@ -98,8 +110,8 @@ def test_a_truncated_jpeg_never_reaches_dali(real_items, capfd):
     """A JPEG without its end marker goes to the cpu loader, which names it: DALI would fail the whole batch
     (decoded again on the host) and print libjpeg's message; the good images stay on DALI."""
     data = real_items[0][1]
-    assert not eight_bit_image(data[: len(data) // 3], ("jpeg",))
-    assert eight_bit_image(data + b"\r\n" + b"\xff" * 100, ("jpeg",))  # padding or a trailer after the marker
+    assert not eight_bit_channels(data[: len(data) // 3], ("jpeg",))
+    assert eight_bit_channels(data + b"\r\n" + b"\xff" * 100, ("jpeg",))  # padding or a trailer after the marker
     capfd.readouterr()
     out = make_loader("dali", torch.device("cpu")).decode([("cut", data[: len(data) // 3]), real_items[1]])
     assert isinstance(out[0], ImageReadError) and "cut: cannot decode JPEG: image file is truncated" in str(out[0])
@@ -116,8 +128,8 @@ def test_nvjpeg_matches_cpu_loader_on_gpu():
     loader = make_loader("nvjpeg", torch.device("cuda"))
     out = loader.decode(items)
     ref = make_loader("cpu", torch.device("cpu")).decode(items)
-    for (img, meta), (want, _) in zip(out[:3], ref[:3]):
-        assert img.device.type == "cuda" and meta["decoder"] == "nvjpeg"
+    for (img, meta), (want, want_meta) in zip(out[:3], ref[:3]):
+        assert img.device.type == "cuda" and meta.pop("decoder") == "nvjpeg" and meta == want_meta
         diff = (img.cpu() - want).abs()
         assert float(diff.mean()) < 1 / 255 and float(diff.max()) <= 8 / 255
     assert isinstance(out[3], ImageReadError)
@@ -133,6 +145,6 @@ def test_dali_gpu_pipeline_matches_cpu_loader():
 
     items = phantom_jpegs(3, size=512)
     out = make_loader("dali", torch.device("cuda")).decode(items)
-    for (img, meta), (want, _) in zip(out, make_loader("cpu", torch.device("cpu")).decode(items)):
-        assert img.device.type == "cuda" and meta["decoder"] == "dali-mixed"
+    for (img, meta), (want, want_meta) in zip(out, make_loader("cpu", torch.device("cpu")).decode(items)):
+        assert img.device.type == "cuda" and meta.pop("decoder") == "dali-mixed" and meta == want_meta
         assert float((img.cpu() - want).abs().mean()) < 1 / 255

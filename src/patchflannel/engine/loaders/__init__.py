@@ -34,9 +34,10 @@ JPEG_TAIL = 4096
 """Bytes at the end of a JPEG searched for its end-of-image marker (trailers after it are allowed)."""
 
 
-def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
-    """True when ``data`` is a single, upright 8-bit grey or RGB image of one of ``formats`` whose size the
-    readers accept (a JPEG with its end-of-image marker in its last :data:`JPEG_TAIL` bytes).
+def eight_bit_channels(data: bytes, formats: tuple[str, ...]) -> int | None:
+    """The channel count (1 grey, 3 RGB) of ``data`` when it is a single, upright 8-bit grey or RGB image of
+    one of ``formats`` whose size the readers accept (a JPEG with its end-of-image marker in its last
+    :data:`JPEG_TAIL` bytes); ``None`` for anything else.
 
     Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
     every format and gives the precise error for a bad input.
@@ -49,7 +50,7 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
 
     fmt = detect_format(data)
     if fmt not in formats:
-        return False
+        return None
     if fmt == "jpeg":
         eoi = data.rfind(b"\xff\xd9", max(2, len(data) - JPEG_TAIL))
         if eoi < 0 or data.find(b"\xff\xda", eoi) >= 0:
@@ -57,17 +58,18 @@ def eight_bit_image(data: bytes, formats: tuple[str, ...]) -> bool:
             # thumbnail's): cut short. A GPU decoder may return a partly grey image, and DALI fails its whole
             # batch (decoded again on the host) and logs libjpeg's complaint. (FF D9 cannot occur inside the
             # entropy-coded data, which stuffs every FF; a trailer after the marker is allowed.)
-            return False
+            return None
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
             single = getattr(img, "n_frames", 1) == 1  # multi-page TIFFs: the cpu loader refuses them
             upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1  # the cpu loader turns the others upright
             fits = img.mode in ("L", "RGB") and single and upright and min(w, h) >= MIN_SIDE and w * h <= MAX_PIXELS
+            channels = len(img.getbands())
     except Exception:  # noqa: BLE001 - unreadable header: the cpu loader reports why
-        return False
+        return None
     # A JPEG damaged inside (checked once its size is known to be sane): the GPU decoders would decode what is left.
-    return fits and (fmt != "jpeg" or jpeg_corruption(data) is None)
+    return channels if fits and (fmt != "jpeg" or jpeg_corruption(data) is None) else None
 
 
 def available_loaders(device: torch.device) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from patchflannel.engine.loaders import DecodeResult, eight_bit_image
+from patchflannel.engine.loaders import DecodeResult, eight_bit_channels
 from patchflannel.engine.loaders.cpu import CpuLoader
 from patchflannel.errors import BackendUnavailableError
 from patchflannel.io.readers import detect_format
@@ -70,7 +70,8 @@ class DaliLoader:
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]:
         """Each ``(label, data)`` in order; the error of a bad input is returned, not raised."""
         results: list[DecodeResult | None] = [None] * len(items)
-        todo = [i for i, (_, data) in enumerate(items) if eight_bit_image(data, DALI_FORMATS)]
+        channels = {i: c for i, (_, data) in enumerate(items) if (c := eight_bit_channels(data, DALI_FORMATS))}
+        todo = list(channels)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start:start + self.batch_size]
             try:
@@ -82,6 +83,6 @@ class DaliLoader:
                 continue
             for i, img in zip(chunk, images):
                 h, w = img.shape
-                results[i] = (img, {"format": detect_format(items[i][1]), "shape": (h, w), "channels": 1,
+                results[i] = (img, {"format": detect_format(items[i][1]), "shape": (h, w), "channels": channels[i],
                                     "bit_depth": 8, "decoder": f"dali-{self.decoder_device}"})
         return [r if r is not None else self._cpu.decode_one(*items[i]) for i, r in enumerate(results)]

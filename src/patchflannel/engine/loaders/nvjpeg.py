@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from patchflannel.engine.loaders import DecodeResult, eight_bit_image
+from patchflannel.engine.loaders import DecodeResult, eight_bit_channels
 from patchflannel.engine.loaders.cpu import CpuLoader
 from patchflannel.errors import BackendUnavailableError
 from patchflannel.ops.preprocess import to_unit
@@ -35,7 +35,8 @@ class NvjpegLoader:
     def decode(self, items: Sequence[tuple[str, bytes]]) -> list[DecodeResult]:
         """Each ``(label, data)`` in order; the error of a bad input is returned, not raised."""
         results: list[DecodeResult | None] = [None] * len(items)
-        todo = [i for i, (_, data) in enumerate(items) if eight_bit_image(data, ("jpeg",))]
+        channels = {i: c for i, (_, data) in enumerate(items) if (c := eight_bit_channels(data, ("jpeg",)))}
+        todo = list(channels)
         if todo:
             try:
                 images = self._gpu([items[i][1] for i in todo])
@@ -43,6 +44,6 @@ class NvjpegLoader:
                 images = []  # the cpu loader decodes them and names any bad input
             for i, img in zip(todo, images):
                 h, w = img.shape
-                results[i] = (img, {"format": "jpeg", "shape": (h, w), "channels": 1, "bit_depth": 8,
+                results[i] = (img, {"format": "jpeg", "shape": (h, w), "channels": channels[i], "bit_depth": 8,
                                     "decoder": "nvjpeg"})
         return [r if r is not None else self._cpu.decode_one(*items[i]) for i, r in enumerate(results)]
