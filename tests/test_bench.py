@@ -112,9 +112,23 @@ def test_phantoms_are_deterministic_jpegs():
 
 def test_inputs_from_manifest_and_folder(cxr4_dir):
     from_manifest = image_files(cxr4_dir)
-    assert len(from_manifest) == 1178 and all(p.is_file() for p in from_manifest[:5])
+    assert len(from_manifest) == 1178 and all(Path(p).is_file() for p in from_manifest[:5])
     items, desc = load_inputs(cxr4_dir / "images", 3)
     assert len(items) == 3 and str(cxr4_dir) in desc and items[0][1][:2] == b"\xff\xd8"
+
+
+def test_inputs_are_found_as_score_finds_them(tmp_path):
+    """A folder gives the files score would take (a DICOM named by its UID included, hidden files and other
+    files left out), sorted; a manifest's missing image is named before anything is timed."""
+    (tmp_path / "sub").mkdir()
+    for name in ("b.JPE", "sub/a.png", ".hidden.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "1.2.840.1").write_bytes(bytes(128) + b"DICM")  # the DICOM marker, no extension
+    expected = [tmp_path / "1.2.840.1", tmp_path / "b.JPE", tmp_path / "sub" / "a.png"]
+    assert image_files(tmp_path) == [str(p) for p in expected]
+    (tmp_path / "m.csv").write_text("path\nsub/a.png\nmissing.jpg\n")
+    with pytest.raises(ConfigError, match=r"missing.jpg: cannot read this image \(No such file or directory\)"):
+        load_inputs(tmp_path / "m.csv", 2)
 
 
 def test_loop_times_the_first_n_images_and_paths_are_absolute(tmp_path, monkeypatch):
@@ -142,7 +156,7 @@ def test_bad_bench_settings_are_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="a file is in the way where a folder is wanted"):
         run_bench(BenchConfig(out=tmp_path / "file" / "b", preset="tiny", synthetic=True))
-    with pytest.raises(ConfigError, match="not a folder"):
+    with pytest.raises(ConfigError, match="nothing: no such file or folder"):
         image_files(tmp_path / "nothing")
     # Every backend x precision pair is checked before the first is timed (which may take minutes).
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):

@@ -35,15 +35,15 @@ import numpy as np
 import torch
 
 from patchflannel.bench.report import pair, variant, write_report
-from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
-from patchflannel.data.manifest import read_csv
+from patchflannel.bundle import default_preprocessing, library_versions, load_bundle
 from patchflannel.data.shared import shared_data_dir
-from patchflannel.errors import ConfigError
-from patchflannel.io.files import check_can_write, walk_files
 from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import resolve_backend, resolve_precision
-from patchflannel.bundle import default_preprocessing, library_versions, load_bundle
+from patchflannel.engine.engine import LEARNER_STAGE, STAGES, Engine
+from patchflannel.errors import ConfigError
+from patchflannel.io.files import check_can_write
 from patchflannel.models.classifiers import CPU_LEARNERS, FLANNEL_LEARNERS
+from patchflannel.scoring.inputs import discover_inputs
 
 MODES = ("loop", "batched", "packed", "auto", "global")
 PRESETS: dict[str, tuple[str, tuple[str, ...], int]] = {
@@ -54,7 +54,6 @@ PRESETS: dict[str, tuple[str, tuple[str, ...], int]] = {
 }
 PER_RUN = ("k", "images_per_call", "patch_batch")
 """Engine settings a bench run sets for itself: recorded per run, left out of the report's engines."""
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".dcm")
 
 
 @dataclass
@@ -164,20 +163,13 @@ def default_images() -> Path | None:
     return root / "cxr4" if root is not None and (root / "cxr4" / "manifest.csv").is_file() else None
 
 
-def image_files(source: Path) -> list[Path]:
-    """Image paths of a folder (recursive, sorted) or of a manifest CSV (its ``path`` column)."""
+def image_files(source: Path) -> list[str]:
+    """The image files of ``source`` as ``score`` finds them (a file, a folder, a pattern, a manifest CSV; see
+    :mod:`patchflannel.scoring.inputs`); a folder holding a ``manifest.csv`` (a data set's) is read through it."""
     source = Path(source)
     if source.is_dir() and (source / "manifest.csv").is_file():
         source = source / "manifest.csv"
-    if source.is_file():
-        columns, records = read_csv(source)
-        if "path" not in columns:
-            raise ConfigError(f"{source}: a manifest needs a 'path' column")
-        at = columns.index("path")
-        return [source.parent / record[at].strip() for _, record in records if len(record) > at]
-    if source.is_dir():
-        return sorted(p for p in map(Path, walk_files(source)) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    raise ConfigError(f"{source}: not a folder or manifest file")
+    return [item.source for item in discover_inputs(source)]
 
 
 def load_inputs(images: Path | None, n: int, seed: int = 0, synthetic: bool = False) -> tuple[list[tuple[str, bytes]], str]:
@@ -188,7 +180,14 @@ def load_inputs(images: Path | None, n: int, seed: int = 0, synthetic: bool = Fa
     files = image_files(source)[:n]
     if len(files) < n:
         raise ConfigError(f"{source}: {len(files)} image file(s) found, {n} requested (--n)")
-    return [(str(p), p.read_bytes()) for p in files], f"{n} images from {source}"
+    return [(path, _read(path)) for path in files], f"{n} images from {source}"
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read this image ({exc.strerror or exc})") from None
 
 
 # -------------------------------------------------------------------------------------------- engines

@@ -27,7 +27,7 @@ def bench(
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.md, bench.png."),
     preset: Optional[str] = typer.Option(None, help="Random-weight networks: flannel5 (paper), cpu5, tiny."),
     bundle: Optional[Path] = typer.Option(None, help="Bundle folder (default: the package's bundle) when no preset."),
-    images: Optional[Path] = typer.Option(None, help="Image folder or manifest (default: shared cxr4 if present, else phantoms)."),
+    images: Optional[Path] = typer.Option(None, help="Image folder, manifest or pattern, as score takes them (default: shared cxr4 if present, else phantoms)."),
     synthetic: bool = typer.Option(False, "--synthetic", metavar="", help="Use deterministic synthetic phantom JPEGs."),
     n: int = typer.Option(8, "--n", "-n", help="Images a run."),
     loop_n: int = typer.Option(2, help="Images a run in loop mode: the first of the --n images, at most --n (it is slow)."),
