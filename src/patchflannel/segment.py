@@ -27,8 +27,8 @@ from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import read_image
 from patchflannel.io.files import printable
-from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_mask
-from patchflannel.ops.preprocess import resize_mask, segmentation_input
+from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_masks
+from patchflannel.ops.preprocess import resize_mask, segmentation_inputs
 from patchflannel.scoring.inputs import IMAGE_EXTENSIONS
 from patchflannel.training.loop import RUN_FILE
 from patchflannel.training.segmentation import load_run_model
@@ -59,12 +59,10 @@ class Segmenter:
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            x = torch.stack([segmentation_input(torch.from_numpy(np.asarray(im, dtype=np.float32)), self.size, self.gamma)
-                             for im in chunk]).to(self.device)
-            masks = lung_masks(self.model(x).float(), self.threshold).cpu().numpy()
+            x = segmentation_inputs(chunk, self.size, self.gamma).to(self.device)
+            masks = postprocess_masks(lung_masks(self.model(x).float(), self.threshold).cpu())
             for image, mask in zip(chunk, masks):
-                small = torch.from_numpy(postprocess_mask(mask))
-                out.append(resize_mask(small, tuple(image.shape)).numpy())
+                out.append(resize_mask(torch.from_numpy(mask), tuple(image.shape)).numpy())
         return out
 
 

@@ -58,8 +58,8 @@ from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_host
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
 from patchflannel.bundle import LEARNER_MODES, Bundle, default_preprocessing, load_bundle, load_torch_model
-from patchflannel.ops.mask import lung_masks, postprocess_mask
-from patchflannel.ops.preprocess import global_view, is_blank, learner_image, resize_mask, segmentation_input
+from patchflannel.ops.mask import lung_masks, postprocess_masks
+from patchflannel.ops.preprocess import global_view, is_blank, learner_image, resize_mask, segmentation_inputs
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins
 from patchflannel.ops.seeding import image_seed
 from patchflannel.ops.votes import mean_softmax, vote_fractions
@@ -585,7 +585,7 @@ class Engine:
             return
         seg = self.pre["segmentation"]
         with timer.stage("segment"):
-            inputs = torch.stack([segmentation_input(it.image, seg["size"], seg["gamma"]) for it in group.good])
+            inputs = segmentation_inputs([it.image for it in group.good], seg["size"], seg["gamma"])
             logits = _run_batched(self.segmenter, inputs, self.images_per_call)
             group.masks = to_host(lung_masks(logits, seg["threshold"]))
 
@@ -606,8 +606,7 @@ class Engine:
         with timer.stage("mask"):
             (masks,) = group.masks.wait()
             group.masks = None
-            masks = np.stack([postprocess_mask(m) for m in masks.numpy()])
-            masks = torch.from_numpy(masks).to(self.device, non_blocking=True)
+            masks = torch.from_numpy(postprocess_masks(masks)).to(self.device, non_blocking=True)
         with timer.stage("sample"):
             big = torch.stack([learner_image(it.image, size) for it in group.good])
             masks_big, group.fallback = effective_masks(resize_mask(masks, size), pre["min_lung_fraction"])

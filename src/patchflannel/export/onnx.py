@@ -94,15 +94,15 @@ def _read(paths: list[Path]) -> list[torch.Tensor]:
 
 
 def _seg_inputs(images: list[torch.Tensor], preprocessing: dict[str, Any]) -> torch.Tensor:
-    from patchflannel.ops.preprocess import segmentation_input
+    from patchflannel.ops.preprocess import segmentation_inputs
 
     seg = preprocessing["segmentation"]
-    return torch.stack([segmentation_input(im, seg["size"], seg["gamma"]) for im in images])
+    return segmentation_inputs(images, seg["size"], seg["gamma"])
 
 
 def _patch_inputs(bundle: Bundle, images: list[torch.Tensor], k: int) -> torch.Tensor:
     """K patches of each image, cut the engine's way: segment, post-process the mask, sample, mask, normalise."""
-    from patchflannel.ops.mask import lung_masks, postprocess_mask
+    from patchflannel.ops.mask import lung_masks, postprocess_masks
     from patchflannel.ops.preprocess import learner_image, resize_mask
     from patchflannel.ops.sampler import draw_patches
 
@@ -110,8 +110,7 @@ def _patch_inputs(bundle: Bundle, images: list[torch.Tensor], k: int) -> torch.T
     size = pre["image_size"]
     with torch.no_grad():
         logits = load_torch_model(bundle, bundle.segmentation)(_seg_inputs(images, pre))
-    raw = lung_masks(logits, pre["segmentation"]["threshold"]).numpy()
-    masks = torch.from_numpy(np.stack([postprocess_mask(m) for m in raw]))
+    masks = torch.from_numpy(postprocess_masks(lung_masks(logits, pre["segmentation"]["threshold"])))
     full = torch.stack([learner_image(im, size) for im in images])
     drawn = draw_patches(full, resize_mask(masks, size), seeds=list(range(len(images))), k=k,
                          patch=pre["patch_size"], min_fraction=pre["min_lung_fraction"])

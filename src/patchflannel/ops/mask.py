@@ -26,6 +26,11 @@ def postprocess_mask(mask: np.ndarray) -> np.ndarray:
     return fill_holes(largest_components(mask))
 
 
+def postprocess_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray:
+    """:func:`postprocess_mask` of each of a batch of (B, h, w) boolean masks (on the host)."""
+    return np.stack([postprocess_mask(m) for m in np.asarray(masks)])
+
+
 def largest_components(mask: np.ndarray, keep: int = KEEP_COMPONENTS) -> np.ndarray:
     """The ``keep`` largest 8-connected components of a bool mask."""
     mask = np.asarray(mask, dtype=bool)

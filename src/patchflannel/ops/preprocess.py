@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,12 @@ def global_view(image: torch.Tensor, size: int, crop: int) -> torch.Tensor:
 def segmentation_input(image: torch.Tensor, size: int = SEG_SIZE, gamma: float = GAMMA) -> torch.Tensor:
     """SPEC stage 1 input of one (H, W) image: equalise, gamma-correct, resize; returns (1, size, size)."""
     return resize(gamma_correct(equalize_hist(image), gamma), size).unsqueeze(0)
+
+
+def segmentation_inputs(images: Sequence[np.ndarray | torch.Tensor], size: int = SEG_SIZE,
+                        gamma: float = GAMMA) -> torch.Tensor:
+    """:func:`segmentation_input` of each grey (H, W) image, stacked: (B, 1, size, size)."""
+    return torch.stack([segmentation_input(as_tensor(image), size, gamma) for image in images])
 
 
 def resize_mask(masks: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from patchflannel.bundle import Bundle, load_bundle, load_torch_model
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
-from patchflannel.ops.preprocess import as_tensor, segmentation_input
+from patchflannel.ops.preprocess import segmentation_inputs
 from patchflannel.training.loop import progress_bar
 
 
@@ -59,14 +59,13 @@ class MaskCache:
         return self._model
 
     def _compute(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from patchflannel.ops.mask import lung_masks, postprocess_mask
+        from patchflannel.ops.mask import lung_masks, postprocess_masks
 
         seg = self.bundle.preprocessing["segmentation"]
-        x = torch.stack([segmentation_input(as_tensor(im), seg["size"], seg["gamma"]) for im in images])
+        x = segmentation_inputs(images, seg["size"], seg["gamma"])
         with torch.inference_mode():
             logits = self._net()(x.to(self.device)).float()
-        masks = lung_masks(logits, seg["threshold"]).cpu().numpy()
-        return [postprocess_mask(m) for m in masks]
+        return list(postprocess_masks(lung_masks(logits, seg["threshold"]).cpu()))
 
     def masks(self, paths: list[str | Path], image_sha256: list[str] | None = None) -> list[np.ndarray]:
         """The cached masks of ``paths`` (computing and storing the missing ones in batches).
