@@ -329,6 +329,17 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
         assert torch.equal(load_torch_model(b, b.learners[0])(x), learner(x))
     with pytest.raises(BundleError, match="exists and is not empty"):
         make_bundle(tmp_path / "out", segmentation_run=seg)
+    # The ensemble's learners, as cv names them, in another order or mode than the runs given: refused.
+    patch = _run(tmp_path / "patch", "squeezenet1_1", learner, mode="max", config={"mode": "patch"})
+    ens2 = _run(tmp_path / "ens2", "flannel", get_model("flannel", n_learners=2), arch_config={"n_learners": 2},
+                learners=["squeezenet1_1_patch", "squeezenet1_1_global"])
+    with pytest.raises(ConfigError, match=r"trained on learners \['squeezenet1_1_patch', 'squeezenet1_1_global'\], "
+                                          r"given \['squeezenet1_1_global', 'squeezenet1_1_patch'\]"):
+        make_bundle(tmp_path / "o6", segmentation_run=seg, learner_runs=[lrn, patch], ensemble_run=ens2)
+    with pytest.raises(ConfigError, match="trained on learners"):
+        make_bundle(tmp_path / "o6", segmentation_run=seg, learner_runs=[patch, patch], ensemble_run=ens2)
+    assert [m.mode for m in make_bundle(tmp_path / "o6", segmentation_run=seg, learner_runs=[patch, lrn],
+                                        ensemble_run=ens2).learners] == ["patch", "global"]
     with pytest.raises(ConfigError, match="ensemble over 1 learners, but 2 learner runs"):
         make_bundle(tmp_path / "o2", segmentation_run=seg, learner_runs=[lrn, lrn], ensemble_run=ens)
     with pytest.raises(ConfigError, match="is a classifier model, given as segmentation"):

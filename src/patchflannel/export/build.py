@@ -84,14 +84,20 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
     for key, info in infos.items():
         if isinstance(info.get("preprocessing"), dict):
             _merge(pre, info["preprocessing"], str(runs[key]), seen)
-    learner_archs = [infos[f"learner {i}"]["arch"] for i in range(len(learner_runs))]
+    given = [(infos[f"learner {i}"]["arch"], _learner_mode(runs[f"learner {i}"], infos[f"learner {i}"]))
+             for i in range(len(learner_runs))]
     if "ensemble" in infos:
         n = int((infos["ensemble"].get("arch_config") or {}).get("n_learners", -1))
         if n != len(learner_runs):
             raise ConfigError(f"{runs['ensemble']}: ensemble over {n} learners, but {len(learner_runs)} learner runs given")
+        # The ensemble records its learners as cv and `train ensemble` name them (<arch>_<mode>) or, older, by
+        # architecture: either is checked against the runs given, in order (the weight module's inputs are in it).
         recorded = list(infos["ensemble"].get("learners") or [])
-        if recorded and set(recorded) <= set(list_models("classifier")) and recorded != learner_archs:
-            raise ConfigError(f"{runs['ensemble']}: trained on learners {recorded}, given {learner_archs} (order matters)")
+        archs = list_models("classifier")
+        checkable = set(archs) | {f"{a}_{m}" for a in archs for m in LEARNER_MODES}
+        if set(recorded) <= checkable and any(r not in (a, f"{a}_{m}") for r, (a, m) in zip(recorded, given)):
+            raise ConfigError(f"{runs['ensemble']}: trained on learners {recorded}, given "
+                              f"{[f'{a}_{m}' for a, m in given]} (their order and mode matter)")
 
     tmp = out.with_name(f".{out.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +106,7 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
         try:
             entries: dict[str, ModelEntry] = {}
             for i, (key, info) in enumerate(infos.items()):
-                role = "segmentation" if key == "segmentation" else "ensemble" if key == "ensemble" else _learner_mode(runs[key], info)
+                role = key if key in families else given[i - 1][1]
                 arch = info["arch"]
                 rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
