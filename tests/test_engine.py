@@ -696,7 +696,7 @@ def test_inputs_given_the_way_users_hold_them(engine, jpegs, baseline):
     """A single 2-D array or a mapping is not an iterable of inputs; one-channel arrays are grey images; predictions
     with centres compare; a failure's message stays one line."""
     grey = read_image(jpegs[0])
-    for one in (grey, torch.from_numpy(grey)):
+    for one in (grey, torch.from_numpy(grey), grey[..., None]):  # (H, W, 1) too: iterated, it gave H error rows
         with pytest.raises(TypeError, match="use predict\\(\\) for one input"):
             engine.predict_many(one)
     with pytest.raises(TypeError, match="a mapping: pass its items"):

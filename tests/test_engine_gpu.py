@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import numpy as np
@@ -59,6 +60,11 @@ def test_gpu_stream_pipeline_and_device_arrays(tmp_path):
     for a, b in zip(from_host, from_gpu):
         assert a.ok and a.content_hash == b.content_hash  # same shapes, same kernels: a race would show at once
         np.testing.assert_allclose(a.probability_array, b.probability_array, atol=1e-4)
+    if importlib.util.find_spec("cupy") is not None:  # one CuPy image where an iterable is expected: refused
+        import cupy
+
+        with pytest.raises(TypeError, match=r"use predict\(\) for one input"):
+            engine.predict_many(cupy.asarray(grey[0]))
 
 
 def test_gpu_preparation_does_not_wait_for_the_learners_stream(tmp_path):

@@ -423,15 +423,16 @@ class Engine:
         group once the one before is classified). While the learners classify one group, the one before is read
         back. When ``xs`` itself raises, the results of every input it gave before are yielded first,
         then its exception is raised; when the engine fails (a network raises), the results already classified
-        are yielded first, where they can still be read back (not after a device error). A 2-D array is one input
-        (use :meth:`predict`); an (N, H, W) array or tensor is N images.
+        are yielded first, where they can still be read back (not after a device error). A 2-D (or (H, W, 1))
+        array is one input (use :meth:`predict`); an (N, H, W) array or tensor is N images.
         """
-        one = isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)) or (
-            isinstance(xs, (np.ndarray, torch.Tensor)) and xs.ndim == 2)  # a stack (N, H, W) is N images
+        shape = tuple(getattr(xs, "shape", ())) if hasattr(xs, "__dlpack__") or isinstance(xs, np.ndarray) else ()
+        # numpy, torch or CuPy: a stack (N, H, W) is N images; no image is one pixel wide
+        one = isinstance(xs, (str, bytes, bytearray, memoryview, os.PathLike)) or len(shape) == 2 or (
+            len(shape) == 3 and shape[-1] == 1)
         if one:
             raise TypeError(f"expected an iterable of inputs, got one {type(xs).__name__}: use predict() for one input")
-        shape = tuple(getattr(xs, "shape", ())) if hasattr(xs, "__dlpack__") or isinstance(xs, np.ndarray) else ()
-        if len(shape) == 3 and shape[-1] in (3, 4):  # numpy, torch or CuPy
+        if len(shape) == 3 and shape[-1] in (3, 4):
             raise TypeError(f"expected an iterable of inputs, got an array of shape {shape}: a colour image, "
                             "not a stack of (N, H, W) grey images; convert it to grey first (e.g. PIL's .convert('L'))")
         if isinstance(xs, Mapping):
