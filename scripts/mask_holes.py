@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from patchflannel.data import read_manifest
 from patchflannel.bundle import default_bundle_path, load_bundle, load_torch_model
+from patchflannel.data import read_manifest
 from patchflannel.io import read_image
 from patchflannel.ops.mask import fill_holes, largest_components, lung_masks
 from patchflannel.ops.preprocess import segmentation_input

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from patchflannel.engine.backends.torch_backend import TorchBackend
 from patchflannel.bundle import load_bundle, load_torch_model
+from patchflannel.engine.backends.torch_backend import TorchBackend
 from patchflannel.ops.mask import fill_holes
 
 

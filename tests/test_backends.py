@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from patchflannel.bundle import random_bundle
 from patchflannel.engine.backends import make_backend, resolve_backend, resolve_precision
 from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from patchflannel.engine.backends.torch_backend import TorchBackend, fold_batchnorm
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.bundle import random_bundle
 from patchflannel.models import get_model, list_models
 
 needs_trt_gpu = pytest.mark.skipif(

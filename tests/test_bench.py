@@ -181,8 +181,9 @@ def test_bad_bench_settings_are_refused(tmp_path):
 def test_patch_modes_keep_a_bundles_global_learners_as_scoring_runs_them(tmp_path):
     """A bundle with a global learner is timed as `score` runs it (its global learner on the whole image in
     every mode); a bundle of global learners only has no patch mode to time."""
-    from patchflannel.bench.harness import build_engine, mode_engine
     from test_score import mixed_bundle
+
+    from patchflannel.bench.harness import build_engine, mode_engine
 
     config = BenchConfig(out=tmp_path / "b", bundle=mixed_bundle(tmp_path / "mixed"), synthetic=True)
     engine = build_engine(config)

@@ -11,8 +11,6 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from patchflannel.classes import CLASSES
-from patchflannel.errors import BundleError
 from patchflannel.bundle import (
     SCHEMA_VERSION,
     Bundle,
@@ -24,6 +22,8 @@ from patchflannel.bundle import (
     random_bundle,
     write_bundle,
 )
+from patchflannel.classes import CLASSES
+from patchflannel.errors import BundleError
 from patchflannel.models import get_model
 
 

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import typer
-from PIL import Image
 from click.testing import Result
+from PIL import Image
 from typer.testing import CliRunner
 
 from patchflannel.classes import CLASSES
 from patchflannel.cli.data import register
 from patchflannel.data.manifest import read_manifest
-from patchflannel.errors import ManifestError
 from patchflannel.data.stats import TOTAL, counts_table, crosstab, dataset_stats
+from patchflannel.errors import ManifestError
 
 runner = CliRunner()
 

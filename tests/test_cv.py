@@ -17,15 +17,15 @@ import pytest
 import typer
 import yaml
 from sklearn.metrics import f1_score
+from test_learners import small_splits
 from typer.testing import CliRunner
 
-from patchflannel.classes import CLASSES
-from patchflannel.errors import BundleError, ConfigError
-from patchflannel.cli.learn import register, register_train
 from patchflannel.bundle import random_bundle
+from patchflannel.classes import CLASSES
+from patchflannel.cli.learn import register, register_train
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.training.cv import run_cv
 from patchflannel.training.datasets import read_splits
-from test_learners import small_splits
 
 LEARNERS = ["squeezenet1_1", "shufflenet_v2_x0_5"]
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
+from patchflannel.bundle import io_signature, load_bundle, load_torch_model, random_bundle, write_bundle
 from patchflannel.classes import CLASSES
 from patchflannel.engine.engine import Engine
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.bundle import io_signature, load_bundle, load_torch_model, random_bundle, write_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.mask import lung_masks, postprocess_mask
 from patchflannel.ops.preprocess import global_view, learner_image, resize_mask, segmentation_input

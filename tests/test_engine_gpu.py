@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from patchflannel.bench.harness import phantom_jpegs
-from patchflannel.engine.engine import Engine
 from patchflannel.bundle import random_bundle
+from patchflannel.engine.engine import Engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchflannel.errors import ConfigError
 from patchflannel.bundle import load_bundle, random_bundle
+from patchflannel.errors import ConfigError
 from patchflannel.export.compiled import export_compiled, load_compiled
 
 

@@ -21,11 +21,11 @@ from typer.testing import CliRunner
 from patchflannel import Engine
 from patchflannel.bench.harness import BenchConfig, phantom_jpegs, run_bench
 from patchflannel.bench.report import variant
-from patchflannel.cli.export import register
-from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import default_bundle_path, load_bundle, random_bundle
+from patchflannel.cli.export import register
 from patchflannel.data.shared import DATA_ENV
 from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.onnx import OPSET, export_onnx, parity_report
 from patchflannel.models.classifiers import FLANNEL_LEARNERS
 from patchflannel.scoring.run import EngineOptions, score

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.bundle import load_bundle, random_bundle
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.onnx import export_onnx
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()

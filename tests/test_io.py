@@ -25,11 +25,11 @@ pydicom = pytest.importorskip("pydicom", reason="pydicom (the patchflannel[dicom
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import get_encoder  # noqa: E402
 from pydicom.uid import (  # noqa: E402
+    MPEG2MPML,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
-    MPEG2MPML,
     RLELossless,
     generate_uid,
 )

@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
+from patchflannel.bundle import default_bundle_path, default_preprocessing, random_bundle
 from patchflannel.data import make_splits, read_manifest, write_manifest
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.bundle import default_bundle_path, default_preprocessing, random_bundle
 from patchflannel.io import read_image
 from patchflannel.ops.preprocess import resize
 from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
@@ -110,11 +110,10 @@ def test_training_inputs_are_the_engines_inputs(cxr4_dir: Path, tmp_path: Path) 
     """SPEC: preprocessing used identically in training and inference. The K evaluation patches training cuts
     from its 8-bit cache give each trained learner the outputs the engine gets from the file (the engine's
     float image, not rounded to 8 bits, moved mean softmaxes by up to 0.009); the global crop is the engine's."""
-    from patchflannel.engine.engine import Engine
     from patchflannel.bundle import load_bundle, load_torch_model
-    from patchflannel.ops.preprocess import global_view
+    from patchflannel.engine.engine import Engine
+    from patchflannel.ops.preprocess import global_view, normalize
     from patchflannel.ops.votes import mean_softmax
-    from patchflannel.ops.preprocess import normalize
     from patchflannel.training.mask_cache import MaskCache
 
     rows = read_manifest(cxr4_dir / "manifest.csv").rows[:2]

@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from patchflannel.engine.samplers import TorchSampler, make_sampler
-from patchflannel.ops.sampler import (centres_from_uniforms, draw_patches, effective_masks, gather_patches,
-                                      patch_uniforms, window_origins)
+from patchflannel.ops.sampler import (
+    centres_from_uniforms,
+    draw_patches,
+    effective_masks,
+    gather_patches,
+    patch_uniforms,
+    window_origins,
+)
 
 
 def naive_centres(masks: np.ndarray, uniforms: np.ndarray) -> np.ndarray:

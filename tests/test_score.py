@@ -17,15 +17,15 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from patchflannel.classes import CLASSES
-from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.cli.score import EXIT_INPUT_ERRORS, EXIT_USAGE, register
 from patchflannel.bundle import Bundle, default_preprocessing, entry_from_module, write_bundle
+from patchflannel.classes import CLASSES
+from patchflannel.cli.score import EXIT_INPUT_ERRORS, EXIT_USAGE, register
+from patchflannel.errors import ConfigError, ManifestError
 from patchflannel.models import get_model
 from patchflannel.phantoms import write_phantoms
 from patchflannel.scoring.run import EngineOptions, score
-from patchflannel.training.report import read_predictions
 from patchflannel.scoring.writers import export_predictions, read_output
+from patchflannel.training.report import read_predictions
 
 K = 4
 

@@ -18,8 +18,8 @@ from scipy import ndimage
 from sklearn.metrics import jaccard_score
 from typer.testing import CliRunner
 
-from patchflannel.errors import ConfigError
 from patchflannel.bundle import default_bundle_path
+from patchflannel.errors import ConfigError
 from patchflannel.io import read_image
 from patchflannel.models import get_model
 from patchflannel.ops.mask import fill_holes, lung_masks, mask_fraction, postprocess_mask

@@ -10,11 +10,10 @@ import torch
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
 
-from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import add_file, load_bundle, random_bundle, write_bundle
 from patchflannel.data.shared import DATA_ENV
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.export.onnx import export_onnx
-from patchflannel.ops.preprocess import normalize
 from patchflannel.export.triton import (
     ENSEMBLE,
     MODEL_PY,
@@ -25,6 +24,7 @@ from patchflannel.export.triton import (
     votes_stage,
 )
 from patchflannel.io import read_image
+from patchflannel.ops.preprocess import normalize
 from patchflannel.ops.sampler import draw_patches
 
 

@@ -9,11 +9,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from patchflannel.cli._common import errors, fail_cleanly
 from patchflannel.data.builders import Build, build_covid_collection, build_kermany
 from patchflannel.data.manifest import Row, read_manifest, write_manifest
 from patchflannel.data.splits import SPLIT_COLUMNS, make_splits
 from patchflannel.data.stats import counts_table, crosstab, dataset_stats
-from patchflannel.cli._common import errors, fail_cleanly
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from patchflannel.cli._common import fail_cleanly
-from patchflannel.errors import ConfigError, PatchflannelError
 from patchflannel.data.shared import DATA_ENV
+from patchflannel.errors import ConfigError, PatchflannelError
 
 export_app = typer.Typer(help="Build, convert and verify model bundles.", no_args_is_help=True)
 console = Console()

@@ -8,12 +8,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import (EXIT_INPUT_ERRORS, EXIT_STOPPED, EXIT_USAGE, QuietOpt, fail_cleanly,
-                                      interrupted_exit, sigterm_as_interrupt)
 from patchflannel.classes import CLASSES
+from patchflannel.cli._common import (
+    EXIT_INPUT_ERRORS,
+    EXIT_STOPPED,
+    EXIT_USAGE,
+    QuietOpt,
+    fail_cleanly,
+    interrupted_exit,
+    sigterm_as_interrupt,
+)
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
-
 
 
 def score(
@@ -49,7 +55,8 @@ def score(
     3 an unexpected failure stopped the run (the chunks written are kept: --resume continues);
     130 interrupted (Ctrl-C; the rows scored so far are kept: --resume continues); 143 the same on SIGTERM.
     """
-    from patchflannel.scoring.run import EngineOptions, score as run_score, summary_text
+    from patchflannel.scoring.run import EngineOptions, summary_text
+    from patchflannel.scoring.run import score as run_score
 
     errors = Console(stderr=True)
     options = EngineOptions(bundle=str(bundle) if bundle else None, device=device, backend=backend, loader=loader,

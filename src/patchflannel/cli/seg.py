@@ -9,8 +9,16 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from patchflannel.cli._common import (EXIT_STOPPED, QuietOpt, errors, fail_cleanly, fresh_run, interrupted_exit,
-                                      metrics_text, sigterm_as_interrupt)
+from patchflannel.cli._common import (
+    EXIT_STOPPED,
+    QuietOpt,
+    errors,
+    fail_cleanly,
+    fresh_run,
+    interrupted_exit,
+    metrics_text,
+    sigterm_as_interrupt,
+)
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write
 

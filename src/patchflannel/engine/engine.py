@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from patchflannel.bundle import LEARNER_MODES, Bundle, default_preprocessing, load_bundle, load_torch_model
 from patchflannel.classes import CLASSES
 from patchflannel.devices import resolve_device
 from patchflannel.engine.backends import Backend, make_backend, resolve_backend, resolve_precision
@@ -57,7 +58,6 @@ from patchflannel.engine.results import Prediction
 from patchflannel.engine.samplers import Sampler, make_sampler
 from patchflannel.engine.streams import HostCopy, on_stream, record_event, to_host
 from patchflannel.errors import BundleError, ConfigError, ImageReadError
-from patchflannel.bundle import LEARNER_MODES, Bundle, default_preprocessing, load_bundle, load_torch_model
 from patchflannel.ops.mask import lung_masks, postprocess_masks
 from patchflannel.ops.preprocess import global_view, is_blank, learner_image, resize_mask, segmentation_inputs
 from patchflannel.ops.sampler import effective_masks, gather_patches, patch_uniforms, window_origins

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from patchflannel.classes import CLASSES
-from patchflannel.errors import BundleError, ConfigError, ManifestError
 from patchflannel.bundle import (
     LEARNER_MODES,
     Bundle,
@@ -20,8 +18,10 @@ from patchflannel.bundle import (
     load_torch_model,
     write_bundle,
 )
-from patchflannel.models import list_models, model_family
+from patchflannel.classes import CLASSES
+from patchflannel.errors import BundleError, ConfigError, ManifestError
 from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
+from patchflannel.models import list_models, model_family
 from patchflannel.segment import load_segmenter
 from patchflannel.training.loop import BEST_FILE, read_run
 from patchflannel.training.segmentation import evaluate_segmentation, read_pairs_manifest, validation_names

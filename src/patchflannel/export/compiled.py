@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from patchflannel.devices import resolve_device
-from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import (
     Bundle,
     ModelEntry,
@@ -29,7 +27,9 @@ from patchflannel.bundle import (
     role_of,
     write_bundle,
 )
-from patchflannel.export.onnx import TOLERANCES, CastIO, export_target, parity_report, reference_inputs, parity_data_dir
+from patchflannel.devices import resolve_device
+from patchflannel.errors import BundleError, ConfigError
+from patchflannel.export.onnx import TOLERANCES, CastIO, export_target, parity_data_dir, parity_report, reference_inputs
 
 MAX_BATCH = 4096
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

@@ -25,18 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchflannel.data.manifest import read_csv
-from patchflannel.data.shared import shared_data_dir
-# The parity check runs each file as the engine will, through its backend.
-from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from patchflannel.errors import BundleError, ConfigError
 from patchflannel.bundle import (
     Bundle,
     ModelEntry,
     StagedFiles,
     add_file,
-    is_default_bundle,
     io_signature,
+    is_default_bundle,
     library_versions,
     load_bundle,
     load_torch_model,
@@ -44,6 +39,12 @@ from patchflannel.bundle import (
     role_of,
     write_bundle,
 )
+from patchflannel.data.manifest import read_csv
+from patchflannel.data.shared import shared_data_dir
+
+# The parity check runs each file as the engine will, through its backend.
+from patchflannel.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.io.files import copy_contents, first_missing, made_folders_removed_on_failure, remove_written
 from patchflannel.ops.preprocess import normalize
 

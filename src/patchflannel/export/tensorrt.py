@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.bundle import (
     Bundle,
     ModelEntry,
@@ -29,6 +28,7 @@ from patchflannel.bundle import (
     role_of,
     write_bundle,
 )
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 
 WORKSPACE_BYTES = 4 << 30
 

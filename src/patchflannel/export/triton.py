@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.bundle import Bundle, ModelEntry, ModelFile, export_hint, load_bundle, role_of
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.export.tensorrt import learner_k_max
 from patchflannel.io.files import made_folders_removed_on_failure, publish_folder
 
@@ -55,9 +55,8 @@ def preprocess_stage(image: torch.Tensor, preprocessing: dict[str, Any]) -> dict
 def sampler_stage(image_full: torch.Tensor, seg_logits: torch.Tensor, seed: int,
                   preprocessing: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Full-size image and (1, 1, s, s) segmentation logits -> ``PATCHES`` (K, 3, p, p) normalised, ``FALLBACK`` (1,)."""
-    from patchflannel.ops.preprocess import normalize
     from patchflannel.ops.mask import lung_masks, postprocess_mask
-    from patchflannel.ops.preprocess import resize_mask
+    from patchflannel.ops.preprocess import normalize, resize_mask
     from patchflannel.ops.sampler import draw_patches
 
     size = preprocessing["image_size"]

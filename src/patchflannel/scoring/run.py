@@ -15,18 +15,33 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
-from patchflannel.engine.results import Prediction
 from patchflannel.bundle import library_versions, load_bundle, verify_bundle
+from patchflannel.engine.results import Prediction
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import content_hash
 from patchflannel.io.files import check_can_write
 from patchflannel.scoring.inputs import ScoreInput, discover_inputs, extra_columns
-from patchflannel.scoring.writers import (DEFAULT_CHUNK_SIZE, Key, ResultStore, export_predictions, output_format,
-                                         output_schema)
+from patchflannel.scoring.writers import (
+    DEFAULT_CHUNK_SIZE,
+    Key,
+    ResultStore,
+    export_predictions,
+    output_format,
+    output_schema,
+)
+
 
 @dataclass
 class EngineOptions:

@@ -33,15 +33,23 @@ import yaml
 from rich.console import Console
 
 from patchflannel.classes import CLASSES
+from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import save_atomic
+from patchflannel.settings import read_json
 from patchflannel.training.datasets import read_splits
 from patchflannel.training.ensemble import load_ensemble, predict_ensemble, train_ensemble
-from patchflannel.devices import resolve_device
-from patchflannel.training.learners import (LEARNER_SETTINGS, check_resumable, check_named_files,
-                                            load_config, load_learner, predict_items, prepare, train_learner)
+from patchflannel.training.learners import (
+    LEARNER_SETTINGS,
+    check_named_files,
+    check_resumable,
+    load_config,
+    load_learner,
+    predict_items,
+    prepare,
+    train_learner,
+)
 from patchflannel.training.report import evaluate_predictions, write_predictions
-from patchflannel.settings import read_json
 
 DONE_FILE = "done.json"
 CV_SETTINGS = LEARNER_SETTINGS

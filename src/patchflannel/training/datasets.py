@@ -21,10 +21,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import Dataset
 
+from patchflannel.bundle import LEARNER_MODES
 from patchflannel.classes import CLASS_INDEX
 from patchflannel.data.manifest import Row, read_manifest
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.bundle import LEARNER_MODES
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
 from patchflannel.ops.preprocess import as_tensor, learner_image, masked_image, normalize, resize_mask
@@ -32,7 +32,6 @@ from patchflannel.ops.sampler import draw_patches, effective_masks
 from patchflannel.ops.seeding import image_seed
 from patchflannel.training.loop import progress_bar
 from patchflannel.training.mask_cache import MaskCache
-
 
 
 @dataclass

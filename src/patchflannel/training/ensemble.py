@@ -21,10 +21,10 @@ from patchflannel.errors import ConfigError
 from patchflannel.models import get_model
 from patchflannel.models.ensemble import NeuralWeightModule
 from patchflannel.models.losses import class_alpha, focal_loss
+from patchflannel.settings import read_json
 from patchflannel.training.learners import ENSEMBLE_SETTINGS, HOW_LONG, SPEED_ONLY, check_resumable, load_config
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, seed_everything
 from patchflannel.training.report import read_predictions
-from patchflannel.settings import read_json
 
 
 def train_ensemble(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,

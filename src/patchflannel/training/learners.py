@@ -26,13 +26,13 @@ from sklearn.metrics import f1_score
 from torch import nn
 from torch.utils.data import DataLoader
 
-from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.bundle import LEARNER_MODES, default_preprocessing, load_bundle
 from patchflannel.devices import resolve_device
+from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.models import get_model, list_models
 from patchflannel.models.classifiers import pretrained_config
-from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
 from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
+from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
 from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
 from patchflannel.training.mask_cache import MaskCache

@@ -15,13 +15,12 @@ Metric names: the dict returned by ``train_one_epoch`` is prefixed ``train_`` an
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import csv
 import json
 import math
 import random
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 

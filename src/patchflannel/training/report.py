@@ -21,8 +21,8 @@ from patchflannel.classes import CLASS_INDEX, CLASSES
 from patchflannel.data.manifest import header_problems, read_csv, write_csv_rows
 from patchflannel.errors import ConfigError, ManifestError, PatchflannelError
 from patchflannel.io.files import save_atomic
-from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 from patchflannel.settings import read_json
+from patchflannel.training.metrics import bootstrap_ci, classification_metrics, flat_scores, macro_f1_present, mean_std
 
 PROB_COLUMNS = tuple(f"p_{c}" for c in CLASSES)
 PREDICTION_COLUMNS = ("path", "patient_id", "source", "label", "model", "fold", "split", *PROB_COLUMNS, "pred")

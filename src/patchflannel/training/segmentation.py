@@ -26,8 +26,8 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
-from patchflannel.devices import resolve_device
 from patchflannel.data.manifest import header_problems, read_csv
+from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ManifestError, first_line
 from patchflannel.io import read_image
 from patchflannel.models import get_model, list_models

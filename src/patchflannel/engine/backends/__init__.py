@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 from patchflannel.bundle import PRECISIONS, Bundle, ModelEntry, export_hint
+from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -76,8 +76,8 @@ def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.dev
     """The backend ``name`` for the bundle's network ``entry``; its ``precision`` is the one it runs at (an
     exported file in ``precision`` where the bundle has one, else the fp32 file)."""
     if name == "torch":
-        from patchflannel.engine.backends.torch_backend import TorchBackend
         from patchflannel.bundle import load_torch_model
+        from patchflannel.engine.backends.torch_backend import TorchBackend
 
         return TorchBackend(load_torch_model(bundle, entry), device, precision, compile=compile)
     if name == "onnxruntime":
