@@ -28,20 +28,10 @@ from patchflannel.bundle import (
     role_of,
     write_bundle,
 )
+from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
 
 WORKSPACE_BYTES = 4 << 30
-
-
-def import_tensorrt() -> Any:
-    """The ``tensorrt`` module; BackendUnavailableError saying how to install it where it is missing."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com 'patchflannel[tensorrt]'; "
-            "it needs an NVIDIA GPU and driver)") from exc
-    return tensorrt
 
 
 def learner_k_max(k_max: int | None, k: int) -> int:
@@ -104,35 +94,6 @@ def build_engine(onnx_path: Path, plan_path: Path, input_name: str, shape: Seque
     plan_path.write_bytes(bytes(serialized))
 
 
-def run_engine(plan_path: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a serialised engine once on host arrays (torch CUDA tensors hold the buffers); returns its outputs."""
-    trt = _tensorrt()
-    import torch
-
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-    context = engine.create_execution_context() if engine is not None else None
-    if context is None:
-        raise BundleError(f"{plan_path}: TensorRT could not load the engine it built (see its log above)")
-    buffers: dict[str, torch.Tensor] = {}
-    for name, array in inputs.items():
-        buffers[name] = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-        if not context.set_input_shape(name, tuple(array.shape)):
-            raise BundleError(f"{plan_path}: the engine refused input {name!r} of shape {tuple(array.shape)}")
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-    for name in outputs:
-        dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-        buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-    for name, tensor in buffers.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.Stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise BundleError(f"{plan_path}: engine execution failed")
-    stream.synchronize()
-    return {n: buffers[n].float().cpu().numpy() for n in outputs}
-
-
 def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = None, k_opt: int | None = None,
                   max_images: int = 16, fp16: bool = True, models: Sequence[str] | None = None) -> Bundle:
     """Build a TensorRT engine for each network of ``bundle`` from its ONNX files and record it in bundle.json.
@@ -175,7 +136,8 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
             build_engine(b.path_of(src), path, inp["name"], inp["shape"][1:], batch, fp16)
             ref = np.load(b.root / src.extra["reference"])
             rows = batch[2]  # the reference inputs the profile takes
-            got = run_engine(path, {inp["name"]: ref[inp["name"]][:rows]})[out["name"]]
+            # checked as the engine runs it (one input, one output, on the current stream; .cpu() waits for it)
+            got = TensorRTBackend(path, torch.device("cuda")).run(torch.from_numpy(ref[inp["name"]][:rows])).cpu().numpy()
             report = {**parity_report(ref[out["name"]][:rows], got, role_of(b, entry), *TOLERANCES[precision]),
                       "runtime": f"TensorRT {trt.__version__}"}
             if not report["passed"]:

@@ -56,7 +56,7 @@ def resolve_backend(name: str, bundle: Bundle, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; expected auto, {', '.join(BACKENDS)}")
     if name == "tensorrt":
-        from patchflannel.export.tensorrt import import_tensorrt
+        from patchflannel.engine.backends.tensorrt_backend import import_tensorrt
 
         import_tensorrt()  # a missing runtime is the first thing to say
     if name == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
@@ -86,8 +86,7 @@ def make_backend(name: str, bundle: Bundle, entry: ModelEntry, device: torch.dev
         f = _pick(entry, "onnx", precision)
         return OnnxRuntimeBackend(bundle.path_of(f), device, f.precision)
     if name == "tensorrt":
-        from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend
-        from patchflannel.export.tensorrt import import_tensorrt
+        from patchflannel.engine.backends.tensorrt_backend import TensorRTBackend, import_tensorrt
 
         import_tensorrt()  # a missing runtime is the first thing to say
         f = _pick(entry, "tensorrt", precision)

@@ -8,11 +8,22 @@ address and runs ``execute_async_v3`` on torch's current stream.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from patchflannel.errors import BackendUnavailableError, BundleError, ConfigError
-from patchflannel.export.tensorrt import import_tensorrt
+
+
+def import_tensorrt() -> Any:
+    """The ``tensorrt`` module; BackendUnavailableError saying how to install it where it is missing."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com 'patchflannel[tensorrt]'; "
+            "it needs an NVIDIA GPU and driver)") from exc
+    return tensorrt
 
 
 class TensorRTBackend:
@@ -30,7 +41,8 @@ class TensorRTBackend:
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(Path(path).read_bytes())
             if self.engine is None:
-                raise BundleError(f"{path}: TensorRT could not deserialise this engine (built for another card or version?)")
+                raise BundleError(f"{path}: TensorRT could not deserialise this engine (see its log above: an engine "
+                                  "built for another card or TensorRT version is refused)")
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise BundleError(f"{path}: TensorRT could not make an execution context (out of device memory?)")
