@@ -26,10 +26,9 @@ from patchflannel.bundle import BUNDLE_FILE, load_bundle, load_torch_model
 from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import read_image
-from patchflannel.io.files import printable
+from patchflannel.io.files import IMAGE_EXTENSIONS, printable
 from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_masks
 from patchflannel.ops.preprocess import resize_mask, segmentation_inputs
-from patchflannel.scoring.inputs import IMAGE_EXTENSIONS
 from patchflannel.training.loop import RUN_FILE
 from patchflannel.training.segmentation import load_run_model
 

@@ -16,6 +16,11 @@ from pathlib import Path
 
 from patchflannel.errors import ConfigError
 
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
+)
+"""Extensions (lower case) of the image and DICOM files taken from folders and glob patterns."""
+
 
 def printable(path: str) -> str:
     """``path`` as valid UTF-8 text: the bytes of a name that is not UTF-8 shown as ``\\x..`` escapes."""

@@ -8,7 +8,7 @@ Rules (also in docs/scoring.md):
   columns, when present, are carried into the output (no join with the manifest is needed).
 - A folder is walked recursively and a glob pattern expanded (``**`` recurses); linked folders are followed,
   except into one of their own ancestors (a loop); from those, files with an
-  image or DICOM extension (:data:`IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes
+  image or DICOM extension (:data:`patchflannel.io.files.IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes
   carry the DICOM ``DICM`` marker (PACS exports often have no extension, or are named by UID: ``1.2.840...``). Hidden files and folders
   (name starting with ``.``) are skipped.
 - Order: the arguments in the order given, each folder's or pattern's files sorted by path. A file reached
@@ -24,12 +24,7 @@ from pathlib import Path
 
 from patchflannel.data.manifest import header_problems, read_csv
 from patchflannel.errors import ConfigError, ManifestError
-from patchflannel.io.files import glob_paths, printable, walk_files
-
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".dcm", ".dicom", ".dic"}
-)
-"""File extensions taken from folders and glob patterns."""
+from patchflannel.io.files import IMAGE_EXTENSIONS, glob_paths, printable, walk_files
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("label", "patient_id", "source", "view", "split", "fold")
 """Manifest columns carried into the scoring output (when the manifest has them)."""
