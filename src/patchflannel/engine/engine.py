@@ -3,8 +3,8 @@
 Data flow of one call (SPEC.md "The engine"): decode (loader) -> grey float on the device -> segmentation
 input (equalised, gamma, 256) -> segmenter in one batched call -> lung mask at 256 -> image at 1024 and
 mask upsampled (nearest) -> K centres from per-image seeds (content hash + run seed) -> one gather of the
-K patches -> normalised, 3 channels -> one call per learner per group of images (``images_per_call``
-images; ``patch_batch`` patches a call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
+K patches -> normalised, 3 channels -> each learner over a group of images (``images_per_call`` images) in
+calls of ``patch_batch`` patches (on a GPU by default the group's patches in one call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
 over patches; the device -> host copies are the masks (post-processed on the host), the final results, a few
 scalar checks (an array input's range, an empty mask), and an array input on the device, once, for its
 content hash. In-memory inputs are copied as they are handed over (a producer may reuse its buffer).
@@ -15,7 +15,7 @@ patch gather, on a GPU on the engine's own high-priority CUDA stream. The engine
 the learners and the ensemble on the caller's stream, and the caller's thread reads back the previous group's
 results while they run. So on a GPU the preprocessing (small kernels and host work) runs beside the learners
 instead of between them; on a CPU the same order runs in two threads sharing the cores. With
-``learner_streams`` > 1 (GPU only) the learner thread deals the learners' calls over that many CUDA streams,
+``learner_streams`` > 1 (GPU only) the learner thread deals the learners over that many CUDA streams,
 so that a learner that leaves SMs idle (densenet161's memory-bound layers) may share the GPU with another;
 the caller's stream waits for all of them.
 
@@ -221,7 +221,7 @@ class Engine:
     return_centres = _setting("return_centres", "Whether results carry their patch centres.")
     images_per_call = _setting("images_per_call", "Images prepared and classified together.")
     patch_batch = _setting("patch_batch", "Inputs a learner call carries at most.")
-    learner_streams = _setting("learner_streams", "CUDA streams the learners' calls are dealt over.")
+    learner_streams = _setting("learner_streams", "CUDA streams the learners are dealt over (learner i on stream i mod n).")
 
     def __init__(self, *, segmenter: Backend, learners: list[Learner], ensemble: nn.Module | None,
                  preprocessing: Mapping[str, Any], device: torch.device, loader: Loader, sampler: Sampler,
@@ -291,7 +291,7 @@ class Engine:
         each result's patch centres. ``images_per_call`` and ``patch_batch`` set the batching ('auto': the
         device's choice; results do not depend on them). ``compile`` applies ``torch.compile`` (frozen weights)
         to every network (torch backend); the first call at each shape compiles (:meth:`warm_up` does it up
-        front). ``learner_streams`` > 1 (a GPU only) deals the learners' calls over that many CUDA streams so
+        front). ``learner_streams`` > 1 (a GPU only) deals the learners over that many CUDA streams so
         that they may run side by side.
         """
         compile = _flag("compile", compile)
@@ -372,8 +372,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ public
     def warm_up(self, progress: Callable[[str], None] | None = None) -> dict[str, float]:
-        """Run every network once at the input shapes of a full group, so that compiling and autotuning
-        happen now rather than at the first request; returns wall seconds per network. Each network runs in
+        """Run the segmenter (when a learner is in patch mode) and every learner once at the input shapes of a
+        full group, so that compiling and autotuning happen now rather than at the first request (the tiny
+        ensemble is not run); returns wall seconds per network. Each network runs in
         the thread that runs it in :meth:`stream` (cuDNN's autotuned plans are kept per thread).
 
         ``progress`` gets a line as each network is done (compiling five large learners takes minutes).
