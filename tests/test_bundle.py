@@ -357,3 +357,15 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "empty", target_is_directory=True)
     make_bundle(tmp_path / "link", segmentation_run=seg)
     assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "bundle.json").is_file()
+
+
+def test_default_preprocessing_is_the_spec_s() -> None:
+    """SPEC.md's sizes and normalisation: segmentation at 256 (equalised, gamma 0.5, threshold 0.5), images at
+    1024, K=100 patches of 224, FLANNEL's global view 336 cropped to 224, ImageNet mean and std."""
+    from patchflannel.bundle import default_preprocessing
+
+    pre = default_preprocessing()
+    assert pre["segmentation"] == {"size": 256, "equalize": True, "gamma": 0.5, "threshold": 0.5}
+    assert (pre["image_size"], pre["patch_size"], pre["k"]) == (1024, 224, 100)
+    assert pre["global"] == {"resize": 336, "crop": 224}
+    assert pre["normalization"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -60,6 +60,22 @@ def test_segmentation_input_of_a_real_image(cxr4_dir):
     seg = segmentation_input(image)
     assert seg.shape == (1, 256, 256) and seg.dtype == torch.float32
     assert 0 <= float(seg.min()) and float(seg.max()) <= 1 and float(seg.std()) > 0.1
+    # SPEC stage 1's order: equalise, gamma-correct, then resize (each other order gives another input).
+    assert torch.equal(seg[0], resize(gamma_correct(equalize_hist(image)), 256))
+    for other in (gamma_correct(equalize_hist(resize(image, 256))), resize(equalize_hist(gamma_correct(image)), 256)):
+        assert float((seg[0] - other).abs().max()) > 0.05
+
+
+def test_mask_resize_is_centre_nearest_as_pil_resizes():
+    """Nearest neighbour at pixel centres (PIL's NEAREST, an independent implementation), at factors that are
+    not whole numbers (256 -> 1024 is x4 and cannot tell the conventions apart)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((37, 53)) > 0.5
+    for size in ((100, 80), (1024, 1024), (20, 30)):
+        pil = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+        assert np.array_equal(resize_mask(torch.from_numpy(mask), size).numpy(), pil)
 
 
 def test_learner_image_holds_the_8_bit_levels_training_caches() -> None:
