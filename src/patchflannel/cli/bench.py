@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
@@ -24,30 +24,40 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def bench(
-    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.md, bench.png."),
-    preset: Optional[str] = typer.Option(None, help="Random-weight networks: flannel5 (paper), cpu5, tiny."),
-    bundle: Optional[Path] = typer.Option(None, help="Bundle folder (default: the package's bundle) when no preset."),
-    images: Optional[Path] = typer.Option(None, help="Image folder, manifest or pattern, as score takes them (default: shared cxr4 if present, else phantoms)."),
-    synthetic: bool = typer.Option(False, "--synthetic", metavar="", help="Use deterministic synthetic phantom JPEGs."),
-    n: int = typer.Option(8, "--n", "-n", help="Images a run."),
-    loop_n: int = typer.Option(2, help="Images a run in loop mode: the first of the --n images, at most --n (it is slow)."),
-    k: str = typer.Option("16,50,100", "--k", "-k", help="Comma-separated K values."),
-    modes: str = typer.Option("loop,batched,packed,auto,global", help="Comma-separated modes."),
-    pack: Optional[int] = typer.Option(None, help="Images a call in packed and global modes (default 4, or N when "
-                                       "N is smaller)."),
-    precision: str = typer.Option("auto", help="auto, fp32, fp16 or bf16; comma-separated to compare."),
-    backend: str = typer.Option("auto", help="auto, torch, onnxruntime or tensorrt; comma-separated to compare."),
-    learner_streams: str = typer.Option("1", help="CUDA streams the learners' calls are dealt over (GPU only); "
-                                        "comma-separated to compare, e.g. 1,5."),
-    loader: str = typer.Option("auto", help="auto, cpu, dali or nvjpeg."),
-    device: str = typer.Option("auto", help="auto (cuda when available), cpu, cuda or cuda:N."),
-    compile: bool = typer.Option(False, "--compile", metavar="", help="torch.compile with frozen weights (falls back to eager)."),
-    repeats: int = typer.Option(3, help="Timed repeats a run (loop mode: one; it is slow)."),
-    warmup: int = typer.Option(1, help="Warm-up runs before timing."),
-    label: str = typer.Option("", help="A title for the report."),
-    smoke: bool = typer.Option(False, "--smoke", metavar="", help="A seconds-long run of --preset or --bundle (neither: preset tiny); it "
-                               "replaces N, K, pack, repeats, warm-up and modes with N=2 (loop 1), K=4, pack 2, one "
-                               "repeat, no warm-up, modes loop,batched,packed,global."),
+    out: Annotated[Path, typer.Option("--out", help="Folder for bench.json, bench.md, bench.png.")] = Path("bench-out"),
+    preset: Annotated[str | None, typer.Option(help="Random-weight networks: flannel5 (paper), cpu5, tiny.")] = None,
+    bundle: Annotated[Path | None, typer.Option(
+        help="Bundle folder (default: the package's bundle) when no preset.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        help="Image folder, manifest or pattern, as score takes them "
+             "(default: shared cxr4 if present, else phantoms).")] = None,
+    synthetic: Annotated[bool, typer.Option(
+        "--synthetic", metavar="", help="Use deterministic synthetic phantom JPEGs.")] = False,
+    n: Annotated[int, typer.Option("--n", "-n", help="Images a run.")] = 8,
+    loop_n: Annotated[int, typer.Option(
+        help="Images a run in loop mode: the first of the --n images, at most --n (it is slow).")] = 2,
+    k: Annotated[str, typer.Option("--k", "-k", help="Comma-separated K values.")] = "16,50,100",
+    modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "loop,batched,packed,auto,global",
+    pack: Annotated[int | None, typer.Option(
+        help="Images a call in packed and global modes (default 4, or N when N is smaller).")] = None,
+    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16; comma-separated to compare.")] = "auto",
+    backend: Annotated[str, typer.Option(
+        help="auto, torch, onnxruntime or tensorrt; comma-separated to compare.")] = "auto",
+    learner_streams: Annotated[str, typer.Option(
+        help="CUDA streams the learners' calls are dealt over (GPU only); "
+             "comma-separated to compare, e.g. 1,5.")] = "1",
+    loader: Annotated[str, typer.Option(help="auto, cpu, dali or nvjpeg.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
+    compile: Annotated[bool, typer.Option(
+        "--compile", metavar="", help="torch.compile with frozen weights (falls back to eager).")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed repeats a run (loop mode: one; it is slow).")] = 3,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs before timing.")] = 1,
+    label: Annotated[str, typer.Option(help="A title for the report.")] = "",
+    smoke: Annotated[bool, typer.Option(
+        "--smoke", metavar="",
+        help="A seconds-long run of --preset or --bundle (neither: preset tiny); it replaces N, K, pack, repeats, "
+             "warm-up and modes with N=2 (loop 1), K=4, pack 2, one repeat, no warm-up, "
+             "modes loop,batched,packed,global.")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Time the engine's ways of classifying N images with K patches each and write a report."""

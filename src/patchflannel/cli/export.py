@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -39,11 +39,12 @@ def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
 
 @export_app.command("bundle")
 def bundle_cmd(
-    segmentation: Path = typer.Option(..., help="Segmentation training run folder."),
-    learner: list[Path] = typer.Option([], help="Learner run folder, in ensemble order (repeat)."),
-    ensemble: Optional[Path] = typer.Option(None, help="Ensemble training run folder."),
-    out: Path = typer.Option(..., help="New bundle folder."),
-    name: str = typer.Option("patchflannel", help="Bundle name."),
+    *,  # keyword-only, so the required --out keeps its place (and its row in --help) after the optional ones
+    segmentation: Annotated[Path, typer.Option(help="Segmentation training run folder.")],
+    learner: Annotated[list[Path], typer.Option(help="Learner run folder, in ensemble order (repeat).")] = [],
+    ensemble: Annotated[Path | None, typer.Option(help="Ensemble training run folder.")] = None,
+    out: Annotated[Path, typer.Option(help="New bundle folder.")],
+    name: Annotated[str, typer.Option(help="Bundle name.")] = "patchflannel",
 ) -> None:
     """Assemble a torch bundle from training runs (best.pt + run.json)."""
     from patchflannel.export.build import make_bundle
@@ -54,14 +55,20 @@ def bundle_cmd(
 
 @export_app.command("onnx")
 def onnx_cmd(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
-    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place; needed for the package's bundle)."),
-    model: list[str] = typer.Option([], help="Export only these model names (repeat)."),
-    preset: Optional[str] = typer.Option(None, help="'flannel5': random-weight FC-DenseNet103 + the five FLANNEL learners."),
-    random: list[str] = typer.Option([], help="Random-weight learner architecture (repeat) instead of a bundle."),
-    opset: int = typer.Option(17, help="ONNX opset."),
-    precision: str = typer.Option("fp32", help="fp32, or fp16 (fp32 inputs/outputs) for TensorRT 11."),
-    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA, else shared/data beside the repository, else ../shared/data)."),
+    bundle: Annotated[Path | None, typer.Argument(
+        help="Bundle folder (default: the package's bundle, exported into --out).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write into a copy of the bundle here (default: in place; needed for the package's bundle).")] = None,
+    model: Annotated[list[str], typer.Option(help="Export only these model names (repeat).")] = [],
+    preset: Annotated[str | None, typer.Option(
+        help="'flannel5': random-weight FC-DenseNet103 + the five FLANNEL learners.")] = None,
+    random: Annotated[list[str], typer.Option(
+        help="Random-weight learner architecture (repeat) instead of a bundle.")] = [],
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
+    precision: Annotated[str, typer.Option(help="fp32, or fp16 (fp32 inputs/outputs) for TensorRT 11.")] = "fp32",
+    data: Annotated[Path | None, typer.Option(
+        help="Real data folder for the parity check (default: $PATCHFLANNEL_SHARED_DATA, "
+             "else shared/data beside the repository, else ../shared/data).")] = None,
 ) -> None:
     """Export every network to ONNX with a dynamic batch axis, checked against torch with ONNX Runtime."""
     from patchflannel.export.onnx import export_onnx, export_random_onnx
@@ -84,11 +91,14 @@ def onnx_cmd(
 
 @export_app.command("tensorrt")
 def tensorrt_cmd(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder with ONNX files (default: the package's bundle; it has none until exported into another folder)."),
-    k_max: Optional[int] = typer.Option(None, help="Largest learner batch (default 4 K; at least the bundle's K)."),
-    k_opt: Optional[int] = typer.Option(None, help="Learner batch the engine is tuned for (default K)."),
-    fp16: bool = typer.Option(True, metavar="", help="FP16 engines."),
-    model: list[str] = typer.Option([], help="Build only these model names (repeat)."),
+    bundle: Annotated[Path | None, typer.Argument(
+        help="Bundle folder with ONNX files (default: the package's bundle; "
+             "it has none until exported into another folder).")] = None,
+    k_max: Annotated[int | None, typer.Option(
+        help="Largest learner batch (default 4 K; at least the bundle's K).")] = None,
+    k_opt: Annotated[int | None, typer.Option(help="Learner batch the engine is tuned for (default K).")] = None,
+    fp16: Annotated[bool, typer.Option(metavar="", help="FP16 engines.")] = True,
+    model: Annotated[list[str], typer.Option(help="Build only these model names (repeat).")] = [],
 ) -> None:
     """Build TensorRT engines (needs TensorRT and an NVIDIA GPU) and record them in the bundle."""
     from patchflannel.export.tensorrt import build_engines
@@ -99,12 +109,16 @@ def tensorrt_cmd(
 
 @export_app.command("compiled")
 def compiled_cmd(
-    bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle, exported into --out)."),
-    out: Optional[Path] = typer.Option(None, help="Write into a copy of the bundle here (default: in place; needed for the package's bundle)."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (auto: cuda when available); compiled code is for the device it was made on."),
-    precision: str = typer.Option("fp32", help="fp32 or fp16."),
-    model: list[str] = typer.Option([], help="Compile only these model names (repeat)."),
-    data: Optional[Path] = typer.Option(None, help="Real data folder for the parity check."),
+    bundle: Annotated[Path | None, typer.Argument(
+        help="Bundle folder (default: the package's bundle, exported into --out).")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write into a copy of the bundle here (default: in place; needed for the package's bundle).")] = None,
+    device: Annotated[str, typer.Option(
+        help="cpu, cuda or cuda:N (auto: cuda when available); "
+             "compiled code is for the device it was made on.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 or fp16.")] = "fp32",
+    model: Annotated[list[str], typer.Option(help="Compile only these model names (repeat).")] = [],
+    data: Annotated[Path | None, typer.Option(help="Real data folder for the parity check.")] = None,
 ) -> None:
     """Compile AOTInductor packages (torch.export, dynamic batch), checked against eager torch."""
     from patchflannel.export.compiled import export_compiled
@@ -115,10 +129,11 @@ def compiled_cmd(
 
 @export_app.command("triton")
 def triton_cmd(
-    bundle: Path = typer.Argument(..., help="Bundle folder with ONNX (or TensorRT) files."),
-    out: Path = typer.Argument(..., help="New model repository folder."),
-    model_format: str = typer.Option("onnx", "--format", help="Every network's files: onnx or tensorrt (the bundle must hold them)."),
-    k_max: Optional[int] = typer.Option(None, help="Learners' max_batch_size (default 4 K)."),
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder with ONNX (or TensorRT) files.")],
+    out: Annotated[Path, typer.Argument(help="New model repository folder.")],
+    model_format: Annotated[str, typer.Option(
+        "--format", help="Every network's files: onnx or tensorrt (the bundle must hold them).")] = "onnx",
+    k_max: Annotated[int | None, typer.Option(help="Learners' max_batch_size (default 4 K).")] = None,
 ) -> None:
     """Write a Triton model repository (ensemble of preprocess, segmentation, sampler, learners, votes, flannel)."""
     from patchflannel.export.triton import export_triton, validate_repository
@@ -129,7 +144,9 @@ def triton_cmd(
 
 
 @export_app.command("verify")
-def verify_cmd(bundle: Optional[Path] = typer.Argument(None, help="Bundle folder (default: the package's bundle).")) -> None:
+def verify_cmd(
+    bundle: Annotated[Path | None, typer.Argument(help="Bundle folder (default: the package's bundle).")] = None,
+) -> None:
     """Check a bundle (schema, files, hashes, formats) and list its files (exit status 1 when it fails; 2 when
     there is no folder to check)."""
     from patchflannel.bundle import default_bundle_path, load_bundle
