@@ -340,6 +340,12 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
         make_bundle(tmp_path / "o6", segmentation_run=seg, learner_runs=[patch, patch], ensemble_run=ens2)
     assert [m.mode for m in make_bundle(tmp_path / "o6", segmentation_run=seg, learner_runs=[patch, lrn],
                                         ensemble_run=ens2).learners] == ["patch", "global"]
+    # Numbered as a bundle names two runs of one architecture (train ensemble on its scores records them so).
+    ens3 = _run(tmp_path / "ens3", "flannel", get_model("flannel", n_learners=2), arch_config={"n_learners": 2},
+                learners=["0_squeezenet1_1_global", "1_squeezenet1_1_patch"])
+    with pytest.raises(ConfigError, match="trained on learners"):
+        make_bundle(tmp_path / "o7", segmentation_run=seg, learner_runs=[patch, lrn], ensemble_run=ens3)
+    make_bundle(tmp_path / "o7", segmentation_run=seg, learner_runs=[lrn, patch], ensemble_run=ens3)
     with pytest.raises(ConfigError, match="ensemble over 1 learners, but 2 learner runs"):
         make_bundle(tmp_path / "o2", segmentation_run=seg, learner_runs=[lrn, lrn], ensemble_run=ens)
     with pytest.raises(ConfigError, match="is a classifier model, given as segmentation"):

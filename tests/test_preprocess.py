@@ -106,3 +106,15 @@ def test_levels_have_the_same_bits_on_a_gpu() -> None:
         assert torch.equal(to_unit(levels.cuda(), top).cpu(), to_unit(levels, top))
     x = learner_image(torch.rand(300, 250, device="cuda"), 64).cpu()
     assert torch.equal(x, to_unit((x * 255).round()))
+
+
+def test_segmentation_inputs_take_flipped_views_and_levels():
+    """A numpy view with negative strides (np.fliplr of an image) and 8-bit levels are taken as their copies
+    (torch holds no negative strides: Segmenter.predict raised on them)."""
+    from patchflannel.ops.preprocess import segmentation_inputs
+
+    grey = np.random.default_rng(1).random((70, 90))
+    flipped = np.fliplr(grey)
+    assert torch.equal(segmentation_inputs([flipped], 64), segmentation_inputs([flipped.copy()], 64))
+    levels = (grey * 255).astype(np.uint8)[::-1]
+    assert torch.equal(segmentation_inputs([levels], 64), segmentation_inputs([levels.astype(np.float32)], 64))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,12 +91,15 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
         n = int((infos["ensemble"].get("arch_config") or {}).get("n_learners", -1))
         if n != len(learner_runs):
             raise ConfigError(f"{runs['ensemble']}: ensemble over {n} learners, but {len(learner_runs)} learner runs given")
-        # The ensemble records its learners as cv and `train ensemble` name them (<arch>_<mode>) or, older, by
-        # architecture: either is checked against the runs given, in order (the weight module's inputs are in it).
+        # The ensemble records its learners as cv and `train ensemble` name them (<arch>_<mode>, numbered
+        # <i>_<arch>_<mode> in a bundle with two runs of one architecture) or, older, by architecture: each is
+        # checked against the runs given, in order (the weight module's inputs are in it).
         recorded = list(infos["ensemble"].get("learners") or [])
         archs = list_models("classifier")
         checkable = set(archs) | {f"{a}_{m}" for a in archs for m in LEARNER_MODES}
-        if set(recorded) <= checkable and any(r not in (a, f"{a}_{m}") for r, (a, m) in zip(recorded, given)):
+        names = [r if r in checkable else re.sub(r"^\d+_", "", r) for r in recorded]
+        if names and set(names) <= checkable and (
+                len(names) != len(given) or any(r not in (a, f"{a}_{m}") for r, (a, m) in zip(names, given))):
             raise ConfigError(f"{runs['ensemble']}: trained on learners {recorded}, given "
                               f"{[f'{a}_{m}' for a, m in given]} (their order and mode matter)")
 
@@ -106,7 +110,7 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
         try:
             entries: dict[str, ModelEntry] = {}
             for i, (key, info) in enumerate(infos.items()):
-                role = key if key in families else given[i - 1][1]
+                role = key if key in families else given[int(key.split()[1])][1]
                 arch = info["arch"]
                 rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)

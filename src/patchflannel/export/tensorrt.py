@@ -136,8 +136,12 @@ def build_engines(bundle: Bundle | str | Path | None, *, k_max: int | None = Non
             build_engine(b.path_of(src), path, inp["name"], inp["shape"][1:], batch, fp16)
             ref = np.load(b.root / src.extra["reference"])
             rows = batch[2]  # the reference inputs the profile takes
-            # checked as the engine runs it (one input, one output, on the current stream; .cpu() waits for it)
-            got = TensorRTBackend(path, torch.device("cuda")).run(torch.from_numpy(ref[inp["name"]][:rows])).cpu().numpy()
+            try:  # checked as the engine runs it (one input, one output, on the current stream; .cpu() waits)
+                x = torch.from_numpy(ref[inp["name"]][:rows])
+                got = TensorRTBackend(path, torch.device("cuda")).run(x).cpu().numpy()
+            except (RuntimeError, BundleError, ConfigError) as exc:
+                raise BundleError(f"{rel}: TensorRT could not run the engine it has just built: {exc}; the bundle "
+                                  "is left as it was") from exc
             report = {**parity_report(ref[out["name"]][:rows], got, role_of(b, entry), *TOLERANCES[precision]),
                       "runtime": f"TensorRT {trt.__version__}"}
             if not report["passed"]:

@@ -16,8 +16,9 @@ LEVELS = 256
 
 
 def as_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A grey image in [0, 1] as a float32 (H, W) tensor."""
-    t = torch.as_tensor(image)
+    """A grey image in [0, 1] as a float32 (H, W) tensor (a numpy view with negative strides, a flipped
+    image, is copied: torch cannot hold one)."""
+    t = torch.as_tensor(np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image)
     if t.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {tuple(t.shape)}")
     return t.to(torch.float32)

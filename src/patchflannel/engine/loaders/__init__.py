@@ -39,8 +39,9 @@ def eight_bit_channels(data: bytes, formats: tuple[str, ...]) -> int | None:
     one of ``formats`` whose size the readers accept (a JPEG with its end-of-image marker in its last
     :data:`JPEG_TAIL` bytes); ``None`` for anything else.
 
-    Only the header is parsed (no pixel decoding): anything else goes to the ``cpu`` loader, which reads
-    every format and gives the precise error for a bad input.
+    Only the header is parsed (no pixel decoding; except that Pillow reads a whole PNG to look for an EXIF
+    orientation after its pixels): anything else goes to the ``cpu`` loader, which reads every format and gives
+    the precise error for a bad input.
     """
     import io
 
