@@ -4,8 +4,8 @@ Data flow of one call (SPEC.md "The engine"): decode (loader) -> grey float on t
 input (equalised, gamma, 256) -> segmenter in one batched call -> lung mask at 256 -> image at 1024 and
 mask upsampled (nearest) -> K centres from per-image seeds (content hash + run seed) -> one gather of the
 K patches -> normalised, 3 channels -> each learner over a group of images (``images_per_call`` images) in
-calls of ``patch_batch`` patches (on a GPU by default the group's patches in one call) -> vote fractions -> ensemble -> probabilities. No Python loop runs
-over patches; the device -> host copies are the masks (post-processed on the host), the final results, a few
+calls of ``patch_batch`` patches (on a GPU by default the group's patches in one call) -> vote fractions ->
+ensemble -> probabilities. No Python loop runs over patches; the device -> host copies are the masks (post-processed on the host), the final results, a few
 scalar checks (an array input's range, an empty mask), and an array input on the device, once, for its
 content hash. In-memory inputs are copied as they are handed over (a producer may reuse its buffer).
 
@@ -221,7 +221,8 @@ class Engine:
     return_centres = _setting("return_centres", "Whether results carry their patch centres.")
     images_per_call = _setting("images_per_call", "Images prepared and classified together.")
     patch_batch = _setting("patch_batch", "Inputs a learner call carries at most.")
-    learner_streams = _setting("learner_streams", "CUDA streams the learners are dealt over (learner i on stream i mod n).")
+    learner_streams = _setting("learner_streams",
+                               "CUDA streams the learners are dealt over (learner i on stream i mod n).")
 
     def __init__(self, *, segmenter: Backend, learners: list[Learner], ensemble: nn.Module | None,
                  preprocessing: Mapping[str, Any], device: torch.device, loader: Loader, sampler: Sampler,

@@ -20,9 +20,10 @@ class Prediction:
     ``status`` is 'ok', 'flagged' (a result that needs a look: see ``flags``) or 'error' (no result:
     see ``error``). ``probabilities`` maps class name to probability; ``learner_confidences`` maps each
     learner to its per-class vote fractions and ``learner_mean_softmax`` to its mean softmax over the K
-    patches (a global learner's softmax in both). ``centres`` is the (K, 2) array of patch centres, (row, col) in the working image of ``image_size`` (1024)
-    squared whatever the input's shape (scale by H/1024 and W/1024 to place them on an H x W input), when requested and
-    patches were drawn (an engine whose learners are all global draws none, nor segments: no ``mask_fallback``).
+    patches (a global learner's softmax in both). ``centres`` is the (K, 2) array of patch centres, (row, col)
+    in the working image of ``image_size`` (1024) squared whatever the input's shape (scale by H/1024 and W/1024
+    to place them on an H x W input), when requested and patches were drawn (an engine whose learners are all
+    global draws none, nor segments: no ``mask_fallback``).
     ``learners`` names the engine's learners (an error result has no confidences, but the same row columns).
     """
 

@@ -7,10 +7,10 @@ Rules (also in docs/scoring.md):
   resolved against the manifest's folder); its ``label``, ``patient_id``, ``source``, ``view``, ``split`` and ``fold``
   columns, when present, are carried into the output (no join with the manifest is needed).
 - A folder is walked recursively and a glob pattern expanded (``**`` recurses); linked folders are followed,
-  except into one of their own ancestors (a loop); from those, files with an
-  image or DICOM extension (:data:`patchflannel.io.files.IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes
-  carry the DICOM ``DICM`` marker (PACS exports often have no extension, or are named by UID: ``1.2.840...``). Hidden files and folders
-  (name starting with ``.``) are skipped.
+  except into one of their own ancestors (a loop); from those, files with an image or DICOM extension
+  (:data:`patchflannel.io.files.IMAGE_EXTENSIONS`, any case) are taken, plus any other file whose bytes carry
+  the DICOM ``DICM`` marker (PACS exports often have no extension, or are named by UID: ``1.2.840...``).
+  Hidden files and folders (name starting with ``.``) are skipped.
 - Order: the arguments in the order given, each folder's or pattern's files sorted by path. A file reached
   twice (same real path) is kept once, at its first place.
 """
