@@ -43,7 +43,7 @@ def walk_files(folder: str | os.PathLike[str], onerror: OnError | None = None) -
     ``OSError`` of a folder that cannot be listed.
     """
     seen: set[tuple[int, int]] = set()
-    for path, _, entries in _folders(os.fspath(folder), seen, onerror):
+    for path, entries in _folders(os.fspath(folder), seen, onerror):
         yield from (os.path.join(path, entry.name) for entry in entries if not _is_folder(entry))
 
 
@@ -68,7 +68,7 @@ def _below(folder: str, parts: list[str], onerror: OnError | None) -> Iterator[s
     if part == "**":
         if not rest and folder:
             yield os.path.join(folder, "")  # as glob: a last "**" names the folder it starts from, and all below
-        for sub, _, _ in _folders(folder, None, onerror):
+        for sub, _ in _folders(folder, None, onerror):
             yield from _below(sub, rest or ["*"], onerror)
         return
     for path in glob.glob(os.path.join(glob.escape(folder), part)):
@@ -79,10 +79,10 @@ def _below(folder: str, parts: list[str], onerror: OnError | None) -> Iterator[s
 
 
 def _folders(top: str, seen: set[tuple[int, int]] | None,
-             onerror: OnError | None) -> Iterator[tuple[str, tuple[tuple[int, int], ...], list[os.DirEntry[str]]]]:
-    """``top`` and the folders below it that are not hidden, in name order, depth first, each with the identities
-    of its ancestors and itself and its entries; a link back to an ancestor is not entered, nor, given ``seen``,
-    a folder already walked. ``onerror`` gets the ``OSError`` of a folder that cannot be listed or entered."""
+             onerror: OnError | None) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
+    """``top`` and the folders below it that are not hidden, in name order, depth first, each with its entries;
+    a link back to an ancestor (by device and inode) is not entered, nor, given ``seen``, a folder already
+    walked. ``onerror`` gets the ``OSError`` of a folder that cannot be listed or entered."""
     stack = [(top, ())]
     while stack:
         path, above = stack.pop()
@@ -101,7 +101,7 @@ def _folders(top: str, seen: set[tuple[int, int]] | None,
         if seen is not None:
             seen.add(ancestors[-1])
         entries = _entries(path, onerror)
-        yield path, ancestors, entries
+        yield path, entries
         subs = sorted(entry.name for entry in entries if not entry.name.startswith(".") and _is_folder(entry))
         stack.extend((os.path.join(path, name), ancestors) for name in reversed(subs))
 
