@@ -132,6 +132,44 @@ def _parallel_learner_runs(tasks: list[tuple], jobs: int) -> None:
             raise
 
 
+def _ensemble_runs(cfg: dict[str, Any], out: Path, folds: list[str], archs: list[str], names: list[str],
+                   train_rows: list[dict[str, str]], test_rows: list[dict[str, str]],
+                   conf: dict[tuple[str, str, str], np.ndarray], resume: bool) -> list[dict[str, Any]]:
+    """Train (or keep) the ensemble of each fold on the learners' out-of-fold confidences ``conf`` ((arch, fold,
+    split) -> (N, 4)); its prediction rows for its fold and the test set."""
+    # Out-of-fold confidence of every training image, from the run that held its fold out.
+    order = [r for f in folds for r in train_rows if r["fold"] == f]
+    oof = np.concatenate([np.stack([conf[(a, f, "val")] for a in archs], 1) for f in folds])
+    labels = np.array([CLASSES.index(r["label"]) for r in order])
+    fold_of = np.array([r["fold"] for r in order])
+    ens_name = f"flannel_{cfg['mode']}"
+    # What the ensembles are trained on and how: redone learner runs give other out-of-fold confidences, and
+    # other ensemble settings another training, hence new ensembles.
+    how = json.dumps({"ensemble": cfg["ensemble"], "seed": cfg["seed"]}, sort_keys=True).encode()
+    inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes() + how).hexdigest()
+    predictions: list[dict[str, Any]] = []
+    for fold in folds:
+        run_dir = out / "ensemble" / f"fold{fold}"
+        hold = fold_of == fold
+        done, started = _read_done(run_dir), run_dir / "inputs.sha256"
+        if not resume or done is None or done.get("inputs") != inputs:
+            _console.print(f"ensemble fold {fold}", markup=False, highlight=False)
+            # An unfinished run continues only on the inputs it started with.
+            again = resume and done is None and started.is_file() and started.read_text() == inputs
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / DONE_FILE).unlink(missing_ok=True)  # see _learner_run
+            started.write_text(inputs)
+            train_ensemble(oof[~hold], labels[~hold], oof[hold], labels[hold], cfg, run_dir, learners=names,
+                           resume=again)
+            _write_done(run_dir, {"fold": fold, "inputs": inputs})
+        model = load_ensemble(run_dir)
+        predictions += _rows_out([r for r, h in zip(order, hold) if h], predict_ensemble(model, oof[hold]),
+                                 ens_name, fold, "val")
+        test_x = np.stack([conf[(a, fold, "test")] for a in archs], 1)
+        predictions += _rows_out(test_rows, predict_ensemble(model, test_x), ens_name, fold, "test")
+    return predictions
+
+
 def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: bool = True,
            report: bool = True, jobs: int = 1) -> dict[str, Any]:
     """Run the protocol of this module's docstring; writes ``out_dir/predictions.csv`` (and ``report/``).
@@ -194,35 +232,7 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
                 conf[(arch, fold, split)] = c
                 predictions += _rows_out(split_rows, c, name, fold, split)
 
-    # Out-of-fold confidence of every training image, from the run that held its fold out.
-    order = [r for f in folds for r in train_rows if r["fold"] == f]
-    oof = np.concatenate([np.stack([conf[(a, f, "val")] for a in archs], 1) for f in folds])
-    labels = np.array([CLASSES.index(r["label"]) for r in order])
-    fold_of = np.array([r["fold"] for r in order])
-    ens_name = f"flannel_{cfg['mode']}"
-    # What the ensembles are trained on and how: redone learner runs give other out-of-fold confidences, and
-    # other ensemble settings another training, hence new ensembles.
-    how = json.dumps({"ensemble": cfg["ensemble"], "seed": cfg["seed"]}, sort_keys=True).encode()
-    inputs = hashlib.sha256(oof.tobytes() + labels.tobytes() + fold_of.astype(str).tobytes() + how).hexdigest()
-    for fold in folds:
-        run_dir = out / "ensemble" / f"fold{fold}"
-        hold = fold_of == fold
-        done, started = _read_done(run_dir), run_dir / "inputs.sha256"
-        if not resume or done is None or done.get("inputs") != inputs:
-            _console.print(f"ensemble fold {fold}", markup=False, highlight=False)
-            # An unfinished run continues only on the inputs it started with.
-            again = resume and done is None and started.is_file() and started.read_text() == inputs
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / DONE_FILE).unlink(missing_ok=True)  # see _learner_run
-            started.write_text(inputs)
-            train_ensemble(oof[~hold], labels[~hold], oof[hold], labels[hold], cfg, run_dir, learners=names,
-                           resume=again)
-            _write_done(run_dir, {"fold": fold, "inputs": inputs})
-        model = load_ensemble(run_dir)
-        predictions += _rows_out([r for r, h in zip(order, hold) if h], predict_ensemble(model, oof[hold]),
-                                 ens_name, fold, "val")
-        test_x = np.stack([conf[(a, fold, "test")] for a in archs], 1)
-        predictions += _rows_out(test_rows, predict_ensemble(model, test_x), ens_name, fold, "test")
+    predictions += _ensemble_runs(cfg, out, folds, archs, names, train_rows, test_rows, conf, resume)
 
     pred_file = write_predictions(predictions, out / "predictions.csv")
     result: dict[str, Any] = {"predictions": str(pred_file), "learners": names, "folds": folds}
