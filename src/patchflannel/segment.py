@@ -27,8 +27,8 @@ from patchflannel.devices import resolve_device
 from patchflannel.errors import ConfigError, ImageReadError
 from patchflannel.io import read_image
 from patchflannel.io.files import IMAGE_EXTENSIONS, printable
-from patchflannel.ops.mask import lung_masks, mask_fraction, postprocess_masks
-from patchflannel.ops.preprocess import resize_mask, segmentation_inputs
+from patchflannel.ops.mask import mask_fraction, predict_lung_masks
+from patchflannel.ops.preprocess import resize_mask
 from patchflannel.training.loop import RUN_FILE
 from patchflannel.training.segmentation import load_run_model
 
@@ -52,14 +52,12 @@ class Segmenter:
     record: dict | None = None
     """What the model's bundle or run recorded about its training (split, recipe), when known."""
 
-    @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Post-processed boolean lung masks, each at its image's own (H, W)."""
         out: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            x = segmentation_inputs(chunk, self.size, self.gamma).to(self.device)
-            masks = postprocess_masks(lung_masks(self.model(x).float(), self.threshold).cpu())
+            masks = predict_lung_masks(self.model, chunk, self.size, self.gamma, self.threshold, self.device)
             for image, mask in zip(chunk, masks):
                 out.append(resize_mask(torch.from_numpy(mask), tuple(image.shape)).numpy())
         return out

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from scipy import ndimage
+
+from patchflannel.ops.preprocess import segmentation_inputs
 
 KEEP_COMPONENTS = 2
 """Connected components kept by :func:`postprocess_mask`: the two lungs."""
@@ -29,6 +33,15 @@ def postprocess_mask(mask: np.ndarray) -> np.ndarray:
 def postprocess_masks(masks: np.ndarray | torch.Tensor) -> np.ndarray:
     """:func:`postprocess_mask` of each of a batch of (B, h, w) boolean masks (on the host)."""
     return np.stack([postprocess_mask(m) for m in np.asarray(masks)])
+
+
+@torch.inference_mode()
+def predict_lung_masks(model: torch.nn.Module, images: Sequence[np.ndarray], size: int, gamma: float,
+                       threshold: float, device: str | torch.device = "cpu") -> np.ndarray:
+    """Post-processed (B, size, size) boolean lung masks of grey images: SPEC's segmentation input, ``model``
+    (a torch segmentation network on ``device``), ``sigmoid > threshold``, :func:`postprocess_masks`."""
+    x = segmentation_inputs(images, size, gamma).to(device)
+    return postprocess_masks(lung_masks(model(x).float(), threshold).cpu())
 
 
 def largest_components(mask: np.ndarray, keep: int = KEEP_COMPONENTS) -> np.ndarray:

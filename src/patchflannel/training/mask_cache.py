@@ -17,7 +17,7 @@ import torch
 from patchflannel.bundle import Bundle, load_bundle, load_torch_model
 from patchflannel.io import content_hash, read_image
 from patchflannel.io.files import save_atomic
-from patchflannel.ops.preprocess import segmentation_inputs
+from patchflannel.ops.mask import predict_lung_masks
 from patchflannel.training.loop import progress_bar
 
 
@@ -59,13 +59,8 @@ class MaskCache:
         return self._model
 
     def _compute(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from patchflannel.ops.mask import lung_masks, postprocess_masks
-
         seg = self.bundle.preprocessing["segmentation"]
-        x = segmentation_inputs(images, seg["size"], seg["gamma"])
-        with torch.inference_mode():
-            logits = self._net()(x.to(self.device)).float()
-        return list(postprocess_masks(lung_masks(logits, seg["threshold"]).cpu()))
+        return list(predict_lung_masks(self._net(), images, seg["size"], seg["gamma"], seg["threshold"], self.device))
 
     def masks(self, paths: list[str | Path], image_sha256: list[str] | None = None) -> list[np.ndarray]:
         """The cached masks of ``paths`` (computing and storing the missing ones in batches).
