@@ -458,21 +458,26 @@ def test_truncated_real_jpeg(tmp_path: Path, cxr4_dir: Path) -> None:
 
 
 def test_a_jpeg_damaged_inside_is_refused_not_decoded_into_another_image(tmp_path: Path, cxr4_dir: Path) -> None:
-    """Bytes zeroed or changed inside the compressed data, the end-of-image marker intact: Pillow (and nvJPEG)
-    only print libjpeg's warning, naming no file, and decode what is left; stray bytes before a marker are no
+    """Bytes zeroed, lost or changed inside the compressed data, the end-of-image marker intact: Pillow (and nvJPEG)
+    only print libjpeg's warning, naming no file, and decode what is left (the changed byte leaves libjpeg 14 bytes
+    short of the end: "extraneous bytes before marker 0xd9"); stray bytes between the header's markers are no
     damage to the image and are read as before."""
     from patchflannel.engine.loaders import eight_bit_channels
 
     data = _manifest_paths(cxr4_dir)[0].read_bytes()
-    middle = len(data) // 2
+    middle, scan = len(data) // 2, data.index(b"\xff\xda")
+    changed = bytearray(data)
+    changed[scan + 5000] ^= 0x55
     for name, damaged in (("zeroed", data[:middle] + bytes(3000) + data[middle + 3000:]),
-                          ("cut", data[:middle] + data[middle + 20000:])):
+                          ("cut", data[:middle] + data[middle + 20000:]), ("changed", bytes(changed))):
         (tmp_path / f"{name}.jpg").write_bytes(damaged)
         _assert_refused(tmp_path / f"{name}.jpg", "cannot decode JPEG: Corrupt JPEG data", "the file is damaged")
         assert not eight_bit_channels(damaged, ("jpeg",))  # the GPU loaders leave it to the cpu loader's refusal
-    stray = data[:-2] + b"\0\0" + data[-2:]  # two bytes before the end-of-image marker
-    np.testing.assert_array_equal(read_image(stray), read_image(data))
-    assert eight_bit_channels(data, ("jpeg",)) and eight_bit_channels(stray, ("jpeg",))
+    for stray in (data[:scan] + b"\0\0" + data[scan:],  # before the start-of-scan marker: libjpeg's warning
+                  data[:-2] + b"\0\0" + data[-2:]):  # zeros before the end-of-image marker: read as padding
+        np.testing.assert_array_equal(read_image(stray), read_image(data))
+        assert eight_bit_channels(stray, ("jpeg",))
+    assert eight_bit_channels(data, ("jpeg",))
 
 
 @pytest.mark.parametrize("side", [(1, 1), (MIN_SIDE - 1, 200), (200, MIN_SIDE - 1)])
