@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from patchflannel.bundle import load_bundle, random_bundle
-from patchflannel.errors import ConfigError
+from patchflannel.errors import BackendUnavailableError, ConfigError
 from patchflannel.export.compiled import export_compiled, load_compiled
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_is_refused(tmp_path: Path) -> None:
     random_bundle(tmp_path, segmentation="fcdensenet56", learners=("squeezenet1_1",))
-    with pytest.raises(ConfigError, match="'cuda' requested but CUDA is not available"):
+    with pytest.raises(BackendUnavailableError, match="'cuda' requested but CUDA is not available"):
         export_compiled(tmp_path, device="cuda")
     with pytest.raises(ConfigError, match="unknown device 'banana'"):
         export_compiled(tmp_path, device="banana")

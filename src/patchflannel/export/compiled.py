@@ -54,7 +54,7 @@ def export_compiled(bundle: Bundle | str | Path | None = None, out: str | Path |
                     data_dir: str | Path | None = None, max_batch: int = MAX_BATCH) -> Bundle:
     """Add an AOTInductor package for each network of ``bundle`` (or of ``models``), parity-checked on ``device``.
 
-    Raises ConfigError when ``device`` is not one this machine has, BundleError when the package
+    Raises BackendUnavailableError when ``device`` is not one this machine has, BundleError when the package
     does not reproduce eager torch (fp32) within the tolerance of ``precision``.
     """
     device = str(resolve_device(device))
