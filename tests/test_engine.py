@@ -704,6 +704,7 @@ def test_inputs_given_the_way_users_hold_them(engine, jpegs, baseline):
     for bad in (-1, "2", True):
         with pytest.raises(ConfigError, match="prefetch must be a whole number >= 0"):
             list(engine.stream([jpegs[0]], prefetch=bad))
+    assert list(engine.stream([jpegs[0]], prefetch=np.int64(1)))[0] == engine.predict(jpegs[0])  # numpy's, as k
     flat = engine.predict(grey)
     for shaped in (grey[None], grey[..., None], torch.from_numpy(grey)[None]):
         p = engine.predict(shaped)

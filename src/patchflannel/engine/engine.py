@@ -439,9 +439,9 @@ class Engine:
                             "not a stack of (N, H, W) grey images; convert it to grey first (e.g. PIL's .convert('L'))")
         if isinstance(xs, Mapping):
             raise TypeError("expected an iterable of inputs, got a mapping: pass its items() as (item_id, input) pairs")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
             raise ConfigError(f"prefetch must be a whole number >= 0, got {prefetch!r}")
-        return self._stream(xs, prefetch, timer or _NoTimer(), self._compute_stream())
+        return self._stream(xs, int(prefetch), timer or _NoTimer(), self._compute_stream())
 
     def _compute_stream(self) -> torch.cuda.Stream | None:
         """The calling thread's current CUDA stream on the engine's device (None on a CPU): the learners' stream."""
