@@ -212,14 +212,18 @@ def test_a_nul_byte_in_a_manifest_is_named_by_line(tmp_path: Path) -> None:
 
 
 def test_a_path_that_is_no_file_is_named_for_what_it_is(tmp_path: Path) -> None:
-    """A folder or a pipe is not "not found" (it is there); a missing file is."""
+    """A folder or a pipe is not "not found" (it is there); a missing file is; a link to nowhere is named as the
+    manifest names it, with its target."""
     (tmp_path / "folder.png").mkdir()
     os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "elsewhere" / "x.png")
     path = tmp_path / "m.csv"
     path.write_text("path,label,patient_id,view,source\nfolder.png,covid,p1,PA,s\npipe.png,covid,p2,PA,s\n"
-                    "gone.png,covid,p3,PA,s\n")
+                    "gone.png,covid,p3,PA,s\nlink.png,covid,p4,PA,s\n")
     with pytest.raises(ManifestError) as caught:
         read_manifest(path)
     problems = caught.value.problems
-    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3", "line 4"], problems
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3", "line 4", "line 5"], problems
     assert "not a regular file" in problems[0] and "not a regular file" in problems[1] and "not found" in problems[2]
+    assert problems[3] == (f"line 5: image file not found: {tmp_path / 'link.png'} "
+                           f"(a link to {tmp_path / 'elsewhere' / 'x.png'}, which is missing)")

@@ -110,8 +110,9 @@ def read_manifest(path: str | Path, *, check_files: bool = True, decode: bool = 
         if len(record) != len(columns):
             problems.append(f"line {line}: expected {len(columns)} fields, found {len(record)}")
         row = {name: (record[i].strip() if i < len(record) else "") for i, name in enumerate(columns)}
-        if row.get("path"):
-            row["path"] = str((path.parent / row["path"]).resolve())
+        if row.get("path"):  # links resolved (one file, one path); a missing file named as written
+            entry = path.parent / row["path"]
+            row["path"] = str(entry.resolve() if entry.exists() else Path(os.path.abspath(entry)))
         rows.append(row)
 
     lines = [line for line, _ in records]
@@ -170,7 +171,8 @@ def _problems(rows: list[Row], columns: list[str], lines: list[int], *, check_fi
                 first_line[file] = line
             if check_files and not Path(file).is_file():
                 what = "not a regular file (a folder, pipe, socket or device)" if Path(file).exists() else "not found"
-                bad.append(f"image file {what}: {file}")
+                link = f" (a link to {os.readlink(file)}, which is missing)" if os.path.islink(file) else ""
+                bad.append(f"image file {what}: {file}{link}")
         bad.extend(_split_problems(row, columns))
         problems.extend(f"line {line}: {reason}" for reason in bad)
     for file, lines in duplicates.items():
