@@ -509,6 +509,18 @@ def test_cli_train_evaluate_and_segment(lungseg_dir: Path, tmp_path: Path) -> No
     rows = segment_images([png / "film.png"], load_segmenter(run), png)  # the API guards it too
     assert rows[0]["status"] == "error" and "its mask would replace the input" in rows[0]["message"]
     assert np.unique(np.asarray(Image.open(png / "film.png"))).size > 2  # still the film, not a mask
+    with pytest.raises(ConfigError, match="holds an earlier run .* remove_run"):  # png now holds that call's report
+        segment_images([image], load_segmenter(run), png)
+    # A file of the user's where a mask or an overlay would go is kept; that input alone is an error row.
+    mine = tmp_path / "mine"
+    (mine / "overlays").mkdir(parents=True)
+    (mine / "overlays" / f"{image.stem}.png").write_bytes(b"the user's own")
+    res = runner.invoke(app, ["segment", str(image), str(png / "film.png"), "--model", str(run), "--out", str(mine),
+                              "--overlay"])
+    assert res.exit_code == 1 and "1 ok, 0 flagged, 1 error" in res.output, res.output
+    assert f"{image.stem}.png, already there and not written by this run" in res.output
+    assert (mine / "overlays" / f"{image.stem}.png").read_bytes() == b"the user's own"
+    assert not (mine / f"{image.stem}.png").exists() and (mine / "film.png").is_file()
     (run / "best.pt").rename(run / "best.keep")
     torch.save(get_model("fcdensenet67").state_dict(), run / "best.pt")  # another network's weights
     res = runner.invoke(app, ["segment", str(image), "--model", str(run), "--out", str(tmp_path / "z")])

@@ -119,12 +119,16 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
 
     Writes ``out_dir/segment_report.csv`` (file, status ok|flagged|error, lung_fraction, mask, message)
     and returns its rows, one per input in input order. Never raises for one bad input; never writes over an
-    input (that input is an error row). ``progress`` gets the number of inputs done as they are. Interrupted
+    input or a file already in ``out_dir`` (that input is an error row); ConfigError, before any work, for an
+    ``out_dir`` holding an earlier run's report (:func:`remove_run` clears it). ``progress`` gets the number of inputs done as they are. Interrupted
     (KeyboardInterrupt), it writes the report of the inputs reached so far before the interrupt goes on.
     """
     paths = [Path(p) for p in paths]
     inputs = {os.path.realpath(p) for p in paths}
     out_dir = Path(out_dir)
+    if (out_dir / REPORT_FILE).exists():
+        raise ConfigError(f"{out_dir} holds an earlier run ({REPORT_FILE}): remove_run({str(out_dir)!r}) removes it "
+                          "and the masks it lists, or write to another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if overlays:
         (out_dir / "overlays").mkdir(exist_ok=True)
@@ -160,6 +164,10 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
                 if replaced is not None:
                     raise ImageReadError(path, f"its mask would replace the input {printable(str(replaced))}; "
                                                "write the masks to another --out")
+                there = next((w for w in written if os.path.lexists(w)), None)  # not this run's: its names are new
+                if there is not None:
+                    raise ImageReadError(path, f"its mask would replace {printable(str(there))}, already there and "
+                                               "not written by this run; move that file, or write to another --out")
                 image = read_image(path)
             except ImageReadError as exc:
                 row["message"] = exc.reason
