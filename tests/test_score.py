@@ -238,11 +238,13 @@ def test_outputs_never_replace_an_input_or_each_other(cxr4_dir: Path, bundle: Pa
         (["--out", str(tmp_path / "folder.csv")], "folder.csv: a folder is in the way where the output file goes"),
         (["--out", str(tmp_path / "folder.csv"), "--overwrite"], "a folder is in the way"),
         (["--out", str(tmp_path)], "a folder is in the way where the output file goes"),  # not "unknown extension"
+        (["--out", str(tmp_path / "old.csv" / "o.csv")], "o.csv: a file is in the way where a folder is wanted"),
     ]
     cases.append((["--out", str(tmp_path / "o.csv"), "--ray-address", "127.0.0.1:1"], "127.0.0.1:1: nothing answers"))
     cases.append((["--out", str(tmp_path / "o.csv"), "--ray-address", "headnode"], "expected host:port"))
     if os.path.isdir("/proc"):  # no file can be made there, even by root, to whom os.access says yes
         cases.append((["--out", str(tmp_path / "o.csv"), "--predictions", "/proc/p.csv"], "p.csv: cannot be written there"))
+        cases.append((["--out", "/proc/o.csv"], "o.csv: cannot be written there"))
     (tmp_path / "folder.csv").mkdir()
     for args, message in cases:
         result = runner.invoke(_app(), base + args)

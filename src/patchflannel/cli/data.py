@@ -27,14 +27,16 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Rep
 
 
 def _check_out(out: Path, inputs: list[Path], overwrite: bool, why: str = "", option: str = "--out") -> None:
-    """Refuse, before any work, an output file (``option``) that is a folder, one of the command's ``inputs``, or
-    (without ``--overwrite``) an existing file; ``why`` says what an existing one may be."""
+    """Refuse, before any work, an output file (``option``) that is a folder, one of the command's ``inputs``,
+    (without ``--overwrite``) an existing file, or one that cannot be made there; ``why`` says what an existing one
+    may be."""
     if out.is_dir():
         raise ConfigError(f"{option} {out}: a folder; {option} names the file to write")
     if out.exists() and any(out.resolve() == i.resolve() for i in inputs):
         raise ConfigError(f"{option} {out} is an input of this command: write the new file beside it")
     if out.exists() and not overwrite:
         raise ConfigError(f"{option} {out} already exists{why}; --overwrite replaces it")
+    check_can_write(out.parent, f"{option} {out}")
 
 
 def _partition(row: Row) -> str:
@@ -122,8 +124,7 @@ def _check_outs(out: Path, report: Path | None, inputs: list[Path], overwrite: b
     if report is not None:
         if report.resolve() == out.resolve():
             raise ConfigError(f"--report {report} is the --out manifest: name another file")
-        _check_out(report, inputs, overwrite, option="--report")
-        check_can_write(report.parent, f"--report {report}")  # before the manifest is written, not after
+        _check_out(report, inputs, overwrite, option="--report")  # before the manifest is written, not after
 
 
 def _write_build(build: Build, out: Path, report: Path | None) -> None:

@@ -141,6 +141,10 @@ def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None and os.fspath(exc.filename) == os.fspath(tmp):
+            exc.filename = os.fspath(path)  # the error names the file asked for, not its temporary name
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from patchflannel.classes import CLASSES
 from patchflannel.engine.results import DICOM_COLUMNS
 from patchflannel.errors import ConfigError
+from patchflannel.io.files import check_can_write
 
 FORMATS: dict[str, str] = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
 """Output file extension to format."""
@@ -85,6 +86,7 @@ class ResultStore:
             import fcntl
         except ImportError:  # Windows
             return
+        check_can_write(self.out.parent, self.out)  # a file in the way of a folder is named as such
         folder = self.out.parent
         while not folder.exists() and folder != folder.parent:  # the folders this run makes (deepest first)
             self._made.append(folder)
