@@ -38,26 +38,33 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within it, SIGTERM raises :class:`Terminated` in the main thread (a second one, while stopping, is ignored)."""
+def stops_cleanly() -> Iterator[None]:
+    """Within it, in the main thread, Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated`, once: while
+    the run stops cleanly, a second SIGINT or SIGTERM (Ctrl-C pressed again, ``timeout`` signalling the process
+    and then its group) is ignored, as breaking the stop could leave threads to abort the process at its end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     stopping = False
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def stop(signum: int, frame: Any) -> None:
         nonlocal stopping
         stopping = True
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean stop is under way: not interrupted again
-        raise Terminated
+        for s in signals:  # the clean stop is under way: not interrupted again
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # A signal the process was started to ignore (SIGINT, for a job put in the background by a script) stays so.
+    signals = tuple(s for s in signals if signal.getsignal(s) is not signal.SIG_IGN)
+    previous = {s: signal.signal(s, stop) for s in signals}
     try:
         yield
     finally:
         if not stopping:  # (None: a handler not set from Python, the default one)
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def interrupted_exit(exc: KeyboardInterrupt, message: str) -> typer.Exit:
@@ -75,7 +82,7 @@ def fail_cleanly(code: int = 2, interrupted: str | None = None) -> Iterator[None
     done (bad options, inputs or files, as for click's usage errors), for every command but the checks
     (``data validate``, ``export verify``), whose finding is exit status 1. With ``interrupted``, Ctrl-C (or
     SIGTERM) prints that (how to go on) and exits 130 (143)."""
-    with sigterm_as_interrupt() if interrupted is not None else contextlib.nullcontext():
+    with stops_cleanly() if interrupted is not None else contextlib.nullcontext():
         try:
             yield
         except (PatchflannelError, OSError) as exc:

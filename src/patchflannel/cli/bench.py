@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from patchflannel.cli._common import QuietOpt, interrupted_exit, sigterm_as_interrupt
+from patchflannel.cli._common import QuietOpt, interrupted_exit, stops_cleanly
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -75,7 +75,7 @@ def bench(
         config.modes = ("loop", "batched", "packed", "global")
     started = time.time()
     try:
-        with sigterm_as_interrupt():
+        with stops_cleanly():
             report = run_bench(config, progress=None if quiet else lambda line: typer.echo(line, err=True))
     except KeyboardInterrupt as exc:
         written = out / "bench.json"

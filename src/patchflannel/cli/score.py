@@ -16,7 +16,7 @@ from patchflannel.cli._common import (
     QuietOpt,
     fail_cleanly,
     interrupted_exit,
-    sigterm_as_interrupt,
+    stops_cleanly,
 )
 from patchflannel.errors import PatchflannelError
 from patchflannel.scoring.writers import DEFAULT_CHUNK_SIZE
@@ -62,7 +62,7 @@ def score(
     options = EngineOptions(bundle=str(bundle) if bundle else None, device=device, backend=backend, loader=loader,
                             sampler=sampler, precision=precision, seed=seed, k=k)
     try:
-        with sigterm_as_interrupt():  # a batch scheduler's stop keeps the rows, as Ctrl-C does
+        with stops_cleanly():  # a batch scheduler's stop keeps the rows, as Ctrl-C does
             summary = run_score(inputs, out, options=options, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
                                 ray=(ray_address or True) if ray or ray_address else False, actors=actors, quiet=quiet,
                                 console=errors, predictions=predictions)

@@ -17,7 +17,7 @@ from patchflannel.cli._common import (
     fresh_run,
     interrupted_exit,
     metrics_text,
-    sigterm_as_interrupt,
+    stops_cleanly,
 )
 from patchflannel.errors import ConfigError
 from patchflannel.io.files import check_can_write
@@ -135,7 +135,7 @@ def segment_cmd(
     bar = Progress(TextColumn("segmenting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=errors,
                    disable=quiet or not errors.is_terminal)
     try:
-        with bar, sigterm_as_interrupt():
+        with bar, stops_cleanly():
             task = bar.add_task("segment", total=len(items))
             rows = segment_images([i.source for i in items], segmenter, out, overlays=overlay, min_fraction=min_fraction,
                                   progress=lambda n: bar.advance(task, n))
