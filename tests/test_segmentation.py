@@ -226,7 +226,11 @@ def test_config_refuses_unknown_keys_bad_arch_and_bad_weights(lungseg_dir: Path,
     for bad, match in ((dict(batch_size=0), "batch_size must be >= 1"), (dict(max_epochs="ten"), "max_epochs must be a number"),
                        (dict(scale=1.1), r"scale must be a pair \[low, high\]"), (dict(val_fraction=0.99), "val_fraction must be <= 0.9"),
                        (dict(lr=-1), "lr must be > 0"), (dict(shift=2), "shift must be <= 1"),
-                       (dict(scale=[1.1, 0.75]), "low <= high"), (dict(aspect=[1.25, 0.8]), "low <= high")):
+                       (dict(scale=[1.1, 0.75]), "low <= high"), (dict(aspect=[1.25, 0.8]), "low <= high"),
+                       (dict(bf16="no"), "bf16 must be true or false"),  # was a TypeError deep in autocast
+                       (dict(channels_last="false"), "channels_last must be true or false"),  # was taken as true
+                       (dict(arch_config=5), "arch_config must be a mapping"), (dict(device=3), "device must be"),
+                       (dict(init_from=1), "init_from must be a path or null")):
         with pytest.raises(ConfigError, match=match):
             SegConfig(manifest="m.csv", **bad)
     with pytest.raises(ConfigError, match="does not take these options"):

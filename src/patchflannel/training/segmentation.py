@@ -81,6 +81,15 @@ class SegConfig:
             if low > high:
                 raise ConfigError(f"{name} must be a pair [low, high] with low <= high, got {list(pair)}")
             setattr(self, name, (low, high))
+        for name in ("channels_last", "bf16"):  # a string such as "no" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, what in (("manifest", "a path"), ("device", "a device ('auto', 'cpu', 'cuda')"),
+                           ("init_from", "a path or null")):
+            if not isinstance(getattr(self, name), str) and not (name == "init_from" and self.init_from is None):
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+        if not isinstance(self.arch_config, dict):
+            raise ConfigError(f"arch_config must be a mapping of the model's options, got {self.arch_config!r}")
         if self.arch not in _segmentation_archs():
             raise ConfigError(f"arch {self.arch!r} is not a segmentation model; choose one of {_segmentation_archs()}")
         if not 0 < self.val_fraction < 1:
