@@ -365,6 +365,37 @@ def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
     assert (tmp_path / "link").is_symlink() and (tmp_path / "empty" / "bundle.json").is_file()
 
 
+def test_make_bundle_takes_a_bundle_s_segmentation_and_checks_the_learners_masks(tmp_path: Path) -> None:
+    """Patch learners trained on the default bundle's masks (segmentation_bundle: null) go with its model, by
+    default; one given another segmentation model than made its masks is refused."""
+    import typer
+    from typer.testing import CliRunner
+
+    from patchflannel.bundle import default_bundle_path
+    from patchflannel.cli.export import register
+    from patchflannel.errors import ConfigError
+    from patchflannel.export.build import make_bundle
+    from patchflannel.training.mask_cache import model_key
+
+    default = load_bundle(default_bundle_path())
+    made_by = {"segmentation_model": model_key(default), "config": {"mode": "patch", "segmentation_bundle": None}}
+    learner = _run(tmp_path / "lrn", "squeezenet1_1", get_model("squeezenet1_1"), mode="patch", **made_by)
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["export", "bundle", "--learner", str(learner), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    b = load_bundle(tmp_path / "b")
+    assert b.path_of(b.segmentation.file("torch")).read_bytes() == default.path_of(
+        default.segmentation.file("torch")).read_bytes()
+    assert model_key(b) == model_key(default) and b.training["segmentation"]["best_epoch"] == 20  # its record kept
+    torch.manual_seed(1)
+    other = _run(tmp_path / "seg", "fcdensenet56", get_model("fcdensenet56"), task="segmentation")
+    with pytest.raises(ConfigError, match=r"lrn: trained on lung masks of another segmentation model .* "
+                                          r"segmentation_bundle: None"):
+        make_bundle(tmp_path / "o", segmentation_run=other, learner_runs=[learner])
+    assert not (tmp_path / "o").exists()
+
+
 def test_default_preprocessing_is_the_spec_s() -> None:
     """SPEC.md's sizes and normalisation: segmentation at 256 (equalised, gamma 0.5, threshold 0.5), images at
     1024, K=100 patches of 224, FLANNEL's global view 336 cropped to 224, ImageNet mean and std."""

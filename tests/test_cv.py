@@ -153,6 +153,9 @@ def test_cv_patch_end_to_end(cxr4_dir: Path, tmp_path: Path) -> None:
     run_cv(_config(tmp_path, splits, "patch", segmentation_bundle=str(bundle.root), k=5), tmp_path / "out",
            report=False)
     assert log.stat().st_mtime_ns == stamp and json.loads((log.parent / "done.json").read_text())["k"] == 5
+    from patchflannel.training.mask_cache import model_key  # what made its masks, for export bundle to check
+
+    assert json.loads((log.parent / "run.json").read_text())["segmentation_model"] == model_key(bundle)
     assert any((tmp_path / "cache" / "masks").rglob("*.npz")) and any((tmp_path / "cache" / "patch").rglob("*.npy"))
 
 
@@ -176,6 +179,10 @@ def test_cv_refuses_a_splits_file_without_folds(cxr4_dir: Path, tmp_path: Path) 
     result = CliRunner().invoke(app, ["train", "learner", str(tmp_path / "cv_global.yaml"), "--out",
                                       str(tmp_path / "segrun"), "--resume"])
     assert result.exit_code == 2 and "holds a segmentation run, not a learner run" in result.output, result.output
+    for restart in ([], ["--restart"]):  # a single run's folder is no cv's: --restart mixed the two
+        result = CliRunner().invoke(app, ["cv", str(tmp_path / "cv_global.yaml"), "--out", str(tmp_path / "segrun"),
+                                          *restart])
+        assert result.exit_code == 2 and "holds a single training run (run.json), not a cv run" in result.output
     assert sorted(p.name for p in (tmp_path / "segrun").iterdir()) == ["run.json"]  # nothing written there
 
 

@@ -244,9 +244,18 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
                         ({"cache_dir": 5}, "cache_dir must be text"),
                         ({"learners": "shufflenet_v2_x0_5"}, "learners must be a list of names"),
                         ({"learners": ["resnet18", "resnet18"]}, "learners must be a list without repeats, got \\['resnet18'\\]"),
-                        ({"k_val": 100000}, "k_val must be <= 1000")):
+                        ({"k_val": 100000}, "k_val must be <= 1000"),
+                        ({"val_fold": "zero"}, "val_fold must be a number"),  # not "fold zero leaves 0 images"
+                        ({"val_fold": 1.5}, "val_fold must be a whole number")):
         with pytest.raises(ConfigError, match=needle):
             load_config(raw)
+    assert load_config({"val_fold": 2})["val_fold"] == "2"  # as splits files name folds
+    # A key of another command's config would be ignored: each command refuses it.
+    for command, raw in (("cv", {"arch": "resnet18"}), ("cv", {"val_fold": 0}), ("train learner", {"learners": []}),
+                         ("train ensemble", {"splits": "s.csv"})):
+        with pytest.raises(ConfigError, match=f"not a key of a `{command}` config"):
+            load_config(raw, command)
+    assert load_config({"arch": "resnet18", "val_fold": 0, "splits": "s.csv"}, "train learner")["arch"] == "resnet18"
     bad = tmp_path / "manifest.csv"
     bad.write_text("path,label,patient_id,view,source\n")
     with pytest.raises(ManifestError, match="missing column 'split'"):

@@ -40,17 +40,21 @@ def _summary(bundle) -> None:  # noqa: ANN001 - a Bundle
 @export_app.command("bundle")
 def bundle_cmd(
     *,  # keyword-only, so the required --out keeps its place (and its row in --help) after the optional ones
-    segmentation: Annotated[Path, typer.Option(help="Segmentation training run folder.")],
+    segmentation: Annotated[Path | None, typer.Option(
+        help="Segmentation training run folder, or a bundle folder whose segmentation model is taken (default: the "
+             "package's bundle, whose masks learners trained with segmentation_bundle: null were cut with).")] = None,
     learner: Annotated[list[Path], typer.Option(help="Learner run folder, in ensemble order (repeat).")] = [],
     ensemble: Annotated[Path | None, typer.Option(help="Ensemble training run folder.")] = None,
     out: Annotated[Path, typer.Option(help="New bundle folder.")],
     name: Annotated[str, typer.Option(help="Bundle name.")] = "patchflannel",
 ) -> None:
     """Assemble a torch bundle from training runs (best.pt + run.json)."""
+    from patchflannel.bundle import default_bundle_path
     from patchflannel.export.build import make_bundle
 
     with fail_cleanly(interrupted=UNDONE):
-        _summary(make_bundle(out, segmentation_run=segmentation, learner_runs=learner, ensemble_run=ensemble, name=name))
+        _summary(make_bundle(out, segmentation_run=segmentation or default_bundle_path(), learner_runs=learner,
+                             ensemble_run=ensemble, name=name))
 
 
 @export_app.command("onnx")

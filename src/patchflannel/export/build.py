@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from patchflannel.bundle import (
+    BUNDLE_FILE,
     LEARNER_MODES,
     Bundle,
     ModelEntry,
@@ -55,13 +56,27 @@ def _summary(run_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
     return {"run": str(run_dir), **{k: info[k] for k in RUN_KEYS if k in info}}
 
 
+def _read_source(key: str, path: Path) -> tuple[dict[str, Any], Path]:
+    """A run's run.json and best.pt; for the segmentation, a bundle folder's segmentation model instead (its
+    record, architecture and preprocessing), as patch learners trained on the default bundle's masks need."""
+    if key == "segmentation" and (path / BUNDLE_FILE).is_file():
+        source = load_bundle(path)
+        seg = source.segmentation
+        info = {**(source.training or {}).get("segmentation", {}), "task": "segmentation", "arch": seg.arch,
+                "arch_config": seg.arch_config, "preprocessing": {"segmentation": source.preprocessing["segmentation"]}}
+        return info, source.path_of(seg.file("torch"))
+    return read_run(path), path / BEST_FILE
+
+
 def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: Sequence[str | Path] = (),
                 ensemble_run: str | Path | None = None, name: str = "patchflannel") -> Bundle:
-    """Assemble a bundle at ``out`` from run folders: segmentation, learners in ensemble order, ensemble.
+    """Assemble a bundle at ``out`` from run folders: segmentation (a run, or a bundle whose segmentation model is
+    taken), learners in ensemble order, ensemble.
 
     Each run's ``best.pt`` is copied in and loaded into its architecture before anything is published; the
     bundle appears at ``out`` only when complete (built beside it, then renamed). The runs' preprocessing
-    must agree; their training summaries go into bundle.json's ``training``.
+    must agree, and a patch learner that records the segmentation model its training masks came from must be
+    given that model; their training summaries go into bundle.json's ``training``.
     """
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -69,7 +84,8 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
     runs = {"segmentation": Path(segmentation_run), **{f"learner {i}": Path(r) for i, r in enumerate(learner_runs)}}
     if ensemble_run is not None:
         runs["ensemble"] = Path(ensemble_run)
-    infos = {key: read_run(r) for key, r in runs.items()}
+    sources = {key: _read_source(key, r) for key, r in runs.items()}
+    infos = {key: info for key, (info, _) in sources.items()}
     families = {"segmentation": "segmentation", "ensemble": "ensemble"}
     for key, info in infos.items():
         want = families.get(key, "classifier")
@@ -114,7 +130,7 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
                 arch = info["arch"]
                 rel = {"segmentation": "segmentation.pt", "ensemble": "ensemble.pt"}.get(role, f"learners/{i - 1}_{arch}.pt")
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(runs[key] / BEST_FILE, tmp / rel)
+                shutil.copyfile(sources[key][1], tmp / rel)
                 entries[key] = ModelEntry(
                     name=key if key in families else f"{arch}_{role}", arch=arch, arch_config=dict(info.get("arch_config") or {}),
                     files=[add_file(tmp, rel, "torch")], mode=role if role in LEARNER_MODES else None,
@@ -130,11 +146,26 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
             write_bundle(bundle)
             for entry in bundle.models():
                 load_torch_model(bundle, entry)  # refuses weights that do not fit the architecture
+            _check_masks_made_by(bundle, {runs[f"learner {i}"]: infos[f"learner {i}"] for i in range(len(learner_runs))})
             out.parent.mkdir(parents=True, exist_ok=True)
             publish_folder(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_bundle(out)
+
+
+def _check_masks_made_by(bundle: Bundle, learners: dict[Path, dict[str, Any]]) -> None:
+    """ConfigError for a learner run whose training masks another segmentation model than the bundle's made (runs
+    record its :func:`~patchflannel.training.mask_cache.model_key`; older ones do not, and are not checked)."""
+    from patchflannel.training.mask_cache import model_key
+
+    key = model_key(bundle)
+    for run, info in learners.items():
+        made_by = info.get("segmentation_model")
+        if made_by is not None and made_by != key:
+            raise ConfigError(f"{run}: trained on lung masks of another segmentation model than --segmentation's (its "
+                              f"config's segmentation_bundle: {(info.get('config') or {}).get('segmentation_bundle')!r},"
+                              " null = the package's default bundle); give that bundle or run as --segmentation")
 
 
 def export_segmentation_bundle(run_dir: str | Path, out: str | Path, manifest: str | Path | None = None,

@@ -49,6 +49,7 @@ from patchflannel.training.learners import (
     prepare,
     train_learner,
 )
+from patchflannel.training.loop import LAST_FILE, RUN_FILE
 from patchflannel.training.report import evaluate_predictions, write_predictions
 
 DONE_FILE = "done.json"
@@ -91,7 +92,8 @@ def _learner_run(cfg: dict[str, Any], arch: str, fold: str, run_dir: Path, val_r
         return done
     if done is None:  # trained (again): a marker left from before would pass an interrupted retrain for finished
         (run_dir / DONE_FILE).unlink(missing_ok=True)
-        train_learner({**cfg, "arch": arch, "val_fold": fold}, run_dir, resume=resume)
+        learner_cfg = {key: value for key, value in cfg.items() if key != "learners"}  # the cv's, not the run's
+        train_learner({**learner_cfg, "arch": arch, "val_fold": fold}, run_dir, resume=resume)
     # else: trained, its predictions made at another K: only predicted again
     device = resolve_device(cfg["device"])
     model, _ = load_learner(run_dir, device)
@@ -180,11 +182,14 @@ def run_cv(config: str | Path | dict[str, Any], out_dir: str | Path, resume: boo
     """
     if jobs < 1:
         raise ConfigError(f"jobs must be at least 1, got {jobs}")
-    cfg = load_config(config)
+    cfg = load_config(config, "cv")
     for key in ("splits", "learners"):
         if not cfg.get(key):
             raise ConfigError(f"a cv config needs '{key}'")
     out = Path(out_dir)
+    single = next((out / name for name in (RUN_FILE, LAST_FILE) if (out / name).is_file()), None)
+    if single is not None:  # --restart or not: the cv's files would mix with that run's
+        raise ConfigError(f"{out} holds a single training run ({single.name}), not a cv run: use another --out")
     if resume:  # before any work, and before config.yaml records the new settings
         check_resumable(out, cfg, CV_SETTINGS, "pass --restart to retrain every run, or use another --out")
     rows = read_splits(cfg["splits"])

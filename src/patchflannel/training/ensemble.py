@@ -128,7 +128,7 @@ def train_ensemble_from_predictions(config: str | Path | dict[str, Any], run_dir
     """`train ensemble CONFIG`: train on the out-of-fold (``val``) rows of ``predictions`` of folds other than
     ``val_fold``, early-stop on ``val_fold``. Config keys: ``predictions``, ``learners`` (model names in order),
     ``val_fold``, plus the ``ensemble`` section."""
-    cfg = load_config(config)
+    cfg = load_config(config, "train ensemble")
     for key in ("predictions", "learners", "val_fold"):
         if cfg.get(key) is None:
             raise ConfigError(f"an ensemble config needs '{key}'")

@@ -35,7 +35,7 @@ from patchflannel.ops.votes import majority_label, mean_softmax, vote_fractions
 from patchflannel.settings import SEED_RANGE, number, read_json, read_yaml
 from patchflannel.training.datasets import Item, LearnerDataset, prepare_items, read_splits
 from patchflannel.training.loop import BEST_FILE, LAST_FILE, RUN_FILE, Trainer, progress_bar, seed_everything
-from patchflannel.training.mask_cache import MaskCache
+from patchflannel.training.mask_cache import MaskCache, model_key
 
 DEFAULTS: dict[str, Any] = {
     "mode": "patch",
@@ -64,14 +64,29 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
-    """A YAML config file (or dict) merged over :data:`DEFAULTS`; ConfigError names what is wrong."""
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "train learner": ("name", "splits", "arch", "val_fold"),
+    "train ensemble": ("name", "predictions", "learners", "val_fold"),
+    "cv": ("name", "splits", "learners"),
+}
+"""The top-level keys each command's config takes besides those of :data:`DEFAULTS`."""
+
+
+def load_config(source: str | Path | dict[str, Any], command: str | None = None) -> dict[str, Any]:
+    """A YAML config file (or dict) merged over :data:`DEFAULTS`; ConfigError names what is wrong. With
+    ``command`` (a key of :data:`COMMAND_KEYS`), a key only other commands take is refused too (it would be
+    ignored); without, as for a recorded config.yaml, any command's keys are taken."""
     if isinstance(source, dict):
         raw = source
     else:
         raw = read_yaml(source)
-    unknown = sorted(set(raw) - set(DEFAULTS) - {"name", "splits", "arch", "val_fold", "learners", "predictions"})
+    takes = set(COMMAND_KEYS[command]) if command else {key for keys in COMMAND_KEYS.values() for key in keys}
+    unknown = sorted(set(raw) - set(DEFAULTS) - takes)
     if unknown:
+        if command is not None and all(any(key in keys for keys in COMMAND_KEYS.values()) for key in unknown):
+            raise ConfigError(f"{', '.join(unknown)}: not a key of a `{command}` config (another command's, which "
+                              f"{command} would ignore); its own keys: {', '.join(COMMAND_KEYS[command])} and the "
+                              "shared settings")
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     for section in ("learner", "ensemble"):
         if section in raw and not isinstance(raw[section], dict):
@@ -84,8 +99,8 @@ def load_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
     _check_types(cfg)
     if isinstance(cfg.get("learners"), tuple):  # as config.yaml records them
         cfg["learners"] = list(cfg["learners"])
-    if cfg.get("val_fold") is not None:  # folds are named by strings in splits files
-        cfg["val_fold"] = str(cfg["val_fold"])
+    if cfg.get("val_fold") is not None:  # a fold number, named by a string in splits files
+        cfg["val_fold"] = str(number("val_fold", cfg["val_fold"], integer=True, low=0))
     if cfg["mode"] not in LEARNER_MODES:
         raise ConfigError(f"mode must be one of {LEARNER_MODES}, got {cfg['mode']!r}")
     if cfg["learner"]["l1"] is None:
@@ -328,7 +343,7 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
     The resolved config is written to ``run_dir/config.yaml``; ``resume=True`` continues from last.pt.
     Returns the Trainer's summary.
     """
-    cfg = load_config(config)
+    cfg = load_config(config, "train learner")
     for key in ("arch", "splits", "val_fold"):
         if cfg.get(key) is None:
             raise ConfigError(f"a learner config needs '{key}'")
@@ -404,6 +419,8 @@ def train_learner(config: str | Path | dict[str, Any], run_dir: str | Path, resu
             "preprocessing": default_preprocessing(), "config": cfg, "val_fold": val_fold,
             "n_train": len(train_items), "n_val": len(val_items), "device": str(device),
             "amp": str(dtype) if dtype else "off", "data": data}
+    if cfg["mode"] == "patch":  # what made its training masks: export bundle checks its --segmentation against it
+        info["segmentation_model"] = model_key(load_bundle(cfg["segmentation_bundle"]))
     trainer = Trainer(run_dir, model, optimizer, monitor="val_macro_f1", mode="max", patience=lc["patience"],
                       max_epochs=lc["epochs"], scheduler=scheduler, scheduler_metric="val_macro_f1", run_info=info)
     return trainer.fit(train_one_epoch, evaluate, resume=resume and (run_dir / LAST_FILE).is_file())
