@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_dir() or Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data")  # where it was sought
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # A suite started in the background by a script ignores Ctrl-C, and so would the commands the Ctrl-C tests
+    # start (the CLI keeps a SIGINT its process was started to ignore): they get Python's own handling again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _need(path: Path) -> Path:
