@@ -273,13 +273,13 @@ def test_console_script_version_and_commands() -> None:
 
 def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
     """Within a command's fail_cleanly(interrupted=...), SIGTERM (a batch scheduler's stop) raises Terminated,
-    says so and exits 143; a second one while stopping is ignored; outside, the handler is as it was."""
-    import os
+    says so and exits 143; a second one, or a Ctrl-C, while stopping is ignored; outside, the handlers are as they
+    were."""
     import signal
 
     from patchflannel.cli._common import EXIT_TERMINATED, fail_cleanly
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     app = typer.Typer()
 
     @app.command()
@@ -292,9 +292,11 @@ def test_sigterm_stops_a_command_as_ctrl_c_does() -> None:
     try:
         result = runner.invoke(app, [])
         assert result.exit_code == EXIT_TERMINATED and "terminated (SIGTERM): the run so far is kept" in result.output
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # the stop under way is not interrupted again
+        for s in before:  # the stop under way is not interrupted again
+            assert signal.getsignal(s) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGTERM, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
     with fail_cleanly(interrupted="kept"):
         pass
-    assert signal.getsignal(signal.SIGTERM) == before  # a command that ends normally puts the handler back
+    assert {s: signal.getsignal(s) for s in before} == before  # a command that ends normally puts them back
