@@ -187,7 +187,8 @@ def test_split_command_writes_splits_and_prints_the_mix(app: typer.Typer, cxr4_d
     _assert_clean_failure(runner.invoke(app, [*args, "--out", str(tmp_path / "c.csv" / "s.csv")]),  # not "not a folder"
                           "--out", "c.csv/s.csv: a file is in the way where a folder is wanted")
     if os.path.isdir("/proc"):  # named as given, not by the temporary file a write would have failed on
-        _assert_clean_failure(runner.invoke(app, [*args, "--out", "/proc/s.csv"]), "--out /proc/s.csv: cannot be written")
+        _assert_clean_failure(runner.invoke(app, [*args, "--out", "/proc/s.csv"]),
+                              "--out /proc/s.csv: cannot be written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c.csv"]  # no temporary file left
 
 

@@ -327,7 +327,8 @@ def test_usage_errors_exit_2(tmp_path: Path, bundle: Path, mixed_folder: Path) -
         (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--resume", "--overwrite"], "exclude each other"),
         (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--actors", "2"], "Ray setting"),
         (["score", str(mixed_folder), "--out", str(tmp_path / "o.csv"), "--ray", "--actors", "0"], "actors must be at least 1"),
-        (["score", str(mixed_folder), "--out", str(tmp_path / "f" / "o.csv"), "--bundle", str(bundle)], "o.csv: a file is in the way where a folder is wanted"),
+        (["score", str(mixed_folder), "--out", str(tmp_path / "f" / "o.csv"), "--bundle", str(bundle)],
+         "o.csv: a file is in the way where a folder is wanted"),
     ]
     (tmp_path / "f").write_text("a file, not a folder")
     for args, message in cases:

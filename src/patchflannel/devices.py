@@ -21,5 +21,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {device!r} requested but CUDA is not available")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise BackendUnavailableError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise BackendUnavailableError(
+            f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return d

@@ -120,8 +120,9 @@ def segment_images(paths: Iterable[str | Path], segmenter: Segmenter, out_dir: s
     Writes ``out_dir/segment_report.csv`` (file, status ok|flagged|error, lung_fraction, mask, message)
     and returns its rows, one per input in input order. Never raises for one bad input; never writes over an
     input or a file already in ``out_dir`` (that input is an error row); ConfigError, before any work, for an
-    ``out_dir`` holding an earlier run's report (:func:`remove_run` clears it). ``progress`` gets the number of inputs done as they are. Interrupted
-    (KeyboardInterrupt), it writes the report of the inputs reached so far before the interrupt goes on.
+    ``out_dir`` holding an earlier run's report (:func:`remove_run` clears it). ``progress`` gets the number of
+    inputs done as they are. Interrupted (KeyboardInterrupt), it writes the report of the inputs reached so far
+    before the interrupt goes on.
     """
     paths = [Path(p) for p in paths]
     inputs = {os.path.realpath(p) for p in paths}

@@ -146,7 +146,8 @@ def make_bundle(out: str | Path, *, segmentation_run: str | Path, learner_runs: 
             write_bundle(bundle)
             for entry in bundle.models():
                 load_torch_model(bundle, entry)  # refuses weights that do not fit the architecture
-            _check_masks_made_by(bundle, {runs[f"learner {i}"]: infos[f"learner {i}"] for i in range(len(learner_runs))})
+            _check_masks_made_by(bundle, {runs[f"learner {i}"]: infos[f"learner {i}"]
+                                          for i in range(len(learner_runs))})
             out.parent.mkdir(parents=True, exist_ok=True)
             publish_folder(tmp, out)
         finally:
@@ -163,9 +164,10 @@ def _check_masks_made_by(bundle: Bundle, learners: dict[Path, dict[str, Any]]) -
     for run, info in learners.items():
         made_by = info.get("segmentation_model")
         if made_by is not None and made_by != key:
+            recorded = (info.get("config") or {}).get("segmentation_bundle")
             raise ConfigError(f"{run}: trained on lung masks of another segmentation model than --segmentation's (its "
-                              f"config's segmentation_bundle: {(info.get('config') or {}).get('segmentation_bundle')!r},"
-                              " null = the package's default bundle); give that bundle or run as --segmentation")
+                              f"config's segmentation_bundle: {recorded!r}, null = the package's default bundle); give "
+                              "that bundle or run as --segmentation")
 
 
 def export_segmentation_bundle(run_dir: str | Path, out: str | Path, manifest: str | Path | None = None,
