@@ -23,7 +23,7 @@ from patchflannel.bundle import (
     write_bundle,
 )
 from patchflannel.classes import CLASSES
-from patchflannel.errors import BundleError
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.models import get_model
 
 
@@ -98,6 +98,13 @@ def test_random_bundle_is_loadable_and_segmentation_only_bundles_are_allowed(pri
                       learners=[], ensemble=None)
     write_bundle(seg_only)
     assert load_bundle(tmp_path / "bundle.json").learners == []
+    for kwargs, said in ((dict(learners=("flannel",)), "'flannel' is a network of the ensemble family; a classifier"),
+                         (dict(learners=("fcdensenet56",)), "of the segmentation family; a classifier network"),
+                         (dict(segmentation="resnet18"), "'resnet18' is a network of the classifier family; a "
+                                                         "segmentation network")):  # was a traceback of the network
+        with pytest.raises(ConfigError, match=said):
+            random_bundle(tmp_path / "wrong", **kwargs)
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_tampered_file_is_refused(bundle_dir: Path) -> None:
@@ -310,7 +317,6 @@ def _run(root: Path, arch: str, module: torch.nn.Module, **info: object) -> Path
 
 
 def test_make_bundle_from_runs_and_its_refusals(tmp_path: Path) -> None:
-    from patchflannel.errors import ConfigError
     from patchflannel.export.build import make_bundle
 
     torch.manual_seed(5)
@@ -373,7 +379,6 @@ def test_make_bundle_takes_a_bundle_s_segmentation_and_checks_the_learners_masks
 
     from patchflannel.bundle import default_bundle_path
     from patchflannel.cli.export import register
-    from patchflannel.errors import ConfigError
     from patchflannel.export.build import make_bundle
     from patchflannel.training.mask_cache import model_key
 

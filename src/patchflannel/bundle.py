@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from patchflannel.classes import CLASSES
-from patchflannel.errors import BundleError
+from patchflannel.errors import BundleError, ConfigError
 from patchflannel.ops.preprocess import GAMMA, IMAGE_SIZE, SEG_SIZE
 from patchflannel.ops.sampler import DEFAULT_K, MIN_LUNG_FRACTION, PATCH_SIZE
 from patchflannel.settings import read_json
@@ -462,9 +462,14 @@ def entry_from_module(name: str, arch: str, module: nn.Module, root: Path, rel_p
 
 def random_bundle(root: str | Path, *, segmentation: str = "fcdensenet56", learners: tuple[str, ...] = ("shufflenet_v2_x0_5",),
                   mode: str = "patch", seed: int = 0, name: str = "random") -> Bundle:
-    """A bundle of randomly initialised networks (timing and tests need no trained weights)."""
-    from patchflannel.models import get_model
+    """A bundle of randomly initialised networks (timing and tests need no trained weights); ConfigError for a
+    name of another family than its role's (a segmentation network given as a learner)."""
+    from patchflannel.models import get_model, model_family
 
+    for arch, family in ((segmentation, "segmentation"), *((a, "classifier") for a in learners)):
+        if model_family(arch) != family:
+            raise ConfigError(f"{arch!r} is a network of the {model_family(arch)} family; a {family} network is "
+                              "wanted there")
     root = Path(root)
     pre = default_preprocessing()
     torch.manual_seed(seed)

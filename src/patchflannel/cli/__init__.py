@@ -53,6 +53,13 @@ def _register() -> None:
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. A Ctrl-C or SIGTERM once the command has ended, while the process closes, ends it at
+    once with the command's own exit status (it said 130 of an export that was done and kept)."""
+    from patchflannel.cli._common import end_on_signal
+
     _register()
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        end_on_signal(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+        raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,34 +39,58 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so that a stopped job keeps what it did."""
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _catchable() -> tuple[int, ...]:
+    """SIGINT and SIGTERM, less a signal the process was started to ignore (SIGINT, for a job a script put in the
+    background): that one stays ignored."""
+    return tuple(s for s in _STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN)
+
+
 @contextmanager
 def stops_cleanly() -> Iterator[None]:
-    """Within it, in the main thread, Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated`, once: while
-    the run stops cleanly, a second SIGINT or SIGTERM (Ctrl-C pressed again, ``timeout`` signalling the process
-    and then its group) is ignored, as breaking the stop could leave threads to abort the process at its end."""
+    """Within it, in the main thread, Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated`, once. While
+    the run stops cleanly a second signal is ignored (Ctrl-C pressed again, ``timeout`` signalling the process and
+    then its group: breaking the stop could leave threads to abort the process at its end); a third ends the
+    process at once, as a kill would (what was written whole stays)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    stopping = False
-    signals = (signal.SIGINT, signal.SIGTERM)
+    received = 0
 
     def stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for s in signals:  # the clean stop is under way: not interrupted again
-            signal.signal(s, signal.SIG_IGN)
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        nonlocal received
+        received += 1
+        if received == 1:
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        if received >= 3:
+            os.write(2, b"stopped at once (signalled three times), as a kill would stop it\n")
+            os._exit(EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED)
 
-    # A signal the process was started to ignore (SIGINT, for a job put in the background by a script) stays so.
-    signals = tuple(s for s in signals if signal.getsignal(s) is not signal.SIG_IGN)
-    previous = {s: signal.signal(s, stop) for s in signals}
+    previous = {s: signal.signal(s, stop) for s in _catchable()}
     try:
         yield
     finally:
-        if not stopping:  # (None: a handler not set from Python, the default one)
+        if not received:  # (None: a handler not set from Python, the default one)
             for s, handler in previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def end_on_signal(code: int) -> None:
+    """From now on Ctrl-C or SIGTERM ends the process at once with exit status ``code`` (output flushed): for the
+    seconds a process may take to close once its command has ended (torch's compile workers), whose work is done
+    and whose status is ``code``."""
+    def end(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in _catchable():
+            signal.signal(s, end)
 
 
 def interrupted_exit(exc: KeyboardInterrupt, message: str) -> typer.Exit:
