@@ -300,12 +300,25 @@ def test_export_verify_lists_every_problem_of_a_hand_edited_bundle(bundle_dir: P
 
 
 def test_weights_of_another_architecture_are_refused(bundle_dir: Path) -> None:
+    """By every command that loads them, export verify included (its hash and format checks pass), in a line."""
+    import typer
+    from typer.testing import CliRunner
+
+    from patchflannel.cli.export import register
+
     data = _spec(bundle_dir)
     data["learners"][0]["arch"] = "resnet18"
     _write_spec(bundle_dir, data)
     b = load_bundle(bundle_dir)
-    with pytest.raises(BundleError, match="weights do not fit architecture 'resnet18'"):
+    with pytest.raises(BundleError, match="weights do not fit architecture 'resnet18'") as caught:
         load_torch_model(b, b.learners[0])
+    assert len(str(caught.value)) < 400 and "120 of its 122 tensors missing (e.g. " in str(caught.value)
+    assert "1 of another shape (e.g. fc.weight (4, 1024) for (4, 512))" in str(caught.value)
+    app = typer.Typer()
+    register(app)
+    result = CliRunner().invoke(app, ["export", "verify", str(bundle_dir)])
+    assert result.exit_code == 1 and "weights do not fit architecture 'resnet18'" in result.output, result.output
+    assert "bundle verified" not in result.output
 
 
 def _run(root: Path, arch: str, module: torch.nn.Module, **info: object) -> Path:

@@ -446,9 +446,24 @@ def load_torch_model(bundle: Bundle, entry: ModelEntry) -> nn.Module:
     state = torch.load(bundle.path_of(f), map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BundleError(f"{f.path}: weights do not fit architecture {entry.arch!r}: {exc}") from exc
+    except (RuntimeError, TypeError, AttributeError) as exc:  # (not a mapping of tensors: Type- or AttributeError)
+        raise BundleError(f"{f.path}: weights do not fit architecture {entry.arch!r}: {_misfit(model, state)}") from exc
     return model.eval()
+
+
+def _misfit(model: nn.Module, state: Any) -> str:
+    """How a state_dict misses ``model``'s tensors, in a line (torch's message lists every key)."""
+    if not isinstance(state, dict):
+        return f"the file holds a {type(state).__name__}, not a state_dict"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in own
+              if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:2])})" for keys, what in
+             ((missing, f"of its {len(own)} tensors missing"), (unexpected, "unexpected"),
+              (shaped, "of another shape")) if keys]
+    return "; ".join(parts) or "torch refused it"
 
 
 def entry_from_module(name: str, arch: str, module: nn.Module, root: Path, rel_path: str, *,

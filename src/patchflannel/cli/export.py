@@ -151,9 +151,10 @@ def triton_cmd(
 def verify_cmd(
     bundle: Annotated[Path | None, typer.Argument(help="Bundle folder (default: the package's bundle).")] = None,
 ) -> None:
-    """Check a bundle (schema, files, hashes, formats) and list its files (exit status 1 when it fails; 2 when
-    there is no folder to check)."""
-    from patchflannel.bundle import default_bundle_path, load_bundle
+    """Check a bundle (schema, files, hashes, formats, torch weights that fit their architectures) and list its
+    files (exit status 1 when it fails; 2 when there is no folder to check)."""
+    from patchflannel.bundle import default_bundle_path, load_bundle, load_torch_model
+    from patchflannel.errors import BundleError
 
     bundle = bundle if bundle is not None else default_bundle_path()
     with fail_cleanly():
@@ -164,7 +165,16 @@ def verify_cmd(
         if not (bundle / "bundle.json").is_file():
             raise ConfigError(f"{bundle}: no bundle.json in it (not a bundle folder)")
     with fail_cleanly(1):
-        _summary(load_bundle(bundle))
+        loaded = load_bundle(bundle)
+        _summary(loaded)
+        misfits = []
+        for entry in loaded.models():  # as every command loads them: a file of another network fails here too
+            try:
+                load_torch_model(loaded, entry)
+            except BundleError as exc:
+                misfits.append(str(exc))
+        if misfits:
+            raise BundleError(f"bundle {loaded.root} refused:\n  " + "\n  ".join(misfits))
     console.print("[green]bundle verified[/green]")
 
 
